@@ -1,0 +1,87 @@
+// swift-tools-version:6.0
+// Tandem: runs Apache Airflow's Celery tasks across datacenters without Celery workers.
+import PackageDescription
+
+let package = Package(
+    name: "Tandem",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "swift-worker", targets: ["swift-worker"]),
+        .executable(name: "swift-dispatcher", targets: ["swift-dispatcher"]),
+        .executable(name: "executorctl", targets: ["executorctl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
+    ],
+    targets: [
+        // C layers: Debian's libhiredis-dev (0.14) and libpq-dev.
+        .systemLibrary(name: "CHiredis", pkgConfig: "hiredis", providers: [.apt(["libhiredis-dev"])]),
+        .systemLibrary(name: "CLibpq", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
+
+        // Clients: the only code that touches redisContext* / PGconn*.
+        .target(name: "Redis", dependencies: ["CHiredis", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "Postgres", dependencies: ["CLibpq", .product(name: "Logging", package: "swift-log")]),
+
+        // Pure code: wire format and domain. No C modules here.
+        .target(name: "CeleryWire"),
+        .target(name: "TandemCore", dependencies: ["CeleryWire", "Yams"]),
+
+        // Adapters: the Redis broker and the Postgres result store + ledger.
+        .target(
+            name: "TandemRedis",
+            dependencies: ["TandemCore", "CeleryWire", "Redis", .product(name: "Logging", package: "swift-log")],
+            resources: [.copy("Scripts")]
+        ),
+        .target(
+            name: "TandemPostgres",
+            dependencies: ["TandemCore", "CeleryWire", "Postgres", .product(name: "Logging", package: "swift-log")]
+        ),
+
+        // Runtimes.
+        .target(
+            name: "Worker",
+            dependencies: [
+                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "Dispatcher",
+            dependencies: ["TandemCore", "TandemRedis", .product(name: "Logging", package: "swift-log")]
+        ),
+
+        // Thin executables.
+        .executableTarget(
+            name: "swift-worker",
+            dependencies: ["Worker", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "swift-dispatcher",
+            dependencies: ["Dispatcher", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "executorctl",
+            dependencies: [
+                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
+        // Tests: unit (no servers), clients and integration (real Redis/Postgres), interop (real Python).
+        .target(name: "TestSupport", dependencies: ["Redis", "Postgres"], path: "Tests/TestSupport"),
+        .testTarget(name: "CeleryWireTests", dependencies: ["CeleryWire"], resources: [.copy("vectors")]),
+        .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
+        .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "TestSupport"]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "TestSupport"]
+        ),
+        .testTarget(
+            name: "InteropTests",
+            dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire", "TestSupport"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,1 @@
+// CeleryWire module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,1 @@
+// Dispatcher module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,1 @@
+// Postgres module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,1 @@
+// Redis module: see Protocol/SPEC.md for the architecture.

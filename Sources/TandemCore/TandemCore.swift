@@ -1,0 +1,1 @@
+// TandemCore module: see Protocol/SPEC.md for the architecture.

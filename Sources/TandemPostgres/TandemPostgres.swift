@@ -1,0 +1,1 @@
+// TandemPostgres module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,1 @@
+// TandemRedis module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,1 @@
+// Worker module: see Protocol/SPEC.md for the architecture.

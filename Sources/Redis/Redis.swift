@@ -1,1 +1,0 @@
-// Redis module: see Protocol/SPEC.md for the architecture.

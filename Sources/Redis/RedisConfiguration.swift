@@ -1,0 +1,254 @@
+import Foundation
+
+/// Where and how to reach Redis, usually parsed from Celery's `broker_url`.
+public struct RedisConfiguration: Sendable {
+    /// A host and TCP port.
+    public struct HostPort: Sendable, Hashable, CustomStringConvertible {
+        /// Host name or IP address (IPv6 without brackets).
+        public var host: String
+        /// TCP port.
+        public var port: Int
+        /// Makes a host/port pair.
+        public init(host: String, port: Int) {
+            self.host = host
+            self.port = port
+        }
+        /// `host:port`, with brackets around an IPv6 address.
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    }
+
+    /// How the connection is made.
+    public enum Endpoint: Sendable, Hashable {
+        /// A TCP connection to one server.
+        case tcp(host: String, port: Int)
+        /// A Unix domain socket.
+        case unix(path: String)
+        /// Ask these Sentinels for the current master named `masterName` on every (re)connect.
+        case sentinel(nodes: [HostPort], masterName: String, sentinelPassword: String?)
+    }
+
+    /// How the connection is made.
+    public var endpoint: Endpoint
+    /// ACL user name for `AUTH user password`; nil means `AUTH password`.
+    public var username: String?
+    /// Password for AUTH; nil means no AUTH.
+    public var password: String?
+    /// Database index selected after every (re)connect.
+    public var database: Int
+    /// Limit on establishing one TCP/Unix connection (and on each Sentinel query).
+    public var connectTimeout: Duration = .seconds(2)
+    /// Limit on waiting for a reply; nil waits forever (for blocking commands on their own client).
+    public var commandTimeout: Duration? = .seconds(10)
+    /// What a person should check when Redis cannot be reached; appended to connection errors.
+    public var connectHint: String = "is redis-server running? set --broker or AIRFLOW__CELERY__BROKER_URL"
+
+    /// Makes a configuration from its parts.
+    public init(
+        endpoint: Endpoint,
+        username: String? = nil,
+        password: String? = nil,
+        database: Int = 0
+    ) {
+        self.endpoint = endpoint
+        self.username = username
+        self.password = password
+        self.database = database
+    }
+
+    /// Parses a Celery/kombu broker URL.
+    ///
+    /// Accepted: `redis://[user[:pass]@]host[:port][/db]`, `redis+socket:///path[?virtual_host=db]`,
+    /// `unix:///path[?db=N]`, and `sentinel://[:pass@]h1:26379[/db];sentinel://h2:26379` (which needs
+    /// `masterName`). User and password are percent-decoded. `rediss://` is refused: TLS is not supported yet.
+    public init(url: String, masterName: String? = nil, sentinelPassword: String? = nil) throws(RedisError) {
+        let trimmed = url.trimmingCharacters(in: .whitespacesAndNewlines)
+        func bad(_ why: String) -> RedisError {
+            RedisError(
+                code: .invalidURL,
+                message: "invalid Redis broker URL '\(RedisConfiguration.redactRaw(trimmed))': \(why)"
+            )
+        }
+        guard let sep = trimmed.range(of: "://") else {
+            throw bad("expected redis://host:port/db, unix:///path or sentinel://host:port")
+        }
+        let scheme = trimmed[..<sep.lowerBound].lowercased()
+        let rest = String(trimmed[sep.upperBound...])
+        switch scheme {
+        case "redis":
+            let parts = try Self.parseNetloc(rest, defaultPort: 6379, bad: bad)
+            self.init(endpoint: .tcp(host: parts.host, port: parts.port), username: parts.user,
+                      password: parts.password, database: parts.db ?? 0)
+        case "rediss":
+            throw RedisError(
+                code: .invalidURL,
+                message: "rediss:// (TLS) is not supported yet in '\(Self.redactRaw(trimmed))' — use redis:// on a trusted network or a local TLS tunnel (stunnel)"
+            )
+        case "unix", "redis+socket":
+            var body = rest
+            var user: String?
+            var password: String?
+            if !body.hasPrefix("/"), let at = body.firstIndex(of: "@") {
+                (user, password) = try Self.parseUserInfo(String(body[..<at]), bad: bad)
+                body = String(body[body.index(after: at)...])
+            }
+            var query = ""
+            if let q = body.firstIndex(of: "?") {
+                query = String(body[body.index(after: q)...])
+                body = String(body[..<q])
+            }
+            guard body.hasPrefix("/"), body.count > 1 else { throw bad("expected an absolute socket path, as in unix:///run/redis.sock") }
+            var db = 0
+            for item in query.split(separator: "&") {
+                let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+                guard kv.count == 2, kv[0] == "db" || kv[0] == "virtual_host" else { continue }
+                guard let n = Int(kv[1]), n >= 0 else { throw bad("database '\(kv[1])' is not a non-negative integer") }
+                db = n
+            }
+            self.init(endpoint: .unix(path: body.removingPercentEncoding ?? body), username: user,
+                      password: password, database: db)
+        case "sentinel":
+            var nodes: [HostPort] = []
+            var user: String?
+            var password: String?
+            var db: Int?
+            for piece in trimmed.split(separator: ";") {
+                let p = piece.trimmingCharacters(in: .whitespaces)
+                guard p.lowercased().hasPrefix("sentinel://") else {
+                    throw bad("every ';'-separated part must start with sentinel:// ('\(Self.redactRaw(p))' does not)")
+                }
+                let parts = try Self.parseNetloc(String(p.dropFirst("sentinel://".count)), defaultPort: 26379, bad: bad)
+                nodes.append(HostPort(host: parts.host, port: parts.port))
+                if user == nil { user = parts.user }
+                if password == nil { password = parts.password }
+                if db == nil { db = parts.db }
+            }
+            guard let masterName, !masterName.isEmpty else {
+                throw RedisError(
+                    code: .invalidURL,
+                    message: "sentinel:// broker URL '\(Self.redactRaw(trimmed))' needs a master name — set [celery_broker_transport_options] master_name / AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME"
+                )
+            }
+            self.init(endpoint: .sentinel(nodes: nodes, masterName: masterName, sentinelPassword: sentinelPassword),
+                      username: user, password: password, database: db ?? 0)
+        default:
+            throw bad("unsupported scheme '\(scheme)://' — use redis://, unix://, redis+socket:// or sentinel://")
+        }
+    }
+
+    private struct Netloc {
+        var user: String?
+        var password: String?
+        var host: String
+        var port: Int
+        var db: Int?
+    }
+
+    private static func parseUserInfo(_ info: String, bad: (String) -> RedisError) throws(RedisError) -> (String?, String?) {
+        func decode(_ s: Substring) throws(RedisError) -> String? {
+            if s.isEmpty { return nil }
+            guard let d = String(s).removingPercentEncoding else { throw bad("user or password has a bad %-escape") }
+            return d
+        }
+        if let colon = info.firstIndex(of: ":") {
+            return (try decode(info[..<colon]), try decode(info[info.index(after: colon)...]))
+        }
+        return (try decode(info[...]), nil)
+    }
+
+    private static func parseNetloc(_ s: String, defaultPort: Int, bad: (String) -> RedisError) throws(RedisError) -> Netloc {
+        var body = s
+        var query = ""
+        if let q = body.firstIndex(of: "?") {
+            query = String(body[body.index(after: q)...])
+            body = String(body[..<q])
+        }
+        var path = ""
+        // userinfo may contain '/', so find '@' first (the last one before the path).
+        var user: String?
+        var password: String?
+        if let at = body.lastIndex(of: "@") {
+            (user, password) = try parseUserInfo(String(body[..<at]), bad: bad)
+            body = String(body[body.index(after: at)...])
+        }
+        if let slash = body.firstIndex(of: "/") {
+            path = String(body[body.index(after: slash)...])
+            body = String(body[..<slash])
+        }
+        var host = body
+        var port = defaultPort
+        if body.hasPrefix("[") {
+            guard let close = body.firstIndex(of: "]") else { throw bad("unterminated IPv6 address '\(body)'") }
+            host = String(body[body.index(after: body.startIndex)..<close])
+            let after = body[body.index(after: close)...]
+            if after.hasPrefix(":") {
+                guard let p = Int(after.dropFirst()), (1...65535).contains(p) else { throw bad("port '\(after.dropFirst())' is not a number from 1 to 65535") }
+                port = p
+            } else if !after.isEmpty {
+                throw bad("unexpected '\(after)' after IPv6 address")
+            }
+        } else if let colon = body.lastIndex(of: ":") {
+            host = String(body[..<colon])
+            let ps = body[body.index(after: colon)...]
+            if !ps.isEmpty {
+                guard let p = Int(ps), (1...65535).contains(p) else { throw bad("port '\(ps)' is not a number from 1 to 65535") }
+                port = p
+            }
+        }
+        if host.isEmpty { host = "localhost" }
+        var db: Int?
+        if !path.isEmpty {
+            guard let n = Int(path), n >= 0 else { throw bad("database '/\(path)' is not a non-negative integer") }
+            db = n
+        }
+        for item in query.split(separator: "&") {
+            let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2, kv[0] == "db" || kv[0] == "virtual_host" else { continue }
+            guard let n = Int(kv[1]), n >= 0 else { throw bad("database '\(kv[1])' is not a non-negative integer") }
+            db = n
+        }
+        return Netloc(user: user, password: password, host: host, port: port, db: db)
+    }
+
+    /// Replaces the password in a URL the parser could not accept, so error messages never echo it.
+    static func redactRaw(_ url: String) -> String {
+        url.split(separator: ";", omittingEmptySubsequences: false).map { piece -> String in
+            let p = String(piece)
+            guard let sep = p.range(of: "://"), let at = p[sep.upperBound...].lastIndex(of: "@") else { return p }
+            let info = p[sep.upperBound..<at]
+            guard let colon = info.firstIndex(of: ":") else { return p }
+            return String(p[..<colon]) + ":***" + String(p[at...])
+        }.joined(separator: ";")
+    }
+
+    private var userInfo: String {
+        switch (username, password) {
+        case (nil, nil): return ""
+        case (let u?, nil): return "\(u)@"
+        case (let u, _?): return "\(u ?? ""):***@"
+        }
+    }
+
+    /// The URL with the password replaced by `***`, for messages and logs.
+    public var redacted: String {
+        switch endpoint {
+        case .tcp(let host, let port):
+            return "redis://\(userInfo)\(HostPort(host: host, port: port))/\(database)"
+        case .unix(let path):
+            return "unix://\(userInfo)\(path)?db=\(database)"
+        case .sentinel(let nodes, let master, _):
+            let first = nodes.first.map { "sentinel://\(userInfo)\($0)/\(database)" } ?? "sentinel://"
+            let others = nodes.dropFirst().map { ";sentinel://\($0)" }.joined()
+            return first + others + " (master '\(master)')"
+        }
+    }
+
+    /// Where this configuration connects, for one-line messages: `127.0.0.1:6390 (db 0)`.
+    var location: String {
+        switch endpoint {
+        case .tcp(let host, let port): return "\(HostPort(host: host, port: port)) (db \(database))"
+        case .unix(let path): return "unix:\(path) (db \(database))"
+        case .sentinel(let nodes, let master, _):
+            return "master '\(master)' via sentinel \(nodes.map(\.description).joined(separator: ",")) (db \(database))"
+        }
+    }
+}

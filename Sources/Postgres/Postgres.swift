@@ -1,1 +1,0 @@
-// Postgres module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,141 @@
+import CLibpq
+import Foundation
+
+/// Owns one `PGconn*`. Not thread-safe: used only on its owner's serial queue.
+final class PostgresConnection {
+    private let conn: OpaquePointer
+    let location: String
+
+    private init(conn: OpaquePointer, location: String) {
+        self.conn = conn
+        self.location = location
+    }
+
+    deinit { PQfinish(conn) }
+
+    /// Connects (blocking; libpq walks a multi-host list and honours target_session_attrs).
+    static func open(_ config: PostgresConfiguration) throws(PostgresError) -> PostgresConnection {
+        guard let raw = PQconnectdb(config.conninfo) else {
+            throw PostgresError(code: .connectionFailed, message: "cannot connect to Postgres at \(config.redacted): out of memory")
+        }
+        if PQstatus(raw) != CONNECTION_OK {
+            let cause = oneLine(PQerrorMessage(raw))
+            PQfinish(raw)
+            throw PostgresError(
+                code: .connectionFailed,
+                message: "cannot connect to Postgres at \(config.redacted): \(cause) — \(config.connectHint)",
+                underlying: cause,
+                isConnectionLoss: true
+            )
+        }
+        return PostgresConnection(conn: raw, location: config.redacted)
+    }
+
+    var isHealthy: Bool { PQstatus(conn) == CONNECTION_OK }
+
+    /// Runs one statement with parameters (PQexecParams; never string interpolation).
+    func exec(_ sql: String, _ binds: [PostgresBind]) throws(PostgresError) -> PostgresResult {
+        let n = binds.count
+        var values: [UnsafeMutablePointer<CChar>?] = []
+        var lengths: [Int32] = []
+        var formats: [Int32] = []
+        var types: [Oid] = []
+        values.reserveCapacity(n)
+        defer { for v in values { v?.deallocate() } }
+        for bind in binds {
+            switch bind {
+            case .null:
+                values.append(nil); lengths.append(0); formats.append(0); types.append(0)
+            case .text(let s):
+                values.append(Self.copy(Array(s.utf8) + [0])); lengths.append(0); formats.append(0); types.append(0)
+            case .int(let i):
+                values.append(Self.copy(Array(String(i).utf8) + [0])); lengths.append(0); formats.append(0); types.append(0)
+            case .bytea(let b):
+                values.append(Self.copy(b)); lengths.append(Int32(b.count)); formats.append(1); types.append(17)
+            }
+        }
+        let result: OpaquePointer? = values.withUnsafeBufferPointer { vp in
+            vp.withMemoryRebound(to: UnsafePointer<CChar>?.self) { cvp in
+                PQexecParams(conn, sql, Int32(n), types, cvp.baseAddress, lengths, formats, 0)
+            }
+        }
+        guard let result else {
+            let cause = Self.oneLine(PQerrorMessage(conn))
+            throw PostgresError(code: .query, message: "Postgres at \(location) failed: \(cause)", underlying: cause,
+                                isConnectionLoss: !isHealthy)
+        }
+        defer { PQclear(result) }
+        let status = PQresultStatus(result)
+        guard status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK || status == PGRES_EMPTY_QUERY else {
+            let sqlState = PQresultErrorField(result, tandem_pg_diag_sqlstate).map { String(cString: $0) }
+            let cause = Self.oneLine(PQresultErrorMessage(result))
+            let lost = !isHealthy || (sqlState?.hasPrefix("08") ?? false) || sqlState == "57P01" || sqlState == "57P02"
+                || sqlState == "57P03"
+            let what = sql.split(separator: " ", maxSplits: 1).first.map(String.init)?.uppercased() ?? "statement"
+            let message = lost
+                ? "lost connection to Postgres at \(location) during \(what): \(cause) — the next call reconnects"
+                : "Postgres at \(location) refused \(what): \(cause)"
+            throw PostgresError(code: .query, message: message, sqlState: sqlState, underlying: cause, isConnectionLoss: lost)
+        }
+        let nfields = Int(PQnfields(result))
+        let ntuples = Int(PQntuples(result))
+        var columns: [String] = []
+        columns.reserveCapacity(nfields)
+        for j in 0..<nfields { columns.append(PQfname(result, Int32(j)).map { String(cString: $0) } ?? "") }
+        var rows: [PostgresRow] = []
+        rows.reserveCapacity(ntuples)
+        for i in 0..<ntuples {
+            var vals: [String?] = []
+            vals.reserveCapacity(nfields)
+            for j in 0..<nfields {
+                if PQgetisnull(result, Int32(i), Int32(j)) != 0 {
+                    vals.append(nil)
+                } else {
+                    vals.append(String(cString: PQgetvalue(result, Int32(i), Int32(j))))
+                }
+            }
+            rows.append(PostgresRow(columns: columns, values: vals))
+        }
+        let affected = PQcmdTuples(result).map { Int(String(cString: $0)) ?? 0 } ?? 0
+        return PostgresResult(rows: rows, columns: columns, affectedRows: affected)
+    }
+
+    /// The command tag of the last statement (e.g. `ROLLBACK` when a COMMIT could not commit).
+    func execTag(_ sql: String) throws(PostgresError) -> String {
+        guard let result = PQexec(conn, sql) else {
+            let cause = Self.oneLine(PQerrorMessage(conn))
+            throw PostgresError(code: .query, message: "Postgres at \(location) failed \(sql): \(cause)", underlying: cause,
+                                isConnectionLoss: !isHealthy)
+        }
+        defer { PQclear(result) }
+        let status = PQresultStatus(result)
+        guard status == PGRES_COMMAND_OK else {
+            let sqlState = PQresultErrorField(result, tandem_pg_diag_sqlstate).map { String(cString: $0) }
+            let cause = Self.oneLine(PQresultErrorMessage(result))
+            let lost = !isHealthy
+            throw PostgresError(
+                code: .query,
+                message: lost ? "lost connection to Postgres at \(location) during \(sql): \(cause) — the next call reconnects"
+                    : "Postgres at \(location) refused \(sql): \(cause)",
+                sqlState: sqlState, underlying: cause, isConnectionLoss: lost)
+        }
+        return PQcmdStatus(result).map { String(cString: $0) } ?? ""
+    }
+
+    private static func copy(_ bytes: [UInt8]) -> UnsafeMutablePointer<CChar> {
+        let p = UnsafeMutablePointer<CChar>.allocate(capacity: max(bytes.count, 1))
+        bytes.withUnsafeBufferPointer { b in
+            if let base = b.baseAddress {
+                UnsafeMutableRawPointer(p).copyMemory(from: base, byteCount: b.count)
+            }
+        }
+        return p
+    }
+
+    static func oneLine(_ s: UnsafePointer<CChar>?) -> String {
+        guard let s else { return "unknown error" }
+        let text = String(cString: s)
+        let lines = text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        return lines.isEmpty ? "unknown error" : lines.joined(separator: "; ")
+    }
+}

@@ -52,19 +52,28 @@ let package = Package(
             dependencies: ["TandemCore", "TandemRedis", .product(name: "Logging", package: "swift-log")]
         ),
 
+        // What the three executables share: flag/environment resolution, opening the stores, signals, logging.
+        .target(
+            name: "Setup",
+            dependencies: [
+                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+
         // Thin executables.
         .executableTarget(
             name: "swift-worker",
-            dependencies: ["Worker", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Worker", "Setup", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "swift-dispatcher",
-            dependencies: ["Dispatcher", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Dispatcher", "Setup", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "executorctl",
             dependencies: [
-                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire",
+                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire", "Setup",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -1,1 +1,0 @@
-// Dispatcher module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,212 @@
+import Foundation
+import Logging
+import Redis
+import Synchronization
+import TandemCore
+import TandemRedis
+
+public struct DispatcherConfiguration: Sendable {
+    public var policy: RoutingPolicy
+    /// Ingress queues to move even when no worker advertises them yet (the policy's queues are always watched).
+    public var queues: [String]
+    /// A datacenter whose workers have all been silent this long is lost.
+    public var dcLossAfter: Duration = .seconds(15)
+    /// Jobs claimed this many times whose lease expires again go to the dead-letter queue.
+    public var maxAttempts: Int = 3
+    /// Most messages moved per script call.
+    public var batch: Int = 500
+    /// How far ahead of free slots a datacenter queue may be filled (as a multiple of its slots).
+    public var prefetchFactor: Int = 1
+    public var reclaimInterval: Duration = .seconds(1)
+    public var healthInterval: Duration = .milliseconds(500)
+    public var idleSleep: Duration = .milliseconds(5)
+
+    public init(policy: RoutingPolicy, queues: [String]) {
+        self.policy = policy
+        self.queues = queues
+    }
+}
+
+/// The dispatcher: moves Celery messages from kombu's ingress lists into datacenter queues by routing policy and
+/// datacenter health, reclaims expired leases, and moves the queued work of lost datacenters to survivors.
+public final class DispatcherRuntime: Sendable {
+    public let configuration: DispatcherConfiguration
+    let broker: RedisBroker
+    let inspector: BrokerInspector
+    let logger: Logger
+    private let stopping = Mutex(false)
+    /// Counters for tests and logs: dispatched, reclaimed, dead, rebalanced.
+    public let counters = Mutex<[String: Int]>([:])
+
+    public init(configuration: DispatcherConfiguration, broker: RedisBroker, logger: Logger) {
+        self.configuration = configuration
+        self.broker = broker
+        self.inspector = BrokerInspector(client: broker.client)
+        self.logger = logger
+    }
+
+    public func shutdown() { stopping.withLock { $0 = true } }
+    private var isStopping: Bool { stopping.withLock { $0 } }
+
+    /// What the dispatcher knows about the datacenters at one moment.
+    struct View {
+        var states: [String: DatacenterState] = [:]
+        var workers: [WorkerStatus] = []
+        var live: Set<String> { Set(states.values.filter(\.acceptsWork).map(\.name)) }
+    }
+
+    public func run() async {
+        logger.info("dispatcher started", metadata: ["policy": .string("\(configuration.policy.rules.count) queue rule(s)")])
+        let clock = ContinuousClock()
+        var view = View()
+        var lastHealth = clock.now - configuration.healthInterval
+        var lastReclaim = clock.now
+        var lastLoss: Set<String> = []
+        var backoff = Duration.milliseconds(100)
+        while !isStopping {
+            do {
+                if clock.now - lastHealth >= configuration.healthInterval {
+                    view = try await refreshView()
+                    lastHealth = clock.now
+                    let lost = Set(view.states.values.filter { $0.status == .lost && $0.lastHeartbeatMs > 0 }.map(\.name))
+                    for dc in lost.subtracting(lastLoss) {
+                        logger.warning("datacenter \(dc) is lost: \(view.states[dc]?.reason ?? "")")
+                    }
+                    for dc in lastLoss.subtracting(lost) { logger.info("datacenter \(dc) is back") }
+                    lastLoss = lost
+                    try await drainUnavailable(view)
+                }
+                if clock.now - lastReclaim >= configuration.reclaimInterval {
+                    try await reclaim()
+                    lastReclaim = clock.now
+                }
+                let moved = try await dispatchOnce(view)
+                backoff = .milliseconds(100)
+                if moved == 0 { try? await Task.sleep(for: configuration.idleSleep) }
+            } catch {
+                logger.error("dispatcher cycle failed: \(error) — retrying in \(backoff)")
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(5))
+            }
+        }
+        logger.info("dispatcher stopped")
+    }
+
+    func refreshView() async throws -> View {
+        let lossMs = configuration.dcLossAfter.milliseconds
+        var known = Set<String>()
+        for rule in configuration.policy.rules.values {
+            switch rule {
+            case .spread(let dcs): known.formUnion(dcs ?? [])
+            case .pin(let dc, let fb):
+                known.insert(dc)
+                if let fb { known.insert(fb) }
+            }
+        }
+        let states = try await inspector.datacenters(lossAfterMs: lossMs, known: known)
+        let now = try await broker.now()
+        let workers = try await inspector.workers().filter { now - $0.lastSeenMs <= lossMs }
+        var v = View()
+        for s in states { v.states[s.name] = s }
+        v.workers = workers
+        return v
+    }
+
+    /// The ingress queues to watch: the policy's, the configured ones, and every queue a live worker serves.
+    func watchedQueues(_ view: View) -> [String] {
+        var qs = Set(configuration.queues).union(configuration.policy.namedQueues)
+        for w in view.workers { qs.formUnion(w.queues) }
+        return qs.sorted()
+    }
+
+    /// One pass over the ingress lists. Returns how many messages moved.
+    func dispatchOnce(_ view: View) async throws -> Int {
+        let queues = watchedQueues(view)
+        let live = view.live
+        // one round trip: the length of every ingress list and of every live datacenter queue
+        var cmds: [[String]] = []
+        for q in queues { for l in Keys.ingressLists(queue: q) { cmds.append(["LLEN", l]) } }
+        let dcs = live.sorted()
+        for q in queues { for dc in dcs { cmds.append(["LLEN", Keys.queue(datacenter: dc, queue: q)]) } }
+        let lens = try await broker.client.pipeline(cmds)
+        var i = 0
+        var waiting: [String: Int] = [:]
+        for q in queues {
+            for _ in 0..<4 {
+                waiting[q, default: 0] += Int(lens[i].int ?? 0)
+                i += 1
+            }
+        }
+        var depth: [String: Int] = [:]
+        for q in queues { for dc in dcs { depth["\(dc)\t\(q)"] = Int(lens[i].int ?? 0); i += 1 } }
+
+        var moved = 0
+        for q in queues where (waiting[q] ?? 0) > 0 {
+            let eligible = configuration.policy.eligibleDatacenters(for: q, live: live).filter { dc in
+                view.workers.contains { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
+            }
+            var headroom: [String: Int] = [:]
+            for dc in eligible {
+                let serving = view.workers.filter { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
+                let slots = serving.map(\.slots).reduce(0, +)
+                let busy = serving.map(\.busy).reduce(0, +)
+                headroom[dc] = slots - busy + slots * configuration.prefetchFactor - (depth["\(dc)\t\(q)"] ?? 0)
+            }
+            let shares = RoutingPolicy.split(
+                available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)
+            for (dc, n) in shares {
+                let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: nil)
+                moved += m
+            }
+        }
+        if moved > 0 { counters.withLock { $0["dispatched", default: 0] += moved } }
+        return moved
+    }
+
+    /// Reclaims expired leases (dead or frozen workers); the jobs go back to the front of their queue.
+    func reclaim() async throws {
+        while true {
+            let r = try await broker.reclaimExpired(maxAttempts: configuration.maxAttempts, limit: 500)
+            for j in r {
+                if j.disposition == .dead {
+                    logger.error("job \(j.jobID) dead-lettered: lease expired \(j.attempts) times (max attempts \(configuration.maxAttempts))")
+                } else {
+                    logger.warning("reclaimed job \(j.jobID) from an expired lease (attempt \(j.attempts)); back at the front of its queue")
+                }
+            }
+            counters.withLock {
+                $0["reclaimed", default: 0] += r.filter { $0.disposition == .requeued }.count
+                $0["dead", default: 0] += r.filter { $0.disposition == .dead }.count
+            }
+            if r.count < 500 { return }
+        }
+    }
+
+    /// Moves queued work out of datacenters that take no new work (lost, or draining for maintenance) to a
+    /// datacenter the policy allows, preferring the one with the most free slots.
+    func drainUnavailable(_ view: View) async throws {
+        let live = view.live
+        guard !live.isEmpty else { return }
+        for (dc, queue) in try await inspector.knownQueues() where !live.contains(dc) {
+            let eligible = configuration.policy.eligibleDatacenters(for: queue, live: live).filter { target in
+                view.workers.contains { $0.datacenter == target && $0.queues.contains(queue) }
+            }
+            guard
+                let target = eligible.max(by: { a, b in
+                    (view.states[a]?.slots ?? 0) - (view.states[a]?.busy ?? 0)
+                        < (view.states[b]?.slots ?? 0) - (view.states[b]?.busy ?? 0)
+                })
+            else { continue }
+            var total = 0
+            while true {
+                let n = try await broker.rebalance(queue: queue, from: dc, to: target, max: 1000, epoch: nil)
+                total += n
+                if n < 1000 { break }
+            }
+            if total > 0 {
+                logger.warning("moved \(total) queued job(s) of queue \(queue) from \(dc) (\(view.states[dc]?.status.rawValue ?? "unavailable")) to \(target)")
+                counters.withLock { $0["rebalanced", default: 0] += total }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+import Dispatch
+import Foundation
+import Logging
+import Postgres
+import Redis
+import TandemCore
+import TandemPostgres
+import TandemRedis
+
+/// Resolves a setting the way every Tandem command does: the flag, else the environment, else the default.
+public func setting(_ flag: String?, env: String..., default value: String? = nil) -> String? {
+    if let flag { return flag }
+    let environment = ProcessInfo.processInfo.environment
+    for name in env { if let v = environment[name], !v.isEmpty { return v } }
+    return value
+}
+
+/// A configuration problem or an unreachable server, said in one line.
+public struct SetupError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}
+
+public enum Defaults {
+    public static let broker = "redis://127.0.0.1:6379/0"
+}
+
+/// Opens the broker from a Celery broker URL (`redis://`, `redis+socket://`, `sentinel://`).
+public func openBroker(url: String, masterName: String?, logger: Logger) async throws -> RedisBroker {
+    let master = masterName ?? ProcessInfo.processInfo.environment["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME"]
+    let config = try RedisConfiguration(url: url, masterName: master)
+    let broker = RedisBroker(configuration: config, logger: logger)
+    try await broker.connect()
+    return broker
+}
+
+/// The result backend and the ledger for a Celery `result_backend` URL.
+/// - `db+postgresql://…` (any driver spelling): results in `celery_taskmeta`, ledger in the same database.
+/// - `redis://…`: results in `celery-task-meta-<id>` keys; the ledger needs a Postgres URL (`--ledger`).
+public struct Stores: Sendable {
+    public var results: any ResultBackend
+    public var ledger: any TaskLedger
+    public var postgres: PostgresStore
+    public var close: @Sendable () -> Void
+}
+
+public func isPostgresURL(_ url: String) -> Bool {
+    let u = url.lowercased()
+    return u.hasPrefix("db+postgres") || u.hasPrefix("postgres") || u.hasPrefix("host=")
+}
+
+public func openStores(resultBackend: String?, ledger: String?, brokerURL: String, logger: Logger) async throws -> Stores {
+    guard let resultBackend else {
+        throw SetupError(
+            "no result backend: set --result-backend or AIRFLOW__CELERY__RESULT_BACKEND (e.g. db+postgresql://user:pass@host/airflow) — the same value Airflow's [celery] result_backend has")
+    }
+    if isPostgresURL(resultBackend) {
+        let pg = PostgresStore(configuration: try PostgresConfiguration(url: resultBackend), logger: logger)
+        try await pg.prepare()
+        return Stores(results: pg, ledger: pg, postgres: pg, close: { pg.close() })
+    }
+    if resultBackend.hasPrefix("redis") || resultBackend.hasPrefix("sentinel") {
+        guard let ledger, isPostgresURL(ledger) else {
+            throw SetupError(
+                "result backend \(resultBackend.redactingPassword) is Redis, so Tandem's ledger needs a Postgres URL: set --ledger or TANDEM_LEDGER_URL (postgresql://…)")
+        }
+        let pg = PostgresStore(configuration: try PostgresConfiguration(url: ledger), logger: logger)
+        try await pg.prepare()
+        let rc = try RedisConfiguration(url: resultBackend)
+        let sameServer = (try? RedisConfiguration(url: brokerURL)).map {
+            $0.endpoint == rc.endpoint && $0.database == rc.database
+        } ?? false
+        let rb = RedisResultBackend(configuration: rc, sameServerAsBroker: sameServer, logger: logger)
+        return Stores(results: rb, ledger: pg, postgres: pg, close: { pg.close(); rb.close() })
+    }
+    throw SetupError(
+        "result backend \(resultBackend.redactingPassword) is not supported: use db+postgresql://… or redis://…")
+}
+
+extension String {
+    /// The URL with any password replaced by ***.
+    public var redactingPassword: String {
+        guard let scheme = range(of: "://"), let at = self[scheme.upperBound...].firstIndex(of: "@") else { return self }
+        let userinfo = self[scheme.upperBound..<at]
+        guard let colon = userinfo.firstIndex(of: ":") else { return self }
+        return String(self[..<colon]) + ":***" + String(self[at...])
+    }
+}
+
+/// Logging to stderr, plain or one JSON object per line.
+public func bootstrapLogging(level: String?, json: Bool) {
+    let lvl = Logger.Level(rawValue: (level ?? "info").lowercased()) ?? .info
+    LoggingSystem.bootstrap { label in
+        var h: any LogHandler = json ? JSONLogHandler(label: label) : StreamLogHandler.standardError(label: label)
+        h.logLevel = lvl
+        return h
+    }
+}
+
+/// One JSON object per line on stderr, metadata as fields (task_id, dc, queue, attempt …).
+public struct JSONLogHandler: LogHandler {
+    public var metadata: Logger.Metadata = [:]
+    public var logLevel: Logger.Level = .info
+    let label: String
+    public init(label: String) { self.label = label }
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    public func log(
+        level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String,
+        function: String, line: UInt
+    ) {
+        var fields = metadata.merging(extra ?? [:]) { $1 }.mapValues { "\($0)" }
+        fields["ts"] = ISO8601DateFormatter().string(from: Date())
+        fields["level"] = level.rawValue
+        fields["logger"] = label
+        fields["msg"] = message.description
+        if let data = try? JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys]),
+            var s = String(data: data, encoding: .utf8)
+        {
+            s += "\n"
+            FileHandle.standardError.write(s.data(using: .utf8)!)
+        }
+    }
+}
+
+/// SIGTERM/SIGINT handling without touching the task processes: the first SIGTERM calls `graceful`; a second
+/// SIGTERM, or SIGINT, calls `immediate`.
+public final class SignalHandlers: @unchecked Sendable {
+    private var sources: [DispatchSourceSignal] = []
+    private var terms = 0
+
+    public init(graceful: @escaping @Sendable () -> Void, immediate: @escaping @Sendable () -> Void) {
+        let queue = DispatchQueue(label: "tandem.signals")
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            src.setEventHandler { [unowned self] in
+                if sig == SIGTERM && self.terms == 0 {
+                    self.terms += 1
+                    graceful()
+                } else {
+                    immediate()
+                }
+            }
+            src.resume()
+            sources.append(src)
+        }
+    }
+}

@@ -1,0 +1,40 @@
+/// The broker seam. Tandem's runtimes talk to this protocol; `TandemRedis.RedisBroker` is the production
+/// implementation. Every method is one atomic step on the broker (invariant 1 of DESIGN.md).
+public protocol Broker: Sendable {
+    /// Moves up to `max` messages of Airflow queue `queue` from the ingress lists into datacenter `datacenter`'s
+    /// queue. `epoch` is the dispatcher's leadership epoch (nil when leadership is not in force); a stale
+    /// epoch throws. Returns how many moved.
+    func dispatch(queue: String, to datacenter: String, max: Int, epoch: Int64?) async throws -> Int
+
+    /// Claims up to `max` jobs from `datacenter`'s queues (tried in the given order) for `workerID`, recording a
+    /// lease of `leaseMs` in the same step.
+    func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
+        -> [ClaimedJob]
+
+    /// Renews leases; returns, per job, whether the lease is still ours.
+    func renew(workerID: String, jobs: [(jobID: String, token: Int64)], leaseMs: Int64) async throws -> [Bool]
+
+    /// Finishes a job (token-checked).
+    func ack(jobID: String, token: Int64) async throws -> FencedOutcome
+
+    /// Puts a claimed job back at the front of its queue (token-checked).
+    func requeue(jobID: String, token: Int64, refundAttempt: Bool) async throws -> FencedOutcome
+
+    /// Parks a claimed job in the dead-letter queue with a reason (token-checked).
+    func deadLetter(jobID: String, token: Int64, reason: String) async throws -> FencedOutcome
+
+    /// Reclaims up to `limit` expired leases; jobs claimed `maxAttempts` times go to the dead-letter queue.
+    func reclaimExpired(maxAttempts: Int, limit: Int) async throws -> [ReclaimedJob]
+
+    /// Moves queued jobs of `queue` from one datacenter to another (drain after loss). Returns how many moved.
+    func rebalance(queue: String, from: String, to: String, max: Int, epoch: Int64?) async throws -> Int
+
+    /// Records a worker heartbeat; returns the broker's clock in ms.
+    func heartbeat(_ status: WorkerStatus, ttlSeconds: Int) async throws -> Int64
+
+    /// Waits until work may be available for `datacenter` or `timeout` passes (whichever is first).
+    func waitForWork(datacenter: String, timeout: Duration) async throws
+
+    /// The broker's clock (ms).
+    func now() async throws -> Int64
+}

@@ -1,0 +1,75 @@
+/// Datacenter health: which datacenters take new work, derived from worker heartbeats (on Redis's clock) and
+/// operator overrides. Pure: the inputs are read from the broker by the caller.
+public struct DatacenterState: Sendable, Hashable {
+    public enum Status: String, Sendable {
+        /// Heartbeating workers and no override: takes new work.
+        case alive
+        /// Operator maintenance: no new work; running work finishes; queued work stays until restore.
+        case draining
+        /// No heartbeat for longer than the loss threshold, or declared lost by an operator: its queued work
+        /// moves to survivors and its leases are reclaimed as they expire.
+        case lost
+    }
+    public var name: String
+    public var status: Status
+    /// Why it has that status, for `executorctl dc status`.
+    public var reason: String
+    public var liveWorkers: Int
+    public var slots: Int
+    public var busy: Int
+    /// Most recent heartbeat of any of its workers (Redis ms), 0 if none.
+    public var lastHeartbeatMs: Int64
+
+    public var acceptsWork: Bool { status == .alive }
+}
+
+/// An operator's override for one datacenter (`executorctl dc drain|fail|restore`).
+public enum DatacenterOverride: String, Sendable {
+    case drain, fail
+}
+
+public enum DatacenterHealth {
+    /// Computes each datacenter's state.
+    /// - Parameters:
+    ///   - known: datacenters named anywhere (policy, queues, overrides) so a silent one still shows as lost.
+    ///   - workers: the last heartbeat of every worker.
+    ///   - overrides: operator overrides by datacenter.
+    ///   - nowMs: Redis time.
+    ///   - lossAfterMs: silence after which a datacenter is lost.
+    public static func evaluate(
+        known: Set<String>, workers: [WorkerStatus], overrides: [String: DatacenterOverride], nowMs: Int64,
+        lossAfterMs: Int64
+    ) -> [DatacenterState] {
+        var names = known
+        for w in workers { names.insert(w.datacenter) }
+        for k in overrides.keys { names.insert(k) }
+        return names.sorted().map { dc in
+            let mine = workers.filter { $0.datacenter == dc }
+            let live = mine.filter { nowMs - $0.lastSeenMs <= lossAfterMs && $0.state != .stopped }
+            let last = mine.map(\.lastSeenMs).max() ?? 0
+            var state = DatacenterState(
+                name: dc, status: .alive, reason: "\(live.count) worker(s) heartbeating", liveWorkers: live.count,
+                slots: live.filter { $0.state == .running }.map(\.slots).reduce(0, +),
+                busy: live.map(\.busy).reduce(0, +), lastHeartbeatMs: last)
+            switch overrides[dc] {
+            case .fail?:
+                state.status = .lost
+                state.reason = "declared lost by an operator (executorctl dc restore \(dc) to undo)"
+            case .drain?:
+                state.status = .draining
+                state.reason = "draining for maintenance (executorctl dc restore \(dc) to undo)"
+            case nil:
+                if live.isEmpty {
+                    state.status = .lost
+                    state.reason = last == 0
+                        ? "no worker has ever heartbeated"
+                        : "no heartbeat for \((nowMs - last) / 1000) s (loss threshold \(lossAfterMs / 1000) s)"
+                } else if live.allSatisfy({ $0.state == .draining }) {
+                    state.status = .draining
+                    state.reason = "all workers are shutting down"
+                }
+            }
+            return state
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// TandemCore module: see Protocol/SPEC.md for the architecture.

@@ -1,1 +1,0 @@
-// TandemPostgres module: see Protocol/SPEC.md for the architecture.

@@ -1,0 +1,140 @@
+import Foundation
+import Redis
+import TandemCore
+
+/// Read-mostly views of the broker for the dispatcher's routing decisions and for `executorctl`.
+public struct BrokerInspector: Sendable {
+    public let client: RedisClient
+
+    public init(client: RedisClient) { self.client = client }
+
+    /// Every worker that heartbeated within `withinMs` of now (all known workers when nil).
+    public func workers(withinMs: Int64? = nil) async throws -> [WorkerStatus] {
+        let now = try await client.time().milliseconds
+        let min = withinMs.map { String(now - $0) } ?? "-inf"
+        let ids = try await client.send(["ZRANGEBYSCORE", Keys.workers, min, "+inf", "WITHSCORES"]).array ?? []
+        var out: [WorkerStatus] = []
+        var pairs: [(String, Int64)] = []
+        var i = 0
+        while i + 1 < ids.count {
+            pairs.append((ids[i].string ?? "", ids[i + 1].int ?? Int64(Double(ids[i + 1].string ?? "") ?? 0)))
+            i += 2
+        }
+        if pairs.isEmpty { return [] }
+        let replies = try await client.pipeline(pairs.map { ["HGETALL", Keys.worker($0.0)] })
+        for ((id, seen), reply) in zip(pairs, replies) {
+            let h = hash(reply)
+            guard let dc = h["dc"] else { continue }  // hash expired: the worker is long gone
+            out.append(
+                WorkerStatus(
+                    workerID: id, datacenter: dc, slots: Int(h["slots"] ?? "") ?? 0, busy: Int(h["busy"] ?? "") ?? 0,
+                    queues: (h["queues"] ?? "").split(separator: ",").map(String.init),
+                    hostname: h["hostname"] ?? "", pid: Int32(h["pid"] ?? "") ?? 0,
+                    runningJobs: (h["running"] ?? "").split(separator: ",").map(String.init),
+                    state: WorkerStatus.State(rawValue: h["state"] ?? "") ?? .running, lastSeenMs: seen))
+        }
+        return out
+    }
+
+    /// Removes workers not seen for `olderThanMs` from the heartbeat set (their hashes expire on their own).
+    public func pruneWorkers(olderThanMs: Int64) async throws {
+        let now = try await client.time().milliseconds
+        _ = try await client.send(["ZREMRANGEBYSCORE", Keys.workers, "-inf", "(\(now - olderThanMs)"])
+    }
+
+    /// The (datacenter, queue) pairs that have ever held work.
+    public func knownQueues() async throws -> [(datacenter: String, queue: String)] {
+        let members = try await client.send(["SMEMBERS", Keys.queues]).array ?? []
+        return members.compactMap { m in
+            guard let s = m.string, let tab = s.firstIndex(of: "\t") else { return nil }
+            return (String(s[..<tab]), String(s[s.index(after: tab)...]))
+        }.sorted { ($0.datacenter, $0.queue) < ($1.datacenter, $1.queue) }
+    }
+
+    /// Depth, in-flight count and oldest age of each datacenter queue.
+    public func queueStats() async throws -> [QueueStats] {
+        let queues = try await knownQueues()
+        let now = try await client.time().milliseconds
+        var cmds: [[String]] = []
+        for q in queues {
+            let key = Keys.queue(datacenter: q.datacenter, queue: q.queue)
+            cmds.append(["LLEN", key])
+            cmds.append(["LINDEX", key, "-1"])
+        }
+        let replies = cmds.isEmpty ? [] : try await client.pipeline(cmds)
+        // in flight: leased jobs, grouped by (dc, queue)
+        let leased = try await client.send(["ZRANGE", Keys.leases, "0", "-1"]).array ?? []
+        var inflight: [String: Int] = [:]
+        if !leased.isEmpty {
+            let f = try await client.pipeline(leased.map { ["HMGET", Keys.job($0.string ?? ""), "dc", "queue"] })
+            for r in f {
+                let a = r.array ?? []
+                if a.count == 2, let dc = a[0].string, let q = a[1].string { inflight["\(dc)\t\(q)", default: 0] += 1 }
+            }
+        }
+        var oldestIDs: [String] = []
+        for i in queues.indices { oldestIDs.append(replies[2 * i + 1].string ?? "") }
+        let ages = try await client.pipeline(oldestIDs.map { ["HGET", Keys.job($0.isEmpty ? "-" : $0), "dispatched_ms"] })
+        return queues.enumerated().map { i, q in
+            let depth = Int(replies[2 * i].int ?? 0)
+            let dispatched = ages[i].int ?? 0
+            return QueueStats(
+                datacenter: q.datacenter, queue: q.queue, depth: depth,
+                inFlight: inflight["\(q.datacenter)\t\(q.queue)"] ?? 0,
+                oldestAgeMs: depth > 0 && dispatched > 0 ? max(0, now - dispatched) : 0)
+        }
+    }
+
+    /// Operator overrides (`dc drain` / `dc fail`).
+    public func overrides() async throws -> [String: DatacenterOverride] {
+        let h = hash(try await client.send(["HGETALL", Keys.overrides]))
+        return h.compactMapValues { DatacenterOverride(rawValue: $0) }
+    }
+
+    public func setOverride(_ dc: String, _ o: DatacenterOverride?) async throws {
+        if let o {
+            _ = try await client.send(["HSET", Keys.overrides, dc, o.rawValue])
+        } else {
+            _ = try await client.send(["HDEL", Keys.overrides, dc])
+        }
+    }
+
+    /// Datacenter states from heartbeats and overrides.
+    public func datacenters(lossAfterMs: Int64, known: Set<String> = []) async throws -> [DatacenterState] {
+        let now = try await client.time().milliseconds
+        let workers = try await workers()
+        let overrides = try await overrides()
+        var names = known
+        for q in try await knownQueues() { names.insert(q.datacenter) }
+        return DatacenterHealth.evaluate(
+            known: names, workers: workers, overrides: overrides, nowMs: now, lossAfterMs: lossAfterMs)
+    }
+
+    /// Lengths of the kombu ingress lists of `queue` (plain list first, then the priority siblings).
+    public func ingressDepths(queue: String) async throws -> [(list: String, depth: Int)] {
+        let lists = Keys.ingressLists(queue: queue)
+        let r = try await client.pipeline(lists.map { ["LLEN", $0] })
+        return zip(lists, r).map { ($0, Int($1.int ?? 0)) }
+    }
+
+    /// The job hash (raw message, state, attempts, owner, reason...).
+    public func job(_ id: String) async throws -> [String: String] {
+        hash(try await client.send(["HGETALL", Keys.job(id)]))
+    }
+
+    /// Dead-lettered job ids, newest first.
+    public func deadLetters(limit: Int = 100) async throws -> [String] {
+        (try await client.send(["LRANGE", Keys.deadLetters, "0", String(limit - 1)]).array ?? []).compactMap(\.string)
+    }
+
+    private func hash(_ reply: RedisValue) -> [String: String] {
+        let a = reply.array ?? []
+        var h: [String: String] = [:]
+        var i = 0
+        while i + 1 < a.count {
+            if let k = a[i].string { h[k] = a[i + 1].string ?? "" }
+            i += 2
+        }
+        return h
+    }
+}

@@ -1,0 +1,25 @@
+/// Tandem's Redis key layout (Protocol/SPEC.md, "Key layout"). Every Tandem key shares the `{tandem}` hash tag.
+/// The kombu ingress lists keep the names kombu gives them (the queue name and its priority siblings).
+public enum Keys {
+    public static let prefix = "{tandem}"
+    public static let sequence = "\(prefix):seq"
+    public static let fence = "\(prefix):fence"
+    public static let leases = "\(prefix):leases"
+    public static let deadLetters = "\(prefix):dlq"
+    public static let queues = "\(prefix):queues"
+    public static let workers = "\(prefix):workers"
+    public static let overrides = "\(prefix):dc-overrides"
+    public static let leader = "\(prefix):leader"
+    public static let stats = "\(prefix):stats"
+
+    public static func job(_ id: String) -> String { "\(prefix):job:\(id)" }
+    public static func queue(datacenter: String, queue: String) -> String { "\(prefix):q:\(datacenter):\(queue)" }
+    public static func wake(datacenter: String) -> String { "\(prefix):wake:\(datacenter)" }
+    public static func worker(_ id: String) -> String { "\(prefix):worker:\(id)" }
+
+    /// The kombu lists of an Airflow queue, in the order kombu's Redis transport consumes them
+    /// (priority 0–2 is the plain list and is consumed first).
+    public static func ingressLists(queue: String) -> [String] {
+        ["", "\u{06}\u{16}3", "\u{06}\u{16}6", "\u{06}\u{16}9"].map { queue + $0 }
+    }
+}

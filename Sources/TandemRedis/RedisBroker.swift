@@ -1,0 +1,123 @@
+import Foundation
+import Logging
+import Redis
+import TandemCore
+
+/// The production `Broker`: Tandem's queues, leases and dead letters on Redis, each move one Lua script.
+public final class RedisBroker: Broker {
+    public let client: RedisClient
+    /// Idle workers block here (BLPOP on the wake list) rather than on `client`, so a long wait never delays a
+    /// renewal or an ack queued behind it on the same connection.
+    private let waiter: RedisClient
+
+    public init(configuration: RedisConfiguration, logger: Logger) {
+        client = RedisClient(configuration: configuration, label: "broker", logger: logger)
+        waiter = RedisClient(configuration: configuration, label: "broker-wait", logger: logger)
+    }
+
+    public func connect() async throws {
+        try await client.connect()
+    }
+
+    public func close() {
+        client.close()
+        waiter.close()
+    }
+
+    public func dispatch(queue: String, to datacenter: String, max: Int, epoch: Int64?) async throws -> Int {
+        let keys = [Keys.queue(datacenter: datacenter, queue: queue)] + Keys.ingressLists(queue: queue)
+        let reply = try await client.eval(
+            BrokerScripts.dispatch, keys: keys, args: [datacenter, queue, String(max), epoch.map(String.init) ?? ""])
+        return Int(reply.int ?? 0)
+    }
+
+    public func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
+        -> [ClaimedJob]
+    {
+        let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) }
+        let reply = try await client.eval(
+            BrokerScripts.claim, keys: keys, args: [workerID, String(leaseMs), String(max)])
+        let f = reply.array ?? []
+        var jobs: [ClaimedJob] = []
+        var i = 0
+        while i + 8 < f.count {
+            jobs.append(
+                ClaimedJob(
+                    jobID: f[i].string ?? "", token: f[i + 1].int ?? 0, attempts: Int(f[i + 2].int ?? 0),
+                    raw: f[i + 3].bytes ?? [], ingressList: f[i + 4].string ?? "", queue: f[i + 5].string ?? "",
+                    datacenter: f[i + 6].string ?? "", dispatchedAtMs: f[i + 7].int ?? 0,
+                    leaseDeadlineMs: f[i + 8].int ?? 0))
+            i += 9
+        }
+        return jobs
+    }
+
+    public func renew(workerID: String, jobs: [(jobID: String, token: Int64)], leaseMs: Int64) async throws -> [Bool] {
+        if jobs.isEmpty { return [] }
+        var args = [workerID, String(leaseMs)]
+        for j in jobs { args += [j.jobID, String(j.token)] }
+        let reply = try await client.eval(BrokerScripts.renew, keys: [Keys.leases], args: args)
+        return (reply.array ?? []).map { $0.int == 1 }
+    }
+
+    public func ack(jobID: String, token: Int64) async throws -> FencedOutcome {
+        let reply = try await client.eval(BrokerScripts.ack, keys: [Keys.leases], args: [jobID, String(token)])
+        return reply.int == 1 ? .done : .fenced
+    }
+
+    public func requeue(jobID: String, token: Int64, refundAttempt: Bool) async throws -> FencedOutcome {
+        let reply = try await client.eval(
+            BrokerScripts.requeue, keys: [Keys.leases], args: [jobID, String(token), refundAttempt ? "1" : "0"])
+        return reply.int == 1 ? .done : .fenced
+    }
+
+    public func deadLetter(jobID: String, token: Int64, reason: String) async throws -> FencedOutcome {
+        let reply = try await client.eval(
+            BrokerScripts.deadLetter, keys: [Keys.leases, Keys.deadLetters], args: [jobID, String(token), reason])
+        return reply.int == 1 ? .done : .fenced
+    }
+
+    public func reclaimExpired(maxAttempts: Int, limit: Int) async throws -> [ReclaimedJob] {
+        let reply = try await client.eval(
+            BrokerScripts.reclaim, keys: [Keys.leases, Keys.deadLetters], args: [String(maxAttempts), String(limit)])
+        let f = reply.array ?? []
+        var out: [ReclaimedJob] = []
+        var i = 0
+        while i + 2 < f.count {
+            out.append(
+                ReclaimedJob(
+                    jobID: f[i].string ?? "",
+                    disposition: ReclaimedJob.Disposition(rawValue: f[i + 1].string ?? "") ?? .requeued,
+                    attempts: Int(f[i + 2].int ?? 0)))
+            i += 3
+        }
+        return out
+    }
+
+    public func rebalance(queue: String, from: String, to: String, max: Int, epoch: Int64?) async throws -> Int {
+        let reply = try await client.eval(
+            BrokerScripts.rebalance,
+            keys: [Keys.queue(datacenter: from, queue: queue), Keys.queue(datacenter: to, queue: queue)],
+            args: [to, String(max), epoch.map(String.init) ?? ""])
+        return Int(reply.int ?? 0)
+    }
+
+    public func heartbeat(_ s: WorkerStatus, ttlSeconds: Int) async throws -> Int64 {
+        let reply = try await client.eval(
+            BrokerScripts.heartbeat, keys: [Keys.workers, Keys.worker(s.workerID)],
+            args: [
+                s.workerID, s.datacenter, String(s.slots), String(s.busy), s.queues.joined(separator: ","),
+                s.hostname, String(s.pid), s.runningJobs.joined(separator: ","), s.state.rawValue, String(ttlSeconds),
+            ])
+        return reply.int ?? 0
+    }
+
+    public func waitForWork(datacenter: String, timeout: Duration) async throws {
+        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
+        _ = try await waiter.send(["BLPOP", Keys.wake(datacenter: datacenter), String(format: "%.3f", max(0.01, seconds))])
+    }
+
+    public func now() async throws -> Int64 {
+        try await client.time().milliseconds
+    }
+}

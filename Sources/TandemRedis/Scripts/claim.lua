@@ -1,0 +1,39 @@
+-- claim.lua — claim up to N jobs from a worker's datacenter queues, recording the lease in the same step.
+--
+-- KEYS[1]   {tandem}:leases               sorted set: job id -> lease deadline (ms, Redis TIME)
+-- KEYS[2..] {tandem}:q:<dc>:<queue>        the queues to claim from, in the order to try them
+-- ARGV[1]   worker id   ARGV[2] lease duration (ms)   ARGV[3] max jobs to claim
+-- Result    flat array, 9 fields per claimed job:
+--           job id, fencing token, attempts (after this claim), raw message, ingress list, queue, dc,
+--           dispatched_ms, deadline_ms
+--
+-- Invariant: a job leaves its queue only together with its lease (owner, a fencing token from a counter that
+-- only grows, a deadline from Redis TIME). A worker that dies after this script returns loses nothing: the
+-- lease expires and reclaim.lua puts the job back.
+local p = '{tandem}'
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local deadline = now + tonumber(ARGV[2])
+local max = tonumber(ARGV[3])
+local out = {}
+local n = 0
+for i = 2, #KEYS do
+  while n < max do
+    local jid = redis.call('RPOP', KEYS[i])
+    if not jid then break end
+    local job = p .. ':job:' .. jid
+    if redis.call('EXISTS', job) == 1 then
+      local token = redis.call('INCR', p .. ':fence')
+      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSET', job, 'owner', ARGV[1], 'token', token, 'deadline_ms', deadline,
+        'claimed_ms', now, 'state', 'leased', 'claimed_from', KEYS[i])
+      redis.call('ZADD', KEYS[1], deadline, jid)
+      local f = redis.call('HMGET', job, 'raw', 'ingress', 'queue', 'dc', 'dispatched_ms')
+      for _, v in ipairs({jid, token, attempts, f[1], f[2], f[3], f[4], f[5], deadline}) do
+        out[#out + 1] = v
+      end
+      n = n + 1
+    end
+  end
+end
+return out

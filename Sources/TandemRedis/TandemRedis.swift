@@ -1,1 +1,0 @@
-// TandemRedis module: see Protocol/SPEC.md for the architecture.

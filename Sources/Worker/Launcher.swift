@@ -1,0 +1,91 @@
+import CeleryWire
+import Foundation
+import TandemCore
+
+/// How a worker starts an Airflow task. `SpawnLauncher` starts a fresh process per task; a long-lived Airflow
+/// runner (fork per task) plugs in here too.
+public protocol TaskLauncher: Sendable {
+    func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask
+}
+
+/// A started task: its process and what to clean up after it.
+public struct LaunchedTask: Sendable {
+    public var process: ChildProcess
+    /// Files to remove once the process has ended (the workload file holding the JWT).
+    public var cleanup: [String]
+}
+
+/// Starts each task as its own process.
+/// - Airflow 2 (`execute_command`): the validated argv, exec'd directly, with `external_executor_id` set.
+/// - Airflow 3 (`execute_workload`): the workload JSON written to a 0600 file and run with
+///   `python -m airflow.sdk.execution_time.execute_workload --json-path FILE`, so the JWT never shows in `ps`.
+public struct SpawnLauncher: TaskLauncher {
+    public var airflowExecutable: String
+    public var python: String
+    public var executionAPIServerURL: String?
+    public var workDirectory: String
+    public var environment: [String: String]
+    public var taskOutput: String?
+
+    public init(
+        airflowExecutable: String = "airflow", python: String = "python3", executionAPIServerURL: String?,
+        workDirectory: String, environment: [String: String] = ProcessInfo.processInfo.environment,
+        taskOutput: String? = nil
+    ) {
+        self.airflowExecutable = airflowExecutable
+        self.python = python
+        self.executionAPIServerURL = executionAPIServerURL
+        self.workDirectory = workDirectory
+        self.environment = environment
+        self.taskOutput = taskOutput
+    }
+
+    public func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask {
+        var env = environment
+        switch payload {
+        case .command(let argv):
+            env["external_executor_id"] = taskID
+            var args = argv
+            args[0] = airflowExecutable
+            return LaunchedTask(
+                process: try ChildProcess.spawn(argv: args, environment: env, output: taskOutput), cleanup: [])
+        case .workload(let workload):
+            if let url = executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }
+            let path = try writeWorkload(workload.json, taskID: taskID)
+            do {
+                let p = try ChildProcess.spawn(
+                    argv: [python, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", path],
+                    environment: env, output: taskOutput)
+                return LaunchedTask(process: p, cleanup: [path])
+            } catch {
+                unlink(path)
+                throw error
+            }
+        }
+    }
+
+    /// Writes the workload to a file only the worker's user can read (it carries the task's JWT).
+    private func writeWorkload(_ json: String, taskID: String) throws -> String {
+        let safe = String(taskID.unicodeScalars.map { CharacterSet.alphanumerics.contains($0) || $0 == "-" ? Character($0) : "_" })
+        let path = "\(workDirectory)/workload-\(safe).json"
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw ChildProcess.SpawnError(
+                description: "cannot write workload file \(path): \(String(cString: strerror(errno))) — check --work-dir")
+        }
+        defer { close(fd) }
+        fchmod(fd, 0o600)
+        let bytes = Array(json.utf8)
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw ChildProcess.SpawnError(
+                    description: "cannot write workload file \(path): \(String(cString: strerror(errno))) — is the disk full?")
+            }
+            off += n
+        }
+        return path
+    }
+}

@@ -1,1 +1,0 @@
-// Worker module: see Protocol/SPEC.md for the architecture.

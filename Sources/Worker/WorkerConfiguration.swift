@@ -1,0 +1,38 @@
+import Foundation
+
+/// Everything a worker needs to know; `swift-worker` fills it from flags, then the environment, then defaults.
+public struct WorkerConfiguration: Sendable {
+    public var datacenter: String
+    public var queues: [String]
+    public var concurrency: Int
+    public var workerID: String
+    public var hostname: String
+    /// Lease length; a lease not renewed for this long may be reclaimed by another datacenter's dispatcher.
+    public var leaseTTL: Duration = .seconds(30)
+    public var renewInterval: Duration = .seconds(10)
+    public var heartbeatInterval: Duration = .seconds(2)
+    /// How long SIGTERM waits for running tasks before they are stopped and put back.
+    public var shutdownGrace: Duration = .seconds(60)
+    /// After SIGTERM to a task's process group, how long before SIGKILL.
+    public var killTimeout: Duration = .seconds(10)
+    /// Claim at most this many jobs per round trip (bounded by free slots).
+    public var claimBatch: Int = 16
+    /// Idle wait for work before polling again.
+    public var idleWait: Duration = .milliseconds(500)
+
+    public init(datacenter: String, queues: [String], concurrency: Int, workerID: String? = nil, hostname: String? = nil) {
+        self.datacenter = datacenter
+        self.queues = queues
+        self.concurrency = concurrency
+        let host = hostname ?? ProcessInfo.processInfo.hostName
+        self.hostname = host
+        self.workerID = workerID ?? "\(datacenter)@\(host):\(getpid())"
+    }
+}
+
+extension Duration {
+    /// Whole milliseconds.
+    public var milliseconds: Int64 {
+        components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000
+    }
+}

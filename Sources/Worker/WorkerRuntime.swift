@@ -1,0 +1,461 @@
+import CeleryWire
+import Foundation
+import Logging
+import Synchronization
+import TandemCore
+
+/// The worker: claims jobs of its datacenter with leases, runs them in N slots, renews the leases while they run,
+/// records STARTED then SUCCESS or FAILURE, and acks. Stops claiming on SIGTERM and lets running work finish.
+public final class WorkerRuntime: Sendable {
+    public let configuration: WorkerConfiguration
+    let broker: any Broker
+    let results: any ResultBackend
+    let ledger: any TaskLedger
+    let launcher: any TaskLauncher
+    let logger: Logger
+
+    /// A job this worker holds.
+    struct Slot {
+        var job: ClaimedJob
+        var taskID: String?
+        var process: ChildProcess?
+        /// The lease was refused on renewal: another claim may run the task, so this one must stop.
+        var leaseLost = false
+        /// Shutdown stopped the task: give it back instead of recording a result.
+        var stoppedForShutdown = false
+    }
+
+    struct State {
+        var slots: [String: Slot] = [:]
+        var phase: WorkerStatus.State = .running
+        var slotFreed: AsyncStream<Void>.Continuation?
+    }
+
+    let state = Mutex(State())
+    private let slotFreedStream: AsyncStream<Void>
+    /// Counts of what happened, for tests and the heartbeat.
+    public let counters = Mutex<[String: Int]>([:])
+
+    public init(
+        configuration: WorkerConfiguration, broker: any Broker, results: any ResultBackend, ledger: any TaskLedger,
+        launcher: any TaskLauncher, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.broker = broker
+        self.results = results
+        self.ledger = ledger
+        self.launcher = launcher
+        var l = logger
+        l[metadataKey: "dc"] = .string(configuration.datacenter)
+        l[metadataKey: "worker"] = .string(configuration.workerID)
+        self.logger = l
+        let (stream, cont) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        slotFreedStream = stream
+        state.withLock { $0.slotFreed = cont }
+    }
+
+    // MARK: - Life cycle
+
+    /// Runs until `shutdown()` (SIGTERM) and the running tasks have finished or the grace period has passed.
+    public func run() async throws {
+        logger.info(
+            "worker started",
+            metadata: ["queues": .string(configuration.queues.joined(separator: ",")),
+                "concurrency": .stringConvertible(configuration.concurrency)])
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await self.heartbeatLoop() }
+            group.addTask { await self.renewLoop() }
+            await claimLoop()
+            await drainRunning()
+            state.withLock { $0.phase = .stopped }
+            _ = try? await broker.heartbeat(status(), ttlSeconds: 60)
+            group.cancelAll()
+        }
+        logger.info("worker stopped")
+    }
+
+    /// First SIGTERM: stop claiming; running tasks get `shutdownGrace` to finish.
+    public func shutdown() {
+        let first = state.withLock { s -> Bool in
+            guard s.phase == .running else { return false }
+            s.phase = .draining
+            return true
+        }
+        if first {
+            logger.info(
+                "shutting down: no new claims; running tasks have \(configuration.shutdownGrace) to finish (send SIGTERM again to stop now)")
+        }
+        state.withLock { $0.slotFreed?.yield() }
+    }
+
+    /// Second SIGTERM or SIGINT: stop running tasks now and give them back to the queue.
+    public func shutdownNow() {
+        shutdown()
+        logger.warning("stopping now: running tasks are stopped and put back on the queue")
+        stopAllForShutdown()
+    }
+
+    public var phase: WorkerStatus.State { state.withLock { $0.phase } }
+    public var busy: Int { state.withLock { $0.slots.count } }
+
+    func status() -> WorkerStatus {
+        state.withLock { s in
+            WorkerStatus(
+                workerID: configuration.workerID, datacenter: configuration.datacenter,
+                slots: configuration.concurrency, busy: s.slots.count, queues: configuration.queues,
+                hostname: configuration.hostname, pid: getpid(), runningJobs: Array(s.slots.keys), state: s.phase)
+        }
+    }
+
+    func count(_ key: String) { counters.withLock { $0[key, default: 0] += 1 } }
+
+    // MARK: - Claiming
+
+    private func claimLoop() async {
+        var backoff = Duration.milliseconds(100)
+        var rotation = 0
+        var freed = slotFreedStream.makeAsyncIterator()
+        while phase == .running {
+            let free = configuration.concurrency - busy
+            if free <= 0 {
+                _ = await freed.next()
+                continue
+            }
+            // rotate the queue order so one busy queue cannot starve the others
+            let qs = configuration.queues
+            let order = Array(qs[rotation % qs.count...] + qs[..<(rotation % qs.count)])
+            rotation &+= 1
+            do {
+                let jobs = try await broker.claim(
+                    workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
+                    max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.milliseconds)
+                backoff = .milliseconds(100)
+                if jobs.isEmpty {
+                    try await broker.waitForWork(datacenter: configuration.datacenter, timeout: configuration.idleWait)
+                    continue
+                }
+                for job in jobs {
+                    state.withLock { $0.slots[job.jobID] = Slot(job: job) }
+                    Task { await self.execute(job) }
+                }
+            } catch {
+                logger.error("cannot claim work: \(error) — retrying in \(backoff)")
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(5))
+            }
+        }
+    }
+
+    private func drainRunning() async {
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.shutdownGrace
+        while busy > 0 {
+            if clock.now >= deadline {
+                logger.warning("shutdown grace of \(configuration.shutdownGrace) passed with \(busy) task(s) running; stopping them and putting them back")
+                stopAllForShutdown()
+                // wait for the stopped tasks to be given back
+                while busy > 0 { try? await Task.sleep(for: .milliseconds(50)) }
+                break
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
+    private func stopAllForShutdown() {
+        let procs = state.withLock { s -> [ChildProcess] in
+            for k in s.slots.keys { s.slots[k]?.stoppedForShutdown = true }
+            return s.slots.values.compactMap(\.process)
+        }
+        for p in procs { p.signalGroup(SIGTERM) }
+        let kill = configuration.killTimeout
+        if !procs.isEmpty {
+            Task {
+                try? await Task.sleep(for: kill)
+                for p in procs { p.signalGroup(SIGKILL) }
+            }
+        }
+    }
+
+    // MARK: - Leases and heartbeats
+
+    private func renewLoop() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: configuration.renewInterval)
+            if Task.isCancelled { return }
+            await renewOnce()
+        }
+    }
+
+    /// Renews every lease held; a refused renewal means the job was reclaimed, so its task is stopped at once.
+    func renewOnce() async {
+        let held = state.withLock { s in s.slots.values.map { ($0.job.jobID, $0.job.token) } }
+        if held.isEmpty { return }
+        do {
+            let ok = try await broker.renew(
+                workerID: configuration.workerID, jobs: held.map { (jobID: $0.0, token: $0.1) },
+                leaseMs: configuration.leaseTTL.milliseconds)
+            for ((jobID, _), renewed) in zip(held, ok) where !renewed {
+                let proc = state.withLock { s -> ChildProcess? in
+                    guard s.slots[jobID] != nil else { return nil }
+                    s.slots[jobID]?.leaseLost = true
+                    return s.slots[jobID]?.process
+                }
+                count("lease_lost")
+                logger.warning("lease on job \(jobID) was reclaimed by another worker; stopping its task (it may run elsewhere now)")
+                proc?.signalGroup(SIGKILL)
+            }
+        } catch {
+            logger.error("cannot renew leases: \(error) — tasks keep running; retrying in \(configuration.renewInterval)")
+        }
+    }
+
+    private func heartbeatLoop() async {
+        while !Task.isCancelled {
+            do {
+                _ = try await broker.heartbeat(status(), ttlSeconds: 3600)
+            } catch {
+                logger.error("cannot send heartbeat: \(error)")
+            }
+            try? await Task.sleep(for: configuration.heartbeatInterval)
+        }
+    }
+
+    // MARK: - Running one job
+
+    private func finish(_ jobID: String) {
+        state.withLock { s in
+            s.slots[jobID] = nil
+            s.slotFreed?.yield()
+        }
+    }
+
+    func execute(_ job: ClaimedJob) async {
+        defer { finish(job.jobID) }
+        var log = logger
+        log[metadataKey: "job"] = .string(job.jobID)
+        log[metadataKey: "queue"] = .string(job.queue)
+        log[metadataKey: "attempt"] = .stringConvertible(job.attempts)
+
+        // 1. Only the two Airflow shapes run; anything else is dead-lettered with a FAILURE and never executed.
+        let task: CeleryTask
+        let payload: AirflowPayload
+        do {
+            task = try CeleryTask.decode(raw: job.raw)
+            payload = try AirflowPayload.classify(task)
+        } catch {
+            await reject(job, taskID: (try? CeleryTask.decode(raw: job.raw))?.id, reason: "\(error)", log: log)
+            return
+        }
+        log[metadataKey: "task_id"] = .string(task.id)
+        state.withLock { $0.slots[job.jobID]?.taskID = task.id }
+        let fence = Fence(jobID: job.jobID, token: job.token)
+        let facts = TaskFacts(
+            taskID: task.id, taskName: task.name, kind: payload.kindName, workerID: configuration.workerID,
+            hostname: configuration.hostname)
+
+        do {
+            // 2. The ledger records the claim; a newer claim of the same task already there means this one is stale.
+            if try await ledger.claimed(job, facts: facts) == .fenced {
+                log.warning("ledger holds a newer claim for this task; dead-lettering this copy")
+                _ = try await broker.deadLetter(
+                    jobID: job.jobID, token: job.token,
+                    reason: "the ledger already holds a newer claim (higher fencing token) for task \(task.id); "
+                        + "if Redis was reset, replay with executorctl dlq replay")
+                return
+            }
+
+            // 3. Expired messages are REVOKED, never run (Celery does the same).
+            if let expires = task.expires, expires < Date() {
+                _ = try await results.store(
+                    ResultRecord(taskId: task.id, state: .revoked, result: .null, traceback: nil, dateDone: Date()),
+                    fence: fence)
+                try await ledger.finished(job, taskID: task.id, outcome: "REVOKED", exitStatus: nil, detail: "expired at \(expires)")
+                _ = try await ackWithRetry(job, log: log)
+                count("revoked")
+                return
+            }
+            if let eta = task.eta, eta > Date() {
+                try? await Task.sleep(for: .seconds(eta.timeIntervalSinceNow))
+            }
+            if state.withLock({ $0.slots[job.jobID]?.stoppedForShutdown ?? false }) {
+                try await giveBack(job, refund: true, log: log)
+                return
+            }
+
+            // 4. Start the task, then record STARTED with its pid (what Celery's track_started writes).
+            let launched: LaunchedTask
+            do {
+                launched = try launcher.launch(payload, taskID: task.id)
+            } catch {
+                log.error("task could not start: \(error)")
+                try await record(job, task: task, state: .failure, exit: nil, detail: "\(error)", fence: fence, log: log)
+                return
+            }
+            defer { for f in launched.cleanup { unlink(f) } }
+            state.withLock { $0.slots[job.jobID]?.process = launched.process }
+            log.info("task started", metadata: ["pid": .stringConvertible(launched.process.pid)])
+            let startedRecord = ResultRecord(
+                taskId: task.id, state: .started,
+                result: .object(JSONObject([
+                    ("pid", .int(Int64(launched.process.pid))), ("hostname", .string(configuration.hostname)),
+                ])), traceback: nil, dateDone: nil)
+            async let startWrites: Void = {
+                _ = try? await self.results.store(startedRecord, fence: fence)
+                try? await self.ledger.started(job, taskID: task.id, pid: launched.process.pid)
+            }()
+
+            // 5. Wait, enforcing the message's soft and hard time limits.
+            let termination = await waitWithLimits(launched.process, task: task, log: log)
+            await startWrites
+
+            let slot = state.withLock { $0.slots[job.jobID] }
+            if slot?.leaseLost == true {
+                try await ledger.event(
+                    taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
+                    datacenter: configuration.datacenter, token: job.token,
+                    detail: "lease reclaimed while running; task stopped (\(termination)); no result written")
+                count("fenced")
+                return
+            }
+            if slot?.stoppedForShutdown == true {
+                try await giveBack(job, refund: false, log: log)
+                return
+            }
+            let ok = termination == .exited(0)
+            try await record(
+                job, task: task, state: ok ? .success : .failure, exit: termination.status,
+                detail: ok ? nil : "task \(termination)" + (timeLimitNote(termination, task) ?? ""), fence: fence, log: log)
+        } catch {
+            // Postgres or Redis failed mid-way: the lease stays, expires, and the job is reclaimed and retried.
+            log.error("could not finish recording the task: \(error) — its lease will expire and it will be retried")
+            count("record_error")
+        }
+    }
+
+    private func timeLimitNote(_ t: ChildProcess.Termination, _ task: CeleryTask) -> String? {
+        guard case .signalled = t, task.hardTimeLimit != nil || task.softTimeLimit != nil else { return nil }
+        return " (time limit: soft \(task.softTimeLimit.map { "\($0)s" } ?? "none"), hard \(task.hardTimeLimit.map { "\($0)s" } ?? "none"))"
+    }
+
+    /// Soft limit: SIGTERM to the task's process group; hard limit: SIGKILL.
+    private func waitWithLimits(_ p: ChildProcess, task: CeleryTask, log: Logger) async -> ChildProcess.Termination {
+        await withTaskGroup(of: ChildProcess.Termination?.self) { group in
+            group.addTask { await p.wait() }
+            if let soft = task.softTimeLimit, soft > 0 {
+                group.addTask {
+                    try? await Task.sleep(for: .milliseconds(Int64(soft * 1000)))
+                    if !Task.isCancelled {
+                        log.warning("soft time limit \(soft)s exceeded; sending SIGTERM to the task")
+                        p.signalGroup(SIGTERM)
+                    }
+                    return nil
+                }
+            }
+            if let hard = task.hardTimeLimit, hard > 0 {
+                group.addTask {
+                    try? await Task.sleep(for: .milliseconds(Int64(hard * 1000)))
+                    if !Task.isCancelled {
+                        log.warning("hard time limit \(hard)s exceeded; sending SIGKILL to the task")
+                        p.signalGroup(SIGKILL)
+                    }
+                    return nil
+                }
+            }
+            var result: ChildProcess.Termination = .exited(-1)
+            for await r in group {
+                if let r {
+                    result = r
+                    group.cancelAll()
+                }
+            }
+            return result
+        }
+    }
+
+    /// Writes the final result (fenced), then acks, then closes the ledger row.
+    private func record(
+        _ job: ClaimedJob, task: CeleryTask, state s: CeleryState, exit: Int32?, detail: String?, fence: Fence,
+        log: Logger
+    ) async throws {
+        let rec = ResultRecord(taskId: task.id, state: s, result: .null, traceback: detail, dateDone: Date())
+        switch try await results.store(rec, fence: fence) {
+        case .fenced:
+            log.warning("result refused: the lease was reclaimed; another attempt owns this task")
+            try await ledger.event(
+                taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
+                datacenter: configuration.datacenter, token: job.token,
+                detail: "late \(s.rawValue) refused: lease reclaimed")
+            count("fenced")
+            return
+        case .keptSuccess:
+            log.info("a SUCCESS was already recorded for this task; kept it")
+        case .written:
+            break
+        }
+        try await ledger.finished(job, taskID: task.id, outcome: s.rawValue, exitStatus: exit, detail: detail)
+        if try await ackWithRetry(job, log: log) == .fenced {
+            try await ledger.event(
+                taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
+                datacenter: configuration.datacenter, token: job.token, detail: "ack refused: lease reclaimed")
+            count("fenced")
+            return
+        }
+        count(s.rawValue.lowercased())
+        log.info("task finished", metadata: ["state": .string(s.rawValue)])
+    }
+
+    /// Acks, retrying through a broker outage for up to one lease period (after that the job is reclaimed anyway).
+    private func ackWithRetry(_ job: ClaimedJob, log: Logger) async throws -> FencedOutcome {
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.leaseTTL
+        var wait = Duration.milliseconds(100)
+        while true {
+            do {
+                return try await broker.ack(jobID: job.jobID, token: job.token)
+            } catch {
+                if clock.now >= deadline { throw error }
+                log.error("cannot ack: \(error) — retrying in \(wait)")
+                try? await Task.sleep(for: wait)
+                wait = min(wait * 2, .seconds(2))
+            }
+        }
+    }
+
+    private func giveBack(_ job: ClaimedJob, refund: Bool, log: Logger) async throws {
+        let r = try await broker.requeue(jobID: job.jobID, token: job.token, refundAttempt: refund)
+        log.info(r == .done ? "put back on the queue for another worker" : "could not put back: lease already reclaimed")
+        count("requeued")
+    }
+
+    /// A message that is not one of Airflow's two task shapes: dead-lettered with its reason, FAILURE recorded
+    /// when it has a task id, never executed.
+    private func reject(_ job: ClaimedJob, taskID: String?, reason: String, log: Logger) async {
+        log.error("rejected message: \(reason) — dead-lettered, not executed")
+        do {
+            if let taskID, !taskID.isEmpty {
+                _ = try await results.store(
+                    ResultRecord(
+                        taskId: taskID, state: .failure, result: .null,
+                        traceback: "Tandem refused to run this message: \(reason)", dateDone: Date()),
+                    fence: nil)
+                try await ledger.event(
+                    taskID: taskID, jobID: job.jobID, event: "dead", worker: configuration.workerID,
+                    datacenter: configuration.datacenter, token: job.token, detail: reason)
+            }
+            _ = try await broker.deadLetter(jobID: job.jobID, token: job.token, reason: reason)
+            count("dead")
+        } catch {
+            log.error("could not dead-letter the message: \(error) — its lease will expire and it will be retried")
+        }
+    }
+}
+
+extension AirflowPayload {
+    /// "command" (Airflow 2) or the workload type (Airflow 3).
+    public var kindName: String {
+        switch self {
+        case .command: return "command"
+        case .workload(let w): return w.kind
+        }
+    }
+}

@@ -1,0 +1,57 @@
+import ArgumentParser
+import Dispatcher
+import Foundation
+import Logging
+import Setup
+import TandemCore
+
+@main
+struct SwiftDispatcher: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "swift-dispatcher",
+        abstract: "Moves Celery messages from Airflow's queues into datacenter queues, by routing policy and health.")
+
+    @Option(help: "Celery broker URL (env AIRFLOW__CELERY__BROKER_URL; default \(Defaults.broker)).")
+    var broker: String?
+    @Option(name: .customLong("master-name"), help: "Sentinel master name (env AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME).")
+    var masterName: String?
+    @Option(help: "Routing policy YAML file (default: every queue spread across live datacenters).")
+    var policy: String?
+    @Option(help: "Comma-separated Airflow queues to watch besides those workers serve (default 'default').")
+    var queues: String = "default"
+    @Option(name: .customLong("dc-loss-after"), help: "Seconds of silence after which a datacenter is lost (default 15).")
+    var dcLossAfter: Double = 15
+    @Option(name: .customLong("max-attempts"), help: "Claims before a job whose lease keeps expiring is dead-lettered (default 3).")
+    var maxAttempts: Int = 3
+    @Option(name: .customLong("log-level")) var logLevel: String?
+    @Flag(name: .customLong("log-json")) var logJSON = false
+
+    func run() async throws {
+        bootstrapLogging(level: setting(logLevel, env: "TANDEM_LOG_LEVEL"), json: logJSON)
+        let logger = Logger(label: "tandem.dispatcher")
+        var routing = RoutingPolicy()
+        if let policy {
+            guard let text = try? String(contentsOfFile: policy, encoding: .utf8) else {
+                throw ValidationError("cannot read routing policy file \(policy): does it exist and is it readable?")
+            }
+            do { routing = try RoutingPolicy.parse(yaml: text) } catch { throw ValidationError("\(policy): \(error)") }
+        }
+        guard maxAttempts >= 1 else { throw ValidationError("--max-attempts must be at least 1") }
+        var config = DispatcherConfiguration(
+            policy: routing, queues: queues.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+        config.dcLossAfter = .milliseconds(Int64(dcLossAfter * 1000))
+        config.maxAttempts = maxAttempts
+        let url = setting(broker, env: "AIRFLOW__CELERY__BROKER_URL", default: Defaults.broker)!
+        do {
+            let b = try await openBroker(url: url, masterName: masterName, logger: logger)
+            let runtime = DispatcherRuntime(configuration: config, broker: b, logger: logger)
+            let handlers = SignalHandlers(graceful: { runtime.shutdown() }, immediate: { runtime.shutdown() })
+            await runtime.run()
+            withExtendedLifetime(handlers) {}
+            b.close()
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(2)
+        }
+    }
+}

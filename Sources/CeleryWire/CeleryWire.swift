@@ -1,1 +1,0 @@
-// CeleryWire module: see Protocol/SPEC.md for the architecture.

@@ -39,11 +39,14 @@ let package = Package(
             dependencies: ["TandemCore", "CeleryWire", "Postgres", .product(name: "Logging", package: "swift-log")]
         ),
 
+        // fork+exec with a parent-death signal and its own process group (posix_spawn cannot set PDEATHSIG).
+        .target(name: "CSpawn"),
+
         // Runtimes.
         .target(
             name: "Worker",
             dependencies: [
-                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire",
+                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire", "CSpawn",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

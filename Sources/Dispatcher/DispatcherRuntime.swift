@@ -93,7 +93,7 @@ public final class DispatcherRuntime: Sendable {
     }
 
     func refreshView() async throws -> View {
-        let lossMs = configuration.dcLossAfter.milliseconds
+        let lossMs = configuration.dcLossAfter.inMilliseconds
         var known = Set<String>()
         for rule in configuration.policy.rules.values {
             switch rule {

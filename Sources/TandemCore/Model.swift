@@ -119,3 +119,10 @@ public enum Names {
         return ok ? nil : "datacenter name \"\(dc)\" may contain only letters, digits, '-' and '_'"
     }
 }
+
+extension Duration {
+    /// Whole milliseconds (lease and heartbeat arithmetic is in Redis milliseconds).
+    public var inMilliseconds: Int64 {
+        components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000
+    }
+}

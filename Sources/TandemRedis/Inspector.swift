@@ -127,6 +127,35 @@ public struct BrokerInspector: Sendable {
         (try await client.send(["LRANGE", Keys.deadLetters, "0", String(limit - 1)]).array ?? []).compactMap(\.string)
     }
 
+    /// Sends a dead-lettered message back to its ingress list (front), to be routed again.
+    public func replay(jobID: String) async throws -> Bool {
+        try await client.eval(BrokerScripts.replay, keys: [Keys.deadLetters], args: [jobID]).int == 1
+    }
+
+    /// Deletes a dead-lettered message.
+    public func purge(jobID: String) async throws -> Bool {
+        try await client.eval(BrokerScripts.purge, keys: [Keys.deadLetters], args: [jobID]).int == 1
+    }
+
+    /// Every lease: job, owner, token and milliseconds until expiry (negative: expired, awaiting reclaim).
+    public func leases() async throws -> [(jobID: String, owner: String, token: Int64, datacenter: String, queue: String, remainingMs: Int64)] {
+        let now = try await client.time().milliseconds
+        let a = try await client.send(["ZRANGE", Keys.leases, "0", "-1", "WITHSCORES"]).array ?? []
+        var ids: [(String, Int64)] = []
+        var i = 0
+        while i + 1 < a.count {
+            ids.append((a[i].string ?? "", a[i + 1].int ?? Int64(Double(a[i + 1].string ?? "") ?? 0)))
+            i += 2
+        }
+        if ids.isEmpty { return [] }
+        let f = try await client.pipeline(ids.map { ["HMGET", Keys.job($0.0), "owner", "token", "dc", "queue"] })
+        return zip(ids, f).map { id, r in
+            let v = r.array ?? []
+            return (id.0, v.first?.string ?? "", v.count > 1 ? v[1].int ?? 0 : 0, v.count > 2 ? v[2].string ?? "" : "",
+                v.count > 3 ? v[3].string ?? "" : "", id.1 - now)
+        }
+    }
+
     private func hash(_ reply: RedisValue) -> [String: String] {
         let a = reply.array ?? []
         var h: [String: String] = [:]

@@ -13,8 +13,10 @@ public enum BrokerScripts {
     public static let rebalance = load("rebalance")
     public static let heartbeat = load("heartbeat")
     public static let storeResult = load("store_result")
+    public static let replay = load("replay")
+    public static let purge = load("purge")
 
-    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult]
+    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge]
 
     private static func load(_ name: String) -> RedisScript {
         guard let url = Bundle.module.url(forResource: name, withExtension: "lua", subdirectory: "Scripts"),

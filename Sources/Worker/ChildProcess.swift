@@ -1,9 +1,10 @@
 #if canImport(Glibc)
     import Glibc
 #endif
+import CSpawn
 import Foundation
 
-/// A task's process: spawned with posix_spawn (never a shell) in its own process group, so signals Tandem
+/// A task's process: fork+exec through CSpawn (never a shell) in its own process group, so signals Tandem
 /// sends reach the whole task tree and signals sent to the worker never reach the task.
 public final class ChildProcess: Sendable {
     public let pid: pid_t
@@ -33,55 +34,48 @@ public final class ChildProcess: Sendable {
         public var description: String
     }
 
-    /// Spawns `argv` (argv[0] looked up on PATH when it has no slash) with exactly `environment`.
+    /// Spawns `argv` (argv[0] looked up on PATH when it has no slash) with exactly `environment`, in its own
+    /// process group, with SIGKILL as its parent-death signal: a worker killed with -9 takes its tasks with it,
+    /// so a reclaimed task never runs twice at once.
     /// - Parameter output: file to append the child's stdout and stderr to; nil inherits the worker's.
     public static func spawn(argv: [String], environment: [String: String], output: String? = nil) throws
         -> ChildProcess
     {
         precondition(!argv.isEmpty)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        // Own process group (pgid = pid); default signal dispositions and an empty mask, whatever the worker set.
-        let flags = Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
-        posix_spawnattr_setflags(&attr, flags)
-        posix_spawnattr_setpgroup(&attr, 0)
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for s in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2, SIGQUIT] { sigaddset(&defaults, s) }
-        posix_spawnattr_setsigdefault(&attr, &defaults)
+        guard let path = resolve(argv[0], path: environment["PATH"] ?? ProcessInfo.processInfo.environment["PATH"]) else {
+            throw SpawnError(description: "cannot start \(argv[0]): not found on PATH — is it installed? (PATH=\(environment["PATH"] ?? ""))")
+        }
+        let env = environment.map { "\($0.key)=\($0.value)" }
+        let result = Spawner.shared.run { () -> (Int32, pid_t) in
+            let cArgv = argv.map { strdup($0) } + [nil]
+            let cEnv = env.map { strdup($0) } + [nil]
+            defer {
+                for p in cArgv { free(p) }
+                for p in cEnv { free(p) }
+            }
+            var pid: pid_t = 0
+            let rc: Int32
+            if let output {
+                rc = tandem_spawn(path, cArgv, cEnv, output, SIGKILL, &pid)
+            } else {
+                rc = tandem_spawn(path, cArgv, cEnv, nil, SIGKILL, &pid)
+            }
+            return (rc, pid)
+        }
+        guard result.0 == 0 else {
+            throw SpawnError(description: "cannot start \(path): \(String(cString: strerror(result.0))) — check that it is executable")
+        }
+        return ChildProcess(pid: result.1)
+    }
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        if let output {
-            posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-            posix_spawn_file_actions_adddup2(&actions, 1, 2)
+    /// PATH lookup done in the worker, so nothing but execve runs in the child.
+    static func resolve(_ name: String, path: String?) -> String? {
+        if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }
+        for dir in (path ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") {
+            let candidate = "\(dir)/\(name)"
+            if access(candidate, X_OK) == 0 { return candidate }
         }
-
-        let cArgv = argv.map { strdup($0) } + [nil]
-        let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            for p in cArgv { free(p) }
-            for p in cEnv { free(p) }
-        }
-        var pid: pid_t = 0
-        let rc: Int32
-        if argv[0].contains("/") {
-            rc = posix_spawn(&pid, argv[0], &actions, &attr, cArgv, cEnv)
-        } else {
-            // posix_spawnp searches the worker's own PATH
-            rc = posix_spawnp(&pid, argv[0], &actions, &attr, cArgv, cEnv)
-        }
-        guard rc == 0 else {
-            throw SpawnError(
-                description: "cannot start \(argv[0]): \(String(cString: strerror(rc))) — is it installed and on PATH?")
-        }
-        return ChildProcess(pid: pid)
+        return nil
     }
 
     /// Waits for the child to end. The blocking waitpid runs on a thread of its own, never on the Swift
@@ -108,5 +102,51 @@ public final class ChildProcess: Sendable {
     /// Sends `signal` to the task's whole process group.
     public func signalGroup(_ signal: Int32) {
         _ = kill(-pid, signal)
+    }
+}
+
+/// One thread that lives as long as the worker and does every fork. Linux sends a child's parent-death signal
+/// when the thread that forked it exits, so forking from pool threads (which come and go) would kill healthy
+/// tasks.
+final class Spawner: @unchecked Sendable {
+    static let shared = Spawner()
+    private let condition = NSCondition()
+    private var work: [() -> Void] = []
+
+    private init() {
+        let t = Thread { [unowned self] in self.loop() }
+        t.name = "tandem-spawner"
+        t.start()
+    }
+
+    private func loop() {
+        while true {
+            condition.lock()
+            while work.isEmpty { condition.wait() }
+            let job = work.removeFirst()
+            condition.unlock()
+            job()
+        }
+    }
+
+    /// Runs `body` on the spawner thread and waits for its answer. Called from a task, it blocks that thread
+    /// only for the duration of one fork (tens of microseconds).
+    func run<T>(_ body: @escaping () -> T) -> T {
+        let done = NSCondition()
+        var result: T?
+        condition.lock()
+        work.append {
+            let r = body()
+            done.lock()
+            result = r
+            done.signal()
+            done.unlock()
+        }
+        condition.signal()
+        condition.unlock()
+        done.lock()
+        while result == nil { done.wait() }
+        done.unlock()
+        return result!
     }
 }

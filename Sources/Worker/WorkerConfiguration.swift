@@ -29,10 +29,3 @@ public struct WorkerConfiguration: Sendable {
         self.workerID = workerID ?? "\(datacenter)@\(host):\(getpid())"
     }
 }
-
-extension Duration {
-    /// Whole milliseconds.
-    public var milliseconds: Int64 {
-        components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000
-    }
-}

@@ -123,12 +123,13 @@ public final class WorkerRuntime: Sendable {
             }
             // rotate the queue order so one busy queue cannot starve the others
             let qs = configuration.queues
-            let order = Array(qs[rotation % qs.count...] + qs[..<(rotation % qs.count)])
+            let start = rotation % qs.count
+            let order = Array(qs[start...] + qs[..<start])
             rotation &+= 1
             do {
                 let jobs = try await broker.claim(
                     workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
-                    max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.milliseconds)
+                    max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds)
                 backoff = .milliseconds(100)
                 if jobs.isEmpty {
                     try await broker.waitForWork(datacenter: configuration.datacenter, timeout: configuration.idleWait)
@@ -193,7 +194,7 @@ public final class WorkerRuntime: Sendable {
         do {
             let ok = try await broker.renew(
                 workerID: configuration.workerID, jobs: held.map { (jobID: $0.0, token: $0.1) },
-                leaseMs: configuration.leaseTTL.milliseconds)
+                leaseMs: configuration.leaseTTL.inMilliseconds)
             for ((jobID, _), renewed) in zip(held, ok) where !renewed {
                 let proc = state.withLock { s -> ChildProcess? in
                     guard s.slots[jobID] != nil else { return nil }

@@ -1,0 +1,70 @@
+// fork+exec with the three things posix_spawn cannot do together on Linux: PR_SET_PDEATHSIG, a fresh process
+// group and an exec-failure report. Between fork and exec only async-signal-safe calls are made.
+#define _GNU_SOURCE
+#include "cspawn.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+int tandem_spawn(const char *path, char *const argv[], char *const envp[], const char *output_path,
+                 int death_signal, pid_t *pid_out) {
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) != 0) return errno;
+    pid_t parent = getpid();
+    sigset_t all, old;
+    sigfillset(&all);
+    // block signals so no handler of the worker runs in the child before exec
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int err;
+        for (int s = 1; s < NSIG; s++) {
+            if (s == SIGKILL || s == SIGSTOP) continue;
+            signal(s, SIG_DFL);
+        }
+        setpgid(0, 0);
+        if (death_signal > 0) {
+            prctl(PR_SET_PDEATHSIG, death_signal);
+            if (getppid() != parent) _exit(127);  // the worker died before prctl took effect
+        }
+        int in = open("/dev/null", O_RDONLY);
+        if (in >= 0 && in != 0) { dup2(in, 0); close(in); }
+        if (output_path != NULL) {
+            int out = open(output_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+            if (out < 0) goto fail;
+            dup2(out, 1);
+            dup2(out, 2);
+            if (out > 2) close(out);
+        }
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execve(path, argv, envp);
+    fail:
+        err = errno;
+        (void)!write(report[1], &err, sizeof err);
+        _exit(127);
+    }
+    int saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(report[1]);
+    if (pid < 0) {
+        close(report[0]);
+        return saved;
+    }
+    int child_err = 0;
+    ssize_t n;
+    do { n = read(report[0], &child_err, sizeof child_err); } while (n < 0 && errno == EINTR);
+    close(report[0]);
+    if (n == sizeof child_err) {
+        int st;
+        while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+        return child_err;
+    }
+    *pid_out = pid;
+    return 0;
+}

@@ -1,0 +1,344 @@
+import ArgumentParser
+import CeleryWire
+import Foundation
+import Logging
+import Postgres
+import Redis
+import Setup
+import TandemCore
+import TandemPostgres
+import TandemRedis
+
+@main
+struct Executorctl: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "executorctl",
+        abstract: "Shows and steers Tandem: queues, workers, tasks, datacenters, dead letters.",
+        discussion: "Exit codes: 0 ok, 1 not found / refused, 2 cannot reach Redis or Postgres, 64 bad usage.",
+        subcommands: [
+            Queues.self, Workers.self, TaskCmd.self, Submit.self, DC.self, DLQ.self, Leases.self, Ingress.self,
+        ])
+}
+
+/// Flags every subcommand shares.
+struct Common: ParsableArguments {
+    @Option(help: "Celery broker URL (env AIRFLOW__CELERY__BROKER_URL; default \(Defaults.broker)).")
+    var broker: String?
+    @Option(name: .customLong("master-name"), help: "Sentinel master name.")
+    var masterName: String?
+    @Flag(help: "Print JSON instead of a table.")
+    var json = false
+
+    var brokerURL: String { setting(broker, env: "AIRFLOW__CELERY__BROKER_URL", default: Defaults.broker)! }
+
+    /// Connects to the broker or exits 2 with one line saying what failed.
+    func inspector() async throws -> BrokerInspector {
+        LoggingSystem.bootstrap { _ in SwiftLogNoOpLogHandler() }
+        do {
+            let b = try await openBroker(url: brokerURL, masterName: masterName, logger: Logger(label: "executorctl"))
+            return BrokerInspector(client: b.client)
+        } catch {
+            fail("\(error)", code: 2)
+        }
+    }
+}
+
+func fail(_ message: String, code: Int32) -> Never {
+    FileHandle.standardError.write(("executorctl: " + message + "\n").data(using: .utf8)!)
+    exit(code)
+}
+
+func printJSON(_ value: Any) {
+    let data = try! JSONSerialization.data(withJSONObject: value, options: [.prettyPrinted, .sortedKeys])
+    print(String(data: data, encoding: .utf8)!)
+}
+
+/// Prints rows as aligned columns.
+func printTable(_ header: [String], _ rows: [[String]]) {
+    var widths = header.map(\.count)
+    for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
+    func line(_ cells: [String]) -> String {
+        cells.enumerated().map { i, c in i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+            .joined(separator: "  ")
+    }
+    let bold = isatty(1) != 0
+    print(bold ? "\u{1B}[1m" + line(header) + "\u{1B}[0m" : line(header))
+    for r in rows { print(line(r)) }
+}
+
+func seconds(_ ms: Int64) -> String { String(format: "%.1fs", Double(ms) / 1000) }
+
+struct Queues: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Per datacenter and queue: depth, in flight, oldest age.")
+    @OptionGroup var common: Common
+    func run() async throws {
+        let stats = try await common.inspector().queueStats()
+        if common.json {
+            printJSON(stats.map { ["datacenter": $0.datacenter, "queue": $0.queue, "depth": $0.depth, "in_flight": $0.inFlight, "oldest_age_ms": $0.oldestAgeMs] })
+        } else {
+            printTable(
+                ["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"],
+                stats.map { [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)] })
+        }
+    }
+}
+
+struct Workers: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, last heartbeat.")
+    @OptionGroup var common: Common
+    func run() async throws {
+        let i = try await common.inspector()
+        let now = try await i.client.time().milliseconds
+        let ws = try await i.workers().sorted { ($0.datacenter, $0.workerID) < ($1.datacenter, $1.workerID) }
+        if common.json {
+            printJSON(ws.map {
+                ["worker": $0.workerID, "datacenter": $0.datacenter, "slots": $0.slots, "busy": $0.busy,
+                 "queues": $0.queues, "hostname": $0.hostname, "pid": Int($0.pid), "state": $0.state.rawValue,
+                 "last_heartbeat_ms_ago": now - $0.lastSeenMs, "running_jobs": $0.runningJobs] as [String: Any]
+            })
+        } else {
+            printTable(
+                ["WORKER", "DATACENTER", "BUSY/SLOTS", "QUEUES", "STATE", "LAST HEARTBEAT"],
+                ws.map { [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"] })
+        }
+    }
+}
+
+struct TaskCmd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "task", abstract: "A task's state and history from the ledger.")
+    @OptionGroup var common: Common
+    @Option(name: .customLong("result-backend"), help: "Postgres URL of the ledger (env TANDEM_LEDGER_URL, else AIRFLOW__CELERY__RESULT_BACKEND).")
+    var resultBackend: String?
+    @Argument(help: "Celery task id.") var taskID: String
+
+    func run() async throws {
+        LoggingSystem.bootstrap { _ in SwiftLogNoOpLogHandler() }
+        guard let url = setting(resultBackend, env: "TANDEM_LEDGER_URL", "AIRFLOW__CELERY__RESULT_BACKEND"), isPostgresURL(url) else {
+            fail("the ledger is in Postgres: pass --result-backend db+postgresql://… or set TANDEM_LEDGER_URL", code: 64)
+        }
+        let store: PostgresStore
+        do {
+            store = PostgresStore(configuration: try PostgresConfiguration(url: url), logger: Logger(label: "executorctl"))
+            try await store.prepare()
+        } catch { fail("\(error)", code: 2) }
+        guard let e = try await store.entry(taskID: taskID) else {
+            fail("no task \(taskID) in the ledger (not claimed by any worker yet?); try executorctl queues / ingress", code: 1)
+        }
+        let state = try await store.state(taskID: taskID)
+        if common.json {
+            printJSON([
+                "task_id": e.taskID, "job_id": e.jobID, "name": e.taskName, "ingress_queue": e.ingressQueue,
+                "datacenter": e.datacenter, "dispatched_at": e.dispatchedAt ?? NSNull(), "claimed_by": e.claimedBy ?? NSNull(),
+                "token": e.token, "attempts": e.attempts, "started_at": e.startedAt ?? NSNull(),
+                "finished_at": e.finishedAt ?? NSNull(), "outcome": e.outcome ?? NSNull(),
+                "exit_status": e.exitStatus ?? NSNull(), "celery_state": state.rawValue,
+                "events": e.events.map { ["at": $0.at, "event": $0.event, "worker": $0.worker ?? NSNull(), "datacenter": $0.datacenter ?? NSNull(), "token": $0.token ?? NSNull(), "detail": $0.detail ?? NSNull()] as [String: Any] },
+            ] as [String: Any])
+        } else {
+            print("task \(e.taskID)  \(state.rawValue)")
+            print("  name \(e.taskName)  queue \(e.ingressQueue.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio"))  datacenter \(e.datacenter)  job \(e.jobID)")
+            print("  attempts \(e.attempts)  claimed by \(e.claimedBy ?? "-")  token \(e.token)  exit \(e.exitStatus.map(String.init) ?? "-")")
+            print("  dispatched \(e.dispatchedAt ?? "-")  started \(e.startedAt ?? "-")  finished \(e.finishedAt ?? "-")")
+            printTable(["AT", "EVENT", "WORKER", "DC", "TOKEN", "DETAIL"], e.events.map {
+                [$0.at, $0.event, $0.worker ?? "", $0.datacenter ?? "", $0.token.map(String.init) ?? "", $0.detail ?? ""]
+            })
+        }
+    }
+}
+
+struct Submit: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Publish a Celery message exactly as the stock Celery client does (for demos and tests).",
+        discussion: "Example: executorctl submit -- airflow tasks run my_dag my_task run_1 --local")
+    @OptionGroup var common: Common
+    @Option(help: "Airflow queue (default 'default').") var queue = "default"
+    @Option(help: "Task name (default execute_command; execute_workload takes --workload-file).") var name = "execute_command"
+    @Option(name: .customLong("workload-file"), help: "Airflow 3 workload JSON to send as execute_workload.") var workloadFile: String?
+    @Option(help: "Celery task id (default: a new uuid).") var id: String?
+    @Option(help: "Message priority 0-9 (kombu priority lists).") var priority: Int?
+    @Option(name: .customLong("time-limit"), help: "Hard time limit in seconds.") var timeLimit: Double?
+    @Option(name: .customLong("soft-time-limit"), help: "Soft time limit in seconds.") var softTimeLimit: Double?
+    @Option(help: "How many copies (each with its own id).") var count = 1
+    @Argument(parsing: .captureForPassthrough, help: "The argv for execute_command.") var argv: [String] = []
+
+    func run() async throws {
+        let i = try await common.inspector()
+        var ids: [String] = []
+        var name = self.name
+        var args: [JSONValue]
+        if let workloadFile {
+            guard let text = try? String(contentsOfFile: workloadFile, encoding: .utf8) else {
+                fail("cannot read workload file \(workloadFile)", code: 64)
+            }
+            name = "execute_workload"
+            args = [.string(text)]
+        } else {
+            let a = argv.first == "--" ? Array(argv.dropFirst()) : argv
+            args = [.array(a.map { .string($0) })]
+        }
+        for _ in 0..<count {
+            let tid = count == 1 ? (id ?? UUID().uuidString.lowercased()) : UUID().uuidString.lowercased()
+            let m = CeleryPublisher.message(
+                taskName: name, id: tid, args: args, queue: queue, priority: priority,
+                timeLimit: (hard: timeLimit, soft: softTimeLimit))
+            _ = try await i.client.send(["LPUSH", m.list, m.element])
+            ids.append(tid)
+        }
+        if common.json { printJSON(["queue": queue, "task_ids": ids]) } else { ids.forEach { print($0) } }
+    }
+}
+
+struct DC: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dc", abstract: "Datacenter health and operator overrides.",
+        subcommands: [Status.self, Drain.self, Fail.self, Restore.self])
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Each datacenter: alive, draining or lost, and why.")
+        @OptionGroup var common: Common
+        @Option(name: .customLong("dc-loss-after"), help: "Loss threshold in seconds (default 15).") var lossAfter: Double = 15
+        func run() async throws {
+            let s = try await common.inspector().datacenters(lossAfterMs: Int64(lossAfter * 1000))
+            if common.json {
+                printJSON(s.map { ["datacenter": $0.name, "status": $0.status.rawValue, "reason": $0.reason, "live_workers": $0.liveWorkers, "slots": $0.slots, "busy": $0.busy] as [String: Any] })
+            } else {
+                printTable(["DATACENTER", "STATUS", "WORKERS", "BUSY/SLOTS", "WHY"], s.map {
+                    [$0.name, $0.status.rawValue, String($0.liveWorkers), "\($0.busy)/\($0.slots)", $0.reason]
+                })
+            }
+        }
+    }
+
+    struct Drain: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Maintenance: no new work to DC; running work finishes.")
+        @OptionGroup var common: Common
+        @Argument var dc: String
+        func run() async throws { try await setOverride(common, dc, .drain, "draining") }
+    }
+
+    struct Fail: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Declare DC lost now: its queued work moves to survivors.")
+        @OptionGroup var common: Common
+        @Flag(help: "Do not ask for confirmation.") var yes = false
+        @Argument var dc: String
+        func run() async throws {
+            if !yes && !confirm("declare datacenter \(dc) lost? its queued work moves to the other datacenters") { throw ExitCode(1) }
+            try await setOverride(common, dc, .fail, "declared lost")
+        }
+    }
+
+    struct Restore: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Undo drain/fail: DC takes work again once its workers heartbeat.")
+        @OptionGroup var common: Common
+        @Argument var dc: String
+        func run() async throws { try await setOverride(common, dc, nil, "restored") }
+    }
+}
+
+func setOverride(_ common: Common, _ dc: String, _ o: DatacenterOverride?, _ word: String) async throws {
+    if let p = Names.problem(datacenter: dc) { fail(p, code: 64) }
+    try await common.inspector().setOverride(dc, o)
+    if common.json { printJSON(["datacenter": dc, "override": o?.rawValue ?? NSNull()] as [String: Any]) } else { print("datacenter \(dc) \(word)") }
+}
+
+func confirm(_ question: String) -> Bool {
+    guard isatty(0) != 0 else {
+        fail("\(question): refusing without a terminal; pass --yes", code: 1)
+    }
+    print("\(question) [y/N] ", terminator: "")
+    return (readLine() ?? "").lowercased().hasPrefix("y")
+}
+
+struct DLQ: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dlq", abstract: "Dead letters: messages that were not run, with the reason.",
+        subcommands: [List.self, Show.self, Replay.self, Purge.self])
+
+    struct List: AsyncParsableCommand {
+        @OptionGroup var common: Common
+        @Option var limit = 100
+        func run() async throws {
+            let i = try await common.inspector()
+            var rows: [[String: String]] = []
+            for id in try await i.deadLetters(limit: limit) {
+                var j = try await i.job(id)
+                let task = (try? CeleryTask.decode(raw: Array((j["raw"] ?? "").utf8)))
+                j["task_id"] = task?.id ?? ""
+                j["task_name"] = task?.name ?? ""
+                j["job"] = id
+                rows.append(j)
+            }
+            if common.json {
+                printJSON(rows.map { $0.filter { $0.key != "raw" } })
+            } else {
+                printTable(["JOB", "TASK ID", "NAME", "QUEUE", "DC", "ATTEMPTS", "REASON"], rows.map {
+                    [$0["job"]!, $0["task_id"]!, $0["task_name"]!, $0["queue"] ?? "", $0["dc"] ?? "", $0["attempts"] ?? "", $0["reason"] ?? ""]
+                })
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        @OptionGroup var common: Common
+        @Argument var job: String
+        func run() async throws {
+            let j = try await common.inspector().job(job)
+            guard j["state"] == "dead" else { fail("job \(job) is not in the dead-letter queue (executorctl dlq list)", code: 1) }
+            if common.json { printJSON(j) } else { for k in j.keys.sorted() { print("\(k): \(j[k]!)") } }
+        }
+    }
+
+    struct Replay: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Send a dead letter back to its Airflow queue, to be routed again.")
+        @OptionGroup var common: Common
+        @Flag var yes = false
+        @Argument var job: String
+        func run() async throws {
+            if !yes && !confirm("replay job \(job)? it will run again") { throw ExitCode(1) }
+            guard try await common.inspector().replay(jobID: job) else { fail("job \(job) is not in the dead-letter queue", code: 1) }
+            print("job \(job) replayed")
+        }
+    }
+
+    struct Purge: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete a dead letter for good.")
+        @OptionGroup var common: Common
+        @Flag var yes = false
+        @Argument var job: String
+        func run() async throws {
+            if !yes && !confirm("delete job \(job) for good?") { throw ExitCode(1) }
+            guard try await common.inspector().purge(jobID: job) else { fail("job \(job) is not in the dead-letter queue", code: 1) }
+            print("job \(job) purged")
+        }
+    }
+}
+
+struct Leases: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Who holds which job, expiring when (negative: expired, awaiting reclaim).")
+    @OptionGroup var common: Common
+    func run() async throws {
+        let l = try await common.inspector().leases()
+        if common.json {
+            printJSON(l.map { ["job": $0.jobID, "owner": $0.owner, "token": $0.token, "datacenter": $0.datacenter, "queue": $0.queue, "expires_in_ms": $0.remainingMs] as [String: Any] })
+        } else {
+            printTable(["JOB", "OWNER", "TOKEN", "DC", "QUEUE", "EXPIRES IN"], l.map {
+                [$0.jobID, $0.owner, String($0.token), $0.datacenter, $0.queue, seconds($0.remainingMs)]
+            })
+        }
+    }
+}
+
+struct Ingress: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "The Celery lists as Airflow wrote them (queue and priority siblings).")
+    @OptionGroup var common: Common
+    @Option(help: "Comma-separated queues (default 'default').") var queues = "default"
+    func run() async throws {
+        let i = try await common.inspector()
+        var rows: [(String, Int)] = []
+        for q in queues.split(separator: ",") { rows += try await i.ingressDepths(queue: String(q)) }
+        let printable = rows.map { ($0.0.replacingOccurrences(of: "\u{06}\u{16}", with: "\\x06\\x16"), $0.1) }
+        if common.json { printJSON(printable.map { ["list": $0.0, "depth": $0.1] as [String: Any] }) } else {
+            printTable(["LIST", "DEPTH"], printable.map { [$0.0, String($0.1)] })
+        }
+    }
+}

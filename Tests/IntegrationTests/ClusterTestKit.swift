@@ -1,0 +1,147 @@
+import Foundation
+import TestSupport
+
+/// Paths inside the repository, found from this file's location.
+enum Repo {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().path
+    static let fakeAirflow = root + "/Tests/Fixtures/bin/airflow"
+    /// Where `swift build` put the executables: TANDEM_BIN_DIR, else next to the test bundle.
+    static var binDir: String {
+        if let d = ProcessInfo.processInfo.environment["TANDEM_BIN_DIR"] { return d }
+        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        // swift test runs <bin>/TandemPackageTests.xctest
+        if dir.lastPathComponent.hasSuffix(".xctest") { dir = dir.deletingLastPathComponent() }
+        return dir.path
+    }
+    static func binary(_ name: String) throws -> String {
+        let p = binDir + "/" + name
+        guard FileManager.default.isExecutableFile(atPath: p) else {
+            throw TestSupportError("\(p) is missing: run `swift build` before the tests (scripts/test does)")
+        }
+        return p
+    }
+}
+
+/// A Tandem process started by a test (a worker or a dispatcher), with its stderr kept in a file.
+final class TandemProcess: @unchecked Sendable {
+    let process = Process()
+    let logPath: String
+    let name: String
+
+    init(_ executable: String, _ arguments: [String], environment: [String: String], logDir: String, name: String) throws {
+        self.name = name
+        logPath = "\(logDir)/\(name).log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.executableURL = URL(fileURLWithPath: try Repo.binary(executable))
+        process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        process.environment = env
+        let h = FileHandle(forWritingAtPath: logPath)!
+        process.standardError = h
+        process.standardOutput = h
+        try process.run()
+    }
+
+    var pid: Int32 { process.processIdentifier }
+    var isRunning: Bool { process.isRunning }
+    func signal(_ s: Int32) { kill(pid, s) }
+    func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// Waits for exit (up to `timeout`), returning the exit status, or nil if it is still running.
+    func waitForExit(timeout: Duration) async -> Int32? {
+        let clock = ContinuousClock()
+        let end = clock.now + timeout
+        while process.isRunning && clock.now < end { try? await Task.sleep(for: .milliseconds(50)) }
+        return process.isRunning ? nil : process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(pid, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// One throwaway installation: Redis, a fresh Postgres database, and a directory for logs and fake-airflow state.
+final class Cluster: @unchecked Sendable {
+    let redis: RedisServer
+    let postgresURL: String
+    let dir: String
+    var processes: [TandemProcess] = []
+
+    init() throws {
+        redis = try RedisServer.start()
+        postgresURL = try PostgresServer.shared().createDatabase()
+        dir = NSTemporaryDirectory() + "tandem-it-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: dir + "/locks", withIntermediateDirectories: true)
+    }
+
+    var brokerURL: String { redis.url }
+    var resultBackend: String { "db+postgresql+psycopg2://" + postgresURL.dropFirst("postgresql://".count) }
+    var fakeLog: String { dir + "/tasks.log" }
+
+    /// The environment every Tandem process of this cluster gets.
+    var environment: [String: String] {
+        let path = URL(fileURLWithPath: Repo.fakeAirflow).deletingLastPathComponent().path
+        return [
+            "AIRFLOW__CELERY__BROKER_URL": brokerURL,
+            "AIRFLOW__CELERY__RESULT_BACKEND": resultBackend,
+            "PATH": path + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"),
+            "TANDEM_FAKE_LOG": fakeLog,
+            "TANDEM_FAKE_LOCKS": dir + "/locks",
+            "TANDEM_LOG_LEVEL": "info",
+        ]
+    }
+
+    @discardableResult
+    func startWorker(dc: String, name: String, extra: [String] = []) throws -> TandemProcess {
+        let p = try TandemProcess(
+            "swift-worker", ["--dc", dc, "--worker-id", name] + extra, environment: environment, logDir: dir, name: name)
+        processes.append(p)
+        return p
+    }
+
+    @discardableResult
+    func startDispatcher(name: String = "dispatcher", extra: [String] = []) throws -> TandemProcess {
+        let p = try TandemProcess("swift-dispatcher", extra, environment: environment, logDir: dir, name: name)
+        processes.append(p)
+        return p
+    }
+
+    /// Lines of the fake airflow's event log.
+    func taskEvents() -> [(event: String, key: String, executorID: String)] {
+        let text = (try? String(contentsOfFile: fakeLog, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { line in
+            let f = line.split(separator: " ")
+            return f.count >= 3 ? (String(f[0]), String(f[1]), String(f[2])) : nil
+        }
+    }
+
+    /// Every Tandem process's log, for a failing test's message.
+    func logs() -> String {
+        processes.map { "--- \($0.name)\n" + String($0.log().suffix(3000)) }.joined(separator: "\n")
+    }
+
+    deinit {
+        for p in processes where p.isRunning { p.signal(SIGKILL) }
+        processes.removeAll()
+        redis.stop()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+func eventually(timeout: Duration, every: Duration = .milliseconds(100), _ condition: () async throws -> Bool)
+    async rethrows -> Bool
+{
+    let clock = ContinuousClock()
+    let end = clock.now + timeout
+    while clock.now < end {
+        if try await condition() { return true }
+        try? await Task.sleep(for: every)
+    }
+    return try await condition()
+}

@@ -117,7 +117,9 @@ def airflow_expect(name: str, args: list) -> dict:
     if name == "execute_workload":
         w = json.loads(args[0])
         ti = w.get("ti") or {}
-        return {"kind": "workload", "type": w.get("type"), "ti_id": ti.get("id"), "dag_id": ti.get("dag_id"),
+        # The id Tandem reports: ti.id, callback.id (ExecuteCallback) or connection_test_id (TestConnection).
+        wid = ti.get("id") or (w.get("callback") or {}).get("id") or w.get("connection_test_id")
+        return {"kind": "workload", "type": w.get("type"), "ti_id": wid, "dag_id": ti.get("dag_id"),
                 "task_id": ti.get("task_id"), "run_id": ti.get("run_id"), "try_number": ti.get("try_number"),
                 "map_index": ti.get("map_index"), "queue": ti.get("queue"), "log_path": w.get("log_path"),
                 "token": w.get("token")}

@@ -63,7 +63,7 @@ public final class PostgresServer: Sendable {
             // setpriv execs in place, so the pid we hold is the postmaster's own.
             runAs = [setpriv, "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
         }
-        let server = PostgresServer(port: freeLoopbackPort(), directory: dir, binDir: bin, runAs: runAs)
+        let server = PostgresServer(port: 0, directory: dir, binDir: bin, runAs: runAs)
         if geteuid() == 0 {
             // The log file must be writable by postgres; create it first and hand it over.
             _ = FileManager.default.createFile(atPath: server.logPath, contents: nil)
@@ -72,8 +72,11 @@ public final class PostgresServer: Sendable {
         try Spawn.run(runAs + ["\(bin)/initdb", "-D", dir + "/data", "-U", "postgres", "-A", "trust", "-E", "UTF8",
                                "--locale=C", "--no-sync"],
                       log: server.logPath, directory: dir)
-        try server.launch()
-        return server
+        return try RedisServer.withFreshPort { port in
+            let started = PostgresServer(port: port, directory: dir, binDir: bin, runAs: runAs)
+            try started.launch()
+            return started
+        }
     }
 
     private func launch() throws {

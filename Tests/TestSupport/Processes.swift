@@ -58,8 +58,36 @@ public enum TestEnvironment {
     }
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on right now (the kernel picks it; there is a small race).
+/// Ports this process already handed out, so two servers started in parallel never get the same one.
+private let handedOutPorts = Locked<Set<Int>>([])
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now. Picked below Linux's ephemeral range
+/// (32768+) so client sockets cannot take it before the server binds; never the same port twice per process.
 public func freeLoopbackPort() -> Int {
+    for _ in 0..<500 {
+        let port = Int.random(in: 15_000..<32_000)
+        let fresh = handedOutPorts.withLock { $0.insert(port).inserted }
+        if fresh && canBindLoopback(port) { return port }
+    }
+    return kernelPickedPort()
+}
+
+func canBindLoopback(_ port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var one: Int32 = 1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = UInt16(port).bigEndian
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &addr) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    } == 0
+}
+
+private func kernelPickedPort() -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     precondition(fd >= 0, "socket() failed")
     defer { close(fd) }
@@ -76,6 +104,17 @@ public func freeLoopbackPort() -> Int {
         p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
     }
     return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// Runs blocking work (starting or stopping a server, initdb) on a thread of its own and awaits it, so
+/// async tests do not tie up the Swift concurrency pool (2 threads on a 2-core machine).
+public func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread {
+            do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }
+        }
+        thread.start()
+    }
 }
 
 /// Child processes started by this module, killed at exit so no server outlives the test run.
@@ -123,10 +162,23 @@ enum Spawn {
         posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         _ = directory  // cwd is inherited; every path we pass is absolute
+        // Threads of Dispatch and the test runner block signals, and a child inherits its spawner's mask:
+        // unblock everything and reset handlers so SIGTERM/SIGINT really stop the server.
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { for a in cargs { free(a) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, nil, cargs, environ)
+        let rc = posix_spawn(&pid, argv[0], &actions, &attr, cargs, environ)
         guard rc == 0 else {
             throw TestSupportError("cannot start \(argv[0]): \(String(cString: strerror(rc))) — run scripts/bootstrap")
         }

@@ -39,14 +39,27 @@ public final class RedisServer: Sendable {
     public static func start(extraArguments: [String] = [], password: String? = nil) throws -> RedisServer {
         let binary = try TestEnvironment.requireRedisServer()
         let dir = try Spawn.tempDirectory("tandem-redis")
-        let port = freeLoopbackPort()
-        var argv = [binary, "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--daemonize", "no",
-                    "--save", "", "--appendonly", "no", "--protected-mode", "no"]
-        if let password { argv += ["--requirepass", password] }
-        argv += extraArguments
-        let server = RedisServer(port: port, directory: dir, password: password, argv: argv)
-        try server.launch()
-        return server
+        return try withFreshPort { port in
+            var argv = [binary, "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--daemonize", "no",
+                        "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+            if let password { argv += ["--requirepass", password] }
+            argv += extraArguments
+            let server = RedisServer(port: port, directory: dir, password: password, argv: argv)
+            try server.launch()
+            return server
+        }
+    }
+
+    /// Retries with another port when the one picked was taken between picking and binding.
+    static func withFreshPort<T>(_ body: (Int) throws -> T) throws -> T {
+        var attempt = 0
+        while true {
+            do {
+                return try body(freeLoopbackPort())
+            } catch let error as TestSupportError where error.message.contains("Address already in use") && attempt < 5 {
+                attempt += 1
+            }
+        }
     }
 
     /// Starts a Sentinel (`redis-server sentinel.conf --sentinel`) that monitors the master on
@@ -55,7 +68,13 @@ public final class RedisServer: Sendable {
                                      masterPassword: String? = nil) throws -> RedisServer {
         let binary = try TestEnvironment.requireRedisServer()
         let dir = try Spawn.tempDirectory("tandem-sentinel")
-        let port = freeLoopbackPort()
+        return try withFreshPort { port in try sentinel(binary: binary, dir: dir, port: port, masterPort: masterPort,
+                                                        masterName: masterName, quorum: quorum,
+                                                        masterPassword: masterPassword) }
+    }
+
+    private static func sentinel(binary: String, dir: String, port: Int, masterPort: Int, masterName: String,
+                                 quorum: Int, masterPassword: String?) throws -> RedisServer {
         var conf = """
             port \(port)
             bind 127.0.0.1

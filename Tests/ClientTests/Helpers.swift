@@ -1,0 +1,44 @@
+import Foundation
+import Logging
+import Redis
+
+let quietLogger = Logger(label: "client-tests", factory: { _ in SwiftLogNoOpLogHandler() })
+
+func redisClient(_ url: String, database: Int? = nil, commandTimeout: Duration? = .seconds(10)) throws -> RedisClient {
+    var config = try RedisConfiguration(url: url)
+    if let database { config.database = database }
+    config.commandTimeout = commandTimeout
+    return RedisClient(configuration: config, logger: quietLogger)
+}
+
+/// Polls `body` until it returns true or `timeout` passes.
+func eventually(_ timeout: Duration = .seconds(20), every: Duration = .milliseconds(100),
+                _ body: () async throws -> Bool) async throws -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if (try? await body()) == true { return true }
+        try await Task.sleep(for: every)
+    }
+    return try await body()
+}
+
+import TestSupport
+
+func startRedis(extraArguments: [String] = [], password: String? = nil) async throws -> RedisServer {
+    try await offPool { try RedisServer.start(extraArguments: extraArguments, password: password) }
+}
+
+func startSentinel(masterPort: Int, masterName: String, quorum: Int) async throws -> RedisServer {
+    try await offPool { try RedisServer.startSentinel(masterPort: masterPort, masterName: masterName, quorum: quorum) }
+}
+
+func freshDatabase() async throws -> String {
+    try await offPool { try PostgresServer.shared().createDatabase() }
+}
+
+extension RedisValue {
+    func isError(endingWith suffix: String) -> Bool {
+        if case .error(let e) = self { return e.hasSuffix(suffix) }
+        return false
+    }
+}

@@ -1,0 +1,60 @@
+import Foundation
+import Redis
+import Testing
+import TestSupport
+
+@Suite("Redis Sentinel against real redis-server and sentinels")
+struct RedisSentinelTests {
+    @Test(.timeLimit(.minutes(2)))
+    func resolvesMasterAndFollowsFailover() async throws {
+        let master = try await startRedis()
+        let replica = try await startRedis(extraArguments: ["--replicaof", "127.0.0.1", String(master.port)])
+        var sentinels: [RedisServer] = []
+        for _ in 0..<3 { sentinels.append(try await startSentinel(masterPort: master.port, masterName: "mymaster", quorum: 2)) }
+        let url = sentinels.map { "sentinel://127.0.0.1:\($0.port)" }.joined(separator: ";")
+        let sentinelURL = url.replacingOccurrences(of: "sentinel://127.0.0.1:\(sentinels[0].port)",
+                                                   with: "sentinel://127.0.0.1:\(sentinels[0].port)/0")
+        let client = RedisClient(configuration: try RedisConfiguration(url: sentinelURL, masterName: "mymaster"),
+                                 logger: quietLogger)
+        let control = try redisClient("redis://127.0.0.1:\(sentinels[0].port)")
+        defer { client.close(); control.close() }
+
+        #expect(try await client.send(["SET", "before", "1"]) == .simpleString("OK"))
+        #expect(try await client.send(["CONFIG", "GET", "port"]).array?.last?.int == Int64(master.port))
+
+        // Wait until the sentinel knows the replica and the replica is in sync, then force a failover.
+        let masterClient = try redisClient(master.url)
+        defer { masterClient.close() }
+        #expect(try await eventually(.seconds(30)) {
+            let replicas = try await control.send(["SENTINEL", "replicas", "mymaster"])
+            let info = try await masterClient.send(["INFO", "replication"]).string ?? ""
+            return (replicas.array?.count ?? 0) >= 1 && info.contains("state=online")
+        })
+        #expect(try await eventually(.seconds(30), every: .milliseconds(500)) {
+            (try? await control.send(["SENTINEL", "FAILOVER", "mymaster"])) == .simpleString("OK")
+        })
+
+        // The client follows: after the switch, a write lands on the former replica.
+        #expect(try await eventually(.seconds(40), every: .milliseconds(200)) {
+            let addr = try await control.send(["SENTINEL", "get-master-addr-by-name", "mymaster"])
+            guard addr.array?.last?.int == Int64(replica.port) else { return false }
+            _ = try await client.send(["SET", "after", "2"])
+            return try await client.send(["CONFIG", "GET", "port"]).array?.last?.int == Int64(replica.port)
+        })
+        let onReplica = try redisClient(replica.url)
+        defer { onReplica.close() }
+        #expect(try await onReplica.send(["GET", "after"]).string == "2")
+        #expect(try await onReplica.send(["GET", "before"]).string == "1")
+    }
+
+    @Test func unknownMasterSaysSo() async throws {
+        let master = try await startRedis()
+        let sentinel = try await startSentinel(masterPort: master.port, masterName: "mymaster", quorum: 1)
+        let client = RedisClient(
+            configuration: try RedisConfiguration(url: "sentinel://127.0.0.1:\(sentinel.port)", masterName: "other"),
+            logger: quietLogger)
+        let err = await #expect(throws: RedisError.self) { try await client.connect() }
+        #expect(err?.code == .sentinel)
+        #expect(err?.message.contains("'other'") == true)
+    }
+}

@@ -273,6 +273,46 @@ def capture_celery(cap: Capturer, r: ThrowawayRedis):
 
     capture_pidbox(cap, app, r, src)
     capture_results(cap, app, r, src)
+    capture_db_pickles(cap, src)
+
+
+# The bytes SafePickle.dumps writes for these values (protocol 2, data opcodes only). The Swift tests
+# check that SafePickle produces exactly these; here we check that celery's own database backend reads them.
+DB_PICKLES = [
+    ("SUCCESS", None, "80024e2e"),
+    ("STARTED", {"pid": 4242, "hostname": "h"},
+     "80027d2858030000007069644d92105808000000686f73746e616d65580100000068752e"),
+    ("SUCCESS", [1, -1, 2**40, 1.5, "\u2603", True, {}],
+     "80025d284b014affffffff8a08000000000001000047" "3ff80000000000005803000000e29883887d652e"),
+]
+
+
+def capture_db_pickles(cap: Capturer, src: str):
+    """Store SafePickle bytes in celery_taskmeta.result (sqlite) and read them back through the backend."""
+    db = tempfile.mktemp(suffix=".db", prefix="tandem-capture-")
+    app = Celery("capturedb", backend=f"db+sqlite:///{db}")
+    be = app.backend
+    import sqlite3
+    rows = []
+    try:
+        for n, (state, value, hexbytes) in enumerate(DB_PICKLES + [("FAILURE", None, None)]):
+            tid = fixed_id(3000 + n)
+            be.store_result(tid, None, state)
+            con = sqlite3.connect(db)
+            con.execute("update celery_taskmeta set result=? where task_id=?",
+                        (bytes.fromhex(hexbytes) if hexbytes else None, tid))
+            con.commit()
+            con.close()
+            meta = be.get_task_meta(tid)
+            assert meta["status"] == state and meta["result"] == value, (meta, value)
+            rows.append({"state": state, "hex": hexbytes, "reads_back_as": value})
+    finally:
+        if os.path.exists(db):
+            os.unlink(db)
+    cap.write("db-result-pickles", {"kind": "dbpickle",
+                                    "source": f"{src} DatabaseBackend(db+sqlite).get_task_meta on rows whose "
+                                              "result column holds these bytes (NULL for FAILURE)",
+                                    "expect": rows})
 
 
 def capture_pidbox(cap: Capturer, app: Celery, r: ThrowawayRedis, src: str):

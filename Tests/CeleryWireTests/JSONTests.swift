@@ -67,7 +67,7 @@ struct JSONTests {
     }
 
     @Test func bytesAndStringParseAgree() throws {
-        for v in Vector.all.prefix(10) {
+        for v in Vector.tasks.prefix(10) {
             #expect(try JSONValue.parse(Array(v.raw.utf8)) == JSONValue.parse(v.raw))
         }
     }

@@ -1,0 +1,242 @@
+import CeleryWire
+import Foundation
+import Logging
+import Redis
+import TandemCore
+import TandemRedis
+import Testing
+import TestSupport
+
+/// Each Lua script against a real redis-server: the moves, the refusals, and the invariant it states.
+@Suite("Broker scripts (real Redis)")
+struct BrokerScriptTests {
+    let server: RedisServer
+    let broker: RedisBroker
+
+    init() async throws {
+        server = try RedisServer.start()
+        broker = RedisBroker(configuration: try RedisConfiguration(url: server.url), logger: Logger(label: "test"))
+        try await broker.connect()
+    }
+
+    func publish(_ queue: String = "default", priority: Int? = nil, name: String = "execute_command", id: String? = nil)
+        async throws -> String
+    {
+        let tid = id ?? UUID().uuidString
+        let m = CeleryPublisher.message(
+            taskName: name, id: tid, args: [.array(["airflow", "tasks", "run", "d", "t", "r"])], queue: queue,
+            priority: priority)
+        _ = try await broker.client.send(["LPUSH", m.list, m.element])
+        return tid
+    }
+
+    func taskID(_ job: ClaimedJob) throws -> String { try CeleryTask.decode(raw: job.raw).id }
+
+    @Test("dispatch moves messages in kombu's order: plain list oldest first, then priority lists")
+    func dispatchOrder() async throws {
+        let low = try await publish(priority: 9)
+        let a = try await publish()
+        let b = try await publish()
+        let mid = try await publish(priority: 4)
+        let moved = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        #expect(moved == 4)
+        for list in Keys.ingressLists(queue: "default") {
+            #expect(try await broker.client.send(["LLEN", list]).int == 0)
+        }
+        let jobs = try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 10, leaseMs: 30000)
+        #expect(try jobs.map(taskID) == [a, b, mid, low])
+        #expect(jobs.allSatisfy { $0.datacenter == "east" && $0.queue == "default" && $0.attempts == 1 })
+        #expect(jobs[2].ingressList == "default\u{06}\u{16}3")
+    }
+
+    @Test("dispatch honours max and leaves the rest in the ingress list")
+    func dispatchMax() async throws {
+        for _ in 0..<5 { _ = try await publish() }
+        #expect(try await broker.dispatch(queue: "default", to: "west", max: 3, epoch: nil) == 3)
+        #expect(try await broker.client.send(["LLEN", "default"]).int == 2)
+        #expect(try await broker.client.send(["LLEN", Keys.queue(datacenter: "west", queue: "default")]).int == 3)
+    }
+
+    @Test("dispatch with a stale leader epoch is refused and moves nothing")
+    func dispatchEpochFence() async throws {
+        _ = try await publish()
+        _ = try await broker.client.send(["HSET", Keys.leader, "epoch", "7"])
+        await #expect(throws: RedisError.self) {
+            _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: 6)
+        }
+        #expect(try await broker.client.send(["LLEN", "default"]).int == 1)
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: 7) == 1)
+    }
+
+    @Test("claim records owner, a growing token and a deadline from Redis TIME in the same step")
+    func claimRecordsLease() async throws {
+        for _ in 0..<3 { _ = try await publish() }
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        let before = try await broker.now()
+        let jobs = try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 2, leaseMs: 5000)
+        #expect(jobs.count == 2)
+        #expect(jobs[1].token > jobs[0].token)
+        for j in jobs {
+            #expect(j.leaseDeadlineMs >= before + 5000 && j.leaseDeadlineMs < before + 6000)
+            let h = try await BrokerInspector(client: broker.client).job(j.jobID)
+            #expect(h["owner"] == "w1")
+            #expect(h["state"] == "leased")
+            #expect(h["token"] == String(j.token))
+            let score = try await broker.client.send(["ZSCORE", Keys.leases, j.jobID])
+            #expect(score.string.flatMap { Int64($0) } == j.leaseDeadlineMs)
+        }
+        // the third is still queued, not leased
+        #expect(try await broker.client.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 1)
+    }
+
+    @Test("claim takes from the queues in the order given and never from another datacenter")
+    func claimQueueOrderAndDatacenter() async throws {
+        _ = try await publish("reports")
+        let d = try await publish("default")
+        _ = try await broker.dispatch(queue: "reports", to: "west", max: 10, epoch: nil)
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        let east = try await broker.claim(workerID: "e", datacenter: "east", queues: ["reports", "default"], max: 5, leaseMs: 1000)
+        #expect(try east.map(taskID) == [d])
+        let west = try await broker.claim(workerID: "w", datacenter: "west", queues: ["default", "reports"], max: 5, leaseMs: 1000)
+        #expect(west.map(\.queue) == ["reports"])
+    }
+
+    @Test("renew extends only the current holder's lease")
+    func renewChecksOwnerAndToken() async throws {
+        _ = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 1, epoch: nil)
+        let j = try #require(try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 1, leaseMs: 1000).first)
+        let ok = try await broker.renew(workerID: "w1", jobs: [(j.jobID, j.token), (j.jobID, j.token + 1)], leaseMs: 60000)
+        #expect(ok == [true, false])
+        #expect(try await broker.renew(workerID: "w2", jobs: [(j.jobID, j.token)], leaseMs: 60000) == [false])
+        let score = try await broker.client.send(["ZSCORE", Keys.leases, j.jobID]).string.flatMap { Int64($0) } ?? 0
+        #expect(score > j.leaseDeadlineMs + 50000)
+    }
+
+    @Test("ack with the current token removes lease and job; a stale token changes nothing")
+    func ackFencing() async throws {
+        _ = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 1, epoch: nil)
+        let j = try #require(try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 1, leaseMs: 1000).first)
+        #expect(try await broker.ack(jobID: j.jobID, token: j.token - 1) == .fenced)
+        #expect(try await broker.client.send(["EXISTS", Keys.job(j.jobID)]).int == 1)
+        #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .done)
+        #expect(try await broker.client.send(["EXISTS", Keys.job(j.jobID)]).int == 0)
+        #expect(try await broker.client.send(["ZCARD", Keys.leases]).int == 0)
+        #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .fenced)
+    }
+
+    @Test("an expired lease is reclaimed to the FRONT of its queue; the old holder is then fenced")
+    func reclaimToFront() async throws {
+        let first = try await publish()
+        let second = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        let j = try #require(try await broker.claim(workerID: "dead", datacenter: "east", queues: ["default"], max: 1, leaseMs: 100).first)
+        #expect(try taskID(j) == first)
+        #expect(try await broker.reclaimExpired(maxAttempts: 3, limit: 10).isEmpty)  // not expired yet
+        try await Task.sleep(for: .milliseconds(200))
+        let r = try await broker.reclaimExpired(maxAttempts: 3, limit: 10)
+        #expect(r == [ReclaimedJob(jobID: j.jobID, disposition: .requeued, attempts: 1)])
+        let again = try await broker.claim(workerID: "alive", datacenter: "east", queues: ["default"], max: 10, leaseMs: 10000)
+        #expect(try again.map(taskID) == [first, second])
+        #expect(again[0].attempts == 2)
+        #expect(again[0].token > j.token)
+        #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .fenced)
+        #expect(try await broker.renew(workerID: "dead", jobs: [(j.jobID, j.token)], leaseMs: 1000) == [false])
+        #expect(try await broker.ack(jobID: j.jobID, token: again[0].token) == .done)
+    }
+
+    @Test("a job whose lease expires max-attempts times goes to the dead-letter queue with its history")
+    func reclaimToDeadLetter() async throws {
+        _ = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 1, epoch: nil)
+        for attempt in 1...2 {
+            let j = try #require(try await broker.claim(workerID: "w\(attempt)", datacenter: "east", queues: ["default"], max: 1, leaseMs: 50).first)
+            #expect(j.attempts == attempt)
+            try await Task.sleep(for: .milliseconds(100))
+            let r = try await broker.reclaimExpired(maxAttempts: 2, limit: 10)
+            #expect(r.first?.disposition == (attempt < 2 ? .requeued : .dead))
+        }
+        let inspector = BrokerInspector(client: broker.client)
+        let dead = try await inspector.deadLetters()
+        #expect(dead.count == 1)
+        let h = try await inspector.job(dead[0])
+        #expect(h["state"] == "dead")
+        #expect(h["attempts"] == "2")
+        #expect(h["reason"]?.contains("max attempts 2") == true)
+        #expect(h["raw"]?.isEmpty == false)
+        // replay puts the message back into its ingress list, unchanged
+        #expect(try await inspector.replay(jobID: dead[0]))
+        #expect(try await broker.client.send(["LLEN", "default"]).int == 1)
+        #expect(try await inspector.deadLetters().isEmpty)
+        #expect(try await !inspector.replay(jobID: dead[0]))
+    }
+
+    @Test("requeue and dead-letter are refused for a stale token")
+    func requeueAndDeadLetterFencing() async throws {
+        _ = try await publish()
+        _ = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 2, epoch: nil)
+        let jobs = try await broker.claim(workerID: "w", datacenter: "east", queues: ["default"], max: 2, leaseMs: 10000)
+        #expect(try await broker.requeue(jobID: jobs[0].jobID, token: 0, refundAttempt: true) == .fenced)
+        #expect(try await broker.requeue(jobID: jobs[0].jobID, token: jobs[0].token, refundAttempt: true) == .done)
+        #expect(try await broker.deadLetter(jobID: jobs[1].jobID, token: 0, reason: "x") == .fenced)
+        #expect(try await broker.deadLetter(jobID: jobs[1].jobID, token: jobs[1].token, reason: "bad message") == .done)
+        let h = try await BrokerInspector(client: broker.client).job(jobs[1].jobID)
+        #expect(h["reason"] == "bad message")
+        let back = try await broker.claim(workerID: "w2", datacenter: "east", queues: ["default"], max: 5, leaseMs: 10000)
+        #expect(back.map(\.jobID) == [jobs[0].jobID])
+        #expect(back[0].attempts == 1)  // refunded: it never started
+        #expect(try await BrokerInspector(client: broker.client).purge(jobID: jobs[1].jobID))
+        #expect(try await broker.client.send(["EXISTS", Keys.job(jobs[1].jobID)]).int == 0)
+    }
+
+    @Test("rebalance moves queued work to another datacenter, oldest first, ahead of its own backlog")
+    func rebalanceOrder() async throws {
+        var eastIDs: [String] = []
+        for _ in 0..<3 { eastIDs.append(try await publish()) }
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        let westOwn = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "west", max: 10, epoch: nil)
+        #expect(try await broker.rebalance(queue: "default", from: "east", to: "west", max: 100, epoch: nil) == 3)
+        let jobs = try await broker.claim(workerID: "w", datacenter: "west", queues: ["default"], max: 10, leaseMs: 1000)
+        #expect(try jobs.map(taskID) == eastIDs + [westOwn])
+        #expect(jobs.allSatisfy { $0.datacenter == "west" })
+    }
+
+    @Test("heartbeat records the worker on Redis's clock and the inspector reads it back")
+    func heartbeat() async throws {
+        let s = WorkerStatus(
+            workerID: "east@h:1", datacenter: "east", slots: 8, busy: 3, queues: ["default", "reports"], hostname: "h",
+            pid: 1, runningJobs: ["1", "2", "3"], state: .running)
+        let now = try await broker.heartbeat(s, ttlSeconds: 60)
+        let ws = try await BrokerInspector(client: broker.client).workers()
+        #expect(ws.count == 1)
+        #expect(ws[0].lastSeenMs == now)
+        #expect(ws[0].busy == 3 && ws[0].slots == 8 && ws[0].queues == ["default", "reports"])
+        let dcs = try await BrokerInspector(client: broker.client).datacenters(lossAfterMs: 15000, known: ["west"])
+        #expect(dcs.map(\.name) == ["east", "west"])
+        #expect(dcs[0].status == .alive)
+        #expect(dcs[1].status == .lost)
+    }
+
+    @Test("the Redis result backend never overwrites SUCCESS, publishes, and refuses a stale token")
+    func storeResult() async throws {
+        let config = try RedisConfiguration(url: server.url)
+        let results = RedisResultBackend(configuration: config, sameServerAsBroker: true, logger: Logger(label: "t"))
+        _ = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 1, epoch: nil)
+        let j = try #require(try await broker.claim(workerID: "w", datacenter: "east", queues: ["default"], max: 1, leaseMs: 10000).first)
+        let fence = Fence(jobID: j.jobID, token: j.token)
+        let stale = Fence(jobID: j.jobID, token: j.token - 1)
+        #expect(try await results.store(.success(taskId: "t1"), fence: stale) == .fenced)
+        #expect(try await results.state(taskID: "t1") == .pending)
+        #expect(try await results.store(.started(taskId: "t1", pid: 5, hostname: "h"), fence: fence) == .written)
+        #expect(try await results.state(taskID: "t1") == .started)
+        #expect(try await results.store(.success(taskId: "t1"), fence: fence) == .written)
+        let ttl = try await broker.client.send(["TTL", "celery-task-meta-t1"]).int ?? 0
+        #expect(ttl > 86000)
+        #expect(try await results.store(ResultRecord(taskId: "t1", state: .failure), fence: fence) == .keptSuccess)
+        #expect(try await results.state(taskID: "t1") == .success)
+    }
+}

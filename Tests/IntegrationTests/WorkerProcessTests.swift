@@ -1,0 +1,232 @@
+import CeleryWire
+import Foundation
+import Logging
+import Postgres
+import Redis
+import TandemRedis
+import Testing
+import TestSupport
+
+/// Real swift-dispatcher and swift-worker processes against real Redis and Postgres, with a stand-in `airflow`
+/// that records every start and any concurrent duplicate. These are the kill -9 / SIGTERM / bad-input tests.
+@Suite("Worker and dispatcher processes", .serialized)
+struct WorkerProcessTests {
+    let cluster: Cluster
+    let redis: RedisClient
+    let pg: PostgresClient
+
+    init() async throws {
+        cluster = try Cluster()
+        redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "t"))
+    }
+
+    /// Publishes `airflow tasks run <dag> <task> <run>` as the stock Celery client would; returns the task id.
+    @discardableResult
+    func submit(task: String, run: String, dag: String = "dag", queue: String = "default", soft: Double? = nil,
+        hard: Double? = nil) async throws -> String
+    {
+        let id = UUID().uuidString.lowercased()
+        let m = CeleryPublisher.message(
+            taskName: "execute_command", id: id,
+            args: [.array(["airflow", "tasks", "run", .string(dag), .string(task), .string(run), "--local"])],
+            queue: queue, timeLimit: (hard: hard, soft: soft))
+        _ = try await redis.send(["LPUSH", m.list, m.element])
+        return id
+    }
+
+    /// celery_taskmeta status by task id (absent: not written yet).
+    func states(_ ids: [String]) async throws -> [String: String] {
+        guard (try await pg.query("SELECT to_regclass('celery_taskmeta') IS NOT NULL AS ok")).rows.first?.string("ok") == "t"
+        else { return [:] }
+        let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta")
+        var out: [String: String] = [:]
+        for row in r.rows { if let id = row.string("task_id"), ids.contains(id) { out[id] = row.string("status") } }
+        return out
+    }
+
+    func waitForFinal(_ ids: [String], timeout: Duration = .seconds(90)) async throws -> [String: String] {
+        _ = try await eventually(timeout: timeout) {
+            let s = try await states(ids)
+            return ids.allSatisfy { ["SUCCESS", "FAILURE"].contains(s[$0] ?? "") }
+        }
+        return try await states(ids)
+    }
+
+    func ledger(_ id: String) async throws -> (dc: String, attempts: Int64, outcome: String?)? {
+        let r = try await pg.query("SELECT datacenter, attempts, outcome FROM tandem_tasks WHERE task_id = $1", [.text(id)])
+        return r.rows.first.map { ($0.string("datacenter") ?? "", $0.int("attempts") ?? 0, $0.string("outcome")) }
+    }
+
+    @Test("tasks published to 'default' are routed to both datacenters, run once each, and recorded")
+    func routesRunsAndRecords() async throws {
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "4"])
+        try cluster.startWorker(dc: "west", name: "west-1", extra: ["--concurrency", "4"])
+        var ok: [String] = []
+        var failing: [String] = []
+        // let both workers heartbeat so the first batch is spread
+        try await Task.sleep(for: .seconds(2))
+        for i in 0..<16 { ok.append(try await submit(task: "sleep-0.3", run: "r\(i)")) }
+        for i in 0..<2 { failing.append(try await submit(task: "fail", run: "f\(i)")) }
+        let s = try await waitForFinal(ok + failing)
+        #expect(ok.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
+        #expect(failing.allSatisfy { s[$0] == "FAILURE" })
+        let events = cluster.taskEvents()
+        #expect(!events.contains { $0.event == "DUPLICATE" })
+        #expect(events.filter { $0.event == "start" }.count == 18)
+        // every run carried its Celery task id as external_executor_id
+        #expect(Set(events.filter { $0.event == "start" }.map(\.executorID)) == Set(ok + failing))
+        var dcs = Set<String>()
+        for id in ok + failing {
+            let l = try #require(try await ledger(id))
+            dcs.insert(l.dc)
+            #expect(l.attempts == 1)
+            #expect(l.outcome == s[id])
+        }
+        #expect(dcs == ["east", "west"], "work should be spread across both datacenters")
+        // FAILURE rows carry a NULL result (Airflow's DB fetcher breaks on anything else under celery 5.7)
+        let nulls = try await pg.query("SELECT count(*) AS n FROM celery_taskmeta WHERE status = 'FAILURE' AND result IS NULL")
+        #expect(nulls.rows.first?.int("n") == 2)
+    }
+
+    @Test("kill -9 of a worker mid-run: its tasks are reclaimed after the lease and complete once, never twice at once")
+    func killNineLosesNothing() async throws {
+        try cluster.startDispatcher(extra: ["--dc-loss-after", "3"])
+        let east = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "6", "--lease-ttl", "3", "--renew-every", "1"])
+        try await Task.sleep(for: .seconds(1.5))
+        var ids: [String] = []
+        for i in 0..<6 { ids.append(try await submit(task: "sleep-2", run: "k\(i)")) }
+        // wait until east is running all of them, then kill it without warning
+        let running = try await eventually(timeout: .seconds(30)) {
+            cluster.taskEvents().filter { $0.event == "start" }.count >= 6
+        }
+        #expect(running, "\(cluster.logs())")
+        east.signal(SIGKILL)
+        _ = await east.waitForExit(timeout: .seconds(5))
+        try cluster.startWorker(dc: "west", name: "west-1", extra: ["--concurrency", "6", "--lease-ttl", "3", "--renew-every", "1"])
+        let s = try await waitForFinal(ids)
+        #expect(ids.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
+        let events = cluster.taskEvents()
+        #expect(!events.contains { $0.event == "DUPLICATE" }, "a task ran twice at once:\n\(events)")
+        for id in ids {
+            let l = try #require(try await ledger(id))
+            #expect(l.dc == "west")
+            #expect(l.attempts == 2)
+        }
+        // the killed worker's children died with it (parent-death signal): no east run ever ended
+        let ended = Set(events.filter { $0.event == "end" }.map(\.key))
+        #expect(ended.count == 6)
+        #expect(events.filter { $0.event == "end" }.count == 6, "each task should end exactly once: \(events)")
+    }
+
+    @Test("SIGTERM: the worker stops claiming, lets running tasks finish, and exits 0")
+    func sigtermIsGraceful() async throws {
+        try cluster.startDispatcher()
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2"])
+        try await Task.sleep(for: .seconds(1.5))
+        let first = [try await submit(task: "sleep-2", run: "g0"), try await submit(task: "sleep-2", run: "g1")]
+        _ = try await eventually(timeout: .seconds(30)) { cluster.taskEvents().filter { $0.event == "start" }.count == 2 }
+        w.signal(SIGTERM)
+        try await Task.sleep(for: .milliseconds(300))
+        let later = try await submit(task: "ok", run: "g2")
+        let code = await w.waitForExit(timeout: .seconds(30))
+        #expect(code == 0, "\(w.log())")
+        let s = try await states(first + [later])
+        #expect(first.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(w.log())")
+        #expect(s[later] == nil, "a draining worker must not claim new work")
+        #expect(!cluster.taskEvents().contains { $0.event == "term" })
+        // the work it did not take is done by the next worker
+        try cluster.startWorker(dc: "east", name: "east-2")
+        let s2 = try await waitForFinal([later])
+        #expect(s2[later] == "SUCCESS")
+    }
+
+    @Test("a second SIGTERM stops running tasks and puts them back; another worker completes them")
+    func secondSigtermPutsWorkBack() async throws {
+        try cluster.startDispatcher()
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2"])
+        try await Task.sleep(for: .seconds(1.5))
+        let ids = [try await submit(task: "sleep-4", run: "s0"), try await submit(task: "sleep-4", run: "s1")]
+        _ = try await eventually(timeout: .seconds(30)) { cluster.taskEvents().filter { $0.event == "start" }.count == 2 }
+        w.signal(SIGTERM)
+        try await Task.sleep(for: .milliseconds(200))
+        w.signal(SIGTERM)
+        let code = await w.waitForExit(timeout: .seconds(20))
+        #expect(code == 0, "\(w.log())")
+        let afterStop = try await states(ids)
+        #expect(afterStop.values.allSatisfy { $0 == "STARTED" }, "stopped tasks must not get a final result: \(afterStop)")
+        try cluster.startWorker(dc: "east", name: "east-2")
+        let s = try await waitForFinal(ids)
+        #expect(ids.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
+        #expect(!cluster.taskEvents().contains { $0.event == "DUPLICATE" })
+    }
+
+    @Test("malformed and foreign messages are dead-lettered with a reason, never executed; the worker keeps serving")
+    func malformedCorpus() async throws {
+        let marker = cluster.dir + "/pwned"
+        func envelope(body: String, headers: String = "{}", encoding: String = "base64") -> String {
+            """
+            {"body": "\(body)", "content-encoding": "utf-8", "content-type": "application/json", "headers": \(headers), \
+            "properties": {"correlation_id": "x", "delivery_tag": "\(UUID().uuidString)", "body_encoding": "\(encoding)", \
+            "delivery_info": {"exchange": "", "routing_key": "default"}, "priority": 0, "delivery_mode": 2}}
+            """
+        }
+        func b64(_ s: String) -> String { Data(s.utf8).base64EncodedString() }
+        func proto2(_ name: String, _ id: String, args: String) -> String {
+            envelope(body: b64("[\(args), {}, {\"callbacks\": null, \"errbacks\": null, \"chain\": null, \"chord\": null}]"),
+                headers: "{\"lang\": \"py\", \"task\": \"\(name)\", \"id\": \"\(id)\", \"retries\": 0, \"timelimit\": [null, null], \"root_id\": \"\(id)\", \"parent_id\": null, \"argsrepr\": \"\", \"kwargsrepr\": \"{}\", \"origin\": \"t\"}")
+        }
+        let corpus: [(String, String)] = [
+            ("not json", "this is not json"),
+            ("json, not an envelope", "[1, 2, 3]"),
+            ("bad base64", envelope(body: "%%%not-base64%%%", headers: "{\"task\": \"execute_command\", \"id\": \"b1\"}")),
+            ("unknown compression", envelope(body: b64("[]"), headers: "{\"task\": \"execute_command\", \"id\": \"c1\", \"compression\": \"application/x-brotli\"}")),
+            ("foreign task", proto2("myapp.tasks.send_email", "foreign-1", args: "[\"a@b.c\"]")),
+            ("shell argv", proto2("execute_command", "shell-1", args: "[[\"bash\", \"-c\", \"touch \(marker)\"]]")),
+            ("airflow but not tasks run", proto2("execute_command", "notrun-1", args: "[[\"airflow\", \"db\", \"reset\", \"-y\"]]")),
+            ("argv with a number", proto2("execute_command", "num-1", args: "[[\"airflow\", \"tasks\", \"run\", 5]]")),
+            ("workload without token", proto2("execute_workload", "wl-1", args: "[\"{\\\"type\\\": \\\"ExecuteTask\\\", \\\"ti\\\": {}}\"]")),
+            ("workload not json", proto2("execute_workload", "wl-2", args: "[\"{not json\"]")),
+            ("protocol 1 foreign", envelope(body: b64("{\"task\": \"other.task\", \"id\": \"p1-1\", \"args\": [], \"kwargs\": {}}"))),
+        ]
+        for (_, raw) in corpus { _ = try await redis.send(["LPUSH", "default", raw]) }
+        let good = try await submit(task: "ok", run: "after-junk")
+        try cluster.startDispatcher()
+        let w = try cluster.startWorker(dc: "east", name: "east-1")
+        let s = try await waitForFinal([good], timeout: .seconds(60))
+        #expect(s[good] == "SUCCESS", "\(cluster.logs())")
+        let inspector = BrokerInspector(client: redis)
+        let ok = try await eventually(timeout: .seconds(20)) { try await inspector.deadLetters().count == corpus.count }
+        let deadCount = try await inspector.deadLetters().count
+        #expect(ok, "dead letters: \(deadCount) of \(corpus.count)\n\(cluster.logs())")
+        for id in try await inspector.deadLetters() {
+            let job = try await inspector.job(id)
+            #expect(job["state"] == "dead")
+            #expect((job["reason"] ?? "").count > 10, "a reason a person can act on: \(job)")
+            #expect(job["raw"] != nil, "the message is kept verbatim")
+        }
+        #expect(!FileManager.default.fileExists(atPath: marker), "a non-Airflow argv was executed")
+        // messages with a task id got a FAILURE the scheduler can read
+        let f = try await states(["foreign-1", "shell-1", "notrun-1", "num-1", "wl-1", "wl-2"])
+        #expect(f.values.allSatisfy { $0 == "FAILURE" } && f.count == 6, "\(f)")
+        #expect(cluster.taskEvents().count == 2)  // start + end of the one good task
+        #expect(w.isRunning)
+    }
+
+    @Test("time limits from the message: soft sends SIGTERM, hard sends SIGKILL; both end in FAILURE")
+    func timeLimits() async throws {
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1")
+        try await Task.sleep(for: .seconds(1.5))
+        let soft = try await submit(task: "term-exit", run: "soft", soft: 1)
+        let hard = try await submit(task: "ignore-term", run: "hard", soft: 1, hard: 2)
+        let s = try await waitForFinal([soft, hard], timeout: .seconds(60))
+        // term-exit exits 0 on SIGTERM: the task handled its soft limit and succeeded, as in Celery
+        #expect(s[soft] == "SUCCESS", "\(cluster.logs())")
+        #expect(s[hard] == "FAILURE")
+        #expect(cluster.taskEvents().contains { $0.event == "term" && $0.key.hasSuffix(".soft") })
+        let tb = try await pg.query("SELECT traceback FROM celery_taskmeta WHERE task_id = $1", [.text(hard)])
+        #expect(tb.rows.first?.string("traceback")?.contains("signal 9") == true)
+    }
+}

@@ -63,12 +63,16 @@ public struct AirflowWorkload: Sendable, CustomStringConvertible, CustomDebugStr
             throw WireError(.badWorkload, "workload has no 'type'; expected one of \(kinds.sorted())")
         }
         guard kinds.contains(kind) else {
-            throw WireError(.badWorkload, "workload type '\(kind)' is not one Tandem runs (\(kinds.sorted())); "
-                + "is the scheduler newer than this worker?")
+            throw WireError(
+                .badWorkload,
+                "workload type '\(kind)' is not one Tandem runs (\(kinds.sorted())); "
+                    + "is the scheduler newer than this worker?")
         }
         guard case .string(let token)? = o["token"], !token.isEmpty else {
-            throw WireError(.badWorkload, "\(kind) workload has no 'token'; the runner could not authenticate "
-                + "to the execution API (is [api] secret_key / JWT signing configured on the scheduler?)")
+            throw WireError(
+                .badWorkload,
+                "\(kind) workload has no 'token'; the runner could not authenticate "
+                    + "to the execution API (is [api] secret_key / JWT signing configured on the scheduler?)")
         }
         var w = AirflowWorkload(json: json, kind: kind, token: token)
         w.logPath = o["log_path"]?.string
@@ -115,11 +119,14 @@ public struct AirflowWorkload: Sendable, CustomStringConvertible, CustomDebugStr
     public var debugDescription: String { description }
 
     public var customMirror: Mirror {
-        Mirror(self, children: [
-            "kind": kind, "tiID": tiID as Any, "dagID": dagID as Any, "taskID": taskID as Any, "runID": runID as Any,
-            "tryNumber": tryNumber as Any, "mapIndex": mapIndex as Any, "queue": queue as Any,
-            "logPath": logPath as Any, "token": "<redacted>", "json": "<\(json.utf8.count) bytes, redacted>",
-        ])
+        Mirror(
+            self,
+            children: [
+                "kind": kind, "tiID": tiID as Any, "dagID": dagID as Any, "taskID": taskID as Any,
+                "runID": runID as Any,
+                "tryNumber": tryNumber as Any, "mapIndex": mapIndex as Any, "queue": queue as Any,
+                "logPath": logPath as Any, "token": "<redacted>", "json": "<\(json.utf8.count) bytes, redacted>",
+            ])
     }
 }
 
@@ -138,8 +145,10 @@ public enum AirflowPayload: Sendable {
     public static func classify(_ task: CeleryTask) throws(WireError) -> AirflowPayload {
         if task.name == AirflowTaskName.workload {
             guard task.args.count == 1, case .string(let json) = task.args[0] else {
-                throw WireError(.badArgs, "task \(task.id): execute_workload takes exactly one string argument "
-                    + "(the workload JSON); got \(task.args.count) argument(s)")
+                throw WireError(
+                    .badArgs,
+                    "task \(task.id): execute_workload takes exactly one string argument "
+                        + "(the workload JSON); got \(task.args.count) argument(s)")
             }
             return .workload(try AirflowWorkload.parse(json))
         }
@@ -149,8 +158,10 @@ public enum AirflowPayload: Sendable {
             }
             return .command(argv: try validateArgv(items, taskID: task.id))
         }
-        throw WireError(.unknownTask, "task \(task.id) is '\(task.name)', not an Airflow task Tandem runs "
-            + "(\(AirflowTaskName.all.joined(separator: ", "))); route it to a Celery worker")
+        throw WireError(
+            .unknownTask,
+            "task \(task.id) is '\(task.name)', not an Airflow task Tandem runs "
+                + "(\(AirflowTaskName.all.joined(separator: ", "))); route it to a Celery worker")
     }
 
     static func validateArgv(_ items: [JSONValue], taskID: String) throws(WireError) -> [String] {
@@ -172,8 +183,10 @@ public enum AirflowPayload: Sendable {
             argv.append(s)
         }
         guard argv.count > 3, argv[0] == "airflow", argv[1] == "tasks", argv[2] == "run" else {
-            throw WireError(.badArgv, "task \(taskID): argv does not start with [\"airflow\", \"tasks\", \"run\"] "
-                + "(got \(argv.prefix(3))); Airflow's executor only sends that command, refusing to run it")
+            throw WireError(
+                .badArgv,
+                "task \(taskID): argv does not start with [\"airflow\", \"tasks\", \"run\"] "
+                    + "(got \(argv.prefix(3))); Airflow's executor only sends that command, refusing to run it")
         }
         return argv
     }

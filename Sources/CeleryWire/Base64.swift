@@ -23,7 +23,10 @@ public enum Base64 {
         var n = 0
         var pad = 0
         for c in input {
-            if c == UInt8(ascii: "=") { pad += 1; continue }
+            if c == UInt8(ascii: "=") {
+                pad += 1
+                continue
+            }
             if c == 0x20 || c == 0x0A || c == 0x0D || c == 0x09 { continue }
             if pad > 0 { return nil }  // data after padding
             let v = decodeTable[Int(c)]

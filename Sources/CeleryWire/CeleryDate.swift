@@ -22,13 +22,18 @@ public enum CeleryDate {
             return v
         }
         func eat(_ c: UInt8) -> Bool {
-            if i < b.count && b[i] == c { i += 1; return true }
+            if i < b.count && b[i] == c {
+                i += 1
+                return true
+            }
             return false
         }
         guard let y = num(4), eat(UInt8(ascii: "-")), let mo = num(2), eat(UInt8(ascii: "-")), let d = num(2),
             (1...12).contains(mo), (1...31).contains(d)
         else { return nil }
-        var h = 0, mi = 0, sec = 0
+        var h = 0
+        var mi = 0
+        var sec = 0
         var frac = 0.0
         var offset = 0
         if i < b.count {
@@ -83,10 +88,16 @@ public enum CeleryDate {
         var micros = Int64((t * 1_000_000).rounded())
         var secs = micros / 1_000_000
         micros %= 1_000_000
-        if micros < 0 { micros += 1_000_000; secs -= 1 }
+        if micros < 0 {
+            micros += 1_000_000
+            secs -= 1
+        }
         var days = secs / 86400
         var rem = secs % 86400
-        if rem < 0 { rem += 86400; days -= 1 }
+        if rem < 0 {
+            rem += 86400
+            days -= 1
+        }
         let (y, m, d) = civilFromDays(Int(days))
         func p(_ v: Int, _ w: Int) -> String {
             let s = String(v)

@@ -55,8 +55,10 @@ public struct CeleryTask: Sendable {
                 throw WireError(.missingField, "headers.task is not a string; cannot tell which task to run")
             }
             guard case .string(let id)? = h["id"], !id.isEmpty else {
-                throw WireError(.missingField, "protocol 2 message for '\(name)' has no headers.id; "
-                    + "it cannot be acknowledged or reported: was it published by a non-Celery client?")
+                throw WireError(
+                    .missingField,
+                    "protocol 2 message for '\(name)' has no headers.id; "
+                        + "it cannot be acknowledged or reported: was it published by a non-Celery client?")
             }
             guard case .array(let parts) = body, parts.count >= 2 else {
                 throw WireError(.badBody, "protocol 2 body of task \(id) is not [args, kwargs, embed]")
@@ -79,8 +81,10 @@ public struct CeleryTask: Sendable {
             // Protocol 1: everything in the body.
             t.protocolVersion = 1
             guard case .object(let b) = body else {
-                throw WireError(.badBody, "message has no headers.task and its body is not a protocol 1 task "
-                    + "object: not a Celery task message")
+                throw WireError(
+                    .badBody,
+                    "message has no headers.task and its body is not a protocol 1 task "
+                        + "object: not a Celery task message")
             }
             guard case .string(let name)? = b["task"] else {
                 throw WireError(.missingField, "protocol 1 task body has no 'task' name")

@@ -19,10 +19,16 @@ enum Inflate {
             var p = 10
             if flags & 0x04 != 0 {  // FEXTRA
                 guard p + 2 <= data.count else { throw corrupt("truncated gzip header") }
-                p += 2 + Int(data[p]) | Int(data[p + 1]) << 8
+                p += 2 + (Int(data[p]) | Int(data[p + 1]) << 8)
             }
-            if flags & 0x08 != 0 { while p < data.count && data[p] != 0 { p += 1 }; p += 1 }  // FNAME
-            if flags & 0x10 != 0 { while p < data.count && data[p] != 0 { p += 1 }; p += 1 }  // FCOMMENT
+            if flags & 0x08 != 0 {
+                while p < data.count && data[p] != 0 { p += 1 }
+                p += 1
+            }  // FNAME
+            if flags & 0x10 != 0 {
+                while p < data.count && data[p] != 0 { p += 1 }
+                p += 1
+            }  // FCOMMENT
             if flags & 0x02 != 0 { p += 2 }  // FHCRC
             guard p <= data.count else { throw corrupt("truncated gzip header") }
             return try inflate(data, from: p)
@@ -72,7 +78,9 @@ enum Inflate {
         }
 
         mutating func decode(_ h: Huffman) throws(WireError) -> Int {
-            var code = 0, first = 0, index = 0
+            var code = 0
+            var first = 0
+            var index = 0
             for len in 1..<16 {
                 code |= try bits(1)
                 let count = h.count[len]
@@ -86,14 +94,22 @@ enum Inflate {
         }
     }
 
-    static let lengthBase = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99,
-                             115, 131, 163, 195, 227, 258]
-    static let lengthExtra: [UInt32] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5,
-                                        5, 5, 5, 0]
-    static let distBase = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025,
-                           1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577]
-    static let distExtra: [UInt32] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11,
-                                      11, 12, 12, 13, 13]
+    static let lengthBase = [
+        3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99,
+        115, 131, 163, 195, 227, 258,
+    ]
+    static let lengthExtra: [UInt32] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5,
+        5, 5, 5, 0,
+    ]
+    static let distBase = [
+        1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025,
+        1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
+    ]
+    static let distExtra: [UInt32] = [
+        0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11,
+        11, 12, 12, 13, 13,
+    ]
     static let order = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
 
     static let fixed: (Huffman, Huffman) = {

@@ -175,13 +175,23 @@ struct JSONParser {
         case UInt8(ascii: "{"): return .object(try parseObject())
         case UInt8(ascii: "["): return try parseArray()
         case UInt8(ascii: "\""): return .string(try parseString())
-        case UInt8(ascii: "t"): try literal("true"); return .bool(true)
-        case UInt8(ascii: "f"): try literal("false"); return .bool(false)
-        case UInt8(ascii: "n"): try literal("null"); return .null
+        case UInt8(ascii: "t"):
+            try literal("true")
+            return .bool(true)
+        case UInt8(ascii: "f"):
+            try literal("false")
+            return .bool(false)
+        case UInt8(ascii: "n"):
+            try literal("null")
+            return .null
         case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return try parseNumber()
         // Python's json module writes these for non-finite floats; accept them like json.loads does.
-        case UInt8(ascii: "N"): try literal("NaN"); return .double(.nan)
-        case UInt8(ascii: "I"): try literal("Infinity"); return .double(.infinity)
+        case UInt8(ascii: "N"):
+            try literal("NaN")
+            return .double(.nan)
+        case UInt8(ascii: "I"):
+            try literal("Infinity")
+            return .double(.infinity)
         default: throw fail("unexpected character '\(Unicode.Scalar(b[i]))'")
         }
     }
@@ -221,8 +231,14 @@ struct JSONParser {
             pairs.append((key, v))
             skipWS()
             guard i < b.count else { throw fail("unterminated object") }
-            if b[i] == UInt8(ascii: ",") { i += 1; continue }
-            if b[i] == UInt8(ascii: "}") { i += 1; break }
+            if b[i] == UInt8(ascii: ",") {
+                i += 1
+                continue
+            }
+            if b[i] == UInt8(ascii: "}") {
+                i += 1
+                break
+            }
             throw fail("expected ',' or '}'")
         }
         depth -= 1
@@ -244,8 +260,14 @@ struct JSONParser {
             items.append(try parseValue())
             skipWS()
             guard i < b.count else { throw fail("unterminated array") }
-            if b[i] == UInt8(ascii: ",") { i += 1; continue }
-            if b[i] == UInt8(ascii: "]") { i += 1; break }
+            if b[i] == UInt8(ascii: ",") {
+                i += 1
+                continue
+            }
+            if b[i] == UInt8(ascii: "]") {
+                i += 1
+                break
+            }
             throw fail("expected ',' or ']'")
         }
         depth -= 1
@@ -473,7 +495,12 @@ func pythonFloatRepr(_ v: Double) -> String {
         var exp = String(s[s.index(after: e)...])
         if mant.hasSuffix(".0") { mant.removeLast(2) }
         var sign = "+"
-        if exp.hasPrefix("-") { sign = "-"; exp.removeFirst() } else if exp.hasPrefix("+") { exp.removeFirst() }
+        if exp.hasPrefix("-") {
+            sign = "-"
+            exp.removeFirst()
+        } else if exp.hasPrefix("+") {
+            exp.removeFirst()
+        }
         if exp.count < 2 { exp = "0" + exp }
         s = mant + "e" + sign + exp
     }

@@ -59,14 +59,17 @@ public struct KombuEnvelope: Sendable {
             switch bodyEncoding {
             case "base64":
                 guard let d = Base64.decode(s.utf8) else {
-                    throw WireError(.badBase64, "message body is not valid base64 (properties.body_encoding=base64): "
-                        + "was it published by a non-kombu client?")
+                    throw WireError(
+                        .badBase64,
+                        "message body is not valid base64 (properties.body_encoding=base64): "
+                            + "was it published by a non-kombu client?")
                 }
                 body = d
             case nil, "utf-8", "utf8":
                 body = Array(s.utf8)
             case .some(let other):
-                throw WireError(.unsupportedEncoding,
+                throw WireError(
+                    .unsupportedEncoding,
                     "properties.body_encoding '\(other)' is not supported (kombu's Redis transport uses base64)")
             }
         default:
@@ -78,7 +81,8 @@ public struct KombuEnvelope: Sendable {
             case "application/x-gzip", "application/x-zlib", "gzip", "zlib":
                 body = try Inflate.decompress(body)
             default:
-                throw WireError(.unsupportedCompression,
+                throw WireError(
+                    .unsupportedCompression,
                     "body compressed with '\(compression)', which Tandem does not decode; publish with "
                         + "compression='gzip' or none")
             }
@@ -101,7 +105,8 @@ public struct KombuEnvelope: Sendable {
     public func bodyJSON() throws(WireError) -> JSONValue {
         guard contentType == "application/json" || contentType.hasSuffix("+json") else {
             let hint = contentType == "application/x-python-serialize" ? " (pickle)" : ""
-            throw WireError(.unsupportedEncoding,
+            throw WireError(
+                .unsupportedEncoding,
                 "message content-type is '\(contentType)'\(hint); Tandem reads JSON only: set Celery's "
                     + "task_serializer='json' (Airflow's default)")
         }
@@ -147,8 +152,9 @@ extension JSONValue {
         case ("uuid", .object(let o)):
             if let hex = o["hex"]?.string, hex.utf8.count == 32 {
                 let h = Array(hex.lowercased())
-                return .uuid(String(h[0..<8]) + "-" + String(h[8..<12]) + "-" + String(h[12..<16]) + "-"
-                    + String(h[16..<20]) + "-" + String(h[20..<32]))
+                return .uuid(
+                    String(h[0..<8]) + "-" + String(h[8..<12]) + "-" + String(h[12..<16]) + "-"
+                        + String(h[16..<20]) + "-" + String(h[20..<32]))
             }
         case ("bytes", .string(let s)): return .bytes(Array(s.utf8))
         case ("base64", .string(let s)):

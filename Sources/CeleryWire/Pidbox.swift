@@ -38,8 +38,9 @@ public struct PidboxMessage: Sendable {
         case .string(let s)?: dest = [s]
         default: throw WireError(.badControl, "pidbox 'destination' is neither null nor a list of node names")
         }
-        return PidboxMessage(method: method, arguments: body["arguments"]?.object ?? JSONObject(), destination: dest,
-                             replyTo: body["reply_to"]?.object, expires: env.headers["expires"]?.double)
+        return PidboxMessage(
+            method: method, arguments: body["arguments"]?.object ?? JSONObject(), destination: dest,
+            replyTo: body["reply_to"]?.object, expires: env.headers["expires"]?.double)
     }
 
     /// For `revoke`: the task ids (`task_id` may be one id or a list).

@@ -2,7 +2,12 @@ import Foundation
 
 /// Celery task states, as stored in `status`.
 public enum CeleryState: String, Sendable, CaseIterable {
-    case pending = "PENDING", started = "STARTED", success = "SUCCESS", failure = "FAILURE", retry = "RETRY",
+    case pending = "PENDING"
+    case started = "STARTED"
+    case success = "SUCCESS"
+    case failure = "FAILURE"
+    case retry = "RETRY"
+    case
         revoked = "REVOKED"
 
     /// SUCCESS, FAILURE and REVOKED: states that are final and carry a `date_done`.
@@ -25,8 +30,10 @@ public struct ResultRecord: Sendable, Equatable {
     public var dateDone: Date?
 
     /// A record with every field given.
-    public init(taskId: String, state: CeleryState, result: JSONValue = .null, traceback: String? = nil,
-                dateDone: Date? = nil) {
+    public init(
+        taskId: String, state: CeleryState, result: JSONValue = .null, traceback: String? = nil,
+        dateDone: Date? = nil
+    ) {
         self.taskId = taskId
         self.state = state
         self.result = result
@@ -42,22 +49,27 @@ public struct ResultRecord: Sendable, Equatable {
     /// STARTED `{"pid": pid, "hostname": hostname}` with no `date_done`, as a worker with
     /// `task_track_started` writes it.
     public static func started(taskId: String, pid: Int, hostname: String) -> ResultRecord {
-        ResultRecord(taskId: taskId, state: .started,
-                     result: .object(["pid": .int(Int64(pid)), "hostname": .string(hostname)]))
+        ResultRecord(
+            taskId: taskId, state: .started,
+            result: .object(["pid": .int(Int64(pid)), "hostname": .string(hostname)]))
     }
 
     /// FAILURE with Celery's exception dict (`exc_module` `builtins` for built-in types).
-    public static func failure(taskId: String, excType: String = "Exception", excMessage: String,
-                               excModule: String = "builtins", traceback: String? = nil,
-                               at date: Date = Date()) -> ResultRecord {
-        ResultRecord(taskId: taskId, state: .failure, result: exception(excType, excMessage, excModule),
-                     traceback: traceback, dateDone: date)
+    public static func failure(
+        taskId: String, excType: String = "Exception", excMessage: String,
+        excModule: String = "builtins", traceback: String? = nil,
+        at date: Date = Date()
+    ) -> ResultRecord {
+        ResultRecord(
+            taskId: taskId, state: .failure, result: exception(excType, excMessage, excModule),
+            traceback: traceback, dateDone: date)
     }
 
     /// REVOKED with `TaskRevokedError(reason)`, as `mark_as_revoked` writes it.
     public static func revoked(taskId: String, reason: String = "revoked", at date: Date = Date()) -> ResultRecord {
-        ResultRecord(taskId: taskId, state: .revoked,
-                     result: exception("TaskRevokedError", reason, "celery.exceptions"), dateDone: date)
+        ResultRecord(
+            taskId: taskId, state: .revoked,
+            result: exception("TaskRevokedError", reason, "celery.exceptions"), dateDone: date)
     }
 
     static func exception(_ type: String, _ message: String, _ module: String) -> JSONValue {
@@ -109,7 +121,8 @@ public struct ResultRecord: Sendable, Equatable {
         guard case .string(let id)? = v["task_id"] else {
             throw WireError(.missingField, "result record has no 'task_id'")
         }
-        return ResultRecord(taskId: id, state: state, result: v["result"] ?? .null, traceback: v["traceback"]?.string,
-                            dateDone: v["date_done"]?.string.flatMap(CeleryDate.parse))
+        return ResultRecord(
+            taskId: id, state: state, result: v["result"] ?? .null, traceback: v["traceback"]?.string,
+            dateDone: v["date_done"]?.string.flatMap(CeleryDate.parse))
     }
 }

@@ -136,7 +136,9 @@ public enum SafePickle {
             let op = b[i]
             i += 1
             switch op {
-            case 0x80: try need(1); i += 1  // PROTO
+            case 0x80:
+                try need(1)
+                i += 1  // PROTO
             case 0x95: _ = try le(8)  // FRAME
             case UInt8(ascii: "."):  // STOP
                 guard stack.count == 1, case .value(let v) = stack[0] else { throw bad("STOP with bad stack") }
@@ -147,15 +149,26 @@ public enum SafePickle {
             case UInt8(ascii: "K"): stack.append(.value(.int(Int64(try le(1)))))
             case UInt8(ascii: "M"): stack.append(.value(.int(Int64(try le(2)))))
             case UInt8(ascii: "J"): stack.append(.value(.int(Int64(Int32(bitPattern: UInt32(try le(4)))))))
-            case 0x8A: let n = Int(try le(1)); stack.append(.value(try signedLE(n)))  // LONG1
-            case 0x8B: let n = Int(try le(4)); stack.append(.value(try signedLE(n)))  // LONG4
+            case 0x8A:
+                let n = Int(try le(1))
+                stack.append(.value(try signedLE(n)))  // LONG1
+            case 0x8B:
+                let n = Int(try le(4))
+                stack.append(.value(try signedLE(n)))  // LONG4
             case UInt8(ascii: "I"), UInt8(ascii: "L"):  // INT / LONG (protocol 0)
                 var s = try line()
                 if s.hasSuffix("L") { s.removeLast() }
-                if s == "01" { stack.append(.value(.bool(true))) } else if s == "00" { stack.append(.value(.bool(false))) }
-                else if let v = Int64(s) { stack.append(.value(.int(v))) }
-                else if let d = Double(s) { stack.append(.value(.double(d))) }
-                else { throw bad("bad INT") }
+                if s == "01" {
+                    stack.append(.value(.bool(true)))
+                } else if s == "00" {
+                    stack.append(.value(.bool(false)))
+                } else if let v = Int64(s) {
+                    stack.append(.value(.int(v)))
+                } else if let d = Double(s) {
+                    stack.append(.value(.double(d)))
+                } else {
+                    throw bad("bad INT")
+                }
             case UInt8(ascii: "F"):
                 guard let d = Double(try line()) else { throw bad("bad FLOAT") }
                 stack.append(.value(.double(d)))
@@ -173,10 +186,17 @@ public enum SafePickle {
             case UInt8(ascii: "}"): stack.append(.value(.object(JSONObject())))
             case UInt8(ascii: "("): stack.append(.mark)
             case UInt8(ascii: "l"), UInt8(ascii: "t"): stack.append(.value(.array(try popMark())))
-            case 0x85: let a = try pop(); stack.append(.value(.array([a])))
-            case 0x86: let b2 = try pop(); let a = try pop(); stack.append(.value(.array([a, b2])))
+            case 0x85:
+                let a = try pop()
+                stack.append(.value(.array([a])))
+            case 0x86:
+                let b2 = try pop()
+                let a = try pop()
+                stack.append(.value(.array([a, b2])))
             case 0x87:
-                let c = try pop(); let b2 = try pop(); let a = try pop()
+                let c = try pop()
+                let b2 = try pop()
+                let a = try pop()
                 stack.append(.value(.array([a, b2, c])))
             case UInt8(ascii: "d"):
                 let items = try popMark()
@@ -212,16 +232,26 @@ public enum SafePickle {
                 guard let top = stack.last else { throw bad("DUP on empty stack") }
                 stack.append(top)
             // Memo. Values are copied, not shared: fine for trees, which is all JSON can be.
-            case UInt8(ascii: "q"): let n = Int(try le(1)); if case .value(let v)? = stack.last { memo[n] = v }
-            case UInt8(ascii: "r"): let n = Int(try le(4)); if case .value(let v)? = stack.last { memo[n] = v }
+            case UInt8(ascii: "q"):
+                let n = Int(try le(1))
+                if case .value(let v)? = stack.last { memo[n] = v }
+            case UInt8(ascii: "r"):
+                let n = Int(try le(4))
+                if case .value(let v)? = stack.last { memo[n] = v }
             case 0x94: if case .value(let v)? = stack.last { memo[memo.count] = v }
             case UInt8(ascii: "p"):
                 guard let n = Int(try line()) else { throw bad("bad PUT") }
                 if case .value(let v)? = stack.last { memo[n] = v }
             case UInt8(ascii: "h"), UInt8(ascii: "j"), UInt8(ascii: "g"):
                 let n: Int
-                if op == UInt8(ascii: "h") { n = Int(try le(1)) } else if op == UInt8(ascii: "j") { n = Int(try le(4)) }
-                else { guard let x = Int(try line()) else { throw bad("bad GET") }; n = x }
+                if op == UInt8(ascii: "h") {
+                    n = Int(try le(1))
+                } else if op == UInt8(ascii: "j") {
+                    n = Int(try le(4))
+                } else {
+                    guard let x = Int(try line()) else { throw bad("bad GET") }
+                    n = x
+                }
                 guard let v = memo[n] else { throw bad("GET of unknown memo \(n)") }
                 stack.append(.value(v))
             case UInt8(ascii: "c"): throw bad("GLOBAL imports code; refusing")

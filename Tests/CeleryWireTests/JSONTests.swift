@@ -42,8 +42,10 @@ struct JSONTests {
         #expect(JSONValue.double(1180591620717411303424.0).serialized() == "1.1805916207174113e+21")
     }
 
-    @Test(arguments: ["", "{", "[1,]", "{\"a\" 1}", "tru", "01", "1.", "\"abc", "\"\u{01}\"", "[1] x", "\"\\x\"",
-                      "{1:2}", "\"\\u12g4\""])
+    @Test(arguments: [
+        "", "{", "[1,]", "{\"a\" 1}", "tru", "01", "1.", "\"abc", "\"\u{01}\"", "[1] x", "\"\\x\"",
+        "{1:2}", "\"\\u12g4\"",
+    ])
     func malformedIsNotJSON(_ s: String) {
         #expect(throws: WireError.self) { try JSONValue.parse(s) }
         do { _ = try JSONValue.parse(s) } catch { #expect(error.code == .notJSON) }
@@ -88,14 +90,14 @@ struct JSONTests {
         let d = try #require(CeleryDate.parse("2030-01-02T03:04:05.678901+00:00"))
         #expect(abs(d.timeIntervalSince1970 - 1893553445.678901) < 1e-6)
         #expect(CeleryDate.isoformat(d) == "2030-01-02T03:04:05.678901+00:00")
-        #expect(CeleryDate.parse("2030-01-03T00:00:00+02:00")?.timeIntervalSince1970 == 1893621600)
-        #expect(CeleryDate.parse("2030-01-02T22:00:00")?.timeIntervalSince1970 == 1893621600)  // naive = UTC
-        #expect(CeleryDate.parse("2030-01-02T22:00:00Z")?.timeIntervalSince1970 == 1893621600)
+        #expect(CeleryDate.parse("2030-01-03T00:00:00+02:00")?.timeIntervalSince1970 == 1_893_621_600)
+        #expect(CeleryDate.parse("2030-01-02T22:00:00")?.timeIntervalSince1970 == 1_893_621_600)  // naive = UTC
+        #expect(CeleryDate.parse("2030-01-02T22:00:00Z")?.timeIntervalSince1970 == 1_893_621_600)
         #expect(CeleryDate.parse("2030-01-02 22:00:00.5-0130")?.timeIntervalSince1970 == 1893621600.5 + 5400)
-        #expect(CeleryDate.parse("2030-01-02")?.timeIntervalSince1970 == 1893542400)
-        #expect(CeleryDate.isoformat(Date(timeIntervalSince1970: 1893621600)) == "2030-01-02T22:00:00+00:00")
+        #expect(CeleryDate.parse("2030-01-02")?.timeIntervalSince1970 == 1_893_542_400)
+        #expect(CeleryDate.isoformat(Date(timeIntervalSince1970: 1_893_621_600)) == "2030-01-02T22:00:00+00:00")
         #expect(CeleryDate.isoformat(Date(timeIntervalSince1970: 0)) == "1970-01-01T00:00:00+00:00")
-        #expect(CeleryDate.isoformat(Date(timeIntervalSince1970: 951782400)) == "2000-02-29T00:00:00+00:00")
+        #expect(CeleryDate.isoformat(Date(timeIntervalSince1970: 951_782_400)) == "2000-02-29T00:00:00+00:00")
         for bad in ["", "2030", "2030-13-01", "2030-01-02T25:00:00", "2030-01-02T03:04:05+xx", "2030-01-02T03"] {
             #expect(CeleryDate.parse(bad) == nil, "\(bad)")
         }

@@ -52,8 +52,9 @@ struct VectorTests {
         #expect(CeleryPublisher.priorityList(queue: routingKey, priority: t.priority) == v.doc["list"]!.string!)
         // Bindings, where this publish created them.
         if case .object(let b)? = v.doc["bindings"], !b.isEmpty {
-            #expect(b[CeleryPublisher.bindingKey(queue: routingKey)]
-                == .array([.string(CeleryPublisher.bindingMember(queue: routingKey))]))
+            #expect(
+                b[CeleryPublisher.bindingKey(queue: routingKey)]
+                    == .array([.string(CeleryPublisher.bindingMember(queue: routingKey))]))
         }
     }
 
@@ -91,8 +92,9 @@ struct VectorTests {
         }
     }
 
-    @Test("re-serializing a vector in Python style reproduces it byte for byte",
-          arguments: Vector.all.filter { $0.kind != "dbpickle" })
+    @Test(
+        "re-serializing a vector in Python style reproduces it byte for byte",
+        arguments: Vector.all.filter { $0.kind != "dbpickle" })
     func pythonStyleRoundTrip(_ v: Vector) throws {
         let parsed = try JSONValue.parse(v.raw)
         #expect(parsed.serialized(style: .python) == v.raw)
@@ -123,8 +125,9 @@ struct VectorTests {
         #expect(m.expires != nil)
     }
 
-    @Test("SafePickle writes the exact bytes celery's database backend was shown to read",
-          arguments: Vector.all.filter { $0.kind == "dbpickle" })
+    @Test(
+        "SafePickle writes the exact bytes celery's database backend was shown to read",
+        arguments: Vector.all.filter { $0.kind == "dbpickle" })
     func databasePickles(_ v: Vector) throws {
         let rows = try #require(v.expect.array)
         #expect(rows.count >= 3)
@@ -157,8 +160,9 @@ struct VectorTests {
         case .started:
             built = .started(taskId: r.taskId, pid: 4242, hostname: "celery@worker-1")
         case .failure:
-            built = .failure(taskId: r.taskId, excType: "ValueError", excMessage: "task exited with 1",
-                             traceback: r.traceback, at: r.dateDone!)
+            built = .failure(
+                taskId: r.taskId, excType: "ValueError", excMessage: "task exited with 1",
+                traceback: r.traceback, at: r.dateDone!)
         case .revoked: built = .revoked(taskId: r.taskId, at: r.dateDone!)
         default: return
         }

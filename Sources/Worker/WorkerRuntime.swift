@@ -424,6 +424,12 @@ public final class WorkerRuntime: Sendable {
 
     private func giveBack(_ job: ClaimedJob, refund: Bool, log: Logger) async throws {
         let r = try await broker.requeue(jobID: job.jobID, token: job.token, refundAttempt: refund)
+        if let taskID = state.withLock({ $0.slots[job.jobID]?.taskID }) {
+            try? await ledger.event(
+                taskID: taskID, jobID: job.jobID, event: r == .done ? "requeued" : "fenced",
+                worker: configuration.workerID, datacenter: configuration.datacenter, token: job.token,
+                detail: r == .done ? "worker shutting down; put back at the front of its queue" : "requeue refused: lease reclaimed")
+        }
         log.info(r == .done ? "put back on the queue for another worker" : "could not put back: lease already reclaimed")
         count("requeued")
     }

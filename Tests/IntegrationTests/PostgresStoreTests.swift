@@ -1,0 +1,89 @@
+import CeleryWire
+import Foundation
+import Logging
+import Postgres
+import TandemCore
+import TandemPostgres
+import Testing
+import TestSupport
+
+/// The Postgres result backend and ledger against a real Postgres: schema, no SUCCESS overwrite, fencing.
+@Suite("Postgres result store and ledger (real Postgres)")
+struct PostgresStoreTests {
+    let store: PostgresStore
+    let pg: PostgresClient
+
+    init() async throws {
+        let url = try PostgresServer.shared().createDatabase()
+        store = PostgresStore(configuration: try PostgresConfiguration(url: "db+postgresql://" + url.dropFirst("postgresql://".count)), logger: Logger(label: "t"))
+        try await store.prepare()
+        pg = PostgresClient(configuration: try PostgresConfiguration(url: url), logger: Logger(label: "t"))
+    }
+
+    func job(_ id: String, token: Int64, attempts: Int = 1) -> ClaimedJob {
+        ClaimedJob(jobID: id, token: token, attempts: attempts, raw: [], ingressList: "default", queue: "default",
+            datacenter: "east", dispatchedAtMs: 1_700_000_000_000, leaseDeadlineMs: 0)
+    }
+
+    func facts(_ task: String, worker: String = "w1") -> TaskFacts {
+        TaskFacts(taskID: task, taskName: "execute_command", kind: "command", workerID: worker, hostname: "h")
+    }
+
+    @Test("creates Celery's table and sequence the way Celery's model has them, and migrating twice is harmless")
+    func schema() async throws {
+        try await Schema.migrate(store.client)
+        let cols = try await pg.query(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'celery_taskmeta' ORDER BY ordinal_position")
+        let names = cols.rows.compactMap { $0.string("column_name") }
+        #expect(Array(names.prefix(6)) == ["id", "task_id", "status", "result", "date_done", "traceback"])
+        #expect(cols.rows.first { $0.string("column_name") == "result" }?.string("data_type") == "bytea")
+        #expect(cols.rows.first { $0.string("column_name") == "date_done" }?.string("data_type") == "timestamp without time zone")
+        let seq = try await pg.query("SELECT count(*) AS n FROM pg_class WHERE relname = 'task_id_sequence' AND relkind = 'S'")
+        #expect(seq.rows.first?.int("n") == 1)
+    }
+
+    @Test("STARTED then SUCCESS; a later FAILURE never overwrites the SUCCESS; date_done is UTC")
+    func neverOverwritesSuccess() async throws {
+        let j = job("1", token: 10)
+        #expect(try await store.claimed(j, facts: facts("t-success")) == .done)
+        let fence = Fence(jobID: "1", token: 10)
+        #expect(try await store.store(.started(taskId: "t-success", pid: 42, hostname: "h"), fence: fence) == .written)
+        #expect(try await store.state(taskID: "t-success") == .started)
+        #expect(try await store.store(.success(taskId: "t-success"), fence: fence) == .written)
+        #expect(try await store.store(ResultRecord(taskId: "t-success", state: .failure), fence: fence) == .keptSuccess)
+        #expect(try await store.state(taskID: "t-success") == .success)
+        let r = try await pg.query(
+            "SELECT result, abs(extract(epoch from (date_done - (now() AT TIME ZONE 'UTC')))) AS skew FROM celery_taskmeta WHERE task_id = 't-success'")
+        #expect((Double(r.rows.first?.string("skew") ?? "99") ?? 99) < 60)
+        // SUCCESS result is a safe pickle of None
+        let bytes = try #require(r.rows.first?.bytea("result"))
+        #expect(try SafePickle.loads(bytes) == .null)
+    }
+
+    @Test("a stale fencing token can neither claim in the ledger nor write a result")
+    func fencing() async throws {
+        #expect(try await store.claimed(job("5", token: 20), facts: facts("t-fence", worker: "old")) == .done)
+        #expect(try await store.claimed(job("5", token: 25, attempts: 2), facts: facts("t-fence", worker: "new")) == .done)
+        // the old holder comes back from a freeze
+        #expect(try await store.claimed(job("5", token: 20), facts: facts("t-fence", worker: "old")) == .fenced)
+        #expect(try await store.store(.success(taskId: "t-fence"), fence: Fence(jobID: "5", token: 20)) == .fenced)
+        #expect(try await store.state(taskID: "t-fence") == .pending)
+        #expect(try await store.store(ResultRecord(taskId: "t-fence", state: .failure), fence: Fence(jobID: "5", token: 25)) == .written)
+        let e = try #require(try await store.entry(taskID: "t-fence"))
+        #expect(e.token == 25 && e.attempts == 2 && e.claimedBy == "new")
+        #expect(e.events.map(\.event) == ["claimed", "claimed", "fenced"])
+    }
+
+    @Test("the ledger keeps a task's history: claim, start, finish with exit status")
+    func history() async throws {
+        let j = job("9", token: 3)
+        _ = try await store.claimed(j, facts: facts("t-hist"))
+        try await store.started(j, taskID: "t-hist", pid: 1234)
+        try await store.finished(j, taskID: "t-hist", outcome: "FAILURE", exitStatus: 3, detail: "task exit status 3")
+        let e = try #require(try await store.entry(taskID: "t-hist"))
+        #expect(e.outcome == "FAILURE" && e.exitStatus == 3 && e.startedAt != nil && e.finishedAt != nil)
+        #expect(e.dispatchedAt?.hasPrefix("2023-11-14") == true)
+        #expect(e.events.map(\.event) == ["claimed", "started", "failure"])
+        #expect(try await store.entry(taskID: "nope") == nil)
+    }
+}

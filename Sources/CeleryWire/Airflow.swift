@@ -97,10 +97,23 @@ public struct AirflowWorkload: Sendable, CustomStringConvertible, CustomDebugStr
         return w
     }
 
-    init(json: String, kind: String, token: String) {
+    /// A workload with the given fields; prefer `parse(_:)`, which reads them all from `json`.
+    public init(
+        json: String, kind: String, token: String, tiID: String? = nil, dagID: String? = nil, taskID: String? = nil,
+        runID: String? = nil, tryNumber: Int? = nil, mapIndex: Int? = nil, queue: String? = nil,
+        logPath: String? = nil
+    ) {
         self.json = json
         self.kind = kind
         self.token = token
+        self.tiID = tiID
+        self.dagID = dagID
+        self.taskID = taskID
+        self.runID = runID
+        self.tryNumber = tryNumber
+        self.mapIndex = mapIndex
+        self.queue = queue
+        self.logPath = logPath
     }
 
     public var description: String {

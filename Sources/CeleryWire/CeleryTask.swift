@@ -39,6 +39,32 @@ public struct CeleryTask: Sendable {
     /// `headers.ignore_result` (protocol 2): the publisher does not want a result stored.
     public var ignoreResult: Bool
 
+    /// A task with every field given (for tests and for code that builds tasks rather than decoding them).
+    public init(
+        protocolVersion: Int = 2, id: String, name: String, args: [JSONValue] = [], kwargs: JSONObject = JSONObject(),
+        eta: Date? = nil, expires: Date? = nil, hardTimeLimit: Double? = nil, softTimeLimit: Double? = nil,
+        retries: Int = 0, rootId: String? = nil, parentId: String? = nil, replyTo: String? = nil,
+        deliveryTag: String? = nil, priority: Int? = nil, redelivered: Bool = false, ignoreResult: Bool = false
+    ) {
+        self.protocolVersion = protocolVersion
+        self.id = id
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.eta = eta
+        self.expires = expires
+        self.hardTimeLimit = hardTimeLimit
+        self.softTimeLimit = softTimeLimit
+        self.retries = retries
+        self.rootId = rootId
+        self.parentId = parentId
+        self.replyTo = replyTo
+        self.deliveryTag = deliveryTag
+        self.priority = priority
+        self.redelivered = redelivered
+        self.ignoreResult = ignoreResult
+    }
+
     /// Reads the task out of a decoded envelope.
     public static func decode(_ envelope: KombuEnvelope) throws(WireError) -> CeleryTask {
         let body = try envelope.bodyJSON()

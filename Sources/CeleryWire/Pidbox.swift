@@ -15,6 +15,18 @@ public struct PidboxMessage: Sendable {
     /// `headers.expires` (epoch seconds) when the sender set a TTL.
     public var expires: Double?
 
+    /// A control message with every field given.
+    public init(
+        method: String, arguments: JSONObject = JSONObject(), destination: [String]? = nil,
+        replyTo: JSONObject? = nil, expires: Double? = nil
+    ) {
+        self.method = method
+        self.arguments = arguments
+        self.destination = destination
+        self.replyTo = replyTo
+        self.expires = expires
+    }
+
     /// The pub/sub channel control messages go to for Redis database `db`.
     public static func channel(db: Int = 0) -> String { "/\(db).celery.pidbox" }
 

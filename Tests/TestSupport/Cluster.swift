@@ -1,20 +1,19 @@
 import Foundation
-import TestSupport
 
 /// Paths inside the repository, found from this file's location.
-enum Repo {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+public enum Repo {
+    public static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().path
-    static let fakeAirflow = root + "/Tests/Fixtures/bin/airflow"
+    public static let fakeAirflow = root + "/Tests/Fixtures/bin/airflow"
     /// Where `swift build` put the executables: TANDEM_BIN_DIR, else next to the test bundle.
-    static var binDir: String {
+    public static var binDir: String {
         if let d = ProcessInfo.processInfo.environment["TANDEM_BIN_DIR"] { return d }
         var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         // swift test runs <bin>/TandemPackageTests.xctest
         if dir.lastPathComponent.hasSuffix(".xctest") { dir = dir.deletingLastPathComponent() }
         return dir.path
     }
-    static func binary(_ name: String) throws -> String {
+    public static func binary(_ name: String) throws -> String {
         let p = binDir + "/" + name
         guard FileManager.default.isExecutableFile(atPath: p) else {
             throw TestSupportError("\(p) is missing: run `swift build` before the tests (scripts/test does)")
@@ -24,12 +23,12 @@ enum Repo {
 }
 
 /// A Tandem process started by a test (a worker or a dispatcher), with its stderr kept in a file.
-final class TandemProcess: @unchecked Sendable {
-    let process = Process()
-    let logPath: String
-    let name: String
+public final class TandemProcess: @unchecked Sendable {
+    public let process = Process()
+    public let logPath: String
+    public let name: String
 
-    init(_ executable: String, _ arguments: [String], environment: [String: String], logDir: String, name: String) throws {
+    public init(_ executable: String, _ arguments: [String], environment: [String: String], logDir: String, name: String) throws {
         self.name = name
         logPath = "\(logDir)/\(name).log"
         FileManager.default.createFile(atPath: logPath, contents: nil)
@@ -44,13 +43,13 @@ final class TandemProcess: @unchecked Sendable {
         try process.run()
     }
 
-    var pid: Int32 { process.processIdentifier }
-    var isRunning: Bool { process.isRunning }
-    func signal(_ s: Int32) { kill(pid, s) }
-    func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    public var pid: Int32 { process.processIdentifier }
+    public var isRunning: Bool { process.isRunning }
+    public func signal(_ s: Int32) { kill(pid, s) }
+    public func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     /// Waits for exit (up to `timeout`), returning the exit status, or nil if it is still running.
-    func waitForExit(timeout: Duration) async -> Int32? {
+    public func waitForExit(timeout: Duration) async -> Int32? {
         let clock = ContinuousClock()
         let end = clock.now + timeout
         while process.isRunning && clock.now < end { try? await Task.sleep(for: .milliseconds(50)) }
@@ -66,25 +65,27 @@ final class TandemProcess: @unchecked Sendable {
 }
 
 /// One throwaway installation: Redis, a fresh Postgres database, and a directory for logs and fake-airflow state.
-final class Cluster: @unchecked Sendable {
-    let redis: RedisServer
-    let postgresURL: String
-    let dir: String
-    var processes: [TandemProcess] = []
+public final class Cluster: @unchecked Sendable {
+    public let redis: RedisServer
+    public let postgresURL: String
+    public let dir: String
+    public var processes: [TandemProcess] = []
+    /// Added to (and overriding) `environment` for every process started afterwards.
+    public var extraEnvironment: [String: String] = [:]
 
-    init() throws {
+    public init() throws {
         redis = try RedisServer.start()
         postgresURL = try PostgresServer.shared().createDatabase()
         dir = NSTemporaryDirectory() + "tandem-it-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: dir + "/locks", withIntermediateDirectories: true)
     }
 
-    var brokerURL: String { redis.url }
-    var resultBackend: String { "db+postgresql+psycopg2://" + postgresURL.dropFirst("postgresql://".count) }
-    var fakeLog: String { dir + "/tasks.log" }
+    public var brokerURL: String { redis.url }
+    public var resultBackend: String { "db+postgresql+psycopg2://" + postgresURL.dropFirst("postgresql://".count) }
+    public var fakeLog: String { dir + "/tasks.log" }
 
     /// The environment every Tandem process of this cluster gets.
-    var environment: [String: String] {
+    public var environment: [String: String] {
         let path = URL(fileURLWithPath: Repo.fakeAirflow).deletingLastPathComponent().path
         return [
             "AIRFLOW__CELERY__BROKER_URL": brokerURL,
@@ -93,11 +94,11 @@ final class Cluster: @unchecked Sendable {
             "TANDEM_FAKE_LOG": fakeLog,
             "TANDEM_FAKE_LOCKS": dir + "/locks",
             "TANDEM_LOG_LEVEL": "info",
-        ]
+        ].merging(extraEnvironment) { $1 }
     }
 
     @discardableResult
-    func startWorker(dc: String, name: String, extra: [String] = []) throws -> TandemProcess {
+    public func startWorker(dc: String, name: String, extra: [String] = []) throws -> TandemProcess {
         let p = try TandemProcess(
             "swift-worker", ["--dc", dc, "--worker-id", name] + extra, environment: environment, logDir: dir, name: name)
         processes.append(p)
@@ -105,14 +106,14 @@ final class Cluster: @unchecked Sendable {
     }
 
     @discardableResult
-    func startDispatcher(name: String = "dispatcher", extra: [String] = []) throws -> TandemProcess {
+    public func startDispatcher(name: String = "dispatcher", extra: [String] = []) throws -> TandemProcess {
         let p = try TandemProcess("swift-dispatcher", extra, environment: environment, logDir: dir, name: name)
         processes.append(p)
         return p
     }
 
     /// Lines of the fake airflow's event log.
-    func taskEvents() -> [(event: String, key: String, executorID: String)] {
+    public func taskEvents() -> [(event: String, key: String, executorID: String)] {
         let text = (try? String(contentsOfFile: fakeLog, encoding: .utf8)) ?? ""
         return text.split(separator: "\n").compactMap { line in
             let f = line.split(separator: " ")
@@ -121,7 +122,7 @@ final class Cluster: @unchecked Sendable {
     }
 
     /// Every Tandem process's log, for a failing test's message.
-    func logs() -> String {
+    public func logs() -> String {
         processes.map { "--- \($0.name)\n" + String($0.log().suffix(3000)) }.joined(separator: "\n")
     }
 
@@ -134,7 +135,7 @@ final class Cluster: @unchecked Sendable {
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
-func eventually(timeout: Duration, every: Duration = .milliseconds(100), _ condition: () async throws -> Bool)
+public func eventually(timeout: Duration, every: Duration = .milliseconds(100), _ condition: () async throws -> Bool)
     async rethrows -> Bool
 {
     let clock = ContinuousClock()

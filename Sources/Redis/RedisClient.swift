@@ -34,10 +34,6 @@ public final class RedisClient: Sendable {
         self.core = Core()
     }
 
-    deinit {
-        // The core (and its hiredis context) is freed when the last queued job referencing it finishes.
-    }
-
     /// True while a connection is open and has not failed.
     public var isConnected: Bool { state.current.connected }
 

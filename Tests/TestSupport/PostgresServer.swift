@@ -115,10 +115,11 @@ public final class PostgresServer: Sendable {
         Spawn.stop(pid, signal: SIGINT)
     }
 
-    /// Sends `signal` to the postmaster; for SIGKILL also waits for it to be gone.
+    /// Sends `signal` to the postmaster; SIGKILL goes to its whole process group (a crash: backends die too,
+    /// as they would with the machine) and waits for the postmaster to be gone.
     public func kill(signal: Int32) {
         guard let pid = pidBox.current else { return }
-        Glibc.kill(pid, signal)
+        Glibc.kill(signal == SIGKILL ? -pid : pid, signal)
         if signal == SIGKILL {
             Spawn.wait(pid)
             pidBox.withLock { $0 = nil }

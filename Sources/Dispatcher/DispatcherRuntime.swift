@@ -34,11 +34,16 @@ public final class DispatcherRuntime: Sendable {
     let broker: RedisBroker
     let inspector: BrokerInspector
     let logger: Logger
+    let observer: any DispatcherObserver
     private let stopping = Mutex(false)
     /// Counters for tests and logs: dispatched, reclaimed, dead, rebalanced.
     public let counters = Mutex<[String: Int]>([:])
 
-    public init(configuration: DispatcherConfiguration, broker: RedisBroker, logger: Logger) {
+    public init(
+        configuration: DispatcherConfiguration, broker: RedisBroker, logger: Logger,
+        observer: any DispatcherObserver = NoDispatcherObserver()
+    ) {
+        self.observer = observer
         self.configuration = configuration
         self.broker = broker
         self.inspector = BrokerInspector(client: broker.client)
@@ -68,6 +73,8 @@ public final class DispatcherRuntime: Sendable {
                 if clock.now - lastHealth >= configuration.healthInterval {
                     view = try await refreshView()
                     lastHealth = clock.now
+                    observer.datacenters(Array(view.states.values).sorted { $0.name < $1.name })
+                    observer.queues(try await inspector.queueStats())
                     let lost = Set(view.states.values.filter { $0.status == .lost && $0.lastHeartbeatMs > 0 }.map(\.name))
                     for dc in lost.subtracting(lastLoss) {
                         logger.warning("datacenter \(dc) is lost: \(view.states[dc]?.reason ?? "")")
@@ -84,6 +91,7 @@ public final class DispatcherRuntime: Sendable {
                 backoff = .milliseconds(100)
                 if moved == 0 { try? await Task.sleep(for: configuration.idleSleep) }
             } catch {
+                observer.brokerError()
                 logger.error("dispatcher cycle failed: \(error) — retrying in \(backoff)")
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(5))
@@ -156,6 +164,7 @@ public final class DispatcherRuntime: Sendable {
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)
             for (dc, n) in shares {
                 let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: nil)
+                if m > 0 { observer.dispatched(queue: q, datacenter: dc, count: m) }
                 moved += m
             }
         }
@@ -173,6 +182,10 @@ public final class DispatcherRuntime: Sendable {
                 } else {
                     logger.warning("reclaimed job \(j.jobID) from an expired lease (attempt \(j.attempts)); back at the front of its queue")
                 }
+            }
+            if !r.isEmpty {
+                observer.reclaimed(
+                    requeued: r.filter { $0.disposition == .requeued }.count, dead: r.filter { $0.disposition == .dead }.count)
             }
             counters.withLock {
                 $0["reclaimed", default: 0] += r.filter { $0.disposition == .requeued }.count
@@ -206,6 +219,7 @@ public final class DispatcherRuntime: Sendable {
             if total > 0 {
                 logger.warning("moved \(total) queued job(s) of queue \(queue) from \(dc) (\(view.states[dc]?.status.rawValue ?? "unavailable")) to \(target)")
                 counters.withLock { $0["rebalanced", default: 0] += total }
+                observer.rebalanced(queue: queue, from: dc, to: target, count: total)
             }
         }
     }

@@ -8,11 +8,27 @@ public protocol TaskLauncher: Sendable {
     func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask
 }
 
-/// A started task: its process and what to clean up after it.
+/// A started task as the worker sees it, whoever forked it (the worker itself, or a long-lived Airflow runner).
+public protocol RunningTask: Sendable {
+    /// The task's process id (and process group id).
+    var pid: Int32 { get }
+    /// Waits for the task to end.
+    func wait() async -> ChildProcess.Termination
+    /// Signals the task's whole process group.
+    func signalGroup(_ signal: Int32)
+}
+
+extension ChildProcess: RunningTask {}
+
+/// A started task and what to clean up after it.
 public struct LaunchedTask: Sendable {
-    public var process: ChildProcess
+    public var process: any RunningTask
     /// Files to remove once the process has ended (the workload file holding the JWT).
     public var cleanup: [String]
+    public init(process: any RunningTask, cleanup: [String]) {
+        self.process = process
+        self.cleanup = cleanup
+    }
 }
 
 /// Starts each task as its own process.

@@ -13,12 +13,14 @@ public final class WorkerRuntime: Sendable {
     let ledger: any TaskLedger
     let launcher: any TaskLauncher
     let logger: Logger
+    let observer: any WorkerObserver
+    let revocations: any RevocationSource
 
     /// A job this worker holds.
     struct Slot {
         var job: ClaimedJob
         var taskID: String?
-        var process: ChildProcess?
+        var process: (any RunningTask)?
         /// The lease was refused on renewal: another claim may run the task, so this one must stop.
         var leaseLost = false
         /// Shutdown stopped the task: give it back instead of recording a result.
@@ -38,8 +40,11 @@ public final class WorkerRuntime: Sendable {
 
     public init(
         configuration: WorkerConfiguration, broker: any Broker, results: any ResultBackend, ledger: any TaskLedger,
-        launcher: any TaskLauncher, logger: Logger
+        launcher: any TaskLauncher, logger: Logger, observer: any WorkerObserver = NoWorkerObserver(),
+        revocations: any RevocationSource = NoRevocations()
     ) {
+        self.observer = observer
+        self.revocations = revocations
         self.configuration = configuration
         self.broker = broker
         self.results = results
@@ -95,6 +100,16 @@ public final class WorkerRuntime: Sendable {
         stopAllForShutdown()
     }
 
+    /// Celery's revoke: a task not started yet is never started (the RevocationSource says so); a running one is
+    /// signalled when `terminate` is set, as `celery worker` does.
+    public func revokeRunning(taskID: String, signal: Int32) {
+        let procs = state.withLock { s in s.slots.values.filter { $0.taskID == taskID }.compactMap(\.process) }
+        for p in procs {
+            logger.warning("revoke with terminate: sending signal \(signal) to task \(taskID) (pid \(p.pid))")
+            p.signalGroup(signal)
+        }
+    }
+
     public var phase: WorkerStatus.State { state.withLock { $0.phase } }
     public var busy: Int { state.withLock { $0.slots.count } }
 
@@ -135,11 +150,13 @@ public final class WorkerRuntime: Sendable {
                     try await broker.waitForWork(datacenter: configuration.datacenter, timeout: configuration.idleWait)
                     continue
                 }
+                observer.claimed(count: jobs.count, datacenter: configuration.datacenter)
                 for job in jobs {
                     state.withLock { $0.slots[job.jobID] = Slot(job: job) }
                     Task { await self.execute(job) }
                 }
             } catch {
+                observer.brokerError()
                 logger.error("cannot claim work: \(error) — retrying in \(backoff)")
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(5))
@@ -163,7 +180,7 @@ public final class WorkerRuntime: Sendable {
     }
 
     private func stopAllForShutdown() {
-        let procs = state.withLock { s -> [ChildProcess] in
+        let procs = state.withLock { s -> [any RunningTask] in
             for k in s.slots.keys { s.slots[k]?.stoppedForShutdown = true }
             return s.slots.values.compactMap(\.process)
         }
@@ -195,8 +212,9 @@ public final class WorkerRuntime: Sendable {
             let ok = try await broker.renew(
                 workerID: configuration.workerID, jobs: held.map { (jobID: $0.0, token: $0.1) },
                 leaseMs: configuration.leaseTTL.inMilliseconds)
+            observer.leaseRenewals(renewed: ok.filter { $0 }.count, refused: ok.filter { !$0 }.count)
             for ((jobID, _), renewed) in zip(held, ok) where !renewed {
-                let proc = state.withLock { s -> ChildProcess? in
+                let proc = state.withLock { s -> (any RunningTask)? in
                     guard s.slots[jobID] != nil else { return nil }
                     s.slots[jobID]?.leaseLost = true
                     return s.slots[jobID]?.process
@@ -206,6 +224,7 @@ public final class WorkerRuntime: Sendable {
                 proc?.signalGroup(SIGKILL)
             }
         } catch {
+            observer.brokerError()
             logger.error("cannot renew leases: \(error) — tasks keep running; retrying in \(configuration.renewInterval)")
         }
     }
@@ -224,10 +243,12 @@ public final class WorkerRuntime: Sendable {
     // MARK: - Running one job
 
     private func finish(_ jobID: String) {
-        state.withLock { s in
+        let busy = state.withLock { s in
             s.slots[jobID] = nil
             s.slotFreed?.yield()
+            return s.slots.count
         }
+        observer.slotsBusy(busy, of: configuration.concurrency)
     }
 
     func execute(_ job: ClaimedJob) async {
@@ -265,14 +286,20 @@ public final class WorkerRuntime: Sendable {
                 return
             }
 
-            // 3. Expired messages are REVOKED, never run (Celery does the same).
-            if let expires = task.expires, expires < Date() {
+            // 3. Revoked or expired messages are REVOKED, never run (Celery does the same).
+            let revoked = await revocations.isRevoked(task.id)
+            if revoked || (task.expires.map { $0 < Date() } ?? false) {
+                let why = revoked ? "revoked" : "expired at \(task.expires!)"
                 _ = try await results.store(
                     ResultRecord(taskId: task.id, state: .revoked, result: .null, traceback: nil, dateDone: Date()),
                     fence: fence)
-                try await ledger.finished(job, taskID: task.id, outcome: "REVOKED", exitStatus: nil, detail: "expired at \(expires)")
+                try await ledger.finished(job, taskID: task.id, outcome: "REVOKED", exitStatus: nil, detail: why)
                 _ = try await ackWithRetry(job, log: log)
                 count("revoked")
+                log.info("task not run: \(why)")
+                observer.taskFinished(
+                    queue: job.queue, datacenter: job.datacenter, outcome: "REVOKED", runSeconds: 0,
+                    queueWaitSeconds: queueWait(job))
                 return
             }
             if let eta = task.eta, eta > Date() {
@@ -289,7 +316,7 @@ public final class WorkerRuntime: Sendable {
                 launched = try launcher.launch(payload, taskID: task.id)
             } catch {
                 log.error("task could not start: \(error)")
-                try await record(job, task: task, state: .failure, exit: nil, detail: "\(error)", fence: fence, log: log)
+                try await record(job, task: task, state: .failure, exit: nil, detail: "\(error)", fence: fence, runSeconds: 0, log: log)
                 return
             }
             defer { for f in launched.cleanup { unlink(f) } }
@@ -306,7 +333,10 @@ public final class WorkerRuntime: Sendable {
             }()
 
             // 5. Wait, enforcing the message's soft and hard time limits.
+            let runStart = ContinuousClock.now
             let termination = await waitWithLimits(launched.process, task: task, log: log)
+            let ran = ContinuousClock.now - runStart
+            let runSeconds = Double(ran.components.seconds) + Double(ran.components.attoseconds) / 1e18
             await startWrites
 
             let slot = state.withLock { $0.slots[job.jobID] }
@@ -316,6 +346,7 @@ public final class WorkerRuntime: Sendable {
                     datacenter: configuration.datacenter, token: job.token,
                     detail: "lease reclaimed while running; task stopped (\(termination)); no result written")
                 count("fenced")
+            observer.fenced(queue: job.queue, datacenter: job.datacenter)
                 return
             }
             if slot?.stoppedForShutdown == true {
@@ -325,12 +356,20 @@ public final class WorkerRuntime: Sendable {
             let ok = termination == .exited(0)
             try await record(
                 job, task: task, state: ok ? .success : .failure, exit: termination.status,
-                detail: ok ? nil : "task \(termination)" + (timeLimitNote(termination, task) ?? ""), fence: fence, log: log)
+                detail: ok ? nil : "task \(termination)" + (timeLimitNote(termination, task) ?? ""), fence: fence,
+                runSeconds: runSeconds, log: log)
         } catch {
             // Postgres or Redis failed mid-way: the lease stays, expires, and the job is reclaimed and retried.
+            observer.storeError()
             log.error("could not finish recording the task: \(error) — its lease will expire and it will be retried")
             count("record_error")
         }
+    }
+
+    /// Dispatch → claim, both on Redis's clock.
+    private func queueWait(_ job: ClaimedJob) -> Double {
+        let claimedAt = job.leaseDeadlineMs - configuration.leaseTTL.inMilliseconds
+        return max(0, Double(claimedAt - job.dispatchedAtMs) / 1000)
     }
 
     private func timeLimitNote(_ t: ChildProcess.Termination, _ task: CeleryTask) -> String? {
@@ -339,7 +378,7 @@ public final class WorkerRuntime: Sendable {
     }
 
     /// Soft limit: SIGTERM to the task's process group; hard limit: SIGKILL.
-    private func waitWithLimits(_ p: ChildProcess, task: CeleryTask, log: Logger) async -> ChildProcess.Termination {
+    private func waitWithLimits(_ p: any RunningTask, task: CeleryTask, log: Logger) async -> ChildProcess.Termination {
         await withTaskGroup(of: ChildProcess.Termination?.self) { group in
             group.addTask { await p.wait() }
             if let soft = task.softTimeLimit, soft > 0 {
@@ -376,7 +415,7 @@ public final class WorkerRuntime: Sendable {
     /// Writes the final result (fenced), then acks, then closes the ledger row.
     private func record(
         _ job: ClaimedJob, task: CeleryTask, state s: CeleryState, exit: Int32?, detail: String?, fence: Fence,
-        log: Logger
+        runSeconds: Double, log: Logger
     ) async throws {
         let rec = ResultRecord(taskId: task.id, state: s, result: .null, traceback: detail, dateDone: Date())
         switch try await results.store(rec, fence: fence) {
@@ -387,6 +426,7 @@ public final class WorkerRuntime: Sendable {
                 datacenter: configuration.datacenter, token: job.token,
                 detail: "late \(s.rawValue) refused: lease reclaimed")
             count("fenced")
+            observer.fenced(queue: job.queue, datacenter: job.datacenter)
             return
         case .keptSuccess:
             log.info("a SUCCESS was already recorded for this task; kept it")
@@ -399,9 +439,13 @@ public final class WorkerRuntime: Sendable {
                 taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
                 datacenter: configuration.datacenter, token: job.token, detail: "ack refused: lease reclaimed")
             count("fenced")
+            observer.fenced(queue: job.queue, datacenter: job.datacenter)
             return
         }
         count(s.rawValue.lowercased())
+        observer.taskFinished(
+            queue: job.queue, datacenter: job.datacenter, outcome: s.rawValue, runSeconds: runSeconds,
+            queueWaitSeconds: queueWait(job))
         log.info("task finished", metadata: ["state": .string(s.rawValue)])
     }
 
@@ -451,6 +495,7 @@ public final class WorkerRuntime: Sendable {
             }
             _ = try await broker.deadLetter(jobID: job.jobID, token: job.token, reason: reason)
             count("dead")
+            observer.deadLettered(queue: job.queue, datacenter: job.datacenter)
         } catch {
             log.error("could not dead-letter the message: \(error) — its lease will expire and it will be retried")
         }

@@ -181,7 +181,11 @@ struct Submit: AsyncParsableCommand {
             let m = CeleryPublisher.message(
                 taskName: name, id: tid, args: args, queue: queue, priority: priority,
                 timeLimit: (hard: timeLimit, soft: softTimeLimit))
-            _ = try await i.client.send(["LPUSH", m.list, m.element])
+            // exactly what kombu does on publish: declare the binding, then LPUSH
+            _ = try await i.client.pipeline([
+                ["SADD", CeleryPublisher.bindingKey(queue: queue), CeleryPublisher.bindingMember(queue: queue)],
+                ["LPUSH", m.list, m.element],
+            ])
             ids.append(tid)
         }
         if common.json { printJSON(["queue": queue, "task_ids": ids]) } else { ids.forEach { print($0) } }

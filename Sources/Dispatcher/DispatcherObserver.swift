@@ -1,0 +1,29 @@
+import TandemCore
+
+/// What the dispatcher reports, for metrics. No-op defaults; implementations must be cheap and thread-safe.
+public protocol DispatcherObserver: Sendable {
+    func dispatched(queue: String, datacenter: String, count: Int)
+    func reclaimed(requeued: Int, dead: Int)
+    func rebalanced(queue: String, from: String, to: String, count: Int)
+    /// Called after each health refresh with the datacenter states.
+    func datacenters(_ states: [DatacenterState])
+    /// Called periodically with every datacenter queue's depth and oldest age.
+    func queues(_ stats: [QueueStats])
+    /// Leadership changed: this dispatcher leads with `epoch`, or (nil) is a standby.
+    func leadership(epoch: Int64?)
+    func brokerError()
+}
+
+extension DispatcherObserver {
+    public func dispatched(queue: String, datacenter: String, count: Int) {}
+    public func reclaimed(requeued: Int, dead: Int) {}
+    public func rebalanced(queue: String, from: String, to: String, count: Int) {}
+    public func datacenters(_ states: [DatacenterState]) {}
+    public func queues(_ stats: [QueueStats]) {}
+    public func leadership(epoch: Int64?) {}
+    public func brokerError() {}
+}
+
+public struct NoDispatcherObserver: DispatcherObserver {
+    public init() {}
+}

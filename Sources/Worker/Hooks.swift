@@ -1,0 +1,51 @@
+import Foundation
+
+/// What a worker reports as it works, for metrics. Every method has a no-op default, so an observer implements
+/// only what it records. Called from the runtime's tasks: implementations must be cheap and thread-safe.
+public protocol WorkerObserver: Sendable {
+    /// `count` jobs were claimed in one round trip.
+    func claimed(count: Int, datacenter: String)
+    /// A task ended and its result was recorded (outcome: SUCCESS, FAILURE, REVOKED).
+    /// `queueWaitSeconds` is dispatch → claim on Redis's clock; `runSeconds` is the process's run time.
+    func taskFinished(queue: String, datacenter: String, outcome: String, runSeconds: Double, queueWaitSeconds: Double)
+    /// One renewal pass: how many leases were extended and how many refused (reclaimed elsewhere).
+    func leaseRenewals(renewed: Int, refused: Int)
+    /// A write or ack of this worker was refused for a stale token.
+    func fenced(queue: String, datacenter: String)
+    /// A message was dead-lettered (never run).
+    func deadLettered(queue: String, datacenter: String)
+    /// Redis (broker) or Postgres (store) failed an operation.
+    func brokerError()
+    func storeError()
+    /// Busy slots changed.
+    func slotsBusy(_ busy: Int, of total: Int)
+}
+
+extension WorkerObserver {
+    public func claimed(count: Int, datacenter: String) {}
+    public func taskFinished(queue: String, datacenter: String, outcome: String, runSeconds: Double, queueWaitSeconds: Double) {}
+    public func leaseRenewals(renewed: Int, refused: Int) {}
+    public func fenced(queue: String, datacenter: String) {}
+    public func deadLettered(queue: String, datacenter: String) {}
+    public func brokerError() {}
+    public func storeError() {}
+    public func slotsBusy(_ busy: Int, of total: Int) {}
+}
+
+/// An observer that records nothing.
+public struct NoWorkerObserver: WorkerObserver {
+    public init() {}
+}
+
+/// Where a worker learns which tasks were revoked (Celery's `app.control.revoke`), including revokes broadcast
+/// while it was not listening.
+public protocol RevocationSource: Sendable {
+    /// True when `taskID` was revoked and must not start.
+    func isRevoked(_ taskID: String) async -> Bool
+}
+
+/// No revocations (tests, or a worker started without pidbox support).
+public struct NoRevocations: RevocationSource {
+    public init() {}
+    public func isRevoked(_ taskID: String) async -> Bool { false }
+}

@@ -57,4 +57,28 @@ struct RedisSentinelTests {
         #expect(err?.code == .sentinel)
         #expect(err?.message.contains("'other'") == true)
     }
+
+    @Test func passwordsForSentinelAndMaster() async throws {
+        let master = try await startRedis(password: "m-pw")
+        let sentinel = try await offPool {
+            try RedisServer.startSentinel(masterPort: master.port, masterName: "mymaster", quorum: 1,
+                                          masterPassword: "m-pw", sentinelPassword: "s-pw")
+        }
+        let url = "sentinel://:m-pw@127.0.0.1:\(sentinel.port)/2"
+        let client = RedisClient(
+            configuration: try RedisConfiguration(url: url, masterName: "mymaster", sentinelPassword: "s-pw"),
+            logger: quietLogger)
+        defer { client.close() }
+        _ = try await client.send(["SET", "k", "v"])
+        #expect(try await client.send(["CONFIG", "GET", "port"]).array?.last?.int == Int64(master.port))
+        let direct = try redisClient("redis://:m-pw@127.0.0.1:\(master.port)/2")
+        defer { direct.close() }
+        #expect(try await direct.send(["GET", "k"]).string == "v")
+
+        let noSentinelPassword = RedisClient(
+            configuration: try RedisConfiguration(url: url, masterName: "mymaster"), logger: quietLogger)
+        let err = await #expect(throws: RedisError.self) { try await noSentinelPassword.connect() }
+        #expect(err?.code == .sentinel)
+        #expect(err?.message.contains("NOAUTH") == true)
+    }
 }

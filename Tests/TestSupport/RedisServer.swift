@@ -64,17 +64,20 @@ public final class RedisServer: Sendable {
 
     /// Starts a Sentinel (`redis-server sentinel.conf --sentinel`) that monitors the master on
     /// 127.0.0.1:`masterPort` under `masterName`, with a 1 s down-after and failover timeouts fit for tests.
+    /// `masterPassword` is what the master requires (`sentinel auth-pass`); `sentinelPassword` is the
+    /// Sentinel's own `requirepass`.
     public static func startSentinel(masterPort: Int, masterName: String, quorum: Int = 2,
-                                     masterPassword: String? = nil) throws -> RedisServer {
+                                     masterPassword: String? = nil, sentinelPassword: String? = nil) throws -> RedisServer {
         let binary = try TestEnvironment.requireRedisServer()
         let dir = try Spawn.tempDirectory("tandem-sentinel")
         return try withFreshPort { port in try sentinel(binary: binary, dir: dir, port: port, masterPort: masterPort,
                                                         masterName: masterName, quorum: quorum,
-                                                        masterPassword: masterPassword) }
+                                                        masterPassword: masterPassword,
+                                                        sentinelPassword: sentinelPassword) }
     }
 
     private static func sentinel(binary: String, dir: String, port: Int, masterPort: Int, masterName: String,
-                                 quorum: Int, masterPassword: String?) throws -> RedisServer {
+                                 quorum: Int, masterPassword: String?, sentinelPassword: String?) throws -> RedisServer {
         var conf = """
             port \(port)
             bind 127.0.0.1
@@ -87,6 +90,7 @@ public final class RedisServer: Sendable {
 
             """
         if let masterPassword { conf += "sentinel auth-pass \(masterName) \(masterPassword)\n" }
+        if let sentinelPassword { conf += "requirepass \(sentinelPassword)\n" }
         let confPath = dir + "/sentinel.conf"
         try conf.write(toFile: confPath, atomically: true, encoding: .utf8)
         let server = RedisServer(port: port, directory: dir, password: nil, argv: [binary, confPath, "--sentinel"])

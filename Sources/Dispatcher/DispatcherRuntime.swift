@@ -20,10 +20,16 @@ public struct DispatcherConfiguration: Sendable {
     public var reclaimInterval: Duration = .seconds(1)
     public var healthInterval: Duration = .milliseconds(500)
     public var idleSleep: Duration = .milliseconds(5)
+    /// This dispatcher's id in the leader lease.
+    public var dispatcherID: String
+    /// The leader lease; a standby takes over at most this long (plus one check) after the leader dies.
+    public var leaderLease: Duration = .seconds(5)
+    public var leaderCheck: Duration = .seconds(1)
 
-    public init(policy: RoutingPolicy, queues: [String]) {
+    public init(policy: RoutingPolicy, queues: [String], dispatcherID: String? = nil) {
         self.policy = policy
         self.queues = queues
+        self.dispatcherID = dispatcherID ?? "dispatcher@\(ProcessInfo.processInfo.hostName):\(getpid())"
     }
 }
 
@@ -36,6 +42,9 @@ public final class DispatcherRuntime: Sendable {
     let logger: Logger
     let observer: any DispatcherObserver
     private let stopping = Mutex(false)
+    /// The leader epoch while this dispatcher leads; nil while it is a standby.
+    private let epochBox = Mutex<Int64?>(nil)
+    public var epoch: Int64? { epochBox.withLock { $0 } }
     /// Counters for tests and logs: dispatched, reclaimed, dead, rebalanced.
     public let counters = Mutex<[String: Int]>([:])
 
@@ -68,8 +77,17 @@ public final class DispatcherRuntime: Sendable {
         var lastReclaim = clock.now
         var lastLoss: Set<String> = []
         var backoff = Duration.milliseconds(100)
+        var lastLeaderCheck = clock.now - configuration.leaderCheck
         while !isStopping {
             do {
+                if clock.now - lastLeaderCheck >= configuration.leaderCheck {
+                    try await checkLeadership()
+                    lastLeaderCheck = clock.now
+                }
+                guard epoch != nil else {
+                    try? await Task.sleep(for: configuration.leaderCheck)
+                    continue
+                }
                 if clock.now - lastHealth >= configuration.healthInterval {
                     view = try await refreshView()
                     lastHealth = clock.now
@@ -90,6 +108,10 @@ public final class DispatcherRuntime: Sendable {
                 let moved = try await dispatchOnce(view)
                 backoff = .milliseconds(100)
                 if moved == 0 { try? await Task.sleep(for: configuration.idleSleep) }
+            } catch let e as RedisError where e.code == .server && e.message.contains("FENCED") {
+                epochBox.withLock { $0 = nil }
+                observer.leadership(epoch: nil)
+                logger.warning("deposed: another dispatcher leads now (\(e.message)); standing by")
             } catch {
                 observer.brokerError()
                 logger.error("dispatcher cycle failed: \(error) — retrying in \(backoff)")
@@ -97,7 +119,27 @@ public final class DispatcherRuntime: Sendable {
                 backoff = min(backoff * 2, .seconds(5))
             }
         }
+        if epoch != nil {
+            // hand over at once rather than make the standby wait out the lease
+            _ = try? await broker.lead(candidate: configuration.dispatcherID, leaseMs: 0, release: true)
+        }
         logger.info("dispatcher stopped")
+    }
+
+    /// Takes or keeps the leader lease; logs every change.
+    func checkLeadership() async throws {
+        let l = try await broker.lead(candidate: configuration.dispatcherID, leaseMs: configuration.leaderLease.inMilliseconds)
+        let before = epoch
+        let now: Int64? = l.isLeader ? l.epoch : nil
+        epochBox.withLock { $0 = now }
+        if before != now {
+            observer.leadership(epoch: now)
+            if let now {
+                logger.notice("leading with epoch \(now)")
+            } else {
+                logger.notice("standing by: \(l.owner) leads with epoch \(l.epoch)")
+            }
+        }
     }
 
     func refreshView() async throws -> View {
@@ -163,7 +205,7 @@ public final class DispatcherRuntime: Sendable {
             let shares = RoutingPolicy.split(
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)
             for (dc, n) in shares {
-                let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: nil)
+                let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: epoch ?? -1)
                 if m > 0 { observer.dispatched(queue: q, datacenter: dc, count: m) }
                 moved += m
             }
@@ -212,7 +254,7 @@ public final class DispatcherRuntime: Sendable {
             else { continue }
             var total = 0
             while true {
-                let n = try await broker.rebalance(queue: queue, from: dc, to: target, max: 1000, epoch: nil)
+                let n = try await broker.rebalance(queue: queue, from: dc, to: target, max: 1000, epoch: epoch ?? -1)
                 total += n
                 if n < 1000 { break }
             }

@@ -16,6 +16,10 @@ public final class RedisClient: Sendable {
     private struct SharedState {
         var connected = false
         var closed = false
+        /// Set by the `+switch-master` watcher; the next call drops the connection and asks the sentinels.
+        var masterSwitched = false
+        var watcher: RedisSubscriber?
+        var watcherTask: Task<Void, Never>?
     }
 
     /// State touched only on `queue`.
@@ -113,8 +117,65 @@ public final class RedisClient: Sendable {
             return s.closed
         }
         guard !wasClosed else { return }
+        stopWatcher()
         let core = self.core
         queue.async { core.connection = nil }
+    }
+
+    deinit { stopWatcher() }
+
+    private func stopWatcher() {
+        let (watcher, task) = state.withLock { s in
+            defer { s.watcher = nil; s.watcherTask = nil }
+            return (s.watcher, s.watcherTask)
+        }
+        watcher?.close()
+        task?.cancel()
+    }
+
+    /// Subscribes to `+switch-master` on each sentinel, once, after the first successful connection.
+    private func startWatcherIfNeeded() {
+        guard configuration.followSwitchMaster,
+              case .sentinel(let nodes, let master, let sentinelPassword) = configuration.endpoint else { return }
+        let needed = state.withLock { s -> Bool in !s.closed && s.watcher == nil }
+        guard needed else { return }
+        var subscribers: [RedisSubscriber] = []
+        for node in nodes {
+            var c = RedisConfiguration(endpoint: .tcp(host: node.host, port: node.port), password: sentinelPassword)
+            c.connectTimeout = configuration.connectTimeout
+            c.connectHint = "is redis-sentinel running?"
+            subscribers.append(RedisSubscriber(configuration: c, logger: logger))
+        }
+        let group = RedisSubscriber(children: subscribers, configuration: configuration, logger: logger)
+        let streams = subscribers.map { $0.subscribe(channels: ["+switch-master"]) }
+        let state = self.state
+        let logger = self.logger
+        let prefix = Array((master + " ").utf8)
+        let task = Task.detached {
+            await withTaskGroup(of: Void.self) { tasks in
+                for stream in streams {
+                    tasks.addTask {
+                        do {
+                            for try await event in stream where event.message.starts(with: prefix) {
+                                logger.info("Sentinel announced a new master; reconnecting on next call",
+                                            metadata: [RedisLogKey.master: "\(String(decoding: event.message, as: UTF8.self))"])
+                                state.withLock { $0.masterSwitched = true }
+                            }
+                        } catch {}
+                    }
+                }
+            }
+        }
+        let installed = state.withLock { s -> Bool in
+            guard !s.closed, s.watcher == nil else { return false }
+            s.watcher = group
+            s.watcherTask = task
+            return true
+        }
+        if !installed {
+            group.close()
+            task.cancel()
+        }
     }
 
     // MARK: - On the queue
@@ -138,6 +199,11 @@ public final class RedisClient: Sendable {
             core.connection = nil
             throw RedisError(code: .closed, message: "Redis client for \(configuration.location) is closed")
         }
+        if state.withLock({ s -> Bool in defer { s.masterSwitched = false }; return s.masterSwitched }),
+           core.connection != nil {
+            core.connection = nil
+            state.withLock { $0.connected = false }
+        }
         if let c = core.connection { return c }
         core.backoff.wait(limit: configuration.connectTimeout)
         do {
@@ -145,6 +211,7 @@ public final class RedisClient: Sendable {
             core.connection = c
             core.backoff.succeeded()
             state.withLock { $0.connected = true }
+            startWatcherIfNeeded()
             return c
         } catch {
             core.backoff.failed()

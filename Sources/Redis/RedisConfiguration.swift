@@ -41,6 +41,10 @@ public struct RedisConfiguration: Sendable {
     public var commandTimeout: Duration? = .seconds(10)
     /// What a person should check when Redis cannot be reached; appended to connection errors.
     public var connectHint: String = "is redis-server running? set --broker or AIRFLOW__CELERY__BROKER_URL"
+    /// With Sentinel: listen for `+switch-master` on every sentinel (one extra connection each) and drop the
+    /// connection as soon as the master changes, instead of writing to a demoted master until it turns
+    /// read-only. Without it a READONLY reply (or an I/O error) is what makes the client re-resolve.
+    public var followSwitchMaster: Bool = true
 
     /// Makes a configuration from its parts.
     public init(

@@ -7,6 +7,8 @@ public final class RedisSubscriber: Sendable {
     private let configuration: RedisConfiguration
     private let logger: Logger
     private let workers = Locked<(closed: Bool, list: [Worker])>((false, []))
+    /// Subscribers closed together with this one (the `+switch-master` watcher groups one per sentinel).
+    private let children: [RedisSubscriber]
 
     /// Makes a subscriber; nothing connects until `subscribe`.
     public init(configuration: RedisConfiguration, logger: Logger) {
@@ -14,6 +16,13 @@ public final class RedisSubscriber: Sendable {
         config.commandTimeout = nil
         self.configuration = config
         self.logger = logger
+        self.children = []
+    }
+
+    init(children: [RedisSubscriber], configuration: RedisConfiguration, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+        self.children = children
     }
 
     /// Subscribes to `channels` and yields every message published on them until the stream is dropped or
@@ -30,7 +39,11 @@ public final class RedisSubscriber: Sendable {
             continuation.finish(throwing: RedisError(code: .closed, message: "Redis subscriber for \(configuration.location) is closed"))
             return stream
         }
-        continuation.onTermination = { _ in worker.stop() }
+        let workers = self.workers
+        continuation.onTermination = { _ in
+            worker.stop()
+            workers.withLock { $0.list.removeAll { $0 === worker } }
+        }
         let thread = Thread { worker.run() }
         thread.name = "tandem.redis.subscriber"
         thread.start()
@@ -45,6 +58,7 @@ public final class RedisSubscriber: Sendable {
             return state.list
         }
         for w in list { w.stop() }
+        for c in children { c.close() }
     }
 
     private final class Worker: @unchecked Sendable {

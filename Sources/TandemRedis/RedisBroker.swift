@@ -117,6 +117,24 @@ public final class RedisBroker: Broker {
         _ = try await waiter.send(["BLPOP", Keys.wake(datacenter: datacenter), String(format: "%.3f", max(0.01, seconds))])
     }
 
+    /// Dispatcher leadership: what the leader lease says after trying to take or keep it.
+    public struct Leadership: Sendable, Hashable {
+        public var epoch: Int64
+        public var owner: String
+        public var deadlineMs: Int64
+        public var isLeader: Bool
+    }
+
+    /// Takes or renews the leader lease for `candidate` (or releases it when `release`).
+    public func lead(candidate: String, leaseMs: Int64, release: Bool = false) async throws -> Leadership {
+        let r = try await client.eval(
+            BrokerScripts.leader, keys: [Keys.leader], args: [candidate, String(leaseMs), release ? "1" : "0"])
+        let a = r.array ?? []
+        return Leadership(
+            epoch: a.first?.int ?? 0, owner: a.count > 1 ? a[1].string ?? "" : "",
+            deadlineMs: a.count > 2 ? a[2].int ?? 0 : 0, isLeader: a.count > 3 && a[3].int == 1)
+    }
+
     public func now() async throws -> Int64 {
         try await client.time().milliseconds
     }

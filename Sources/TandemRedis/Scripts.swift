@@ -15,8 +15,9 @@ public enum BrokerScripts {
     public static let storeResult = load("store_result")
     public static let replay = load("replay")
     public static let purge = load("purge")
+    public static let leader = load("leader")
 
-    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge]
+    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader]
 
     private static func load(_ name: String) -> RedisScript {
         guard let url = Bundle.module.url(forResource: name, withExtension: "lua", subdirectory: "Scripts"),

@@ -25,6 +25,9 @@ public final class WorkerRuntime: Sendable {
         var leaseLost = false
         /// Shutdown stopped the task: give it back instead of recording a result.
         var stoppedForShutdown = false
+        /// When the last request that extended the lease was SENT (the claim, then each renewal). The lease on
+        /// Redis runs at least until this + TTL, so a worker that cannot renew stops its task before then.
+        var leaseConfirmedAt: ContinuousClock.Instant
     }
 
     struct State {
@@ -70,6 +73,7 @@ public final class WorkerRuntime: Sendable {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.heartbeatLoop() }
             group.addTask { await self.renewLoop() }
+            group.addTask { await self.selfFenceLoop() }
             await claimLoop()
             await drainRunning()
             state.withLock { $0.phase = .stopped }
@@ -142,6 +146,7 @@ public final class WorkerRuntime: Sendable {
             let order = Array(qs[start...] + qs[..<start])
             rotation &+= 1
             do {
+                let sentAt = ContinuousClock.now
                 let jobs = try await broker.claim(
                     workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
                     max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds)
@@ -152,7 +157,7 @@ public final class WorkerRuntime: Sendable {
                 }
                 observer.claimed(count: jobs.count, datacenter: configuration.datacenter)
                 for job in jobs {
-                    state.withLock { $0.slots[job.jobID] = Slot(job: job) }
+                    state.withLock { $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt) }
                     Task { await self.execute(job) }
                 }
             } catch {
@@ -206,13 +211,17 @@ public final class WorkerRuntime: Sendable {
 
     /// Renews every lease held; a refused renewal means the job was reclaimed, so its task is stopped at once.
     func renewOnce() async {
-        let held = state.withLock { s in s.slots.values.map { ($0.job.jobID, $0.job.token) } }
+        let held = state.withLock { s in s.slots.values.filter { !$0.leaseLost }.map { ($0.job.jobID, $0.job.token) } }
         if held.isEmpty { return }
+        let sentAt = ContinuousClock.now
         do {
             let ok = try await broker.renew(
                 workerID: configuration.workerID, jobs: held.map { (jobID: $0.0, token: $0.1) },
                 leaseMs: configuration.leaseTTL.inMilliseconds)
             observer.leaseRenewals(renewed: ok.filter { $0 }.count, refused: ok.filter { !$0 }.count)
+            state.withLock { s in
+                for ((jobID, _), renewed) in zip(held, ok) where renewed { s.slots[jobID]?.leaseConfirmedAt = sentAt }
+            }
             for ((jobID, _), renewed) in zip(held, ok) where !renewed {
                 let proc = state.withLock { s -> (any RunningTask)? in
                     guard s.slots[jobID] != nil else { return nil }
@@ -226,6 +235,32 @@ public final class WorkerRuntime: Sendable {
         } catch {
             observer.brokerError()
             logger.error("cannot renew leases: \(error) — tasks keep running; retrying in \(configuration.renewInterval)")
+        }
+    }
+
+    /// Self-fencing: a lease this worker could not renew in time (Redis unreachable, a partition) may be reclaimed
+    /// by another datacenter as soon as it expires. Stop the task before that moment, so the task never runs in
+    /// two places at once even when this worker cannot hear that it lost the lease.
+    private func selfFenceLoop() async {
+        let ttl = configuration.leaseTTL
+        let margin = min(Duration.seconds(2), ttl / 10)
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(250))
+            let now = ContinuousClock.now
+            let expiring = state.withLock { s -> [(String, (any RunningTask)?)] in
+                var out: [(String, (any RunningTask)?)] = []
+                for (id, slot) in s.slots where !slot.leaseLost && now - slot.leaseConfirmedAt > ttl - margin {
+                    s.slots[id]?.leaseLost = true
+                    out.append((id, slot.process))
+                }
+                return out
+            }
+            for (jobID, proc) in expiring {
+                count("self_fenced")
+                logger.error(
+                    "could not renew the lease on job \(jobID) before it expires; stopping its task so it cannot run twice (another worker will retry it)")
+                proc?.signalGroup(SIGKILL)
+            }
         }
     }
 
@@ -307,6 +342,13 @@ public final class WorkerRuntime: Sendable {
             }
             if state.withLock({ $0.slots[job.jobID]?.stoppedForShutdown ?? false }) {
                 try await giveBack(job, refund: true, log: log)
+                return
+            }
+            if state.withLock({ $0.slots[job.jobID]?.leaseLost ?? false }) {
+                log.warning("lease lost before the task started; not starting it")
+                try await ledger.event(
+                    taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
+                    datacenter: configuration.datacenter, token: job.token, detail: "lease lost before start; not started")
                 return
             }
 

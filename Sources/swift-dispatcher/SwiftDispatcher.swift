@@ -23,6 +23,12 @@ struct SwiftDispatcher: AsyncParsableCommand {
     var dcLossAfter: Double = 15
     @Option(name: .customLong("max-attempts"), help: "Claims before a job whose lease keeps expiring is dead-lettered (default 3).")
     var maxAttempts: Int = 3
+    @Option(name: .customLong("leader-lease"), help: "Leader lease in seconds; a standby takes over this long after the leader dies (default 5).")
+    var leaderLease: Double = 5
+    @Option(name: .customLong("id"), help: "Dispatcher id in the leader lease (default dispatcher@<host>:<pid>).")
+    var dispatcherID: String?
+    @Option(help: "Datacenter this dispatcher runs in (env TANDEM_DC; informational: every datacenter runs a standby).")
+    var dc: String?
     @Option(name: .customLong("log-level")) var logLevel: String?
     @Flag(name: .customLong("log-json")) var logJSON = false
 
@@ -41,6 +47,11 @@ struct SwiftDispatcher: AsyncParsableCommand {
             policy: routing, queues: queues.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         config.dcLossAfter = .milliseconds(Int64(dcLossAfter * 1000))
         config.maxAttempts = maxAttempts
+        config.leaderLease = .milliseconds(Int64(leaderLease * 1000))
+        config.leaderCheck = .milliseconds(Int64(max(0.2, leaderLease / 5) * 1000))
+        let site = setting(dc, env: "TANDEM_DC")
+        config.dispatcherID = dispatcherID
+            ?? "dispatcher\(site.map { "-" + $0 } ?? "")@\(ProcessInfo.processInfo.hostName):\(getpid())"
         let url = setting(broker, env: "AIRFLOW__CELERY__BROKER_URL", default: Defaults.broker)!
         do {
             let b = try await openBroker(url: url, masterName: masterName, logger: logger)

@@ -5,8 +5,10 @@ import TestSupport
 
 @Suite("Redis Sentinel against real redis-server and sentinels")
 struct RedisSentinelTests {
-    @Test(.timeLimit(.minutes(2)))
-    func resolvesMasterAndFollowsFailover() async throws {
+    /// With the `+switch-master` watcher the client moves within moments of the switch; without it, only
+    /// when the old master is demoted (sentinel's 10 s INFO period) and answers READONLY.
+    @Test(.timeLimit(.minutes(2)), arguments: [true, false])
+    func resolvesMasterAndFollowsFailover(watchSwitchMaster: Bool) async throws {
         let master = try await startRedis()
         let replica = try await startRedis(extraArguments: ["--replicaof", "127.0.0.1", String(master.port)])
         var sentinels: [RedisServer] = []
@@ -14,8 +16,9 @@ struct RedisSentinelTests {
         let url = sentinels.map { "sentinel://127.0.0.1:\($0.port)" }.joined(separator: ";")
         let sentinelURL = url.replacingOccurrences(of: "sentinel://127.0.0.1:\(sentinels[0].port)",
                                                    with: "sentinel://127.0.0.1:\(sentinels[0].port)/0")
-        let client = RedisClient(configuration: try RedisConfiguration(url: sentinelURL, masterName: "mymaster"),
-                                 logger: quietLogger)
+        var config = try RedisConfiguration(url: sentinelURL, masterName: "mymaster")
+        config.followSwitchMaster = watchSwitchMaster
+        let client = RedisClient(configuration: config, logger: quietLogger)
         let control = try redisClient("redis://127.0.0.1:\(sentinels[0].port)")
         defer { client.close(); control.close() }
 
@@ -34,13 +37,20 @@ struct RedisSentinelTests {
             (try? await control.send(["SENTINEL", "FAILOVER", "mymaster"])) == .simpleString("OK")
         })
 
-        // The client follows: after the switch, a write lands on the former replica.
-        #expect(try await eventually(.seconds(40), every: .milliseconds(200)) {
+        #expect(try await eventually(.seconds(30), every: .milliseconds(50)) {
             let addr = try await control.send(["SENTINEL", "get-master-addr-by-name", "mymaster"])
-            guard addr.array?.last?.int == Int64(replica.port) else { return false }
+            return addr.array?.last?.int == Int64(replica.port)
+        })
+        let switched = ContinuousClock.now
+
+        // The client follows: after the switch, a write lands on the former replica.
+        #expect(try await eventually(.seconds(40), every: .milliseconds(100)) {
             _ = try await client.send(["SET", "after", "2"])
             return try await client.send(["CONFIG", "GET", "port"]).array?.last?.int == Int64(replica.port)
         })
+        if watchSwitchMaster {
+            #expect(ContinuousClock.now - switched < .seconds(5), "the +switch-master watcher should move the client at once")
+        }
         let onReplica = try redisClient(replica.url)
         defer { onReplica.close() }
         #expect(try await onReplica.send(["GET", "after"]).string == "2")

@@ -1,0 +1,600 @@
+#!/usr/bin/env python3
+"""Tandem vs a real Celery 5.6 worker, in turn, on the same throwaway Redis and Postgres, with the same tasks.
+
+Started by Benchmarks/run (which builds the no-op `airflow` and the release binaries); see BENCHMARKS.md.
+Every number printed is a median over --reps repetitions. Nothing here asserts on wall-clock time.
+"""
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import psycopg2
+import redis as redislib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPTS = os.path.join(ROOT, "Sources", "TandemRedis", "Scripts")
+ARGV = ["airflow", "tasks", "run", "bench_dag", "noop", "RUN", "--local"]
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- servers
+class Servers:
+    """redis-server (AOF on, appendfsync everysec) and Postgres 15 (defaults: fsync on, synchronous_commit on)
+    on loopback under a temp dir; removed on exit."""
+
+    def __init__(self, redis_port, pg_port):
+        self.rport, self.pport = redis_port, pg_port
+        self.dir = tempfile.mkdtemp(prefix="tandem-bench-")
+        os.chmod(self.dir, 0o755)
+        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        self.pg_bin = self._pg_bin()
+
+    @staticmethod
+    def _pg_bin():
+        for v in ("17", "16", "15", "14", "13"):
+            d = f"/usr/lib/postgresql/{v}/bin"
+            if os.path.exists(f"{d}/initdb"):
+                return d
+        return os.path.dirname(shutil.which("initdb"))
+
+    def _as_pg(self, argv, **kw):
+        if os.getuid() == 0:
+            argv = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"] + argv
+        return subprocess.run(argv, check=True, **kw)
+
+    def start(self):
+        rd = os.path.join(self.dir, "redis")
+        os.makedirs(rd)
+        subprocess.run(["redis-server", "--port", str(self.rport), "--bind", "127.0.0.1", "--dir", rd,
+                        "--daemonize", "yes", "--pidfile", f"{rd}/redis.pid", "--logfile", f"{rd}/redis.log",
+                        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"],
+                       check=True)
+        pd = os.path.join(self.dir, "pg")
+        os.makedirs(pd)
+        if os.getuid() == 0:
+            shutil.chown(pd, "postgres", "postgres")
+        self._as_pg([f"{self.pg_bin}/initdb", "-D", f"{pd}/data", "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                     "--locale=C"], stdout=subprocess.DEVNULL)
+        # production defaults: fsync=on, synchronous_commit=on, full_page_writes=on
+        self._as_pg([f"{self.pg_bin}/pg_ctl", "-D", f"{pd}/data", "-l", f"{pd}/postgres.log", "-w", "-t", "60",
+                     "-o", f"-p {self.pport} -c listen_addresses=127.0.0.1 -c unix_socket_directories={pd} "
+                           f"-c max_connections=300", "start"], stdout=subprocess.DEVNULL)
+        self.pd = pd
+        for _ in range(100):
+            try:
+                self.r().ping()
+                break
+            except Exception:
+                time.sleep(0.05)
+        c = psycopg2.connect(host="127.0.0.1", port=self.pport, user="postgres", dbname="postgres")
+        c.autocommit = True
+        for db in ("bench_celery", "bench_tandem"):
+            c.cursor().execute(f"CREATE DATABASE {db}")
+        c.close()
+        log(f"servers: redis 127.0.0.1:{self.rport}, postgres 127.0.0.1:{self.pport} (fsync on) in {self.dir}")
+
+    def stop(self):
+        try:
+            self.r().shutdown(nosave=True)
+        except Exception:
+            pass
+        try:
+            self._as_pg([f"{self.pg_bin}/pg_ctl", "-D", f"{self.pd}/data", "-m", "immediate", "-w", "stop"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except Exception:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def r(self):
+        return redislib.Redis(host="127.0.0.1", port=self.rport, db=0)
+
+    def pg_url(self, db):
+        return f"postgresql://postgres@127.0.0.1:{self.pport}/{db}"
+
+    def pg(self, db):
+        c = psycopg2.connect(host="127.0.0.1", port=self.pport, user="postgres", dbname=db)
+        c.autocommit = True
+        return c
+
+    def reset(self, db):
+        """Empty Redis and the result tables of one database (tables are created by the systems themselves)."""
+        self.r().flushall()
+        c = self.pg(db)
+        cur = c.cursor()
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename IN "
+                    "('celery_taskmeta','celery_tasksetmeta','tandem_tasks','tandem_task_events')")
+        tabs = [r[0] for r in cur.fetchall()]
+        if tabs:
+            cur.execute("TRUNCATE " + ",".join(tabs))
+        cur.execute("CHECKPOINT")
+        c.close()
+
+
+# ------------------------------------------------------------------------------------------- publishing
+class Publisher:
+    """The stock Celery client (celery 5.6 send_task, what Airflow 2's CeleryExecutor sends)."""
+
+    def __init__(self, srv):
+        os.environ["BENCH_BROKER"] = srv.redis_url
+        os.environ["BENCH_BACKEND"] = "db+" + srv.pg_url("bench_celery")
+        sys.path.insert(0, HERE)
+        import benchapp  # noqa: E402
+        self.app = benchapp.app
+        self.srv = srv
+        self.template = None
+
+    def send(self, i):
+        argv = list(ARGV)
+        argv[5] = f"run_{i}"
+        return self.app.send_task("execute_command", args=[argv], queue="default").id
+
+    def publish(self, k):
+        t = time.time()
+        ids = [self.send(i) for i in range(k)]
+        log(f"published {k} with celery send_task in {time.time() - t:.2f}s")
+        return ids
+
+    def _capture_template(self):
+        r = self.srv.r()
+        tid = self.send(0)
+        raw = r.rpop("default").decode()
+        m = json.loads(raw)
+        self.template = (raw, tid, m["properties"]["delivery_tag"])
+
+    def preload(self, k, chunk=2000):
+        """k copies of one real celery-published message, each with a fresh task id and delivery tag
+        (the ids live in the JSON envelope, outside the base64 body): for backlogs too large to publish one by one."""
+        if self.template is None:
+            self._capture_template()
+        raw, tid, tag = self.template
+        r = self.srv.r()
+        r.sadd("_kombu.binding.default", "default\x06\x16\x06\x16default")
+        t = time.time()
+        done = 0
+        while done < k:
+            n = min(chunk, k - done)
+            p = r.pipeline(transaction=False)
+            p.lpush("default", *[raw.replace(tid, str(uuid.uuid4())).replace(tag, str(uuid.uuid4())) for _ in range(n)])
+            p.execute()
+            done += n
+        log(f"preloaded {k} cloned messages in {time.time() - t:.2f}s")
+
+
+# --------------------------------------------------------------------------------------------- memory
+def tree(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def mem_of(pids, skip_comm=("airflow",)):
+    rss = pss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                if f.read().strip() in skip_comm:
+                    continue
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024  # MiB
+
+
+class MemSampler(threading.Thread):
+    """Peak RSS and PSS (MiB) of each named process tree, sampled every second while running."""
+
+    def __init__(self, roots):
+        super().__init__(daemon=True)
+        self.roots, self.peak, self.stop_ev = roots, {k: (0.0, 0.0) for k in roots}, threading.Event()
+
+    def run(self):
+        while not self.stop_ev.wait(1.0):
+            for name, pid in self.roots.items():
+                rss, pss = mem_of(tree(pid))
+                o = self.peak[name]
+                self.peak[name] = (max(o[0], rss), max(o[1], pss))
+
+    def stop(self):
+        self.stop_ev.set()
+        self.join()
+        return self.peak
+
+
+# -------------------------------------------------------------------------------------------- systems
+def kill_group(p, sig=signal.SIGKILL):
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class System:
+    db = None
+
+    def __init__(self, srv, args, logdir):
+        self.srv, self.args, self.logdir = srv, args, logdir
+        self.procs = []
+        self.env = dict(os.environ, PATH=f"{args.noop_dir}:{os.environ['PATH']}")
+
+    def spawn(self, argv, name, env=None, netns=None):
+        if netns:
+            argv = ["ip", "netns", "exec", netns] + argv
+        f = open(os.path.join(self.logdir, name + ".log"), "ab")
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True,
+                             cwd=HERE)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            kill_group(p, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+
+    def success_count(self, c):
+        cur = c.cursor()
+        try:
+            cur.execute("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'")
+        except psycopg2.errors.UndefinedTable:  # the worker creates its tables at start-up
+            return 0
+        return cur.fetchone()[0]
+
+
+class Celery(System):
+    name, db = "celery", "bench_celery"
+
+    def start(self, concurrency, workers=1, host=None, netns=None):
+        env = dict(self.env, BENCH_BROKER=self.srv.redis_url if host is None else f"redis://{host}:{self.srv.rport}/0",
+                   BENCH_BACKEND="db+" + self.srv.pg_url(self.db).replace("127.0.0.1", host or "127.0.0.1"),
+                   BENCH_CONCURRENCY=str(concurrency))
+        celery = os.path.join(os.path.dirname(sys.executable), "celery")
+        roots = {}
+        for w in range(workers):
+            p = self.spawn([celery, "-A", "benchapp", "worker", "-O", "fair", "--queues", "default", "--pool",
+                            "prefork", "--concurrency", str(concurrency), "--loglevel", "INFO",
+                            "--hostname", f"bench{w}@%h"], f"celery-c{concurrency}-w{w}", env=env, netns=netns)
+            roots[f"worker{w}"] = p.pid
+        return roots
+
+
+class Tandem(System):
+    name, db = "tandem", "bench_tandem"
+
+    def start(self, concurrency, workers=1, host=None, netns=None, dispatcher=True):
+        h = host or "127.0.0.1"
+        broker = f"redis://{h}:{self.srv.rport}/0"
+        backend = "db+" + self.srv.pg_url(self.db).replace("127.0.0.1", h)
+        roots = {}
+        if dispatcher:
+            d = self.spawn([f"{self.args.bin}/swift-dispatcher", "--broker", self.srv.redis_url, "--queues", "default"],
+                           "dispatcher")
+            roots["dispatcher"] = d.pid
+        for w in range(workers):
+            p = self.spawn([f"{self.args.bin}/swift-worker", "--broker", broker, "--result-backend", backend,
+                            "--dc", "east", "--queues", "default", "--concurrency", str(concurrency),
+                            "--worker-id", f"east-bench-{w}"], f"tandem-c{concurrency}-w{w}", netns=netns)
+            roots[f"worker{w}"] = p.pid
+        return roots
+
+
+def wait_success(sys_, c, k, timeout, sampler=None):
+    """Polls celery_taskmeta until k SUCCESS rows. Returns wall seconds since call, or None on timeout."""
+    t0 = time.time()
+    while True:
+        n = sys_.success_count(c)
+        if n >= k:
+            return time.time() - t0
+        if time.time() - t0 > timeout:
+            log(f"  TIMEOUT: {n}/{k} SUCCESS after {timeout}s")
+            return None
+        time.sleep(0.1)
+
+
+def done_times(c, ids=None):
+    cur = c.cursor()
+    cur.execute("SELECT task_id, date_done FROM celery_taskmeta WHERE status = 'SUCCESS'")
+    return {t: d for t, d in cur.fetchall()}
+
+
+def first_last_rate(c, k):
+    """Steady-state throughput from date_done: (k-1) / (last - first). Excludes worker start-up for both systems."""
+    cur = c.cursor()
+    cur.execute("SELECT min(date_done), max(date_done) FROM celery_taskmeta WHERE status = 'SUCCESS'")
+    a, b = cur.fetchone()
+    s = (b - a).total_seconds()
+    return (k - 1) / s if s > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ scenarios
+def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, preload=False):
+    srv.reset(system.db)
+    if preload:
+        pub.preload(k)
+    else:
+        pub.publish(k)
+    c = srv.pg(system.db)
+    t0 = time.time()
+    roots = system.start(conc, workers=workers, netns=netns, host=host)
+    sampler = MemSampler(roots)
+    sampler.start()
+    wall = wait_success(system, c, k, timeout=max(120, k / 20))
+    peak = sampler.stop()
+    wall = None if wall is None else time.time() - t0
+    rate = first_last_rate(c, k) if wall else float("nan")
+    system.stop()
+    c.close()
+    out = {"rate": rate, "wall_rate": k / wall if wall else float("nan")}
+    for name, (rss, pss) in peak.items():
+        out[f"rss_{name}"], out[f"pss_{name}"] = rss, pss
+    if workers > 1:
+        out["rss_workers"] = sum(v for kk, v in out.items() if kk.startswith("rss_worker"))
+        out["pss_workers"] = sum(v for kk, v in out.items() if kk.startswith("pss_worker"))
+    log(f"  {system.name} c={conc} w={workers} k={k}: {rate:.1f} tasks/s steady, {out['wall_rate']:.1f} incl. "
+        f"start-up; peak {', '.join(f'{n} RSS {r:.0f}/PSS {p:.0f} MiB' for n, (r, p) in peak.items())}")
+    return out
+
+
+def paced_latency(srv, pub, system, conc, rate, n):
+    srv.reset(system.db)
+    c = srv.pg(system.db)
+    system.start(conc)
+    # warm-up: the worker is up and has run one task
+    w = pub.send(-1)
+    if wait_success(system, c, 1, timeout=60) is None:
+        system.stop()
+        return {}
+    time.sleep(0.5)
+    sent = {}
+    t_start = time.time()
+    for i in range(n):
+        target = t_start + i / rate
+        d = target - time.time()
+        if d > 0:
+            time.sleep(d)
+        ts = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        sent[pub.send(i)] = ts
+    wait_success(system, c, n + 1, timeout=120)
+    done = done_times(c)
+    system.stop()
+    c.close()
+    lat = sorted((done[t] - ts).total_seconds() * 1000 for t, ts in sent.items() if t in done)
+    if len(lat) < n:
+        log(f"  only {len(lat)}/{n} finished")
+    q = lambda p: lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))]
+    out = {"p50": q(50), "p99": q(99), "max": lat[-1]}
+    log(f"  {system.name} c={conc} paced {rate}/s x{n}: p50 {out['p50']:.1f} ms, p99 {out['p99']:.1f} ms, "
+        f"max {out['max']:.1f} ms")
+    return out
+
+
+def fake_heartbeat(r, slots):
+    with open(os.path.join(SCRIPTS, "heartbeat.lua")) as f:
+        src = f.read()
+    wid = "east@bench-fake:0"
+    return lambda: r.eval(src, 2, "{tandem}:workers", f"{{tandem}}:worker:{wid}", wid, "east", slots, 0, "default",
+                          "bench-fake", 0, "", "running", 600)
+
+
+def dispatcher_alone(srv, pub, args, n):
+    """Ingress -> datacenter queue with n messages pre-loaded, no worker running (a fake heartbeat gives headroom)."""
+    r = srv.r()
+    r.flushall()
+    pub.preload(n)
+    beat = fake_heartbeat(r, 10_000_000)
+    beat()
+    t = Tandem(srv, args, args.logdir)
+    t0 = time.time()
+    t.start(1, workers=0)
+    q = "{tandem}:q:east:default"
+    first = None
+    while True:
+        moved = r.llen(q)
+        if moved and first is None:
+            first = time.time()
+        if moved >= n or time.time() - t0 > 300:
+            break
+        if int(time.time() - t0) % 2 == 0:
+            beat()
+        time.sleep(0.02)
+    end = time.time()
+    t.stop()
+    ingress = sum(r.llen(k) for k in ("default", "default\x06\x163", "default\x06\x166", "default\x06\x169"))
+    moved = r.llen(q)
+    jobs = int(r.get("{tandem}:seq") or 0)
+    ok = moved == n and ingress == 0 and jobs == n
+    out = {"rate": n / (end - t0), "rate_after_first": n / (end - first) if first else float("nan"),
+           "lost": n - moved - ingress, "ok": ok}
+    log(f"  dispatcher: {n} moved in {end - t0:.2f}s = {out['rate']:.0f} msg/s (from first move "
+        f"{out['rate_after_first']:.0f}); ingress left {ingress}, dc queue {moved}, job hashes {jobs}, ok={ok}")
+    return out
+
+
+def script_cost(srv, pub, args, backlog, calls=1000):
+    """Server-side µs per claim.lua / dispatch.lua call (INFO commandstats) with `backlog` jobs queued."""
+    r = srv.r()
+    r.flushall()
+    pub.preload(backlog + calls)
+    with open(os.path.join(SCRIPTS, "dispatch.lua")) as f:
+        dispatch = r.register_script(f.read())
+    with open(os.path.join(SCRIPTS, "claim.lua")) as f:
+        claim = r.register_script(f.read())
+    ingress = ["default", "default\x06\x163", "default\x06\x166", "default\x06\x169"]
+    q = "{tandem}:q:east:default"
+    # move everything but `calls` in big batches, then time single-message dispatches
+    while r.llen("default") > calls:
+        dispatch(keys=[q] + ingress, args=["east", "default", min(5000, r.llen("default") - calls), ""])
+    r.config_resetstat()
+    for _ in range(calls):
+        dispatch(keys=[q] + ingress, args=["east", "default", 1, ""])
+    d_us = r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+    r.config_resetstat()
+    for _ in range(calls):
+        claim(keys=["{tandem}:leases", q], args=["w", 30000, 1])
+    c_us = r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+    log(f"  backlog {backlog}: dispatch.lua {d_us:.1f} µs/call, claim.lua {c_us:.1f} µs/call (server side)")
+    return {"dispatch_us": d_us, "claim_us": c_us}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--noop-dir", required=True)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--concurrency", default="2,16")
+    ap.add_argument("--paced-rate", type=float, default=50)
+    ap.add_argument("--paced-n", type=int, default=500)
+    ap.add_argument("--dispatch-n", type=int, default=100_000)
+    ap.add_argument("--backlogs", default="10,1000,10000,100000")
+    ap.add_argument("--backlog-window", type=int, default=2000)
+    ap.add_argument("--scale-workers", default="")
+    ap.add_argument("--only", default="throughput,latency,dispatcher,backlog",
+                    help="comma list of: throughput latency dispatcher backlog scaling")
+    ap.add_argument("--redis-port", type=int, default=6481)
+    ap.add_argument("--pg-port", type=int, default=5481)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    args = ap.parse_args()
+    args.logdir = os.path.join(HERE, "results", "raw", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(args.logdir, exist_ok=True)
+    only = set(args.only.split(","))
+    concs = [int(x) for x in args.concurrency.split(",")]
+
+    srv = Servers(args.redis_port, args.pg_port)
+    srv.start()
+    res = {"meta": {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": open("/proc/loadavg").read().split()[:3],
+                    "args": {k: v for k, v in vars(args).items()}}}
+    try:
+        pub = Publisher(srv)
+        systems = [Celery(srv, args, args.logdir), Tandem(srv, args, args.logdir)]
+        if "throughput" in only:
+            for conc in concs:
+                for s in systems:
+                    runs = [throughput(srv, pub, s, conc, args.tasks) for _ in range(args.reps)]
+                    res[f"throughput/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
+        if "latency" in only:
+            for conc in concs:
+                for s in systems:
+                    runs = [paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n) for _ in range(args.reps)]
+                    runs = [r for r in runs if r]
+                    res[f"latency/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
+        if "dispatcher" in only:
+            runs = [dispatcher_alone(srv, pub, args, args.dispatch_n) for _ in range(args.reps)]
+            res["dispatcher"] = {"rate": med([r["rate"] for r in runs]),
+                                 "rate_after_first": med([r["rate_after_first"] for r in runs]),
+                                 "lost": sum(r["lost"] for r in runs), "ok": all(r["ok"] for r in runs), "runs": runs}
+        if "backlog" in only:
+            for b in [int(x) for x in args.backlogs.split(",")]:
+                res[f"scripts/b{b}"] = script_cost(srv, pub, args, b)
+                k = min(b, args.backlog_window)
+                for s in systems:
+                    runs = []
+                    for _ in range(args.reps):
+                        srv.reset(s.db)
+                        pub.preload(b)
+                        c = srv.pg(s.db)
+                        s.start(16)
+                        wait_success(s, c, k, timeout=300)
+                        rate = first_last_rate(c, k) if k > 1 else float("nan")
+                        s.stop()
+                        c.close()
+                        log(f"  {s.name} backlog {b}: first {k} done at {rate:.1f} tasks/s")
+                        runs.append(rate)
+                    res[f"backlog/{s.name}/b{b}"] = {"rate": med(runs), "runs": runs}
+        if "scaling" in only and args.scale_workers:
+            for w in [int(x) for x in args.scale_workers.split(",")]:
+                for s in systems:
+                    runs = [throughput(srv, pub, s, 4, args.tasks, workers=w) for _ in range(args.reps)]
+                    res[f"scaling/{s.name}/w{w}"] = {"rate": med([r["rate"] for r in runs]), "runs": runs}
+    finally:
+        for s in (locals().get("systems") or []):
+            s.stop()
+        srv.stop()
+        res["meta"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+        res["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print_table(res)
+
+
+def print_table(res):
+    def g(key, field):
+        return res.get(key, {}).get(field, float("nan"))
+
+    rows = []
+    for conc in (2, 16):
+        for label, f in (("throughput steady (tasks/s)", "rate"), ("throughput incl. start-up (tasks/s)", "wall_rate")):
+            rows.append((f"{label}, c={conc}", g(f"throughput/celery/c{conc}", f), g(f"throughput/tandem/c{conc}", f)))
+    for conc in (2, 16):
+        for f in ("p50", "p99"):
+            rows.append((f"paced latency {f} (ms), c={conc}", g(f"latency/celery/c{conc}", f), g(f"latency/tandem/c{conc}", f)))
+    for conc in (2, 16):
+        rows.append((f"worker RSS peak (MiB), c={conc}", g(f"throughput/celery/c{conc}", "rss_worker0"),
+                     g(f"throughput/tandem/c{conc}", "rss_worker0")))
+        rows.append((f"worker PSS peak (MiB), c={conc}", g(f"throughput/celery/c{conc}", "pss_worker0"),
+                     g(f"throughput/tandem/c{conc}", "pss_worker0")))
+        rows.append((f"  + dispatcher RSS/PSS (MiB), c={conc}", float("nan"),
+                     g(f"throughput/tandem/c{conc}", "rss_dispatcher")))
+    for k in sorted((k for k in res if k.startswith("backlog/celery/")), key=lambda s: int(s.split("/b")[-1])):
+        b = k.split("/b")[-1]
+        rows.append((f"backlog {b}: throughput c=16 (tasks/s)", g(k, "rate"), g(f"backlog/tandem/b{b}", "rate")))
+    for k in sorted((k for k in res if k.startswith("scaling/celery/")), key=lambda s: int(s.split("/w")[-1])):
+        w = k.split("/w")[-1]
+        rows.append((f"workers {w} x c=4: throughput (tasks/s)", g(k, "rate"), g(f"scaling/tandem/w{w}", "rate")))
+    print()
+    print(f"| {'metric (median)':45} | {'Celery 5.6.3':>12} | {'Tandem':>10} | {'Tandem/Celery':>13} |")
+    print(f"|{'-' * 47}|{'-' * 14}:|{'-' * 11}:|{'-' * 14}:|")
+    for name, a, b in rows:
+        ratio = b / a if a == a and b == b and a else float("nan")
+        print(f"| {name:45} | {a:12.1f} | {b:10.1f} | {ratio:13.2f} |")
+    if "dispatcher" in res:
+        d = res["dispatcher"]
+        print(f"\ndispatcher alone: {d['rate']:.0f} msg/s ingress -> datacenter queue "
+              f"({d['rate_after_first']:.0f} from first move), lost {d['lost']}, verified {d['ok']}")
+    sc = sorted((k for k in res if k.startswith("scripts/")), key=lambda s: int(s.split("/b")[-1]))
+    if sc:
+        print("server-side script cost by backlog: " + ", ".join(
+            f"{k.split('/b')[-1]}: dispatch {res[k]['dispatch_us']:.1f} µs, claim {res[k]['claim_us']:.1f} µs" for k in sc))
+    m = res["meta"]
+    print(f"\nload average before {' '.join(m['loadavg_before'])}, after {' '.join(m.get('loadavg_after', []))}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":
+        print_table(json.load(open(sys.argv[2])))
+    else:
+        main()

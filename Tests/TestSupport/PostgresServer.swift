@@ -115,15 +115,42 @@ public final class PostgresServer: Sendable {
         Spawn.stop(pid, signal: SIGINT)
     }
 
-    /// Sends `signal` to the postmaster; SIGKILL goes to its whole process group (a crash: backends die too,
-    /// as they would with the machine) and waits for the postmaster to be gone.
+    /// Sends `signal` to the postmaster. SIGKILL simulates a crash: the backends die too (each is in a
+    /// session of its own, so a process-group kill would miss them) and this waits until all are gone.
     public func kill(signal: Int32) {
         guard let pid = pidBox.current else { return }
-        Glibc.kill(signal == SIGKILL ? -pid : pid, signal)
-        if signal == SIGKILL {
-            Spawn.wait(pid)
-            pidBox.withLock { $0 = nil }
+        guard signal == SIGKILL else {
+            Glibc.kill(pid, signal)
+            return
         }
+        let children = Self.childPids(of: pid)
+        Glibc.kill(pid, SIGKILL)
+        for child in children { Glibc.kill(child, SIGKILL) }
+        Spawn.wait(pid)
+        pidBox.withLock { $0 = nil }
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, children.contains(where: { Glibc.kill($0, 0) == 0 && !Self.isZombie($0) }) {
+            usleep(5_000)
+        }
+    }
+
+    /// Processes whose parent is `pid`, from /proc.
+    static func childPids(of pid: pid_t) -> [pid_t] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { name -> pid_t? in
+            guard let child = pid_t(name), let ppid = statField(child, 1) else { return nil }
+            return pid_t(ppid) == pid ? child : nil
+        }
+    }
+
+    static func isZombie(_ pid: pid_t) -> Bool { statField(pid, 0) == "Z" }
+
+    /// Field `index` after the command name in /proc/PID/stat (0 = state, 1 = ppid).
+    private static func statField(_ pid: pid_t, _ index: Int) -> String? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return nil }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > index ? String(fields[index]) : nil
     }
 
     /// Stops (if running) and starts again on the same port and data directory.

@@ -49,7 +49,22 @@ public func isPostgresURL(_ url: String) -> Bool {
     return u.hasPrefix("db+postgres") || u.hasPrefix("postgres") || u.hasPrefix("host=")
 }
 
-public func openStores(resultBackend: String?, ledger: String?, brokerURL: String, logger: Logger) async throws -> Stores {
+/// Where results wait on local disk while Postgres is unreachable: `--spool-dir`, else TANDEM_SPOOL_DIR, else
+/// /var/lib/tandem/spool when it can be created, else ~/.local/state/tandem/spool.
+public func defaultSpoolDirectory() -> String {
+    if let d = ProcessInfo.processInfo.environment["TANDEM_SPOOL_DIR"], !d.isEmpty { return d }
+    let system = "/var/lib/tandem/spool"
+    if (try? FileManager.default.createDirectory(atPath: system, withIntermediateDirectories: true)) != nil,
+        FileManager.default.isWritableFile(atPath: system)
+    {
+        return system
+    }
+    return NSHomeDirectory() + "/.local/state/tandem/spool"
+}
+
+public func openStores(
+    resultBackend: String?, ledger: String?, brokerURL: String, spoolDirectory: String? = nil, logger: Logger
+) async throws -> Stores {
     guard let resultBackend else {
         throw SetupError(
             "no result backend: set --result-backend or AIRFLOW__CELERY__RESULT_BACKEND (e.g. db+postgresql://user:pass@host/airflow) — the same value Airflow's [celery] result_backend has")
@@ -57,7 +72,9 @@ public func openStores(resultBackend: String?, ledger: String?, brokerURL: Strin
     if isPostgresURL(resultBackend) {
         let pg = PostgresStore(configuration: try PostgresConfiguration(url: resultBackend), logger: logger)
         try await pg.prepare()
-        return Stores(results: pg, ledger: pg, postgres: pg, close: { pg.close() })
+        let spooling = try SpoolingStore(postgres: pg, directory: spoolDirectory ?? defaultSpoolDirectory(), logger: logger)
+        spooling.recoverLeftovers()
+        return Stores(results: spooling, ledger: spooling, postgres: pg, close: { pg.close() })
     }
     if resultBackend.hasPrefix("redis") || resultBackend.hasPrefix("sentinel") {
         guard let ledger, isPostgresURL(ledger) else {
@@ -66,12 +83,14 @@ public func openStores(resultBackend: String?, ledger: String?, brokerURL: Strin
         }
         let pg = PostgresStore(configuration: try PostgresConfiguration(url: ledger), logger: logger)
         try await pg.prepare()
+        let spooling = try SpoolingStore(postgres: pg, directory: spoolDirectory ?? defaultSpoolDirectory(), logger: logger)
+        spooling.recoverLeftovers()
         let rc = try RedisConfiguration(url: resultBackend)
         let sameServer = (try? RedisConfiguration(url: brokerURL)).map {
             $0.endpoint == rc.endpoint && $0.database == rc.database
         } ?? false
         let rb = RedisResultBackend(configuration: rc, sameServerAsBroker: sameServer, logger: logger)
-        return Stores(results: rb, ledger: pg, postgres: pg, close: { pg.close(); rb.close() })
+        return Stores(results: rb, ledger: spooling, postgres: pg, close: { pg.close(); rb.close() })
     }
     throw SetupError(
         "result backend \(resultBackend.redactingPassword) is not supported: use db+postgresql://… or redis://…")

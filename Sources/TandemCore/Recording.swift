@@ -25,6 +25,12 @@ public protocol ResultBackend: Sendable {
     func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome
     /// Reads the current state of a task (PENDING when there is no record), as Celery's reader would.
     func state(taskID: String) async throws -> CeleryState
+    /// True when a refused (fenced) write is already recorded in the ledger by the backend itself.
+    var recordsFencingInLedger: Bool { get }
+}
+
+extension ResultBackend {
+    public var recordsFencingInLedger: Bool { false }
 }
 
 /// Facts about a task the ledger keeps alongside the lease.

@@ -21,49 +21,47 @@ public final class PostgresStore: ResultBackend, TaskLedger {
 
     public func close() { client.close() }
 
-    // MARK: ResultBackend
+    // MARK: Operations
+    //
+    // Every write is a `StoreOperation` applied inside a transaction, so the spool (SpoolingStore) can replay
+    // exactly the same writes later, each in the same transaction as its progress marker.
 
-    public func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome {
-        let binds: [PostgresBind] = [
-            .text(record.taskId), .text(record.state.rawValue),
-            record.databaseResult().map { .bytea($0) } ?? .null,
-            record.traceback.map { .text($0) } ?? .null,
-        ]
-        let token = fence?.token
-        return try await client.transaction { tx in
-            if let token {
+    /// Applies one operation in its own transaction.
+    public func apply(_ op: StoreOperation) async throws -> StoreOutcome {
+        try await client.transaction { tx in try Self.apply(op, in: tx) }
+    }
+
+    /// Applies one operation inside `tx`.
+    public static func apply(_ op: StoreOperation, in tx: PostgresTransaction) throws -> StoreOutcome {
+        switch op {
+        case .result(let r):
+            if let token = r.fenceToken {
                 let current = try tx.query(
-                    "SELECT token FROM tandem_tasks WHERE task_id = $1 FOR UPDATE", [.text(record.taskId)]
+                    "SELECT token FROM tandem_tasks WHERE task_id = $1 FOR UPDATE", [.text(r.taskID)]
                 ).rows.first?.int("token")
-                if let current, current != token { return .fenced }
+                if let current, current != token {
+                    try insertEvent(
+                        tx, taskID: r.taskID, jobID: r.fenceJob, event: "fenced", worker: nil, datacenter: nil,
+                        token: token, detail: "late \(r.state) refused: the task was claimed again (token \(current))")
+                    return .fenced
+                }
             }
-            let r = try tx.query(
+            let result = try tx.query(
                 """
                 INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
-                VALUES (nextval('task_id_sequence'), $1, $2, $3, $4, now() AT TIME ZONE 'UTC')
+                VALUES (nextval('task_id_sequence'), $1, $2, $3, $4,
+                        COALESCE($5::timestamptz, now()) AT TIME ZONE 'UTC')
                 ON CONFLICT (task_id) DO UPDATE
                    SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
                        date_done = excluded.date_done
                  WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS'
-                """, binds)
-            return r.affectedRows == 1 ? .written : .keptSuccess
-        }
-    }
-
-    public func state(taskID: String) async throws -> CeleryState {
-        let r = try await client.query("SELECT status FROM celery_taskmeta WHERE task_id = $1", [.text(taskID)])
-        return r.rows.first?.string("status").flatMap(CeleryState.init(rawValue:)) ?? .pending
-    }
-
-    // MARK: TaskLedger
-
-    public func claimed(_ job: ClaimedJob, facts: TaskFacts) async throws -> FencedOutcome {
-        let binds: [PostgresBind] = [
-            .text(facts.taskID), .text(job.jobID), .text(facts.taskName), .text(facts.kind), .text(job.ingressList),
-            .text(job.queue), .text(job.datacenter), .int(job.dispatchedAtMs), .text(facts.workerID),
-            .text(facts.hostname), .int(job.token), .int(Int64(job.attempts)),
-        ]
-        return try await client.transaction { tx in
+                """,
+                [
+                    .text(r.taskID), .text(r.state), r.result.map { .bytea($0) } ?? .null,
+                    r.traceback.map { .text($0) } ?? .null, r.dateDone.map { .text($0) } ?? .null,
+                ])
+            return result.affectedRows == 1 ? .written : .keptSuccess
+        case .claimed(let c):
             let r = try tx.query(
                 """
                 INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
@@ -76,61 +74,98 @@ public final class PostgresStore: ResultBackend, TaskLedger {
                        attempts = excluded.attempts, pid = NULL, started_at = NULL, finished_at = NULL,
                        outcome = NULL, exit_status = NULL, updated_at = now()
                  WHERE tandem_tasks.token < excluded.token
-                """, binds)
-            let ok = r.affectedRows == 1
-            _ = try tx.query(
-                """
-                INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
                 """,
                 [
-                    .text(facts.taskID), .text(job.jobID), .text(ok ? "claimed" : "fenced"), .text(facts.workerID),
-                    .text(job.datacenter), .int(job.token),
-                    .text(ok ? "attempt \(job.attempts) on \(facts.hostname)" : "a newer claim is already recorded"),
+                    .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
+                    .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
+                    .text(c.hostname), .int(c.token), .int(Int64(c.attempts)),
                 ])
+            let ok = r.affectedRows == 1
+            try insertEvent(
+                tx, taskID: c.taskID, jobID: c.jobID, event: ok ? "claimed" : "fenced", worker: c.workerID,
+                datacenter: c.datacenter, token: c.token,
+                detail: ok ? "attempt \(c.attempts) on \(c.hostname)" : "a newer claim is already recorded")
             return ok ? .done : .fenced
+        case .started(let e):
+            _ = try tx.query(
+                "UPDATE tandem_tasks SET started_at = now(), pid = $3, updated_at = now() WHERE task_id = $1 AND token = $2",
+                [.text(e.taskID), .int(e.token), .int(Int64(e.pid))])
+            try insertEvent(
+                tx, taskID: e.taskID, jobID: e.jobID, event: "started", worker: nil, datacenter: e.datacenter,
+                token: e.token, detail: "pid \(e.pid)")
+            return .done
+        case .finished(let f):
+            _ = try tx.query(
+                """
+                UPDATE tandem_tasks SET finished_at = now(), outcome = $3, exit_status = $4, updated_at = now()
+                 WHERE task_id = $1 AND token = $2
+                """, [.text(f.taskID), .int(f.token), .text(f.outcome), f.exitStatus.map { .int(Int64($0)) } ?? .null])
+            try insertEvent(
+                tx, taskID: f.taskID, jobID: f.jobID, event: f.outcome.lowercased(), worker: nil,
+                datacenter: f.datacenter, token: f.token, detail: f.detail)
+            return .done
+        case .event(let e):
+            try insertEvent(
+                tx, taskID: e.taskID, jobID: e.jobID, event: e.event, worker: e.worker, datacenter: e.datacenter,
+                token: e.token, detail: e.detail)
+            return .done
         }
     }
 
+    static func insertEvent(
+        _ tx: PostgresTransaction, taskID: String, jobID: String?, event: String, worker: String?,
+        datacenter: String?, token: Int64?, detail: String?
+    ) throws {
+        _ = try tx.query(
+            "INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            [
+                .text(taskID), jobID.map { .text($0) } ?? .null, .text(event), worker.map { .text($0) } ?? .null,
+                datacenter.map { .text($0) } ?? .null, token.map { .int($0) } ?? .null, detail.map { .text($0) } ?? .null,
+            ])
+    }
+
+    // MARK: ResultBackend
+
+    public func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome {
+        try await apply(.result(.init(record, fence: fence))).resultOutcome
+    }
+
+    public var recordsFencingInLedger: Bool { true }
+
+    public func state(taskID: String) async throws -> CeleryState {
+        let r = try await client.query("SELECT status FROM celery_taskmeta WHERE task_id = $1", [.text(taskID)])
+        return r.rows.first?.string("status").flatMap(CeleryState.init(rawValue:)) ?? .pending
+    }
+
+    // MARK: TaskLedger
+
+    public func claimed(_ job: ClaimedJob, facts: TaskFacts) async throws -> FencedOutcome {
+        try await apply(.claimed(.init(job, facts))) == .fenced ? .fenced : .done
+    }
+
     public func started(_ job: ClaimedJob, taskID: String, pid: Int32) async throws {
-        _ = try await client.transaction { tx in
-            _ = try tx.query(
-                "UPDATE tandem_tasks SET started_at = now(), pid = $3, updated_at = now() WHERE task_id = $1 AND token = $2",
-                [.text(taskID), .int(job.token), .int(Int64(pid))])
-            _ = try tx.query(
-                "INSERT INTO tandem_task_events (task_id, job_id, event, datacenter, token, detail) VALUES ($1, $2, 'started', $3, $4, $5)",
-                [.text(taskID), .text(job.jobID), .text(job.datacenter), .int(job.token), .text("pid \(pid)")])
-        }
+        _ = try await apply(.started(.init(taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)))
     }
 
     public func finished(_ job: ClaimedJob, taskID: String, outcome: String, exitStatus: Int32?, detail: String?)
         async throws
     {
-        _ = try await client.transaction { tx in
-            _ = try tx.query(
-                """
-                UPDATE tandem_tasks SET finished_at = now(), outcome = $3, exit_status = $4, updated_at = now()
-                 WHERE task_id = $1 AND token = $2
-                """, [.text(taskID), .int(job.token), .text(outcome), exitStatus.map { .int(Int64($0)) } ?? .null])
-            _ = try tx.query(
-                "INSERT INTO tandem_task_events (task_id, job_id, event, datacenter, token, detail) VALUES ($1, $2, $3, $4, $5, $6)",
-                [
-                    .text(taskID), .text(job.jobID), .text(outcome.lowercased()), .text(job.datacenter), .int(job.token),
-                    detail.map { .text($0) } ?? .null,
-                ])
-        }
+        _ = try await apply(
+            .finished(
+                .init(
+                    taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, outcome: outcome,
+                    exitStatus: exitStatus, detail: detail)))
     }
 
     public func event(
         taskID: String, jobID: String, event: String, worker: String?, datacenter: String?, token: Int64?,
         detail: String?
     ) async throws {
-        _ = try await client.query(
-            "INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            [
-                .text(taskID), .text(jobID), .text(event), worker.map { .text($0) } ?? .null,
-                datacenter.map { .text($0) } ?? .null, token.map { .int($0) } ?? .null, detail.map { .text($0) } ?? .null,
-            ])
+        _ = try await apply(
+            .event(
+                .init(
+                    taskID: taskID, jobID: jobID, event: event, worker: worker, datacenter: datacenter, token: token,
+                    detail: detail)))
     }
 
     public func entry(taskID: String) async throws -> LedgerEntry? {

@@ -72,6 +72,13 @@ public enum Schema {
         )
         """,
         "CREATE INDEX IF NOT EXISTS tandem_task_events_by_task ON tandem_task_events (task_id, id)",
+        """
+        CREATE TABLE IF NOT EXISTS tandem_spool_progress (
+            spool_id TEXT PRIMARY KEY,
+            applied BIGINT NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )
+        """,
         "CREATE TABLE IF NOT EXISTS tandem_schema (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     ]
 

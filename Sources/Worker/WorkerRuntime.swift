@@ -463,12 +463,13 @@ public final class WorkerRuntime: Sendable {
         switch try await results.store(rec, fence: fence) {
         case .fenced:
             log.warning("result refused: the lease was reclaimed; another attempt owns this task")
+            count("fenced")
+            observer.fenced(queue: job.queue, datacenter: job.datacenter)
+            if results.recordsFencingInLedger { return }
             try await ledger.event(
                 taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
                 datacenter: configuration.datacenter, token: job.token,
                 detail: "late \(s.rawValue) refused: lease reclaimed")
-            count("fenced")
-            observer.fenced(queue: job.queue, datacenter: job.datacenter)
             return
         case .keptSuccess:
             log.info("a SUCCESS was already recorded for this task; kept it")

@@ -14,9 +14,15 @@ struct Executorctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "executorctl",
         abstract: "Shows and steers Tandem: queues, workers, tasks, datacenters, dead letters.",
-        discussion: "Exit codes: 0 ok, 1 not found / refused, 2 cannot reach Redis or Postgres, 64 bad usage.",
+        discussion: """
+            Tables are coloured on a terminal (NO_COLOR turns that off); every command takes --json for scripts.
+            Destructive commands (dc fail, dlq replay, dlq purge) ask first unless --yes; without a terminal to ask
+            on they refuse.
+            Exit codes: 0 ok, 1 not found / refused / declined, 2 cannot reach Redis or Postgres, 64 bad usage.
+            """,
         subcommands: [
             Queues.self, Workers.self, TaskCmd.self, Submit.self, DC.self, DLQ.self, Leases.self, Ingress.self,
+            Watch.self,
         ])
 }
 
@@ -33,52 +39,49 @@ struct Common: ParsableArguments {
 
     /// Connects to the broker or exits 2 with one line saying what failed.
     func inspector() async throws -> BrokerInspector {
-        LoggingSystem.bootstrap { _ in SwiftLogNoOpLogHandler() }
+        quietLogging()
         do {
             let b = try await openBroker(url: brokerURL, masterName: masterName, logger: Logger(label: "executorctl"))
             return BrokerInspector(client: b.client)
         } catch {
-            fail("\(error)", code: 2)
+            failForStore(error, server: "Redis at \(brokerURL.redactingPassword)")
+        }
+    }
+
+    /// Runs `body` against Redis; a failure part-way (Redis went away) exits 2 with one line, not a stack of errors.
+    func withInspector(_ body: (BrokerInspector) async throws -> Void) async throws {
+        let i = try await inspector()
+        do {
+            try await body(i)
+        } catch let e as ExitCode {
+            throw e
+        } catch {
+            failForStore(error, server: "Redis at \(brokerURL.redactingPassword)")
         }
     }
 }
 
-func fail(_ message: String, code: Int32) -> Never {
-    FileHandle.standardError.write(("executorctl: " + message + "\n").data(using: .utf8)!)
-    exit(code)
+/// executorctl prints its own one-line errors; library logging would only repeat them.
+func quietLogging() {
+    struct Once { nonisolated(unsafe) static var done = false }
+    if Once.done { return }
+    Once.done = true
+    LoggingSystem.bootstrap { _ in SwiftLogNoOpLogHandler() }
 }
-
-func printJSON(_ value: Any) {
-    let data = try! JSONSerialization.data(withJSONObject: value, options: [.prettyPrinted, .sortedKeys])
-    print(String(data: data, encoding: .utf8)!)
-}
-
-/// Prints rows as aligned columns.
-func printTable(_ header: [String], _ rows: [[String]]) {
-    var widths = header.map(\.count)
-    for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
-    func line(_ cells: [String]) -> String {
-        cells.enumerated().map { i, c in i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
-            .joined(separator: "  ")
-    }
-    let bold = isatty(1) != 0
-    print(bold ? "\u{1B}[1m" + line(header) + "\u{1B}[0m" : line(header))
-    for r in rows { print(line(r)) }
-}
-
-func seconds(_ ms: Int64) -> String { String(format: "%.1fs", Double(ms) / 1000) }
 
 struct Queues: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Per datacenter and queue: depth, in flight, oldest age.")
     @OptionGroup var common: Common
     func run() async throws {
-        let stats = try await common.inspector().queueStats()
+        try await common.withInspector { i in
+        let stats = try await i.queueStats()
         if common.json {
             printJSON(stats.map { ["datacenter": $0.datacenter, "queue": $0.queue, "depth": $0.depth, "in_flight": $0.inFlight, "oldest_age_ms": $0.oldestAgeMs] })
         } else {
             printTable(
                 ["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"],
                 stats.map { [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)] })
+        }
         }
     }
 }
@@ -87,7 +90,7 @@ struct Workers: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, last heartbeat.")
     @OptionGroup var common: Common
     func run() async throws {
-        let i = try await common.inspector()
+        try await common.withInspector { i in
         let now = try await i.client.time().milliseconds
         let ws = try await i.workers().sorted { ($0.datacenter, $0.workerID) < ($1.datacenter, $1.workerID) }
         if common.json {
@@ -99,7 +102,14 @@ struct Workers: AsyncParsableCommand {
         } else {
             printTable(
                 ["WORKER", "DATACENTER", "BUSY/SLOTS", "QUEUES", "STATE", "LAST HEARTBEAT"],
-                ws.map { [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"] })
+                ws.map { [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"] }
+            ) { row, col, text in
+                if col == 4 { return Style.state(text) }
+                // silent past the default loss threshold: probably dead
+                if col == 5 && now - ws[row].lastSeenMs > 15_000 { return Style.red }
+                return nil
+            }
+        }
         }
     }
 }
@@ -112,19 +122,22 @@ struct TaskCmd: AsyncParsableCommand {
     @Argument(help: "Celery task id.") var taskID: String
 
     func run() async throws {
-        LoggingSystem.bootstrap { _ in SwiftLogNoOpLogHandler() }
+        quietLogging()
         guard let url = setting(resultBackend, env: "TANDEM_LEDGER_URL", "AIRFLOW__CELERY__RESULT_BACKEND"), isPostgresURL(url) else {
-            fail("the ledger is in Postgres: pass --result-backend db+postgresql://… or set TANDEM_LEDGER_URL", code: 64)
+            fail("the ledger is in Postgres: pass --result-backend db+postgresql://… or set TANDEM_LEDGER_URL", code: Exit.usage)
         }
         let store: PostgresStore
+        let found: LedgerEntry?
+        let state: CeleryState
         do {
             store = PostgresStore(configuration: try PostgresConfiguration(url: url), logger: Logger(label: "executorctl"))
             try await store.prepare()
-        } catch { fail("\(error)", code: 2) }
-        guard let e = try await store.entry(taskID: taskID) else {
-            fail("no task \(taskID) in the ledger (not claimed by any worker yet?); try executorctl queues / ingress", code: 1)
+            found = try await store.entry(taskID: taskID)
+            state = try await store.state(taskID: taskID)
+        } catch { failForStore(error, server: "Postgres at \(url.redactingPassword)") }
+        guard let e = found else {
+            fail("no task \(taskID) in the ledger (not claimed by any worker yet?); try executorctl queues / ingress", code: Exit.notFound)
         }
-        let state = try await store.state(taskID: taskID)
         if common.json {
             printJSON([
                 "task_id": e.taskID, "job_id": e.jobID, "name": e.taskName, "ingress_queue": e.ingressQueue,
@@ -135,7 +148,8 @@ struct TaskCmd: AsyncParsableCommand {
                 "events": e.events.map { ["at": $0.at, "event": $0.event, "worker": $0.worker ?? NSNull(), "datacenter": $0.datacenter ?? NSNull(), "token": $0.token ?? NSNull(), "detail": $0.detail ?? NSNull()] as [String: Any] },
             ] as [String: Any])
         } else {
-            print("task \(e.taskID)  \(state.rawValue)")
+            let c: String? = state.rawValue == "SUCCESS" ? Style.green : state.rawValue == "FAILURE" ? Style.red : Style.yellow
+            print("task \(e.taskID)  \(Style.paint(state.rawValue, c))")
             print("  name \(e.taskName)  queue \(e.ingressQueue.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio"))  datacenter \(e.datacenter)  job \(e.jobID)")
             print("  attempts \(e.attempts)  claimed by \(e.claimedBy ?? "-")  token \(e.token)  exit \(e.exitStatus.map(String.init) ?? "-")")
             print("  dispatched \(e.dispatchedAt ?? "-")  started \(e.startedAt ?? "-")  finished \(e.finishedAt ?? "-")")
@@ -162,13 +176,15 @@ struct Submit: AsyncParsableCommand {
     @Argument(parsing: .captureForPassthrough, help: "The argv for execute_command.") var argv: [String] = []
 
     func run() async throws {
-        let i = try await common.inspector()
+        guard count >= 1 else { throw ValidationError("--count must be at least 1") }
+        if let p = priority, !(0...9).contains(p) { throw ValidationError("--priority must be 0-9") }
+        try await common.withInspector { i in
         var ids: [String] = []
         var name = self.name
         var args: [JSONValue]
         if let workloadFile {
             guard let text = try? String(contentsOfFile: workloadFile, encoding: .utf8) else {
-                fail("cannot read workload file \(workloadFile)", code: 64)
+                fail("cannot read workload file \(workloadFile)", code: Exit.usage)
             }
             name = "execute_workload"
             args = [.string(text)]
@@ -189,6 +205,7 @@ struct Submit: AsyncParsableCommand {
             ids.append(tid)
         }
         if common.json { printJSON(["queue": queue, "task_ids": ids]) } else { ids.forEach { print($0) } }
+        }
     }
 }
 
@@ -202,13 +219,15 @@ struct DC: AsyncParsableCommand {
         @OptionGroup var common: Common
         @Option(name: .customLong("dc-loss-after"), help: "Loss threshold in seconds (default 15).") var lossAfter: Double = 15
         func run() async throws {
-            let s = try await common.inspector().datacenters(lossAfterMs: Int64(lossAfter * 1000))
+            try await common.withInspector { i in
+            let s = try await i.datacenters(lossAfterMs: Int64(lossAfter * 1000))
             if common.json {
                 printJSON(s.map { ["datacenter": $0.name, "status": $0.status.rawValue, "reason": $0.reason, "live_workers": $0.liveWorkers, "slots": $0.slots, "busy": $0.busy] as [String: Any] })
             } else {
                 printTable(["DATACENTER", "STATUS", "WORKERS", "BUSY/SLOTS", "WHY"], s.map {
                     [$0.name, $0.status.rawValue, String($0.liveWorkers), "\($0.busy)/\($0.slots)", $0.reason]
-                })
+                }) { _, col, text in col == 1 ? Style.state(text) : nil }
+            }
             }
         }
     }
@@ -226,7 +245,10 @@ struct DC: AsyncParsableCommand {
         @Flag(help: "Do not ask for confirmation.") var yes = false
         @Argument var dc: String
         func run() async throws {
-            if !yes && !confirm("declare datacenter \(dc) lost? its queued work moves to the other datacenters") { throw ExitCode(1) }
+            if let p = Names.problem(datacenter: dc) { fail(p, code: Exit.usage) }
+            if !yes && !confirm("declare datacenter \(dc) lost? its queued work moves to the other datacenters") {
+                fail("not confirmed; nothing changed", code: Exit.notFound)
+            }
             try await setOverride(common, dc, .fail, "declared lost")
         }
     }
@@ -240,17 +262,9 @@ struct DC: AsyncParsableCommand {
 }
 
 func setOverride(_ common: Common, _ dc: String, _ o: DatacenterOverride?, _ word: String) async throws {
-    if let p = Names.problem(datacenter: dc) { fail(p, code: 64) }
-    try await common.inspector().setOverride(dc, o)
+    if let p = Names.problem(datacenter: dc) { fail(p, code: Exit.usage) }
+    try await common.withInspector { i in try await i.setOverride(dc, o) }
     if common.json { printJSON(["datacenter": dc, "override": o?.rawValue ?? NSNull()] as [String: Any]) } else { print("datacenter \(dc) \(word)") }
-}
-
-func confirm(_ question: String) -> Bool {
-    guard isatty(0) != 0 else {
-        fail("\(question): refusing without a terminal; pass --yes", code: 1)
-    }
-    print("\(question) [y/N] ", terminator: "")
-    return (readLine() ?? "").lowercased().hasPrefix("y")
 }
 
 struct DLQ: AsyncParsableCommand {
@@ -259,60 +273,102 @@ struct DLQ: AsyncParsableCommand {
         subcommands: [List.self, Show.self, Replay.self, Purge.self])
 
     struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Dead letters, newest first.")
         @OptionGroup var common: Common
-        @Option var limit = 100
+        @Option(help: "At most this many (default 100).") var limit = 100
+        func validate() throws { guard limit >= 1 else { throw ValidationError("--limit must be at least 1") } }
         func run() async throws {
-            let i = try await common.inspector()
-            var rows: [[String: String]] = []
-            for id in try await i.deadLetters(limit: limit) {
-                var j = try await i.job(id)
-                let task = (try? CeleryTask.decode(raw: Array((j["raw"] ?? "").utf8)))
-                j["task_id"] = task?.id ?? ""
-                j["task_name"] = task?.name ?? ""
-                j["job"] = id
-                rows.append(j)
-            }
-            if common.json {
-                printJSON(rows.map { $0.filter { $0.key != "raw" } })
-            } else {
-                printTable(["JOB", "TASK ID", "NAME", "QUEUE", "DC", "ATTEMPTS", "REASON"], rows.map {
-                    [$0["job"]!, $0["task_id"]!, $0["task_name"]!, $0["queue"] ?? "", $0["dc"] ?? "", $0["attempts"] ?? "", $0["reason"] ?? ""]
-                })
+            try await common.withInspector { i in
+                var rows: [[String: String]] = []
+                for id in try await i.deadLetters(limit: limit) {
+                    var j = try await i.job(id)
+                    let task = (try? CeleryTask.decode(raw: Array((j["raw"] ?? "").utf8)))
+                    j["task_id"] = task?.id ?? ""
+                    j["task_name"] = task?.name ?? ""
+                    j["job"] = id
+                    rows.append(j)
+                }
+                if common.json {
+                    printJSON(rows.map { $0.filter { $0.key != "raw" } })
+                } else {
+                    printTable(["JOB", "TASK ID", "NAME", "QUEUE", "DC", "ATTEMPTS", "REASON"], rows.map {
+                        [$0["job"]!, $0["task_id"]!, $0["task_name"]!, $0["queue"] ?? "", $0["dc"] ?? "", $0["attempts"] ?? "", $0["reason"] ?? ""]
+                    })
+                }
             }
         }
     }
 
     struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "One dead letter: every field, the raw message included.")
         @OptionGroup var common: Common
-        @Argument var job: String
+        @Argument(help: "Job id (executorctl dlq list).") var job: String
         func run() async throws {
-            let j = try await common.inspector().job(job)
-            guard j["state"] == "dead" else { fail("job \(job) is not in the dead-letter queue (executorctl dlq list)", code: 1) }
-            if common.json { printJSON(j) } else { for k in j.keys.sorted() { print("\(k): \(j[k]!)") } }
+            try await common.withInspector { i in
+                let j = try await i.job(job)
+                guard j["state"] == "dead" else {
+                    fail("job \(job) is not in the dead-letter queue (executorctl dlq list)", code: Exit.notFound)
+                }
+                if common.json { printJSON(j) } else { for k in j.keys.sorted() { print("\(k): \(j[k]!)") } }
+            }
         }
     }
 
     struct Replay: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Send a dead letter back to its Airflow queue, to be routed again.")
         @OptionGroup var common: Common
-        @Flag var yes = false
-        @Argument var job: String
+        @Flag(help: "Do not ask for confirmation.") var yes = false
+        @Argument(help: "Job id (executorctl dlq list).") var job: String
         func run() async throws {
-            if !yes && !confirm("replay job \(job)? it will run again") { throw ExitCode(1) }
-            guard try await common.inspector().replay(jobID: job) else { fail("job \(job) is not in the dead-letter queue", code: 1) }
-            print("job \(job) replayed")
+            try await common.withInspector { i in
+                guard try await i.job(job)["state"] == "dead" else {
+                    fail("job \(job) is not in the dead-letter queue (executorctl dlq list)", code: Exit.notFound)
+                }
+                if !yes && !confirm("replay job \(job)? it will run again") { fail("not confirmed; nothing changed", code: Exit.notFound) }
+                guard try await i.replay(jobID: job) else {
+                    fail("job \(job) is not in the dead-letter queue", code: Exit.notFound)
+                }
+                if common.json { printJSON(["job": job, "replayed": true]) } else { print("job \(job) replayed") }
+            }
         }
     }
 
     struct Purge: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a dead letter for good.")
+        static let configuration = CommandConfiguration(abstract: "Delete dead letters for good: one job, or --all.")
         @OptionGroup var common: Common
-        @Flag var yes = false
-        @Argument var job: String
+        @Flag(help: "Do not ask for confirmation.") var yes = false
+        @Flag(help: "Every dead letter.") var all = false
+        @Argument(help: "Job id (executorctl dlq list).") var job: String?
+
+        func validate() throws {
+            if all == (job != nil) { throw ValidationError("name one job to purge, or pass --all (not both)") }
+        }
+
         func run() async throws {
-            if !yes && !confirm("delete job \(job) for good?") { throw ExitCode(1) }
-            guard try await common.inspector().purge(jobID: job) else { fail("job \(job) is not in the dead-letter queue", code: 1) }
-            print("job \(job) purged")
+            try await common.withInspector { i in
+                if let job {
+                    guard try await i.job(job)["state"] == "dead" else {
+                        fail("job \(job) is not in the dead-letter queue (executorctl dlq list)", code: Exit.notFound)
+                    }
+                    if !yes && !confirm("delete job \(job) for good?") { fail("not confirmed; nothing changed", code: Exit.notFound) }
+                    guard try await i.purge(jobID: job) else {
+                        fail("job \(job) is not in the dead-letter queue", code: Exit.notFound)
+                    }
+                    if common.json { printJSON(["purged": [job]]) } else { print("job \(job) purged") }
+                    return
+                }
+                let ids = try await i.deadLetters(limit: 1_000_000)
+                if ids.isEmpty {
+                    if common.json { printJSON(["purged": [String]()]) } else { print("the dead-letter queue is empty") }
+                    return
+                }
+                if !yes && !confirm("delete all \(ids.count) dead letter(s) for good?") {
+                    fail("not confirmed; nothing changed", code: Exit.notFound)
+                }
+                var purged: [String] = []
+                for id in ids where try await i.purge(jobID: id) { purged.append(id) }
+                if common.json { printJSON(["purged": purged]) } else { print("\(purged.count) dead letter(s) purged") }
+            }
         }
     }
 }
@@ -321,13 +377,15 @@ struct Leases: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Who holds which job, expiring when (negative: expired, awaiting reclaim).")
     @OptionGroup var common: Common
     func run() async throws {
-        let l = try await common.inspector().leases()
-        if common.json {
-            printJSON(l.map { ["job": $0.jobID, "owner": $0.owner, "token": $0.token, "datacenter": $0.datacenter, "queue": $0.queue, "expires_in_ms": $0.remainingMs] as [String: Any] })
-        } else {
-            printTable(["JOB", "OWNER", "TOKEN", "DC", "QUEUE", "EXPIRES IN"], l.map {
-                [$0.jobID, $0.owner, String($0.token), $0.datacenter, $0.queue, seconds($0.remainingMs)]
-            })
+        try await common.withInspector { i in
+            let l = try await i.leases()
+            if common.json {
+                printJSON(l.map { ["job": $0.jobID, "owner": $0.owner, "token": $0.token, "datacenter": $0.datacenter, "queue": $0.queue, "expires_in_ms": $0.remainingMs, "expired": $0.remainingMs < 0] as [String: Any] })
+            } else {
+                printTable(["JOB", "OWNER", "TOKEN", "DC", "QUEUE", "EXPIRES IN"], l.map {
+                    [$0.jobID, $0.owner, String($0.token), $0.datacenter, $0.queue, $0.remainingMs < 0 ? "expired \(seconds(-$0.remainingMs)) ago" : seconds($0.remainingMs)]
+                }) { row, _, _ in l[row].remainingMs < 0 ? Style.red : nil }
+            }
         }
     }
 }
@@ -337,12 +395,13 @@ struct Ingress: AsyncParsableCommand {
     @OptionGroup var common: Common
     @Option(help: "Comma-separated queues (default 'default').") var queues = "default"
     func run() async throws {
-        let i = try await common.inspector()
-        var rows: [(String, Int)] = []
-        for q in queues.split(separator: ",") { rows += try await i.ingressDepths(queue: String(q)) }
-        let printable = rows.map { ($0.0.replacingOccurrences(of: "\u{06}\u{16}", with: "\\x06\\x16"), $0.1) }
-        if common.json { printJSON(printable.map { ["list": $0.0, "depth": $0.1] as [String: Any] }) } else {
-            printTable(["LIST", "DEPTH"], printable.map { [$0.0, String($0.1)] })
+        try await common.withInspector { i in
+            var rows: [(String, Int)] = []
+            for q in queues.split(separator: ",") { rows += try await i.ingressDepths(queue: String(q)) }
+            let printable = rows.map { ($0.0.replacingOccurrences(of: "\u{06}\u{16}", with: "\\x06\\x16"), $0.1) }
+            if common.json { printJSON(printable.map { ["list": $0.0, "depth": $0.1] as [String: Any] }) } else {
+                printTable(["LIST", "DEPTH"], printable.map { [$0.0, String($0.1)] })
+            }
         }
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatcher
 import Foundation
 import Logging
+import Observability
 import Setup
 import TandemCore
 
@@ -31,6 +32,8 @@ struct SwiftDispatcher: AsyncParsableCommand {
     var dc: String?
     @Option(name: .customLong("log-level")) var logLevel: String?
     @Flag(name: .customLong("log-json")) var logJSON = false
+    @Option(name: .customLong("metrics-port"), help: "Port for /metrics, /healthz, /readyz (env TANDEM_METRICS_PORT; default 9465; 0 disables).")
+    var metricsPort: Int?
 
     func run() async throws {
         bootstrapLogging(level: setting(logLevel, env: "TANDEM_LOG_LEVEL"), json: logJSON)
@@ -55,7 +58,13 @@ struct SwiftDispatcher: AsyncParsableCommand {
         let url = setting(broker, env: "AIRFLOW__CELERY__BROKER_URL", default: Defaults.broker)!
         do {
             let b = try await openBroker(url: url, masterName: masterName, logger: logger)
-            let runtime = DispatcherRuntime(configuration: config, broker: b, logger: logger)
+            let metrics = PrometheusDispatcherObserver()
+            let runtime = DispatcherRuntime(configuration: config, broker: b, logger: logger, observer: metrics)
+            let port = metricsPort ?? setting(nil, env: "TANDEM_METRICS_PORT").flatMap { Int($0) } ?? 9465
+            // metrics are secondary to running work: a port in use is logged, not fatal
+            let server = ObservabilityEndpoints.serveOrLog(
+                port: port, registry: metrics.registry, ready: { metrics.readiness() }, logger: logger)
+            defer { server?.stop() }
             let handlers = SignalHandlers(graceful: { runtime.shutdown() }, immediate: { runtime.shutdown() })
             await runtime.run()
             withExtendedLifetime(handlers) {}

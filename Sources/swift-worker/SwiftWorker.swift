@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Observability
 import Setup
 import TandemCore
 import Worker
@@ -46,12 +47,16 @@ struct SwiftWorker: AsyncParsableCommand {
     var workDir: String?
     @Option(name: .customLong("task-output"), help: "Append task stdout/stderr to this file instead of the worker's own.")
     var taskOutput: String?
+    @Option(name: .customLong("spool-dir"), help: "Local directory where results wait while Postgres is unreachable (env TANDEM_SPOOL_DIR; default /var/lib/tandem/spool).")
+    var spoolDir: String?
     @Option(name: .customLong("worker-id"), help: "Worker id (default <dc>@<hostname>:<pid>).")
     var workerID: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error (env TANDEM_LOG_LEVEL).")
     var logLevel: String?
     @Flag(name: .customLong("log-json"), help: "Log one JSON object per line.")
     var logJSON = false
+    @Option(name: .customLong("metrics-port"), help: "Port for /metrics, /healthz, /readyz (env TANDEM_METRICS_PORT; default 9464; 0 disables).")
+    var metricsPort: Int?
 
     func run() async throws {
         bootstrapLogging(level: setting(logLevel, env: "TANDEM_LOG_LEVEL"), json: logJSON)
@@ -74,7 +79,8 @@ struct SwiftWorker: AsyncParsableCommand {
             let b = try await openBroker(url: brokerURL, masterName: masterName, logger: logger)
             let stores = try await openStores(
                 resultBackend: setting(resultBackend, env: "AIRFLOW__CELERY__RESULT_BACKEND"),
-                ledger: setting(ledger, env: "TANDEM_LEDGER_URL"), brokerURL: brokerURL, logger: logger)
+                ledger: setting(ledger, env: "TANDEM_LEDGER_URL"), brokerURL: brokerURL,
+                spoolDirectory: setting(spoolDir, env: "TANDEM_SPOOL_DIR"), logger: logger)
             let dir = workDir ?? NSTemporaryDirectory() + "tandem-worker-\(getpid())"
             try FileManager.default.createDirectory(
                 atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -87,9 +93,16 @@ struct SwiftWorker: AsyncParsableCommand {
             config.renewInterval = .milliseconds(Int64(renewEvery * 1000))
             config.shutdownGrace = .milliseconds(Int64(shutdownGrace * 1000))
             config.claimBatch = min(slots, 32)
+            let metrics = PrometheusWorkerObserver(datacenter: dc, workerID: config.workerID, slots: slots)
             let runtime = WorkerRuntime(
                 configuration: config, broker: b, results: stores.results, ledger: stores.ledger, launcher: launcher,
-                logger: logger)
+                logger: logger, observer: metrics)
+            metrics.collect(from: runtime)
+            let port = metricsPort ?? setting(nil, env: "TANDEM_METRICS_PORT").flatMap { Int($0) } ?? 9464
+            // metrics are secondary to running work: a port in use is logged, not fatal
+            let server = ObservabilityEndpoints.serveOrLog(
+                port: port, registry: metrics.registry, ready: { metrics.readiness(runtime) }, logger: logger)
+            defer { server?.stop() }
             let handlers = SignalHandlers(graceful: { runtime.shutdown() }, immediate: { runtime.shutdownNow() })
             try await runtime.run()
             withExtendedLifetime(handlers) {}

@@ -94,6 +94,7 @@ public final class Cluster: @unchecked Sendable {
             "TANDEM_FAKE_LOG": fakeLog,
             "TANDEM_FAKE_LOCKS": dir + "/locks",
             "TANDEM_LOG_LEVEL": "info",
+            "TANDEM_SPOOL_DIR": dir + "/spool",
         ].merging(extraEnvironment) { $1 }
     }
 

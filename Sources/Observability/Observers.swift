@@ -1,0 +1,262 @@
+import Dispatcher
+import Foundation
+import TandemCore
+import Worker
+
+/// Buckets for task run time (seconds): Airflow tasks run from under a second to hours.
+public let runTimeBuckets: [Double] = [0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200]
+/// Buckets for queue wait (seconds): dispatch → claim, normally milliseconds, minutes when a datacenter is full.
+public let queueWaitBuckets: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
+
+/// Whether a process's Redis round trips are working, from the errors and successes its runtime reports.
+///
+/// Not ready while the newest event is an error less than `window` old. The runtimes report errors at least every
+/// 5 s while Redis is unreachable (their backoff cap), so once `window` passes without one, Redis is back even on
+/// an idle process that reports no successes.
+public final class BrokerHealth: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lastError: Double?
+    private var lastSuccess: Double?
+    private var streak = 0
+    private let window: Double
+    private let now: @Sendable () -> Double
+
+    public init(window: Double = 12, now: @escaping @Sendable () -> Double = { Date().timeIntervalSince1970 }) {
+        self.window = window
+        self.now = now
+    }
+
+    public func error() {
+        let t = now()
+        lock.withLock {
+            lastError = t
+            streak += 1
+        }
+    }
+
+    public func success() {
+        let t = now()
+        lock.withLock {
+            lastSuccess = t
+            streak = 0
+        }
+    }
+
+    /// Nil when healthy; otherwise one line saying what is wrong.
+    public func problem(_ what: String = "Redis") -> String? {
+        let t = now()
+        return lock.withLock {
+            guard let e = lastError, streak > 0, t - e < window else { return nil }
+            if let s = lastSuccess, s > e { return nil }
+            return "\(what) unreachable: \(streak) failed round trip(s) in a row, the last \(String(format: "%.1f", t - e)) s ago"
+        }
+    }
+}
+
+/// Records a worker's metrics in a registry (see `examples/monitoring/`).
+public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable {
+    public let registry: MetricsRegistry
+    /// Redis health as seen from claims and renewals (for `/readyz`).
+    public let broker: BrokerHealth
+    let tasks: Counter
+    let runTime: Histogram
+    let queueWait: Histogram
+    let claimed: Counter
+    let renewals: Counter
+    let refusals: Counter
+    let fences: Counter
+    let deadLetters: Counter
+    let redisErrors: Counter
+    let postgresErrors: Counter
+    let busy: Gauge
+    let slots: Gauge
+
+    public init(registry: MetricsRegistry = MetricsRegistry(), datacenter: String, workerID: String, slots total: Int,
+        broker: BrokerHealth = BrokerHealth())
+    {
+        self.registry = registry
+        self.broker = broker
+        let r = registry
+        tasks = r.counter("tandem_tasks_total", help: "Tasks finished, by outcome (SUCCESS, FAILURE, REVOKED), datacenter and queue.", labels: ["outcome", "dc", "queue"])
+        runTime = r.histogram("tandem_task_run_seconds", help: "Run time of task processes.", labels: ["dc", "queue"], buckets: runTimeBuckets)
+        queueWait = r.histogram("tandem_task_queue_wait_seconds", help: "Dispatch to claim, on Redis's clock.", labels: ["dc", "queue"], buckets: queueWaitBuckets)
+        claimed = r.counter("tandem_jobs_claimed_total", help: "Jobs claimed from the datacenter queues.", labels: ["dc"])
+        renewals = r.counter("tandem_lease_renewals_total", help: "Leases extended.")
+        refusals = r.counter("tandem_lease_refusals_total", help: "Lease renewals refused: the job was reclaimed, its task was killed here.")
+        fences = r.counter("tandem_fenced_total", help: "Writes or acks refused for a stale fencing token.", labels: ["dc", "queue"])
+        deadLetters = r.counter("tandem_dead_letters_total", help: "Messages dead-lettered (never run).", labels: ["dc", "queue"])
+        redisErrors = r.counter("tandem_redis_errors_total", help: "Failed Redis operations.")
+        postgresErrors = r.counter("tandem_postgres_errors_total", help: "Failed Postgres operations.")
+        busy = r.gauge("tandem_worker_slots_busy", help: "Task slots in use.")
+        slots = r.gauge("tandem_worker_slots", help: "Task slots (concurrency).")
+        let info = r.gauge("tandem_worker_info", help: "This worker's datacenter and id (always 1).", labels: ["dc", "worker"])
+        info.set([datacenter, workerID], 1)
+        slots.set(Double(total))
+        busy.set(0)
+        for c in [renewals, refusals, redisErrors, postgresErrors] { c.touch() }
+        claimed.touch([datacenter])
+        r.gauge("tandem_process_start_time_seconds", help: "Start time of the process (Unix seconds).")
+            .set(Date().timeIntervalSince1970.rounded())
+    }
+
+    /// Reads busy slots and the phase from the runtime at every scrape (the hooks report busy only when a slot frees).
+    public func collect(from runtime: WorkerRuntime) {
+        let phaseGauge = registry.gauge("tandem_worker_phase", help: "1 for the worker's phase (running, draining, stopped).", labels: ["phase"])
+        registry.onCollect { [busy] in
+            busy.set(Double(runtime.busy))
+            let p = runtime.phase
+            phaseGauge.replace(Dictionary(uniqueKeysWithValues: [WorkerStatus.State.running, .draining, .stopped].map {
+                ([$0.rawValue], $0 == p ? 1.0 : 0.0)
+            }))
+        }
+    }
+
+    public func claimed(count: Int, datacenter: String) {
+        broker.success()
+        claimed.inc([datacenter], by: Double(count))
+    }
+
+    public func taskFinished(queue: String, datacenter: String, outcome: String, runSeconds: Double, queueWaitSeconds: Double) {
+        tasks.inc([outcome, datacenter, queue])
+        runTime.observe([datacenter, queue], max(0, runSeconds))
+        queueWait.observe([datacenter, queue], max(0, queueWaitSeconds))
+    }
+
+    public func leaseRenewals(renewed: Int, refused: Int) {
+        broker.success()
+        renewals.inc(by: Double(renewed))
+        refusals.inc(by: Double(refused))
+    }
+
+    public func fenced(queue: String, datacenter: String) { fences.inc([datacenter, queue]) }
+    public func deadLettered(queue: String, datacenter: String) { deadLetters.inc([datacenter, queue]) }
+
+    public func brokerError() {
+        broker.error()
+        redisErrors.inc()
+    }
+
+    public func storeError() { postgresErrors.inc() }
+
+    public func slotsBusy(_ busy: Int, of total: Int) {
+        self.busy.set(Double(busy))
+        slots.set(Double(total))
+    }
+
+    /// Why the worker is not ready (nil: ready): it must be running (not draining) and reaching Redis.
+    public func readiness(_ runtime: WorkerRuntime) -> String? {
+        let p = runtime.phase
+        if p != .running { return "worker is \(p.rawValue): not claiming new work" }
+        return broker.problem()
+    }
+}
+
+/// Records the dispatcher's metrics.
+public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked Sendable {
+    public let registry: MetricsRegistry
+    public let broker: BrokerHealth
+    let dispatchedC: Counter
+    let reclaimedC: Counter
+    let rebalancedC: Counter
+    let depth: Gauge
+    let inFlight: Gauge
+    let oldest: Gauge
+    let status: Gauge
+    let dcWorkers: Gauge
+    let dcSlots: Gauge
+    let dcBusy: Gauge
+    let losses: Counter
+    let epoch: Gauge
+    let leader: Gauge
+    let redisErrors: Counter
+    private let lock = NSLock()
+    private var lastStatus: [String: DatacenterState.Status] = [:]
+    private var sawHealth = false
+
+    public init(registry: MetricsRegistry = MetricsRegistry(), broker: BrokerHealth = BrokerHealth()) {
+        self.registry = registry
+        self.broker = broker
+        let r = registry
+        dispatchedC = r.counter("tandem_dispatched_total", help: "Messages moved from Airflow's lists into datacenter queues.", labels: ["queue", "dc"])
+        reclaimedC = r.counter("tandem_reclaimed_total", help: "Expired leases reclaimed: requeued, or dead-lettered after max attempts.", labels: ["disposition"])
+        rebalancedC = r.counter("tandem_rebalanced_total", help: "Queued jobs moved from a lost or draining datacenter to another.", labels: ["queue", "from", "to"])
+        depth = r.gauge("tandem_queue_depth", help: "Jobs queued in a datacenter queue.", labels: ["dc", "queue"])
+        inFlight = r.gauge("tandem_queue_in_flight", help: "Leased (running) jobs of a datacenter queue.", labels: ["dc", "queue"])
+        oldest = r.gauge("tandem_queue_oldest_age_seconds", help: "Age of the oldest queued job (0 when empty).", labels: ["dc", "queue"])
+        status = r.gauge("tandem_datacenter_status", help: "1 for the datacenter's current status (alive, draining, lost), 0 for the others.", labels: ["dc", "status"])
+        dcWorkers = r.gauge("tandem_datacenter_workers", help: "Workers heartbeating in the datacenter.", labels: ["dc"])
+        dcSlots = r.gauge("tandem_datacenter_slots", help: "Slots of the datacenter's running workers.", labels: ["dc"])
+        dcBusy = r.gauge("tandem_datacenter_slots_busy", help: "Busy slots in the datacenter.", labels: ["dc"])
+        losses = r.counter("tandem_datacenter_losses_total", help: "Times a datacenter went from alive or draining to lost (failovers).", labels: ["dc"])
+        epoch = r.gauge("tandem_leader_epoch", help: "Leader epoch of this dispatcher (0 while standby).")
+        leader = r.gauge("tandem_dispatcher_leader", help: "1 when this dispatcher leads, 0 when standby.")
+        redisErrors = r.counter("tandem_redis_errors_total", help: "Failed dispatcher cycles (Redis operations).")
+        reclaimedC.touch(["requeued"])
+        reclaimedC.touch(["dead"])
+        redisErrors.touch()
+        r.gauge("tandem_process_start_time_seconds", help: "Start time of the process (Unix seconds).")
+            .set(Date().timeIntervalSince1970.rounded())
+    }
+
+    public func dispatched(queue: String, datacenter: String, count: Int) {
+        dispatchedC.inc([queue, datacenter], by: Double(count))
+    }
+
+    public func reclaimed(requeued: Int, dead: Int) {
+        reclaimedC.inc(["requeued"], by: Double(requeued))
+        reclaimedC.inc(["dead"], by: Double(dead))
+    }
+
+    public func rebalanced(queue: String, from: String, to: String, count: Int) {
+        rebalancedC.inc([queue, from, to], by: Double(count))
+    }
+
+    public func datacenters(_ states: [DatacenterState]) {
+        broker.success()
+        var s: [[String]: Double] = [:]
+        for d in states {
+            for st in [DatacenterState.Status.alive, .draining, .lost] { s[[d.name, st.rawValue]] = d.status == st ? 1 : 0 }
+            dcWorkers.set([d.name], Double(d.liveWorkers))
+            dcSlots.set([d.name], Double(d.slots))
+            dcBusy.set([d.name], Double(d.busy))
+            losses.touch([d.name])
+        }
+        status.replace(s)
+        let newlyLost = lock.withLock { () -> [String] in
+            var out: [String] = []
+            for d in states {
+                if d.status == .lost, let before = lastStatus[d.name], before != .lost { out.append(d.name) }
+                lastStatus[d.name] = d.status
+            }
+            return out
+        }
+        for dc in newlyLost { losses.inc([dc]) }
+    }
+
+    public func queues(_ stats: [QueueStats]) {
+        var d: [[String]: Double] = [:]
+        var f: [[String]: Double] = [:]
+        var o: [[String]: Double] = [:]
+        for q in stats {
+            d[[q.datacenter, q.queue]] = Double(q.depth)
+            f[[q.datacenter, q.queue]] = Double(q.inFlight)
+            o[[q.datacenter, q.queue]] = Double(q.oldestAgeMs) / 1000
+        }
+        depth.replace(d)
+        inFlight.replace(f)
+        oldest.replace(o)
+    }
+
+    public func leadership(epoch e: Int64?) {
+        epoch.set(Double(e ?? 0))
+        leader.set(e == nil ? 0 : 1)
+    }
+
+    public func brokerError() {
+        broker.error()
+        redisErrors.inc()
+    }
+
+    /// Why the dispatcher is not ready (nil: ready).
+    public func readiness() -> String? { broker.problem() }
+}

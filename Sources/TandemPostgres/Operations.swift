@@ -1,0 +1,101 @@
+import CeleryWire
+import Foundation
+import TandemCore
+
+/// One write to Postgres, in a form the spool can store on disk and replay later.
+public enum StoreOperation: Codable, Sendable, Hashable {
+    case result(ResultWrite)
+    case claimed(Claim)
+    case started(Start)
+    case finished(Finish)
+    case event(Event)
+
+    public var taskID: String {
+        switch self {
+        case .result(let r): return r.taskID
+        case .claimed(let c): return c.taskID
+        case .started(let s): return s.taskID
+        case .finished(let f): return f.taskID
+        case .event(let e): return e.taskID
+        }
+    }
+
+    /// A Celery result row, token-checked against the ledger when `fenceToken` is set.
+    public struct ResultWrite: Codable, Sendable, Hashable {
+        public var taskID: String
+        public var state: String
+        public var result: [UInt8]?
+        public var traceback: String?
+        /// ISO-8601 with offset; nil means "now" at the time of writing.
+        public var dateDone: String?
+        public var fenceJob: String?
+        public var fenceToken: Int64?
+
+        public init(_ r: ResultRecord, fence: Fence?) {
+            taskID = r.taskId
+            state = r.state.rawValue
+            result = r.databaseResult()
+            traceback = r.traceback
+            dateDone = r.dateDone.map { ISO8601DateFormatter().string(from: $0) }
+            fenceJob = fence?.jobID
+            fenceToken = fence?.token
+        }
+    }
+
+    public struct Claim: Codable, Sendable, Hashable {
+        public var taskID, jobID, taskName, kind, ingressList, queue, datacenter, workerID, hostname: String
+        public var dispatchedAtMs, token: Int64
+        public var attempts: Int
+
+        public init(_ job: ClaimedJob, _ facts: TaskFacts) {
+            taskID = facts.taskID
+            jobID = job.jobID
+            taskName = facts.taskName
+            kind = facts.kind
+            ingressList = job.ingressList
+            queue = job.queue
+            datacenter = job.datacenter
+            workerID = facts.workerID
+            hostname = facts.hostname
+            dispatchedAtMs = job.dispatchedAtMs
+            token = job.token
+            attempts = job.attempts
+        }
+    }
+
+    public struct Start: Codable, Sendable, Hashable {
+        public var taskID, jobID, datacenter: String
+        public var token: Int64
+        public var pid: Int32
+    }
+
+    public struct Finish: Codable, Sendable, Hashable {
+        public var taskID, jobID, datacenter: String
+        public var token: Int64
+        public var outcome: String
+        public var exitStatus: Int32?
+        public var detail: String?
+    }
+
+    public struct Event: Codable, Sendable, Hashable {
+        public var taskID, jobID, event: String
+        public var worker, datacenter: String?
+        public var token: Int64?
+        public var detail: String?
+    }
+}
+
+/// What applying an operation did.
+public enum StoreOutcome: Sendable, Hashable {
+    case done, written, keptSuccess, fenced
+    /// Postgres was unreachable: the operation is on the local spool and will be applied in order later.
+    case spooled
+
+    var resultOutcome: ResultWriteOutcome {
+        switch self {
+        case .fenced: return .fenced
+        case .keptSuccess: return .keptSuccess
+        default: return .written
+        }
+    }
+}

@@ -1,0 +1,252 @@
+import CeleryWire
+import Foundation
+import Logging
+import Postgres
+import Synchronization
+import TandemCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The worker's result backend and ledger when Postgres may go away: while Postgres is unreachable, every write
+/// is appended (and fsynced) to a local spool file, and a flusher replays the spool in order once Postgres is
+/// back. Each replayed write commits in the same transaction as the spool's progress marker, so a crash during
+/// the flush neither loses a write nor applies one twice. Tasks keep running throughout.
+public final class SpoolingStore: ResultBackend, TaskLedger {
+    public let postgres: PostgresStore
+    let directory: String
+    let logger: Logger
+
+    struct State {
+        /// The spool being written, while Postgres is (or recently was) unreachable. All writes go there until
+        /// the flusher has replayed it completely, so one task's writes never overtake each other.
+        var active: SpoolFile?
+        var flushing = false
+    }
+    let state = Mutex(State())
+
+    /// - Parameter directory: where spool files live (created 0700). Spools left by a worker that died are
+    ///   picked up and flushed by the next worker that starts with the same directory.
+    public init(postgres: PostgresStore, directory: String, logger: Logger) throws {
+        self.postgres = postgres
+        self.directory = directory
+        self.logger = logger
+        do {
+            try FileManager.default.createDirectory(
+                atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw SpoolError("cannot create the result spool directory \(directory): \(error) — set --spool-dir to a writable local directory")
+        }
+    }
+
+    /// Starts flushing any spool files left behind by an earlier worker.
+    public func recoverLeftovers() {
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        let leftovers = files.filter { $0.hasSuffix(".spool") }.sorted()
+        guard !leftovers.isEmpty else { return }
+        Task {
+            for name in leftovers {
+                guard let spool = try? SpoolFile(path: directory + "/" + name, create: false) else { continue }
+                logger.warning("found a result spool left by an earlier worker (\(name)); flushing it to Postgres")
+                await flushUntilDone(spool, isActive: false)
+            }
+        }
+    }
+
+    public var spooledOperations: Int { state.withLock { $0.active?.count ?? 0 } }
+
+    // MARK: The one path every write takes
+
+    func run(_ op: StoreOperation) async throws -> StoreOutcome {
+        if let outcome = try appendIfSpooling(op) { return outcome }
+        do {
+            return try await postgres.apply(op)
+        } catch let e as PostgresError where e.isOutage {
+            logger.error("Postgres is unreachable (\(e.message)); spooling results on local disk in \(directory) until it is back")
+            return try spool(op)
+        }
+    }
+
+    private func appendIfSpooling(_ op: StoreOperation) throws -> StoreOutcome? {
+        try state.withLock { s in
+            guard let active = s.active else { return nil }
+            try active.append(op)
+            return .spooled
+        }
+    }
+
+    private func spool(_ op: StoreOperation) throws -> StoreOutcome {
+        let (spool, startFlusher) = try state.withLock { s -> (SpoolFile, Bool) in
+            if s.active == nil {
+                s.active = try SpoolFile(
+                    path: "\(directory)/\(Int(Date().timeIntervalSince1970 * 1000))-\(UUID().uuidString).spool", create: true)
+            }
+            try s.active!.append(op)
+            let start = !s.flushing
+            s.flushing = true
+            return (s.active!, start)
+        }
+        if startFlusher { Task { await self.flushUntilDone(spool, isActive: true) } }
+        return .spooled
+    }
+
+    /// Replays `spool` in order; returns once every line is applied and (for the active spool) no new line came.
+    func flushUntilDone(_ spool: SpoolFile, isActive: Bool) async {
+        var wait = Duration.milliseconds(500)
+        while true {
+            do {
+                let ops = try spool.readAll()
+                var applied = try await progress(of: spool)
+                while applied < ops.count {
+                    let op = ops[applied]
+                    let index = applied + 1
+                    let id = spool.id
+                    _ = try await postgres.client.transaction { tx in
+                        let outcome = try PostgresStore.apply(op, in: tx)
+                        _ = try tx.query(
+                            """
+                            INSERT INTO tandem_spool_progress (spool_id, applied) VALUES ($1, $2)
+                            ON CONFLICT (spool_id) DO UPDATE SET applied = excluded.applied, updated_at = now()
+                            """, [.text(id), .int(Int64(index))])
+                        return outcome
+                    }
+                    applied = index
+                }
+                // caught up: retire the spool unless a write arrived meanwhile
+                let done = try state.withLock { s -> Bool in
+                    if isActive {
+                        guard spool.count == applied else { return false }
+                        s.active = nil
+                        s.flushing = false
+                    }
+                    try spool.remove()
+                    return true
+                }
+                if done {
+                    _ = try? await postgres.client.query("DELETE FROM tandem_spool_progress WHERE spool_id = $1", [.text(spool.id)])
+                    logger.notice("result spool \(spool.id) flushed: \(applied) write(s) applied to Postgres in order")
+                    return
+                }
+            } catch let e as PostgresError where e.isOutage {
+                try? await Task.sleep(for: wait)
+                wait = min(wait * 2, .seconds(5))
+            } catch {
+                logger.error("cannot flush the result spool \(spool.path): \(error) — retrying in 5 s")
+                try? await Task.sleep(for: .seconds(5))
+            }
+        }
+    }
+
+    private func progress(of spool: SpoolFile) async throws -> Int {
+        let r = try await postgres.client.query(
+            "SELECT applied FROM tandem_spool_progress WHERE spool_id = $1", [.text(spool.id)])
+        return Int(r.rows.first?.int("applied") ?? 0)
+    }
+
+    // MARK: ResultBackend and TaskLedger
+
+    public func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome {
+        let outcome = try await run(.result(.init(record, fence: fence)))
+        return outcome.resultOutcome
+    }
+
+    public var recordsFencingInLedger: Bool { true }
+
+    public func state(taskID: String) async throws -> CeleryState { try await postgres.state(taskID: taskID) }
+
+    public func claimed(_ job: ClaimedJob, facts: TaskFacts) async throws -> FencedOutcome {
+        try await run(.claimed(.init(job, facts))) == .fenced ? .fenced : .done
+    }
+
+    public func started(_ job: ClaimedJob, taskID: String, pid: Int32) async throws {
+        _ = try await run(.started(.init(taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)))
+    }
+
+    public func finished(_ job: ClaimedJob, taskID: String, outcome: String, exitStatus: Int32?, detail: String?)
+        async throws
+    {
+        _ = try await run(
+            .finished(
+                .init(
+                    taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, outcome: outcome,
+                    exitStatus: exitStatus, detail: detail)))
+    }
+
+    public func event(
+        taskID: String, jobID: String, event: String, worker: String?, datacenter: String?, token: Int64?,
+        detail: String?
+    ) async throws {
+        _ = try await run(
+            .event(.init(taskID: taskID, jobID: jobID, event: event, worker: worker, datacenter: datacenter, token: token, detail: detail)))
+    }
+
+    public func entry(taskID: String) async throws -> LedgerEntry? { try await postgres.entry(taskID: taskID) }
+}
+
+extension PostgresError {
+    /// The server cannot be reached (as opposed to a statement the server refused).
+    public var isOutage: Bool { isConnectionLoss || code == .connectionFailed || code == .closed }
+}
+
+public struct SpoolError: Error, CustomStringConvertible {
+    public var description: String
+    init(_ d: String) { description = d }
+}
+
+/// An append-only file of JSON lines, one `StoreOperation` each, fsynced on every append. Held under an
+/// exclusive flock so two workers sharing a directory never flush the same spool.
+final class SpoolFile: @unchecked Sendable {
+    let path: String
+    let id: String
+    private let fd: Int32
+    private(set) var count = 0
+
+    init(path: String, create: Bool) throws {
+        self.path = path
+        id = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
+        fd = open(path, O_RDWR | O_APPEND | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), 0o600)
+        guard fd >= 0 else {
+            throw SpoolError("cannot open result spool \(path): \(String(cString: strerror(errno))) — is the disk full or read-only?")
+        }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw SpoolError("result spool \(path) is being flushed by another worker")
+        }
+        if !create { count = try readAll().count }
+    }
+
+    deinit { close(fd) }
+
+    func append(_ op: StoreOperation) throws {
+        var line = try JSONEncoder().encode(op)
+        line.append(0x0A)
+        let ok = line.withUnsafeBytes { buf -> Bool in
+            var off = 0
+            while off < buf.count {
+                let n = write(fd, buf.baseAddress! + off, buf.count - off)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return false
+                }
+                off += n
+            }
+            return fsync(fd) == 0
+        }
+        guard ok else {
+            throw SpoolError("cannot write to result spool \(path): \(String(cString: strerror(errno))) — is the disk full?")
+        }
+        count += 1
+    }
+
+    func readAll() throws -> [StoreOperation] {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        let decoder = JSONDecoder()
+        // a torn last line (crash mid-append) was never acknowledged to anyone: ignore it
+        return data.split(separator: 0x0A).compactMap { try? decoder.decode(StoreOperation.self, from: Data($0)) }
+    }
+
+    func remove() throws {
+        unlink(path)
+    }
+}

@@ -203,6 +203,7 @@ struct RedisClientTests {
     @Test func unixSocket() async throws {
         let dir = NSTemporaryDirectory() + "tandem-sock-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let server = try await startRedis(extraArguments: ["--unixsocket", dir + "/r.sock", "--unixsocketperm", "700"])
         let client = try redisClient("redis+socket://\(dir)/r.sock?virtual_host=2")
         defer { client.close() }

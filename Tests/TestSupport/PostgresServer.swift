@@ -11,6 +11,8 @@ public final class PostgresServer: Sendable {
     private let binDir: String
     private let runAs: [String]
     private let pidBox: Locked<pid_t?>
+    /// Set once started, so an attempt that failed (port taken) does not delete the cluster on its way out.
+    private let ownsDirectory = Locked(false)
 
     private static let sharedServer = Locked<PostgresServer?>(nil)
 
@@ -41,7 +43,14 @@ public final class PostgresServer: Sendable {
     }
 
     static func stopSharedAtExit() {
-        sharedServer.current?.stop()
+        guard let server = sharedServer.current else { return }
+        server.stop()
+        Spawn.removeDirectory(server.directory)
+    }
+
+    deinit {
+        stop()
+        if ownsDirectory.current { Spawn.removeDirectory(directory) }
     }
 
     /// Runs initdb in a fresh temp dir and starts a server on a free loopback port; waits until it accepts
@@ -63,20 +72,22 @@ public final class PostgresServer: Sendable {
             // setpriv execs in place, so the pid we hold is the postmaster's own.
             runAs = [setpriv, "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
         }
-        let server = PostgresServer(port: 0, directory: dir, binDir: bin, runAs: runAs)
+        let logPath = dir + "/postgres.log"
         if geteuid() == 0 {
             // The log file must be writable by postgres; create it first and hand it over.
-            _ = FileManager.default.createFile(atPath: server.logPath, contents: nil)
-            if let pw = getpwnam("postgres") { chown(server.logPath, pw.pointee.pw_uid, pw.pointee.pw_gid) }
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+            if let pw = getpwnam("postgres") { chown(logPath, pw.pointee.pw_uid, pw.pointee.pw_gid) }
         }
         try Spawn.run(runAs + ["\(bin)/initdb", "-D", dir + "/data", "-U", "postgres", "-A", "trust", "-E", "UTF8",
                                "--locale=C", "--no-sync"],
-                      log: server.logPath, directory: dir)
-        return try RedisServer.withFreshPort { port in
+                      log: logPath, directory: dir)
+        let server = try RedisServer.withFreshPort { port in
             let started = PostgresServer(port: port, directory: dir, binDir: bin, runAs: runAs)
             try started.launch()
             return started
         }
+        server.ownsDirectory.withLock { $0 = true }
+        return server
     }
 
     private func launch() throws {

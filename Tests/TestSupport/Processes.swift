@@ -239,6 +239,12 @@ enum Spawn {
         return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
     }
 
+    /// Removes a server's temp dir, unless TANDEM_KEEP_TEST_DIRS=1 asks to keep them for a post-mortem.
+    static func removeDirectory(_ path: String) {
+        guard ProcessInfo.processInfo.environment["TANDEM_KEEP_TEST_DIRS"] != "1" else { return }
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
     /// A fresh private directory under the system temp dir.
     static func tempDirectory(_ prefix: String) throws -> String {
         var template = Array((NSTemporaryDirectory() + "/\(prefix)-XXXXXX").utf8CString)

@@ -11,6 +11,8 @@ public final class RedisServer: Sendable {
     public let password: String?
     private let argv: [String]
     private let pidBox: Locked<pid_t?>
+    /// Set once started, so an attempt that failed (port taken) does not delete the dir the retry uses.
+    private let ownsDirectory = Locked(false)
 
     /// `redis://[:password@]127.0.0.1:PORT/0`.
     public var url: String {
@@ -32,7 +34,10 @@ public final class RedisServer: Sendable {
         self.pidBox = Locked(nil)
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        if ownsDirectory.current { Spawn.removeDirectory(directory) }
+    }
 
     /// Starts redis-server with `--save '' --appendonly no` (unless `extraArguments` override them, which
     /// come last) and waits until it answers PING.
@@ -46,6 +51,7 @@ public final class RedisServer: Sendable {
             argv += extraArguments
             let server = RedisServer(port: port, directory: dir, password: password, argv: argv)
             try server.launch()
+            server.ownsDirectory.withLock { $0 = true }
             return server
         }
     }
@@ -95,6 +101,7 @@ public final class RedisServer: Sendable {
         try conf.write(toFile: confPath, atomically: true, encoding: .utf8)
         let server = RedisServer(port: port, directory: dir, password: nil, argv: [binary, confPath, "--sentinel"])
         try server.launch()
+        server.ownsDirectory.withLock { $0 = true }
         return server
     }
 

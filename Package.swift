@@ -64,14 +64,21 @@ let package = Package(
             ]
         ),
 
+        // Operator surface: a small HTTP server (probes, metrics, Airflow's log endpoint) and Prometheus metrics.
+        .target(name: "HTTPServer", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "Observability",
+            dependencies: ["HTTPServer", "Worker", "Dispatcher", "TandemCore", .product(name: "Logging", package: "swift-log")]
+        ),
+
         // Thin executables.
         .executableTarget(
             name: "swift-worker",
-            dependencies: ["Worker", "Setup", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Worker", "Setup", "Observability", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "swift-dispatcher",
-            dependencies: ["Dispatcher", "Setup", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Dispatcher", "Setup", "Observability", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "executorctl",
@@ -89,6 +96,17 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "TestSupport"]
+        ),
+        .testTarget(
+            name: "ObservabilityTests",
+            dependencies: [
+                "Observability", "HTTPServer", "Setup", "Worker", "Dispatcher", "TandemCore", "CeleryWire", "Redis",
+                "TestSupport", .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "ExecutorctlTests",
+            dependencies: ["CeleryWire", "Redis", "Postgres", "TestSupport", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(
             name: "InteropTests",

@@ -105,6 +105,6 @@ func confirm(_ question: String) -> Bool {
         fail("\(question): refusing without a terminal to ask on; pass --yes", code: Exit.notFound)
     }
     print("\(question) [y/N] ", terminator: "")
-    fflush(stdout)
+    fflush(nil)
     return (readLine() ?? "").lowercased().hasPrefix("y")
 }

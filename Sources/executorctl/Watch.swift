@@ -38,14 +38,14 @@ struct Watch: AsyncParsableCommand {
         let cleanup: @Sendable () -> Void = {
             keys?.restore()
             if tty { print("\u{1B}[?25h", terminator: "") }
-            fflush(stdout)
+            fflush(nil)
         }
         signal(SIGINT, SIG_IGN)
         let sigint = DispatchSource.makeSignalSource(signal: SIGINT, queue: .main)
         sigint.setEventHandler {
             cleanup()
             if tty { print("") }
-            exit(0)
+            Foundation.exit(0)
         }
         sigint.resume()
         defer {
@@ -72,7 +72,7 @@ struct Watch: AsyncParsableCommand {
                     print(lines.joined(separator: "\n") + "\n")
                 }
             }
-            fflush(stdout)
+            fflush(nil)
             frames += 1
             if let count, frames >= count { return }
             let end = Date().addingTimeInterval(interval)
@@ -167,8 +167,9 @@ struct Snapshot {
         out += table(["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"], queues.map {
             [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)]
         }) { row, col, _ in col == 4 && queues[row].oldestAgeMs > 60_000 ? Style.yellow : nil }
-        out.append("waiting in Airflow's lists: \(pending)"
-            + (ingress.count > 1 ? "  (" + ingress.filter { $0.depth > 0 }.map { "\($0.list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) \($0.depth)" }.joined(separator: ", ") + ")" : ""))
+        let nonEmpty = ingress.filter { $0.depth > 0 }
+            .map { "\($0.list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) \($0.depth)" }
+        out.append("waiting in Airflow's lists: \(pending)" + (nonEmpty.isEmpty ? "" : "  (" + nonEmpty.joined(separator: ", ") + ")"))
         out.append("")
         out += table(["WORKER", "DC", "BUSY/SLOTS", "STATE", "LAST HEARTBEAT"], workers.map {
             [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", $0.state.rawValue, seconds(nowMs - $0.lastSeenMs) + " ago"]

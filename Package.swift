@@ -97,6 +97,12 @@ let package = Package(
             name: "IntegrationTests",
             dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "TestSupport"]
         ),
+        // Chaos: real processes killed, frozen and restarted; prints submitted/completed/lost/duplicates/drain time.
+        .testTarget(
+            name: "ChaosTests",
+            dependencies: ["TandemCore", "TandemRedis", "CeleryWire", "Redis", "Postgres", "TestSupport",
+                .product(name: "Logging", package: "swift-log")]
+        ),
         .testTarget(
             name: "ObservabilityTests",
             dependencies: [

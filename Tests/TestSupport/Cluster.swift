@@ -73,9 +73,14 @@ public final class Cluster: @unchecked Sendable {
     /// Added to (and overriding) `environment` for every process started afterwards.
     public var extraEnvironment: [String: String] = [:]
 
-    public init() throws {
+    /// A Postgres of this cluster's own, for tests that stop it (nil: the process-wide shared one).
+    public let ownPostgres: PostgresServer?
+
+    /// - Parameter dedicatedPostgres: start a Postgres for this cluster alone (for tests that stop it).
+    public init(dedicatedPostgres: Bool = false) throws {
         redis = try RedisServer.start()
-        postgresURL = try PostgresServer.shared().createDatabase()
+        ownPostgres = dedicatedPostgres ? try PostgresServer.start() : nil
+        postgresURL = try (ownPostgres ?? PostgresServer.shared()).createDatabase()
         dir = NSTemporaryDirectory() + "tandem-it-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: dir + "/locks", withIntermediateDirectories: true)
     }
@@ -115,10 +120,15 @@ public final class Cluster: @unchecked Sendable {
 
     /// Lines of the fake airflow's event log.
     public func taskEvents() -> [(event: String, key: String, executorID: String)] {
+        timedTaskEvents().map { ($0.event, $0.key, $0.executorID) }
+    }
+
+    /// Lines of the fake airflow's event log with their wall-clock time (seconds since 1970).
+    public func timedTaskEvents() -> [(event: String, key: String, executorID: String, at: Double)] {
         let text = (try? String(contentsOfFile: fakeLog, encoding: .utf8)) ?? ""
         return text.split(separator: "\n").compactMap { line in
             let f = line.split(separator: " ")
-            return f.count >= 3 ? (String(f[0]), String(f[1]), String(f[2])) : nil
+            return f.count >= 3 ? (String(f[0]), String(f[1]), String(f[2]), f.count >= 5 ? Double(f[4]) ?? 0 : 0) : nil
         }
     }
 
@@ -131,6 +141,7 @@ public final class Cluster: @unchecked Sendable {
         for p in processes where p.isRunning { p.signal(SIGKILL) }
         processes.removeAll()
         redis.stop()
+        ownPostgres?.stop()
         try? FileManager.default.removeItem(atPath: dir)
     }
 }

@@ -1,0 +1,287 @@
+import CeleryWire
+import Foundation
+import Logging
+import Postgres
+import Redis
+import TandemRedis
+import Testing
+import TestSupport
+
+/// What one chaos scenario measured; printed as one line and appended to $TANDEM_CHAOS_REPORT when set.
+struct ChaosReport: CustomStringConvertible {
+    var scenario: String
+    var submitted = 0
+    var completed = 0
+    var lost = 0
+    var ranTwiceConcurrently = 0
+    /// From the fault to the first / last task that had to move (nil when nothing had to move).
+    var firstDrained: Double?
+    var lastDrained: Double?
+    var notes: [String] = []
+
+    var description: String {
+        func s(_ d: Double?) -> String { d.map { String(format: "%.1fs", $0) } ?? "-" }
+        return "chaos \(scenario): submitted \(submitted) completed \(completed) lost \(lost) "
+            + "ran-twice-concurrently \(ranTwiceConcurrently) time-to-drain first \(s(firstDrained)) last \(s(lastDrained))"
+            + (notes.isEmpty ? "" : " — " + notes.joined(separator: "; "))
+    }
+
+    func publish() {
+        print(description)
+        if let path = ProcessInfo.processInfo.environment["TANDEM_CHAOS_REPORT"],
+            let h = FileHandle(forWritingAtPath: path) ?? {
+                FileManager.default.createFile(atPath: path, contents: nil)
+                return FileHandle(forWritingAtPath: path)
+            }()
+        {
+            h.seekToEndOfFile()
+            h.write((description + "\n").data(using: .utf8)!)
+            h.closeFile()
+        }
+    }
+}
+
+/// The site-loss suite: one machine plays two datacenters with real swift-worker and swift-dispatcher processes,
+/// real Redis and Postgres, and faults injected with kill -9, SIGSTOP/SIGCONT, SIGTERM and a stopped Postgres.
+/// Every scenario must end with zero lost and zero concurrent duplicates.
+@Suite("Chaos: site loss, failover, fencing, outages", .serialized)
+struct ChaosTests {
+    /// Short leases so scenarios take seconds; production defaults are 30 s / 10 s / 15 s.
+    static let workerFlags = ["--lease-ttl", "4", "--renew-every", "1", "--shutdown-grace", "30"]
+    static let dispatcherFlags = ["--dc-loss-after", "3", "--leader-lease", "2"]
+
+    final class Harness: @unchecked Sendable {
+        let cluster: Cluster
+        let redis: RedisClient
+        let pg: PostgresClient
+
+        init(dedicatedPostgres: Bool = false) throws {
+            cluster = try Cluster(dedicatedPostgres: dedicatedPostgres)
+            redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "chaos"))
+            pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "chaos"))
+        }
+
+        func submit(_ n: Int, task: String, prefix: String) async throws -> [String] {
+            var ids: [String] = []
+            for i in 0..<n {
+                let id = UUID().uuidString.lowercased()
+                let m = CeleryPublisher.message(
+                    taskName: "execute_command", id: id,
+                    args: [.array(["airflow", "tasks", "run", "chaos", .string(task), .string("\(prefix)\(i)"), "--local"])])
+                _ = try await redis.send(["LPUSH", m.list, m.element])
+                ids.append(id)
+            }
+            return ids
+        }
+
+        func finalStates(_ ids: [String]) async throws -> [String: String] {
+            let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta WHERE status IN ('SUCCESS', 'FAILURE')")
+            let wanted = Set(ids)
+            var out: [String: String] = [:]
+            for row in r.rows { if let id = row.string("task_id"), wanted.contains(id) { out[id] = row.string("status") } }
+            return out
+        }
+
+        /// Waits until every id has a final state (or the timeout), then fills in the report's counts.
+        func settle(_ ids: [String], _ report: inout ChaosReport, timeout: Duration = .seconds(150)) async throws {
+            _ = try await eventually(timeout: timeout, every: .milliseconds(250)) {
+                (try? await finalStates(ids).count) == ids.count
+            }
+            let s = try await finalStates(ids)
+            report.submitted = ids.count
+            report.completed = s.values.filter { $0 == "SUCCESS" }.count
+            report.lost = ids.count - s.count
+            report.ranTwiceConcurrently = cluster.taskEvents().filter { $0.event == "DUPLICATE" }.count
+        }
+
+        /// Tasks that were claimed in `fromDC` but finished elsewhere, and when (epoch seconds) they started and
+        /// finished there.
+        func drained(from fromDC: String) async throws -> [(started: Double, finished: Double)] {
+            let r = try await pg.query(
+                """
+                SELECT extract(epoch FROM t.started_at)::float8::text AS s, extract(epoch FROM t.finished_at)::float8::text AS f
+                  FROM tandem_tasks t
+                 WHERE t.datacenter <> $1 AND t.finished_at IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM tandem_task_events e WHERE e.task_id = t.task_id AND e.datacenter = $1)
+                """, [.text(fromDC)])
+            return r.rows.compactMap { row in
+                guard let s = row.string("s").flatMap(Double.init), let f = row.string("f").flatMap(Double.init) else { return nil }
+                return (s, f)
+            }
+        }
+    }
+
+    @Test("site loss: kill -9 every east worker and the east dispatcher mid-run; west completes everything")
+    func siteLoss() async throws {
+        let h = try Harness()
+        let eastDispatcher = try h.cluster.startDispatcher(name: "dispatcher-east", extra: Self.dispatcherFlags + ["--dc", "east"])
+        try await Task.sleep(for: .seconds(1))  // east's dispatcher leads
+        try h.cluster.startDispatcher(name: "dispatcher-west", extra: Self.dispatcherFlags + ["--dc", "west"])
+        var east: [TandemProcess] = []
+        for i in 1...2 {
+            east.append(try h.cluster.startWorker(dc: "east", name: "east-\(i)", extra: Self.workerFlags + ["--concurrency", "4"]))
+            try h.cluster.startWorker(dc: "west", name: "west-\(i)", extra: Self.workerFlags + ["--concurrency", "4"])
+        }
+        try await Task.sleep(for: .seconds(2))
+        let ids = try await h.submit(48, task: "sleep-1.5", prefix: "site")
+        // wait until east is busy, then lose the whole datacenter at once
+        _ = try await eventually(timeout: .seconds(30)) {
+            try await h.pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE datacenter = 'east' AND started_at IS NOT NULL AND finished_at IS NULL").rows.first?.int("n") ?? 0 >= 4
+        }
+        let lossAt = Date().timeIntervalSince1970
+        for p in east + [eastDispatcher] { p.signal(SIGKILL) }
+        var report = ChaosReport(scenario: "site-loss")
+        try await h.settle(ids, &report)
+        let moved = try await h.drained(from: "east")
+        report.firstDrained = moved.map(\.started).min().map { $0 - lossAt }
+        report.lastDrained = moved.map(\.finished).max().map { $0 - lossAt }
+        report.notes.append("\(moved.count) task(s) moved from east to west")
+        report.publish()
+        #expect(report.lost == 0, "\(h.cluster.logs())")
+        #expect(report.ranTwiceConcurrently == 0)
+        #expect(report.completed == ids.count)
+        #expect(!moved.isEmpty, "east held work when it was lost; some of it must have been drained to west")
+        // everything after the loss ran in west
+        let eastAfter = try await h.pg.query(
+            "SELECT count(*) AS n FROM tandem_tasks WHERE datacenter = 'east' AND finished_at IS NOT NULL AND extract(epoch FROM finished_at) > $1::float8",
+            [.text(String(lossAt + 0.5))])
+        #expect(eastAfter.rows.first?.int("n") == 0)
+    }
+
+    @Test("leader failover: the leader dispatcher frozen, a standby takes over; the old leader resumed is refused")
+    func leaderFailover() async throws {
+        let h = try Harness()
+        let a = try h.cluster.startDispatcher(name: "dispatcher-a", extra: Self.dispatcherFlags + ["--id", "A"])
+        try await Task.sleep(for: .seconds(1))
+        let b = try h.cluster.startDispatcher(name: "dispatcher-b", extra: Self.dispatcherFlags + ["--id", "B"])
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: Self.workerFlags + ["--concurrency", "8"])
+        try await Task.sleep(for: .seconds(2))
+        let leaderBefore = try await h.redis.send(["HGET", Keys.leader, "owner"]).string
+        #expect(leaderBefore == "A")
+        let first = try await h.submit(8, task: "ok", prefix: "before")
+        var report = ChaosReport(scenario: "leader-failover")
+        try await h.settle(first, &report)
+        #expect(report.lost == 0)
+
+        a.signal(SIGSTOP)
+        let stoppedAt = Date()
+        let tookOver = try await eventually(timeout: .seconds(20)) {
+            try await h.redis.send(["HGET", Keys.leader, "owner"]).string == "B"
+        }
+        let takeover = Date().timeIntervalSince(stoppedAt)
+        #expect(tookOver, "\(b.log())")
+        let during = try await h.submit(16, task: "ok", prefix: "during")
+        a.signal(SIGCONT)  // the deposed leader wakes up with its old epoch
+        let after = try await h.submit(16, task: "ok", prefix: "after")
+        try await h.settle(first + during + after, &report)
+        report.notes.append(String(format: "standby took over %.1fs after the leader froze (lease 2 s)", takeover))
+        let refused = try await eventually(timeout: .seconds(10)) {
+            a.log().contains("standing by") || a.log().contains("deposed")
+        }
+        report.notes.append("old leader on waking: \(refused ? "stood down" : "DID NOT stand down")")
+        report.publish()
+        #expect(refused, "\(a.log())")
+        #expect(report.lost == 0 && report.ranTwiceConcurrently == 0)
+        #expect(try await h.redis.send(["HGET", Keys.leader, "owner"]).string == "B")
+        // every task ran exactly once
+        #expect(h.cluster.taskEvents().filter { $0.event == "start" }.count == first.count + during.count + after.count)
+    }
+
+    @Test("fencing: a worker frozen (SIGSTOP) past its lease and resumed can neither ack nor write a result")
+    func frozenWorkerIsFenced() async throws {
+        let h = try Harness()
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        let east = try h.cluster.startWorker(dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "1"])
+        try await Task.sleep(for: .seconds(2))
+        let ids = try await h.submit(1, task: "sleep-2", prefix: "frozen")
+        _ = try await eventually(timeout: .seconds(20)) { h.cluster.taskEvents().contains { $0.event == "start" } }
+        east.signal(SIGSTOP)
+        let frozenAt = Date().timeIntervalSince1970
+        // a west worker takes over once the lease (4 s) expires and the dispatcher reclaims it
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: Self.workerFlags)
+        var report = ChaosReport(scenario: "sigstop-fencing")
+        try await h.settle(ids, &report)
+        let secondStart = h.cluster.timedTaskEvents().filter { $0.event == "start" }.map(\.at).max() ?? frozenAt
+        east.signal(SIGCONT)
+        let fenced = try await eventually(timeout: .seconds(20)) {
+            (try await h.pg.query(
+                "SELECT count(*) AS n FROM tandem_task_events WHERE task_id = $1 AND event = 'fenced' AND token = (SELECT min(token) FROM tandem_task_events WHERE task_id = $1 AND event = 'claimed')",
+                [.text(ids[0])]).rows.first?.int("n") ?? 0) >= 1
+        }
+        report.firstDrained = secondStart - frozenAt
+        report.notes.append("late attempt recorded as fenced: \(fenced)")
+        report.publish()
+        #expect(fenced, "\(h.cluster.logs())")
+        #expect(report.lost == 0 && report.ranTwiceConcurrently == 0)
+        let row = try await h.pg.query("SELECT status FROM celery_taskmeta WHERE task_id = $1", [.text(ids[0])])
+        #expect(row.rows.first?.string("status") == "SUCCESS")
+        let ledger = try await h.pg.query("SELECT claimed_by, attempts FROM tandem_tasks WHERE task_id = $1", [.text(ids[0])])
+        #expect(ledger.rows.first?.string("claimed_by") == "west-1")
+        #expect(ledger.rows.first?.int("attempts") == 2)
+        // nothing of the job is left in Redis: the resumed worker's ack could not bring anything back
+        #expect(try await h.redis.send(["ZCARD", Keys.leases]).int == 0)
+    }
+
+    @Test("Postgres stopped for 60 s under load: workers keep running tasks, spool results, then flush them in order")
+    func postgresOutage() async throws {
+        let h = try Harness(dedicatedPostgres: true)
+        let server = try #require(h.cluster.ownPostgres)
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "4"])
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: Self.workerFlags + ["--concurrency", "4"])
+        try await Task.sleep(for: .seconds(2))
+        var ids = try await h.submit(8, task: "sleep-0.5", prefix: "pre")
+        server.stop()
+        let downAt = Date().timeIntervalSince1970
+        // load while Postgres is down: tasks keep running (the fake airflow log shows them)
+        for round in 0..<6 {
+            ids += try await h.submit(5, task: "sleep-0.5", prefix: "down\(round)-")
+            try await Task.sleep(for: .seconds(10))
+        }
+        let ranWhileDown = h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > downAt + 1 }.count
+        try server.restart()
+        var report = ChaosReport(scenario: "postgres-outage-60s")
+        try await h.settle(ids, &report)
+        report.notes.append("\(ranWhileDown) task(s) finished while Postgres was down")
+        // none written twice: one terminal ledger event per task, one celery_taskmeta row per task
+        let dupes = try await h.pg.query(
+            "SELECT count(*) AS n FROM (SELECT task_id FROM tandem_task_events WHERE event IN ('success','failure') GROUP BY task_id HAVING count(*) > 1) d")
+        let doubled = dupes.rows.first?.int("n") ?? -1
+        report.notes.append("results written twice: \(doubled)")
+        report.publish()
+        #expect(ranWhileDown >= 20, "tasks must keep running while Postgres is down: \(h.cluster.logs())")
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(doubled == 0)
+        #expect(report.ranTwiceConcurrently == 0)
+        let spools = (try? FileManager.default.contentsOfDirectory(atPath: h.cluster.dir + "/spool")) ?? []
+        #expect(spools.filter { $0.hasSuffix(".spool") }.isEmpty, "the spool must be flushed and removed: \(spools)")
+    }
+
+    @Test("rolling restart of every worker under load (SIGTERM, replacement started): nothing lost, nothing doubled")
+    func rollingRestart() async throws {
+        let h = try Harness()
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        var workers: [TandemProcess] = []
+        for (i, dc) in ["east", "east", "west", "west"].enumerated() {
+            workers.append(try h.cluster.startWorker(dc: dc, name: "\(dc)-\(i)", extra: Self.workerFlags + ["--concurrency", "3"]))
+        }
+        try await Task.sleep(for: .seconds(2))
+        var ids = try await h.submit(30, task: "sleep-1", prefix: "roll")
+        for (i, w) in workers.enumerated() {
+            w.signal(SIGTERM)
+            ids += try await h.submit(5, task: "sleep-1", prefix: "roll\(i)-")
+            let code = await w.waitForExit(timeout: .seconds(40))
+            #expect(code == 0, "\(w.log())")
+            let dc = i < 2 ? "east" : "west"
+            try h.cluster.startWorker(dc: dc, name: "\(dc)-\(i)-new", extra: Self.workerFlags + ["--concurrency", "3"])
+        }
+        var report = ChaosReport(scenario: "rolling-restart")
+        try await h.settle(ids, &report)
+        let starts = h.cluster.taskEvents().filter { $0.event == "start" }.count
+        report.notes.append("\(starts) task start(s) for \(ids.count) task(s)")
+        report.publish()
+        #expect(report.lost == 0 && report.completed == ids.count)
+        #expect(report.ranTwiceConcurrently == 0)
+        #expect(starts == ids.count, "a graceful restart must not re-run anything")
+    }
+}

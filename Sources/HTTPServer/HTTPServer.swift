@@ -353,8 +353,8 @@ public final class HTTPServer: @unchecked Sendable {
         guard let text = String(bytes: head, encoding: .utf8) else {
             return .failure(Refusal(status: 400, message: "request head is not UTF-8"))
         }
-        var lines = text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" })
-            .map { $0.hasSuffix("\r") ? String($0.dropLast()) : String($0) }
+        // "\r\n" is one Character in Swift, and a newline
+        var lines = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).map(String.init)
         while lines.last == "" { lines.removeLast() }
         guard let requestLine = lines.first else { return .failure(Refusal(status: 400, message: "empty request")) }
         let parts = requestLine.split(separator: " ", omittingEmptySubsequences: true)

@@ -1,0 +1,137 @@
+import CeleryWire
+import Foundation
+import Logging
+import Redis
+import Testing
+import TestSupport
+
+/// Real swift-dispatcher and swift-worker processes: scrape /metrics during a run and check the figures against
+/// what happened; /readyz follows Redis; --log-json lines carry the task's fields.
+@Suite("Metrics and probes of real processes", .serialized)
+struct MetricsProcessTests {
+    let cluster: Cluster
+    let redis: RedisClient
+
+    init() async throws {
+        cluster = try Cluster()
+        redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+    }
+
+    @discardableResult
+    func submit(task: String, run: String) async throws -> String {
+        let id = UUID().uuidString.lowercased()
+        let m = CeleryPublisher.message(
+            taskName: "execute_command", id: id,
+            args: [.array(["airflow", "tasks", "run", "dag", .string(task), .string(run), "--local"])], queue: "default")
+        _ = try await redis.send(["LPUSH", m.list, m.element])
+        return id
+    }
+
+    func scrape(_ port: Int) async throws -> String {
+        let r = try await get(port: port, "/metrics")
+        #expect(r.status == 200)
+        #expect(r.head.contains("text/plain; version=0.0.4"))
+        return r.body
+    }
+
+    @Test("N tasks, one failing and one malformed message: tasks_total, dispatched, dead letters, histograms and gauges match")
+    func figuresMatchTheRun() async throws {
+        let dport = freeLoopbackPort()
+        let wport = freeLoopbackPort()
+        try cluster.startDispatcher(extra: ["--metrics-port", String(dport)])
+        let worker = try cluster.startWorker(
+            dc: "east", name: "east-1", extra: ["--concurrency", "3", "--metrics-port", String(wport), "--log-json"])
+        let up = try await eventually(timeout: .seconds(20)) {
+            let w = try? await get(port: wport, "/readyz").status
+            let d = try? await get(port: dport, "/readyz").status
+            return w == 200 && d == 200
+        }
+        #expect(up, "\(cluster.logs())")
+        #expect(try await get(port: wport, "/healthz").status == 200)
+        let before = try await scrape(wport)
+        #expect(sample(before, "tandem_worker_slots") == 3)
+        #expect(sample(before, "tandem_worker_info", ["dc": "east", "worker": "east-1"]) == 1)
+
+        let n = 5
+        for i in 0..<n { try await submit(task: "sleep-0.2", run: "m\(i)") }
+        try await submit(task: "fail", run: "f0")
+        _ = try await redis.send(["LPUSH", "default", "this is not a kombu envelope"])
+        // a long task keeps a slot busy and a lease held while we look
+        try await submit(task: "sleep-6", run: "long")
+
+        let done = try await eventually(timeout: .seconds(60)) {
+            let t = try await scrape(wport)
+            return total(t, "tandem_tasks_total", where: ["outcome": "SUCCESS"]) == Double(n)
+                && total(t, "tandem_tasks_total", where: ["outcome": "FAILURE"]) >= 1
+                && total(t, "tandem_dead_letters_total") == 1
+        }
+        #expect(done, "\(cluster.logs())")
+        let w = try await scrape(wport)
+        #expect(sample(w, "tandem_tasks_total", ["outcome": "SUCCESS", "dc": "east", "queue": "default"]) == Double(n))
+        // the malformed message has no task id: a dead letter, and a FAILURE only for the failing task
+        #expect(sample(w, "tandem_tasks_total", ["outcome": "FAILURE", "dc": "east", "queue": "default"]) == 1)
+        #expect(sample(w, "tandem_dead_letters_total", ["dc": "east", "queue": "default"]) == 1)
+        #expect(sample(w, "tandem_task_run_seconds_count", ["dc": "east", "queue": "default"]) == Double(n + 1))
+        #expect((sample(w, "tandem_task_run_seconds_sum", ["dc": "east", "queue": "default"]) ?? 0) >= 0.2 * Double(n))
+        #expect(sample(w, "tandem_task_queue_wait_seconds_count", ["dc": "east", "queue": "default"]) == Double(n + 1))
+        #expect(sample(w, "tandem_jobs_claimed_total", ["dc": "east"]) == Double(n + 3))
+        #expect(sample(w, "tandem_worker_slots_busy") == 1, "the sleep-6 task is still running")
+        #expect(sample(w, "tandem_worker_phase", ["phase": "running"]) == 1)
+        #expect(sample(w, "tandem_redis_errors_total") == 0)
+
+        let d = try await scrape(dport)
+        #expect(total(d, "tandem_dispatched_total") == Double(n + 3))
+        #expect(sample(d, "tandem_dispatched_total", ["queue": "default", "dc": "east"]) == Double(n + 3))
+        #expect(sample(d, "tandem_datacenter_status", ["dc": "east", "status": "alive"]) == 1)
+        #expect(sample(d, "tandem_datacenter_workers", ["dc": "east"]) == 1)
+        #expect(sample(d, "tandem_datacenter_slots", ["dc": "east"]) == 3)
+        #expect(sample(d, "tandem_queue_depth", ["dc": "east", "queue": "default"]) == 0)
+        #expect(sample(d, "tandem_queue_in_flight", ["dc": "east", "queue": "default"]) == 1)
+        #expect(sample(d, "tandem_reclaimed_total", ["disposition": "requeued"]) == 0)
+
+        // leases are renewed while sleep-6 runs (every 10 s by default is too slow to see: check after the run)
+        _ = try await eventually(timeout: .seconds(30)) {
+            total(try await scrape(wport), "tandem_tasks_total", where: ["outcome": "SUCCESS"]) == Double(n + 1)
+        }
+
+        // every JSON log line about a task carries its fields
+        let lines = worker.log().split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: String]
+        }
+        #expect(!lines.isEmpty, "--log-json printed no JSON lines:\n\(worker.log().prefix(2000))")
+        let taskLines = lines.filter { $0["task_id"] != nil }
+        #expect(!taskLines.isEmpty, "no log line carried task_id:\n\(worker.log().prefix(3000))")
+        for l in taskLines {
+            #expect(l["dc"] == "east" && l["queue"] == "default" && l["attempt"] == "1" && l["job"] != nil, "\(l)")
+            #expect(l["level"] != nil && l["msg"] != nil && l["ts"] != nil && l["worker"] == "east-1")
+        }
+    }
+
+    @Test("/readyz answers 503 with a reason once Redis is gone; /healthz stays 200")
+    func readinessFollowsRedis() async throws {
+        let dport = freeLoopbackPort()
+        let wport = freeLoopbackPort()
+        try cluster.startDispatcher(extra: ["--metrics-port", String(dport)])
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--metrics-port", String(wport)])
+        let up = try await eventually(timeout: .seconds(20)) {
+            let w = try? await get(port: wport, "/readyz").status
+            let d = try? await get(port: dport, "/readyz").status
+            return w == 200 && d == 200
+        }
+        #expect(up, "\(cluster.logs())")
+        cluster.redis.stop()
+        let down = try await eventually(timeout: .seconds(20)) {
+            let w = try? await get(port: wport, "/readyz").status
+            let d = try? await get(port: dport, "/readyz").status
+            return w == 503 && d == 503
+        }
+        #expect(down, "\(cluster.logs())")
+        let r = try await get(port: wport, "/readyz")
+        #expect(r.body.hasPrefix("not ready: Redis unreachable"), "\(r.body)")
+        #expect(r.body.split(separator: "\n").count == 1)
+        #expect(try await get(port: wport, "/healthz").status == 200)
+        #expect(try await get(port: dport, "/healthz").status == 200)
+        let m = try await scrape(wport)
+        #expect((sample(m, "tandem_redis_errors_total") ?? 0) >= 1)
+    }
+}

@@ -7,8 +7,8 @@
 --           job id, fencing token, attempts (after this claim), raw message, ingress list, queue, dc,
 --           dispatched_ms, deadline_ms
 --
--- Invariant: a job leaves its queue only together with its lease (owner, a fencing token from a counter that
--- only grows, a deadline from Redis TIME). A worker that dies after this script returns loses nothing: the
+-- Invariant: a job leaves its queue only together with its lease (owner, a fencing token that only grows — a
+-- counter floored at Redis TIME in microseconds — and a deadline from Redis TIME). A worker that dies after this script returns loses nothing: the
 -- lease expires and reclaim.lua puts the job back.
 local p = '{tandem}'
 local t = redis.call('TIME')
@@ -17,13 +17,24 @@ local deadline = now + tonumber(ARGV[2])
 local max = tonumber(ARGV[3])
 local out = {}
 local n = 0
+-- Fencing tokens must keep growing even across a Sentinel failover that loses the newest counter writes
+-- (asynchronous replication): each token is at least Redis TIME in microseconds, so a promoted replica whose
+-- counter lags still issues tokens above every token the old master handed out before it died.
+local function nextToken()
+  local floor = t[1] * 1000000 + t[2]
+  local c = tonumber(redis.call('GET', p .. ':fence')) or 0
+  -- formatted with %d: Lua would print a 16-digit number as 1.7e+15 when passing it to Redis
+  local token = string.format('%d', math.max(c + 1, floor))
+  redis.call('SET', p .. ':fence', token)
+  return token
+end
 for i = 2, #KEYS do
   while n < max do
     local jid = redis.call('RPOP', KEYS[i])
     if not jid then break end
     local job = p .. ':job:' .. jid
     if redis.call('EXISTS', job) == 1 then
-      local token = redis.call('INCR', p .. ':fence')
+      local token = nextToken()
       local attempts = redis.call('HINCRBY', job, 'attempts', 1)
       redis.call('HSET', job, 'owner', ARGV[1], 'token', token, 'deadline_ms', deadline,
         'claimed_ms', now, 'state', 'leased', 'claimed_from', KEYS[i])

@@ -131,6 +131,16 @@ struct TaskCmd: AsyncParsableCommand {
         let state: CeleryState
         do {
             store = PostgresStore(configuration: try PostgresConfiguration(url: url), logger: Logger(label: "executorctl"))
+            // prepare() runs idempotent DDL whose NOTICEs libpq prints straight to stderr ("relation … already
+            // exists, skipping"); errors come back as thrown values, so stderr can be muted meanwhile
+            let saved = dup(2)
+            let null = open("/dev/null", O_WRONLY)
+            dup2(null, 2)
+            defer {
+                dup2(saved, 2)
+                close(saved)
+                close(null)
+            }
             try await store.prepare()
             found = try await store.entry(taskID: taskID)
             state = try await store.state(taskID: taskID)

@@ -1,0 +1,222 @@
+import CeleryWire
+import Foundation
+import Logging
+import Redis
+import Testing
+import TestSupport
+
+/// What one run of the executorctl binary did.
+struct Run: CustomStringConvertible {
+    var code: Int32
+    var out: String
+    var err: String
+    var description: String { "exit \(code)\n--- stdout\n\(out)\n--- stderr\n\(err)" }
+    func json() throws -> Any { try JSONSerialization.jsonObject(with: Data(out.utf8)) }
+    var errLines: [Substring] { err.split(separator: "\n") }
+}
+
+/// Runs the built executorctl with stdin from /dev/null (no terminal: confirmations refuse) and stdout to a file.
+func executorctl(_ args: [String], env: [String: String] = [:]) async throws -> Run {
+    let bin = try Repo.binary("executorctl")
+    return try await offPool {
+        let dir = NSTemporaryDirectory() + "ctl-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        FileManager.default.createFile(atPath: dir + "/out", contents: nil)
+        FileManager.default.createFile(atPath: dir + "/err", contents: nil)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: bin)
+        p.arguments = args
+        var e = ProcessInfo.processInfo.environment
+        for k in e.keys where k.hasPrefix("AIRFLOW__") || k.hasPrefix("TANDEM_") { e[k] = nil }
+        for (k, v) in env { e[k] = v }
+        p.environment = e
+        p.standardInput = FileHandle.nullDevice
+        p.standardOutput = FileHandle(forWritingAtPath: dir + "/out")!
+        p.standardError = FileHandle(forWritingAtPath: dir + "/err")!
+        try p.run()
+        p.waitUntilExit()
+        return Run(
+            code: p.terminationStatus,
+            out: (try? String(contentsOfFile: dir + "/out", encoding: .utf8)) ?? "",
+            err: (try? String(contentsOfFile: dir + "/err", encoding: .utf8)) ?? "")
+    }
+}
+
+@Suite("executorctl against real servers", .serialized)
+struct ExecutorctlTests {
+    let cluster: Cluster
+    let redis: RedisClient
+
+    init() async throws {
+        cluster = try Cluster()
+        redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+    }
+
+    var env: [String: String] {
+        ["AIRFLOW__CELERY__BROKER_URL": cluster.brokerURL, "AIRFLOW__CELERY__RESULT_BACKEND": cluster.resultBackend]
+    }
+
+    func ctl(_ args: String...) async throws -> Run { try await executorctl(args, env: env) }
+
+    @discardableResult
+    func submit(task: String, run: String) async throws -> String {
+        let id = UUID().uuidString.lowercased()
+        let m = CeleryPublisher.message(
+            taskName: "execute_command", id: id,
+            args: [.array(["airflow", "tasks", "run", "dag", .string(task), .string(run), "--local"])], queue: "default")
+        _ = try await redis.send(["LPUSH", m.list, m.element])
+        return id
+    }
+
+    @Test("every command against a running two-datacenter cluster: tables, --json, confirmations, dc and dlq changes, watch")
+    func everyCommand() async throws {
+        try cluster.startDispatcher(extra: ["--metrics-port", "0"])
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2", "--metrics-port", "0"])
+        try cluster.startWorker(dc: "west", name: "west-1", extra: ["--concurrency", "2", "--metrics-port", "0"])
+        let both = try await eventually(timeout: .seconds(20)) {
+            let r = try await ctl("dc", "status", "--json")
+            let a = (try? r.json() as? [[String: Any]]) ?? []
+            return a.filter { $0["status"] as? String == "alive" }.count == 2
+        }
+        #expect(both, "\(cluster.logs())")
+
+        let ok = try await submit(task: "ok", run: "r1")
+        try await submit(task: "sleep-30", run: "long")
+        _ = try await redis.send(["LPUSH", "default", "not a kombu envelope"])
+
+        // task: the ledger's view, plain and JSON; unknown → 1
+        let finished = try await eventually(timeout: .seconds(30)) { try await ctl("task", ok).out.contains("SUCCESS") }
+        #expect(finished, "\(cluster.logs())")
+        let task = try await ctl("task", ok)
+        #expect(task.code == 0, "\(task)")
+        #expect(task.out.hasPrefix("task \(ok)  SUCCESS"), "\(task)")
+        #expect(task.out.contains("EVENT") && task.out.contains("claimed"), "\(task)")
+        #expect(!task.out.contains("\u{1B}["), "no colour without a terminal")
+        let tj = try #require(try await ctl("task", ok, "--json").json() as? [String: Any])
+        #expect(tj["celery_state"] as? String == "SUCCESS")
+        #expect(tj["attempts"] as? Int == 1)
+        let unknown = try await ctl("task", "no-such-task")
+        #expect(unknown.code == 1, "\(unknown)")
+        #expect(unknown.errLines.count == 1 && unknown.err.contains("no task no-such-task"), "\(unknown)")
+
+        // leases: the long task holds one, not expired
+        let leased = try await eventually(timeout: .seconds(20)) {
+            ((try? await ctl("leases", "--json").json() as? [[String: Any]]) ?? []).count == 1
+        }
+        #expect(leased)
+        let leases = try #require(try await ctl("leases", "--json").json() as? [[String: Any]])
+        #expect(["east-1", "west-1"].contains(leases.first?["owner"] as? String ?? ""), "\(leases)")
+        #expect(leases.first?["expired"] as? Bool == false)
+        let lp = try await ctl("leases")
+        #expect(lp.code == 0 && lp.out.hasPrefix("JOB  ") && lp.out.contains("EXPIRES IN"), "\(lp)")
+
+        // workers, queues, ingress
+        let workers = try #require(try await ctl("workers", "--json").json() as? [[String: Any]])
+        #expect(Set(workers.compactMap { $0["worker"] as? String }) == ["east-1", "west-1"])
+        #expect(workers.allSatisfy { $0["state"] as? String == "running" && $0["slots"] as? Int == 2 })
+        let wp = try await ctl("workers")
+        #expect(wp.out.contains("east-1") && wp.out.contains("west-1") && wp.out.contains("BUSY/SLOTS"), "\(wp)")
+        let queues = try #require(try await ctl("queues", "--json").json() as? [[String: Any]])
+        #expect(queues.allSatisfy { $0["queue"] as? String == "default" && $0["depth"] != nil && $0["oldest_age_ms"] != nil })
+        #expect(queues.map { $0["in_flight"] as? Int ?? 0 }.reduce(0, +) == 1, "\(queues)")
+        #expect(try await ctl("queues").out.hasPrefix("DATACENTER  QUEUE"))
+        let ingress = try #require(try await ctl("ingress", "--json").json() as? [[String: Any]])
+        #expect(ingress.map { $0["list"] as? String ?? "" } == ["default", "default\\x06\\x163", "default\\x06\\x166", "default\\x06\\x169"])
+        #expect(ingress.allSatisfy { $0["depth"] as? Int == 0 }, "\(ingress)")
+
+        // dlq: the malformed message, with its reason
+        let dead = try await eventually(timeout: .seconds(20)) {
+            ((try? await ctl("dlq", "list", "--json").json() as? [[String: Any]]) ?? []).count == 1
+        }
+        #expect(dead, "\(cluster.logs())")
+        let dlq = try #require(try await ctl("dlq", "list", "--json").json() as? [[String: Any]])
+        let job = try #require(dlq.first?["job"] as? String)
+        #expect((dlq.first?["reason"] as? String ?? "").isEmpty == false)
+        #expect(dlq.first?["raw"] == nil, "list leaves out the raw message")
+        let show = try await ctl("dlq", "show", job)
+        #expect(show.code == 0 && show.out.contains("reason: ") && show.out.contains("raw: not a kombu envelope"), "\(show)")
+        #expect(try await ctl("dlq", "show", "999999").code == 1)
+
+        // replay asks first; without a terminal it refuses and changes nothing
+        let refused = try await ctl("dlq", "replay", job)
+        #expect(refused.code == 1 && refused.err.contains("pass --yes"), "\(refused)")
+        #expect(try await ctl("dlq", "show", job).code == 0)
+        let replay = try await ctl("dlq", "replay", job, "--yes", "--json")
+        #expect(replay.code == 0, "\(replay)")
+        #expect((try replay.json() as? [String: Any])?["replayed"] as? Bool == true)
+        #expect(try await ctl("dlq", "replay", job, "--yes").code == 1, "replaying it twice: not in the dlq any more")
+        // routed again, dead-lettered again under a new job id
+        let deadAgain = try await eventually(timeout: .seconds(20)) {
+            let a = (try? await ctl("dlq", "list", "--json").json() as? [[String: Any]]) ?? []
+            return a.count == 1 && a.first?["job"] as? String != job
+        }
+        #expect(deadAgain, "\(cluster.logs())")
+        let purgeRefused = try await ctl("dlq", "purge", "--all")
+        #expect(purgeRefused.code == 1 && purgeRefused.err.contains("pass --yes"), "\(purgeRefused)")
+        #expect(try await ctl("dlq", "purge", "424242", "--yes").code == 1)
+        let purged = try await ctl("dlq", "purge", "--all", "--yes")
+        #expect(purged.code == 0 && purged.out.contains("1 dead letter(s) purged"), "\(purged)")
+        #expect(((try await ctl("dlq", "list", "--json").json() as? [[String: Any]]) ?? [["x": 1]]).isEmpty)
+
+        // dc: drain / restore / fail (asks) / restore
+        #expect(try await ctl("dc", "drain", "west").out == "datacenter west draining\n")
+        func status(_ dc: String) async throws -> String? {
+            let a = try await ctl("dc", "status", "--json").json() as? [[String: Any]] ?? []
+            return a.first { $0["datacenter"] as? String == dc }?["status"] as? String
+        }
+        #expect(try await status("west") == "draining")
+        #expect(try await ctl("dc", "restore", "west").code == 0)
+        #expect(try await status("west") == "alive")
+        let failRefused = try await ctl("dc", "fail", "west")
+        #expect(failRefused.code == 1 && failRefused.errLines.count == 1 && failRefused.err.contains("pass --yes"), "\(failRefused)")
+        #expect(try await status("west") == "alive", "a refused fail changes nothing")
+        #expect(try await ctl("dc", "fail", "west", "--yes").code == 0)
+        #expect(try await status("west") == "lost")
+        let dcPlain = try await ctl("dc", "status")
+        #expect(dcPlain.out.contains("declared lost by an operator"), "\(dcPlain)")
+        #expect(try await ctl("dc", "restore", "west", "--json").code == 0)
+
+        // submit: the stock Celery message; it runs
+        let sub = try await ctl("submit", "--json", "--", "airflow", "tasks", "run", "dag", "ok", "r2", "--local")
+        let sid = try #require((try sub.json() as? [String: Any])?["task_ids"] as? [String])
+        #expect(sid.count == 1)
+        let ran = try await eventually(timeout: .seconds(30)) { try await ctl("task", sid[0]).out.contains("SUCCESS") }
+        #expect(ran, "\(cluster.logs())")
+
+        // watch: frames one after another without a terminal; --json one object per frame
+        let watch = try await ctl("watch", "--count", "2", "--interval", "0.2")
+        #expect(watch.code == 0, "\(watch)")
+        #expect(watch.out.components(separatedBy: "tandem watch").count == 3, "two frames:\n\(watch)")
+        #expect(watch.out.contains("east-1") && watch.out.contains("leases 1") && watch.out.contains("dead letters 0"), "\(watch)")
+        #expect(!watch.out.contains("\u{1B}["), "no escapes without a terminal")
+        let wj = try #require(try await ctl("watch", "--json", "--count", "1").json() as? [String: Any])
+        #expect((wj["datacenters"] as? [[String: Any]])?.count == 2)
+        #expect(wj["leases"] as? Int == 1)
+    }
+
+    @Test("error paths: unreachable Redis or Postgres → exit 2 with one line; bad usage → 64")
+    func errorPaths() async throws {
+        let dead = "redis://127.0.0.1:\(freeLoopbackPort())/0"
+        for args in [
+            ["queues"], ["workers"], ["dc", "status"], ["dc", "drain", "east"], ["leases"], ["ingress"], ["dlq", "list"],
+            ["dlq", "show", "1"], ["dlq", "purge", "--all", "--yes"], ["watch", "--count", "1"], ["queues", "--json"],
+        ] {
+            let r = try await executorctl(args + ["--broker", dead])
+            #expect(r.code == 2, "\(args): \(r)")
+            #expect(r.errLines.count == 1, "\(args): one line, got \(r)")
+            #expect(r.err.hasPrefix("executorctl: cannot reach Redis: ") && r.err.contains("127.0.0.1"), "\(args): \(r)")
+            #expect(r.out.isEmpty)
+        }
+        let pg = try await executorctl(["task", "x", "--result-backend", "postgresql://u@127.0.0.1:\(freeLoopbackPort())/db"])
+        #expect(pg.code == 2 && pg.errLines.count == 1 && pg.err.contains("cannot reach Postgres"), "\(pg)")
+
+        #expect(try await executorctl(["no-such-command"]).code == 64)
+        #expect(try await executorctl(["dlq", "purge"]).code == 64, "neither a job nor --all")
+        #expect(try await executorctl(["dlq", "purge", "1", "--all"]).code == 64)
+        #expect(try await executorctl(["dc", "drain", "bad:name", "--broker", dead]).code == 64)
+        #expect(try await executorctl(["watch", "--interval", "0"]).code == 64)
+        let noLedger = try await executorctl(["task", "x"])
+        #expect(noLedger.code == 64 && noLedger.err.contains("TANDEM_LEDGER_URL"), "\(noLedger)")
+    }
+}

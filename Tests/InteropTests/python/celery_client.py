@@ -8,8 +8,9 @@ the answer on stdout as one line "TANDEM-RESULT <json>", which Swift asserts on.
        app.send_task(NAME, args=ARGS, queue='default') for each task, in order.
 
     {"op": "read", "broker": URL, "backend": URL, "ids": [...], "get_timeout": SECONDS}
-        -> {"results": {ID: {"state", "status", "get": {"type", "repr", "error"}}}, "versions": {...}}
-       AsyncResult(id, app=app).state / .status, then .get(timeout=..., propagate=False).
+        -> {"results": {ID: {"state", "status", "get": {"type", "repr", "error"}, "get_propagate"}}, "versions": {...}}
+       AsyncResult(id, app=app).state / .status, then .get(timeout=..., propagate=False) (not for PENDING), and
+       for a FAILURE what a plain .get() raises ("get_propagate": "module.Type: message").
 
     {"op": "publish-and-get", "broker": URL, "backend": URL, "tasks": [...], "get_timeout": SECONDS}
         -> {"ids": [...], "results": {ID: {"state_before_get", "state", "status", "get": {...}, "seconds"}}}
@@ -69,8 +70,15 @@ def read_one(app, task_id, timeout):
         out["state"] = out["status"] = None
         out["error"] = f"{type(e).__name__}: {e}"
         return out
-    if timeout is not None:
+    if timeout is not None and out["state"] != "PENDING":  # an unknown id would only wait out the timeout
         out["get"] = describe_get(r, timeout)
+    if out["state"] == "FAILURE":
+        # what a plain `.get()` (propagate=True, the default) raises for this FAILURE
+        try:
+            AsyncResult(task_id, app=app).get(timeout=timeout or 5)
+            out["get_propagate"] = None
+        except Exception as e:
+            out["get_propagate"] = f"{type(e).__module__}.{type(e).__name__}: {e}"
     return out
 
 

@@ -74,6 +74,25 @@ struct ChaosTests {
             return ids
         }
 
+        /// Publishes through `client`, retrying each LPUSH until the broker acknowledges it (a publisher during a
+        /// failover does the same); returns the acknowledged ids.
+        func submit(_ n: Int, task: String, prefix: String, via client: RedisClient) async throws -> [String] {
+            var ids: [String] = []
+            for i in 0..<n {
+                let id = UUID().uuidString.lowercased()
+                let m = CeleryPublisher.message(
+                    taskName: "execute_command", id: id,
+                    args: [.array(["airflow", "tasks", "run", "chaos", .string(task), .string("\(prefix)\(i)"), "--local"])])
+                while true {
+                    if (try? await client.send(["LPUSH", m.list, m.element])) != nil { break }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                ids.append(id)
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            return ids
+        }
+
         func finalStates(_ ids: [String]) async throws -> [String: String] {
             let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta WHERE status IN ('SUCCESS', 'FAILURE')")
             let wanted = Set(ids)
@@ -113,24 +132,37 @@ struct ChaosTests {
 
     @Test("site loss: kill -9 every east worker and the east dispatcher mid-run; west completes everything")
     func siteLoss() async throws {
+        try await siteLossScenario(name: "site-loss", worker: Self.workerFlags, dispatcher: Self.dispatcherFlags)
+    }
+
+    @Test("site loss with production timings (lease 30 s, renew 10 s, loss after 15 s): drain well inside Airflow 3's 600 s token life")
+    func siteLossProductionTimings() async throws {
+        try await siteLossScenario(
+            name: "site-loss-production-timings", worker: ["--shutdown-grace", "30"], dispatcher: [], tasks: 24,
+            task: "sleep-3")
+    }
+
+    func siteLossScenario(name: String, worker: [String], dispatcher: [String], tasks: Int = 48, task: String = "sleep-1.5")
+        async throws
+    {
         let h = try Harness()
-        let eastDispatcher = try h.cluster.startDispatcher(name: "dispatcher-east", extra: Self.dispatcherFlags + ["--dc", "east"])
+        let eastDispatcher = try h.cluster.startDispatcher(name: "dispatcher-east", extra: dispatcher + ["--dc", "east"])
         try await Task.sleep(for: .seconds(1))  // east's dispatcher leads
-        try h.cluster.startDispatcher(name: "dispatcher-west", extra: Self.dispatcherFlags + ["--dc", "west"])
+        try h.cluster.startDispatcher(name: "dispatcher-west", extra: dispatcher + ["--dc", "west"])
         var east: [TandemProcess] = []
         for i in 1...2 {
-            east.append(try h.cluster.startWorker(dc: "east", name: "east-\(i)", extra: Self.workerFlags + ["--concurrency", "4"]))
-            try h.cluster.startWorker(dc: "west", name: "west-\(i)", extra: Self.workerFlags + ["--concurrency", "4"])
+            east.append(try h.cluster.startWorker(dc: "east", name: "east-\(i)", extra: worker + ["--concurrency", "4"]))
+            try h.cluster.startWorker(dc: "west", name: "west-\(i)", extra: worker + ["--concurrency", "4"])
         }
-        try await Task.sleep(for: .seconds(2))
-        let ids = try await h.submit(48, task: "sleep-1.5", prefix: "site")
+        try await Task.sleep(for: .seconds(3))
+        let ids = try await h.submit(tasks, task: task, prefix: "site")
         // wait until east is busy, then lose the whole datacenter at once
         _ = try await eventually(timeout: .seconds(30)) {
             try await h.pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE datacenter = 'east' AND started_at IS NOT NULL AND finished_at IS NULL").rows.first?.int("n") ?? 0 >= 4
         }
         let lossAt = Date().timeIntervalSince1970
         for p in east + [eastDispatcher] { p.signal(SIGKILL) }
-        var report = ChaosReport(scenario: "site-loss")
+        var report = ChaosReport(scenario: name)
         try await h.settle(ids, &report)
         let moved = try await h.drained(from: "east")
         report.firstDrained = moved.map(\.started).min().map { $0 - lossAt }
@@ -220,6 +252,51 @@ struct ChaosTests {
         #expect(ledger.rows.first?.int("attempts") == 2)
         // nothing of the job is left in Redis: the resumed worker's ack could not bring anything back
         #expect(try await h.redis.send(["ZCARD", Keys.leases]).int == 0)
+    }
+
+    @Test("Redis master killed under Sentinel (3 sentinels, 1 replica): workers and dispatchers follow the new master")
+    func sentinelFailover() async throws {
+        let h = try Harness()
+        let master = try RedisServer.start(extraArguments: ["--appendonly", "yes"])
+        let replica = try RedisServer.start(extraArguments: ["--replicaof", "127.0.0.1", String(master.port)])
+        var sentinels: [RedisServer] = []
+        for _ in 0..<3 { sentinels.append(try RedisServer.startSentinel(masterPort: master.port, masterName: "tandem", quorum: 2)) }
+        let url = sentinels.map { "sentinel://127.0.0.1:\($0.port)/0" }.joined(separator: ";")
+        h.cluster.extraEnvironment = [
+            "AIRFLOW__CELERY__BROKER_URL": url, "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME": "tandem",
+        ]
+        let replicaClient = RedisClient(configuration: try RedisConfiguration(url: replica.url), logger: Logger(label: "chaos"))
+        let synced = try await eventually(timeout: .seconds(20)) {
+            (try await replicaClient.send(["INFO", "replication"]).string ?? "").contains("master_link_status:up")
+        }
+        #expect(synced)
+        let publisher = RedisClient(
+            configuration: try RedisConfiguration(url: url, masterName: "tandem"), logger: Logger(label: "chaos"))
+        let flags = ["--lease-ttl", "10", "--renew-every", "2"]
+        try h.cluster.startDispatcher(extra: ["--dc-loss-after", "6", "--leader-lease", "3"])
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: flags + ["--concurrency", "4"])
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags + ["--concurrency", "4"])
+        try await Task.sleep(for: .seconds(2))
+        var ids = try await h.submit(20, task: "sleep-1", prefix: "before", via: publisher)
+        master.kill(signal: SIGKILL)
+        let killedAt = Date()
+        ids += try await h.submit(20, task: "sleep-1", prefix: "after", via: publisher)
+        let promoted = try await eventually(timeout: .seconds(30)) {
+            // Sentinel kills client connections on the switch: the next call reconnects
+            (try? await replicaClient.send(["ROLE"]))?.array?.first?.string == "master"
+        }
+        #expect(promoted)
+        let failover = Date().timeIntervalSince(killedAt)
+        var report = ChaosReport(scenario: "sentinel-master-killed")
+        try await h.settle(ids, &report, timeout: .seconds(120))
+        let attempts = try await h.pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE attempts > 1")
+        report.notes.append(String(format: "replica promoted and followed within %.1fs", failover))
+        report.notes.append("\(attempts.rows.first?.int("n") ?? 0) task(s) re-run after the switch")
+        report.publish()
+        #expect(report.lost == 0, "\(h.cluster.logs())")
+        #expect(report.ranTwiceConcurrently == 0)
+        for s in sentinels { s.stop() }
+        replica.stop()
     }
 
     @Test("Postgres stopped for 60 s under load: workers keep running tasks, spool results, then flush them in order")

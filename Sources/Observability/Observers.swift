@@ -191,6 +191,9 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         epoch = r.gauge("tandem_leader_epoch", help: "Leader epoch of this dispatcher (0 while standby).")
         leader = r.gauge("tandem_dispatcher_leader", help: "1 when this dispatcher leads, 0 when standby.")
         redisErrors = r.counter("tandem_redis_errors_total", help: "Failed dispatcher cycles (Redis operations).")
+        // a standby is told only when it starts leading: it reports 0 until then
+        epoch.set(0)
+        leader.set(0)
         reclaimedC.touch(["requeued"])
         reclaimedC.touch(["dead"])
         redisErrors.touch()
@@ -250,6 +253,10 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     public func leadership(epoch e: Int64?) {
         epoch.set(Double(e ?? 0))
         leader.set(e == nil ? 0 : 1)
+        if e == nil {
+            // a standby stops refreshing these: drop them so max() across dispatchers shows the leader's view
+            for g in [depth, inFlight, oldest, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
+        }
     }
 
     public func brokerError() {

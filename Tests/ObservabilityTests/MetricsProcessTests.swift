@@ -79,6 +79,13 @@ struct MetricsProcessTests {
         #expect(sample(w, "tandem_worker_phase", ["phase": "running"]) == 1)
         #expect(sample(w, "tandem_redis_errors_total") == 0)
 
+        // the dispatcher's queue gauges are a snapshot taken every 0.5 s: wait for one taken after the run settled
+        let settled = try await eventually(timeout: .seconds(10)) {
+            let d = try await scrape(dport)
+            return sample(d, "tandem_queue_in_flight", ["dc": "east", "queue": "default"]) == 1
+                && sample(d, "tandem_queue_depth", ["dc": "east", "queue": "default"]) == 0
+        }
+        #expect(settled)
         let d = try await scrape(dport)
         #expect(total(d, "tandem_dispatched_total") == Double(n + 3))
         #expect(sample(d, "tandem_dispatched_total", ["queue": "default", "dc": "east"]) == Double(n + 3))

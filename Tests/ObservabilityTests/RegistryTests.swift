@@ -114,3 +114,22 @@ func makeState(_ name: String, _ status: DatacenterState.Status) -> DatacenterSt
 final class Clock: @unchecked Sendable {
     var now: Double = 1000
 }
+
+@Suite("Dispatcher observer leadership")
+struct LeadershipTests {
+    @Test("a standby reports leader 0; when deposed, its stale queue and datacenter gauges disappear")
+    func standbyAndDeposed() {
+        let o = PrometheusDispatcherObserver()
+        #expect(sample(o.registry.render(), "tandem_dispatcher_leader") == 0)
+        o.leadership(epoch: 3)
+        o.datacenters([makeState("east", .alive)])
+        o.queues([.init(datacenter: "east", queue: "default", depth: 1, inFlight: 0, oldestAgeMs: 10)])
+        #expect(sample(o.registry.render(), "tandem_queue_depth", ["dc": "east", "queue": "default"]) == 1)
+        o.leadership(epoch: nil)
+        let t = o.registry.render()
+        #expect(sample(t, "tandem_dispatcher_leader") == 0)
+        #expect(sample(t, "tandem_leader_epoch") == 0)
+        #expect(sample(t, "tandem_queue_depth", ["dc": "east", "queue": "default"]) == nil)
+        #expect(sample(t, "tandem_datacenter_status", ["dc": "east", "status": "alive"]) == nil)
+    }
+}

@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""Tandem's Airflow runner: imports Airflow once, forks one child per task.
+
+The Swift worker starts this process and talks to it over a Unix socket with one JSON object per line
+(Protocol/RUNNER.md). The runner never writes a workload, its token or a task's environment to argv or to a log.
+
+    tandem_runner.py --connect /path/to/socket     # the worker listens, the runner connects
+    tandem_runner.py --once-json-path FILE         # run one Airflow 3 workload in this process (spawn mode)
+
+Exit codes of a task child (what the worker maps to Celery states):
+    0   the workload ran (Airflow 3: the task reported its own state through the Execution API) -> SUCCESS
+    1   infrastructure failure (bad workload, supervisor crashed, API unreachable, ...)            -> FAILURE
+    75  TaskAlreadyRunningError: the API answered 409, the TI runs elsewhere                       -> ack, no result
+    77  the Execution API refused the token (401/403, e.g. expired): the task never started        -> FAILURE
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+PROTOCOL_VERSION = 1
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL
+EXIT_TOKEN_REFUSED = 77  # EX_NOPERM
+
+PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig(sig: int) -> None:
+    """The child dies with SIGKILL when the runner dies, so no task outlives its supervisor unseen."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _stderr(msg: str) -> None:
+    try:
+        sys.stderr.write(f"tandem-runner[{os.getpid()}]: {msg}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a child runs
+
+
+def _airflow_version() -> str:
+    try:
+        from airflow import __version__
+
+        return __version__
+    except Exception:
+        return ""
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def _classify_exception(e: BaseException) -> int:
+    """Maps an exception from Airflow's supervisor to the runner's exit codes."""
+    try:
+        from airflow.sdk.exceptions import TaskAlreadyRunningError
+
+        if isinstance(e, TaskAlreadyRunningError):
+            return EXIT_ALREADY_RUNNING
+    except Exception:
+        pass
+    # ServerResponseError (httpx-based) carries the response; 401/403 mean the token was refused.
+    cur: BaseException | None = e
+    seen = 0
+    while cur is not None and seen < 8:
+        resp = getattr(cur, "response", None)
+        status = getattr(resp, "status_code", None)
+        if status in (401, 403):
+            return EXIT_TOKEN_REFUSED
+        if status == 409:
+            detail = getattr(cur, "detail", None)
+            if isinstance(detail, dict) and detail.get("previous_state") == "running":
+                return EXIT_ALREADY_RUNNING
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return EXIT_FAILURE
+
+
+def run_workload_json(data: str) -> int:
+    """Runs one Airflow 3 workload in this process, exactly as the Celery provider's execute_workload does."""
+    from pydantic import TypeAdapter
+
+    version = _version_tuple(_airflow_version())
+    try:
+        if version >= (3, 3):
+            from airflow.executors.base_executor import BaseExecutor
+            from airflow.executors.workloads import ExecutorWorkload
+
+            workload = TypeAdapter(ExecutorWorkload).validate_json(data)
+            from airflow.configuration import conf
+
+            to_stdout = conf.getboolean("logging", "task_logs_to_stdout", fallback=False)
+            BaseExecutor.run_workload(workload, subprocess_logs_to_stdout=to_stdout)
+        else:
+            from airflow.configuration import conf
+            from airflow.executors import workloads
+            from airflow.sdk.execution_time.supervisor import supervise
+
+            workload = TypeAdapter(workloads.All).validate_json(data)
+            if not isinstance(workload, workloads.ExecuteTask):
+                _stderr(f"this Airflow ({_airflow_version()}) cannot run a {type(workload).__name__} workload")
+                return EXIT_FAILURE
+            base_url = conf.get("api", "base_url", fallback="/")
+            if base_url.startswith("/"):
+                base_url = f"http://localhost:8080{base_url}"
+            supervise(
+                ti=workload.ti,
+                dag_rel_path=workload.dag_rel_path,
+                bundle_info=workload.bundle_info,
+                token=workload.token,
+                server=conf.get("core", "execution_api_server_url", fallback=f"{base_url.rstrip('/')}/execution/"),
+                log_path=workload.log_path,
+                subprocess_logs_to_stdout=conf.getboolean("logging", "task_logs_to_stdout", fallback=False),
+            )
+        # Like the Celery task: the supervisor's return value is the task's own exit, already reported to the
+        # API; the message itself succeeded.
+        return EXIT_OK
+    except BaseException as e:  # noqa: BLE001 - the child must always exit with a mapped code
+        code = _classify_exception(e)
+        if code == EXIT_ALREADY_RUNNING:
+            _stderr("task instance is already running elsewhere (409); this delivery is a duplicate")
+        elif code == EXIT_TOKEN_REFUSED:
+            _stderr("the Execution API refused the workload token (401/403: expired or invalid); task not started")
+        else:
+            _stderr(f"workload failed: {_safe_describe(e)}")
+            if not _is_validation_error(e):
+                # Raised after validation: frames and messages are Airflow's, which never render the token.
+                traceback.print_exc(file=sys.stderr)
+        return code
+
+
+def _is_validation_error(e: BaseException) -> bool:
+    return type(e).__name__ == "ValidationError" and hasattr(e, "errors")
+
+
+def _safe_describe(e: BaseException) -> str:
+    """pydantic's ValidationError prints the input (the workload, token included): describe it without it."""
+    if _is_validation_error(e):
+        try:
+            errs = e.errors(include_input=False, include_url=False, include_context=False)
+            parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in errs[:5]]
+            return "workload JSON does not match this Airflow's schema: " + "; ".join(parts)
+        except Exception:
+            return "workload JSON does not match this Airflow's schema"
+    return f"{type(e).__name__}: {e}"
+
+
+def run_command(argv: list[str], celery_task_id: str | None) -> int:
+    """Airflow 2: `airflow tasks run ...` in this process, as the provider's _execute_in_fork does."""
+    if argv[:3] != ["airflow", "tasks", "run"]:
+        _stderr("refusing a command that is not 'airflow tasks run'")
+        return EXIT_FAILURE
+    ret = EXIT_FAILURE
+    try:
+        from airflow.cli.cli_parser import get_parser
+
+        parser = get_parser()
+        args = parser.parse_args(argv[1:])
+        args.shut_down_logging = False
+        if celery_task_id:
+            args.external_executor_id = celery_task_id
+        try:
+            from setproctitle import setproctitle
+
+            setproctitle(f"airflow task supervisor: {argv}")
+        except Exception:
+            pass
+        args.func(args)
+        ret = EXIT_OK
+    except SystemExit as e:
+        ret = e.code if isinstance(e.code, int) else EXIT_FAILURE
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        ret = EXIT_FAILURE
+    finally:
+        try:
+            from airflow.sentry import Sentry
+
+            Sentry.flush()
+        except Exception:
+            pass
+        try:
+            import logging
+
+            logging.shutdown()
+        except Exception:
+            pass
+    return ret
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The runner
+
+
+def preload(modules: list[str]) -> list[str]:
+    """Imports Airflow (and what a task needs) once, so forked children skip it. Returns what failed."""
+    failed = []
+    for name in modules:
+        try:
+            __import__(name)
+        except Exception as e:  # a module missing in one Airflow version is fine
+            failed.append(f"{name}: {type(e).__name__}")
+    return failed
+
+
+DEFAULT_PRELOAD_3 = [
+    "airflow",
+    "airflow.configuration",
+    "pydantic",
+    "airflow.executors.base_executor",
+    "airflow.executors.workloads",
+    "airflow.sdk",
+    "airflow.sdk.api.client",
+    "airflow.sdk.execution_time.supervisor",
+    "airflow.sdk.execution_time.task_runner",
+    "airflow.sdk.execution_time.callback_supervisor",
+    "airflow.providers.standard.operators.python",
+    "airflow.providers.standard.operators.bash",
+]
+DEFAULT_PRELOAD_2 = [
+    "airflow",
+    "airflow.configuration",
+    "airflow.cli.cli_parser",
+    "airflow.cli.commands.task_command",
+    "airflow.models",
+    "airflow.operators.python",
+    "airflow.operators.bash",
+]
+
+
+class Runner:
+    def __init__(self, sock: socket.socket, output: str | None):
+        self.sock = sock
+        self.output = output
+        self.children: dict[int, str] = {}  # pid -> request id
+        self.buf = b""
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def send(self, obj: dict) -> None:
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+            except InterruptedError:
+                continue
+            view = view[n:]
+
+    def serve(self) -> int:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        # The worker owns shutdown: SIGTERM to the runner means "stop", children keep their own groups.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.sel.register(self.sock, selectors.EVENT_READ, "sock")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.send(
+            {
+                "event": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "airflow": _airflow_version(),
+                "python": sys.version.split()[0],
+            }
+        )
+        while True:
+            for key, _ in self.sel.select(timeout=1.0):
+                if key.data == "wake":
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                else:
+                    try:
+                        chunk = self.sock.recv(1 << 20)
+                    except InterruptedError:
+                        continue
+                    if not chunk:
+                        return 0  # the worker went away: stop (children die by PDEATHSIG)
+                    self.buf += chunk
+                    while b"\n" in self.buf:
+                        line, self.buf = self.buf.split(b"\n", 1)
+                        if line.strip():
+                            self.handle(line)
+            self.reap()
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            rid = self.children.pop(pid, None)
+            if rid is None:
+                continue
+            if os.WIFSIGNALED(status):
+                self.send({"event": "exit", "id": rid, "pid": pid, "signal": os.WTERMSIG(status)})
+            else:
+                self.send({"event": "exit", "id": rid, "pid": pid, "status": os.WEXITSTATUS(status)})
+
+    def handle(self, line: bytes) -> None:
+        try:
+            req = json.loads(line)
+        except ValueError:
+            self.send({"event": "error", "id": None, "message": "request is not JSON"})
+            return
+        op = req.get("op")
+        rid = req.get("id")
+        if op == "ping":
+            self.send({"event": "pong", "id": rid, "running": len(self.children)})
+            return
+        if op != "run":
+            self.send({"event": "error", "id": rid, "message": f"unknown op {op!r}"})
+            return
+        kind = req.get("kind")
+        if kind not in ("workload", "command"):
+            self.send({"event": "error", "id": rid, "message": f"unknown kind {kind!r}"})
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:
+            self.send({"event": "error", "id": rid, "message": f"fork failed: {e.strerror}"})
+            return
+        if pid == 0:
+            self.child(req)  # never returns
+        try:
+            os.setpgid(pid, pid)  # also done in the child; whichever runs first wins, both are fine
+        except OSError:
+            pass
+        self.children[pid] = rid
+        self.send({"event": "started", "id": rid, "pid": pid})
+
+    def child(self, req: dict) -> None:
+        code = EXIT_FAILURE
+        try:
+            try:
+                os.setpgid(0, 0)
+            except OSError:
+                pass
+            _set_pdeathsig(signal.SIGKILL)
+            signal.set_wakeup_fd(-1)
+            for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+                signal.signal(s, signal.SIG_DFL)
+            self.sel.close()
+            self.sock.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            for k, v in (req.get("env") or {}).items():
+                os.environ[str(k)] = str(v)
+            import random
+
+            random.seed()
+            if req["kind"] == "workload":
+                code = run_workload_json(req["workload"])
+            else:
+                code = run_command(list(req["argv"]), (req.get("env") or {}).get("external_executor_id"))
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+            code = EXIT_FAILURE
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            os._exit(code if isinstance(code, int) and 0 <= code < 256 else EXIT_FAILURE)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--connect", help="Unix socket the worker listens on")
+    g.add_argument("--once-json-path", help="run one Airflow 3 workload from this file (spawn mode) and exit")
+    p.add_argument("--preload", default=None, help="comma-separated modules to import before serving")
+    p.add_argument("--no-preload", action="store_true", help="import nothing up front (tests)")
+    args = p.parse_args()
+
+    if args.once_json_path:
+        with open(args.once_json_path) as f:
+            data = f.read()
+        return run_workload_json(data)
+
+    _set_pdeathsig(signal.SIGKILL)  # the worker dies -> the runner dies -> its children die
+    started = time.monotonic()
+    if not args.no_preload:
+        if args.preload is not None:
+            mods = [m for m in args.preload.split(",") if m]
+        else:
+            v = _version_tuple(_airflow_version())
+            mods = DEFAULT_PRELOAD_3 if v >= (3,) else DEFAULT_PRELOAD_2
+        failed = preload(mods)
+        if failed:
+            _stderr("preload skipped: " + "; ".join(failed))
+        try:
+            # No database connection must be shared with forked children.
+            from airflow import settings
+
+            if getattr(settings, "engine", None) is not None:
+                settings.engine.dispose()
+        except Exception:
+            pass
+    _stderr(f"ready in {time.monotonic() - started:.2f}s (airflow {_airflow_version() or 'not importable'})")
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for attempt in range(50):
+        try:
+            sock.connect(args.connect)
+            break
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED) or attempt == 49:
+                _stderr(f"cannot connect to {args.connect}: {e.strerror}")
+                return 2
+            time.sleep(0.1)
+    return Runner(sock, None).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,9 @@ public enum Defaults {
 public func openBroker(url: String, masterName: String?, logger: Logger) async throws -> RedisBroker {
     let master = masterName ?? ProcessInfo.processInfo.environment["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME"]
     let config = try RedisConfiguration(url: url, masterName: master)
-    let broker = RedisBroker(configuration: config, logger: logger)
+    // TANDEM_REPLICA_ACKS=1 with Sentinel: every move waits for a replica, so a failover cannot roll it back
+    let acks = Int(ProcessInfo.processInfo.environment["TANDEM_REPLICA_ACKS"] ?? "") ?? 0
+    let broker = RedisBroker(configuration: config, logger: logger, replicaAcks: max(0, acks))
     try await broker.connect()
     return broker
 }

@@ -10,9 +10,30 @@ public final class RedisBroker: Broker {
     /// renewal or an ack queued behind it on the same connection.
     private let waiter: RedisClient
 
-    public init(configuration: RedisConfiguration, logger: Logger) {
+    /// With Sentinel: after every move, wait until this many replicas have it (Redis WAIT), so a failover right
+    /// after a claim or an ack cannot roll it back. 0 = asynchronous replication (Redis's default).
+    public let replicaAcks: Int
+    public let replicaTimeoutMs: Int
+    let logger: Logger
+
+    public init(configuration: RedisConfiguration, logger: Logger, replicaAcks: Int = 0, replicaTimeoutMs: Int = 500) {
         client = RedisClient(configuration: configuration, label: "broker", logger: logger)
         waiter = RedisClient(configuration: configuration, label: "broker-wait", logger: logger)
+        self.replicaAcks = replicaAcks
+        self.replicaTimeoutMs = replicaTimeoutMs
+        self.logger = logger
+    }
+
+    /// Runs a script that moves work, then (with `replicaAcks`) waits for replicas to hold the move.
+    private func move(_ script: RedisScript, keys: [String], args: [String]) async throws -> RedisValue {
+        let reply = try await client.eval(script, keys: keys, args: args)
+        if replicaAcks > 0 {
+            let acked = try await client.send(["WAIT", String(replicaAcks), String(replicaTimeoutMs)]).int ?? 0
+            if acked < replicaAcks {
+                logger.warning("only \(acked) of \(replicaAcks) replica(s) confirmed a \(script.name) within \(replicaTimeoutMs) ms; a failover now could roll it back")
+            }
+        }
+        return reply
     }
 
     public func connect() async throws {
@@ -26,7 +47,7 @@ public final class RedisBroker: Broker {
 
     public func dispatch(queue: String, to datacenter: String, max: Int, epoch: Int64?) async throws -> Int {
         let keys = [Keys.queue(datacenter: datacenter, queue: queue)] + Keys.ingressLists(queue: queue)
-        let reply = try await client.eval(
+        let reply = try await move(
             BrokerScripts.dispatch, keys: keys, args: [datacenter, queue, String(max), epoch.map(String.init) ?? ""])
         return Int(reply.int ?? 0)
     }
@@ -35,7 +56,7 @@ public final class RedisBroker: Broker {
         -> [ClaimedJob]
     {
         let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) }
-        let reply = try await client.eval(
+        let reply = try await move(
             BrokerScripts.claim, keys: keys, args: [workerID, String(leaseMs), String(max)])
         let f = reply.array ?? []
         var jobs: [ClaimedJob] = []
@@ -56,29 +77,29 @@ public final class RedisBroker: Broker {
         if jobs.isEmpty { return [] }
         var args = [workerID, String(leaseMs)]
         for j in jobs { args += [j.jobID, String(j.token)] }
-        let reply = try await client.eval(BrokerScripts.renew, keys: [Keys.leases], args: args)
+        let reply = try await move(BrokerScripts.renew, keys: [Keys.leases], args: args)
         return (reply.array ?? []).map { $0.int == 1 }
     }
 
     public func ack(jobID: String, token: Int64) async throws -> FencedOutcome {
-        let reply = try await client.eval(BrokerScripts.ack, keys: [Keys.leases], args: [jobID, String(token)])
+        let reply = try await move(BrokerScripts.ack, keys: [Keys.leases], args: [jobID, String(token)])
         return reply.int == 1 ? .done : .fenced
     }
 
     public func requeue(jobID: String, token: Int64, refundAttempt: Bool) async throws -> FencedOutcome {
-        let reply = try await client.eval(
+        let reply = try await move(
             BrokerScripts.requeue, keys: [Keys.leases], args: [jobID, String(token), refundAttempt ? "1" : "0"])
         return reply.int == 1 ? .done : .fenced
     }
 
     public func deadLetter(jobID: String, token: Int64, reason: String) async throws -> FencedOutcome {
-        let reply = try await client.eval(
+        let reply = try await move(
             BrokerScripts.deadLetter, keys: [Keys.leases, Keys.deadLetters], args: [jobID, String(token), reason])
         return reply.int == 1 ? .done : .fenced
     }
 
     public func reclaimExpired(maxAttempts: Int, limit: Int) async throws -> [ReclaimedJob] {
-        let reply = try await client.eval(
+        let reply = try await move(
             BrokerScripts.reclaim, keys: [Keys.leases, Keys.deadLetters], args: [String(maxAttempts), String(limit)])
         let f = reply.array ?? []
         var out: [ReclaimedJob] = []
@@ -95,7 +116,7 @@ public final class RedisBroker: Broker {
     }
 
     public func rebalance(queue: String, from: String, to: String, max: Int, epoch: Int64?) async throws -> Int {
-        let reply = try await client.eval(
+        let reply = try await move(
             BrokerScripts.rebalance,
             keys: [Keys.queue(datacenter: from, queue: queue), Keys.queue(datacenter: to, queue: queue)],
             args: [to, String(max), epoch.map(String.init) ?? ""])

@@ -408,6 +408,17 @@ public final class WorkerRuntime: Sendable {
         }
     }
 
+    /// A FAILURE's `result` as Celery's readers rebuild it (`AsyncResult.get()` raises `RuntimeError(detail)`);
+    /// never a bare string, which breaks Airflow's fetch batch. The database backend stores NULL regardless
+    /// (`ResultRecord.databaseResult()`), as celery 5.7's reader requires.
+    static func failureResult(_ s: CeleryState, _ detail: String?) -> JSONValue {
+        guard s == .failure else { return .null }
+        return .object(JSONObject([
+            ("exc_type", .string("RuntimeError")), ("exc_message", .array([.string(detail ?? "task failed")])),
+            ("exc_module", .string("builtins")),
+        ]))
+    }
+
     /// Dispatch → claim, both on Redis's clock.
     private func queueWait(_ job: ClaimedJob) -> Double {
         let claimedAt = job.leaseDeadlineMs - configuration.leaseTTL.inMilliseconds
@@ -459,7 +470,7 @@ public final class WorkerRuntime: Sendable {
         _ job: ClaimedJob, task: CeleryTask, state s: CeleryState, exit: Int32?, detail: String?, fence: Fence,
         runSeconds: Double, log: Logger
     ) async throws {
-        let rec = ResultRecord(taskId: task.id, state: s, result: .null, traceback: detail, dateDone: Date())
+        let rec = ResultRecord(taskId: task.id, state: s, result: Self.failureResult(s, detail), traceback: detail, dateDone: Date())
         switch try await results.store(rec, fence: fence) {
         case .fenced:
             log.warning("result refused: the lease was reclaimed; another attempt owns this task")
@@ -529,7 +540,7 @@ public final class WorkerRuntime: Sendable {
             if let taskID, !taskID.isEmpty {
                 _ = try await results.store(
                     ResultRecord(
-                        taskId: taskID, state: .failure, result: .null,
+                        taskId: taskID, state: .failure, result: Self.failureResult(.failure, reason),
                         traceback: "Tandem refused to run this message: \(reason)", dateDone: Date()),
                     fence: nil)
                 try await ledger.event(

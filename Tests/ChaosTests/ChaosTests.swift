@@ -264,6 +264,7 @@ struct ChaosTests {
         let url = sentinels.map { "sentinel://127.0.0.1:\($0.port)/0" }.joined(separator: ";")
         h.cluster.extraEnvironment = [
             "AIRFLOW__CELERY__BROKER_URL": url, "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME": "tandem",
+            "TANDEM_REPLICA_ACKS": "1",
         ]
         let replicaClient = RedisClient(configuration: try RedisConfiguration(url: replica.url), logger: Logger(label: "chaos"))
         let synced = try await eventually(timeout: .seconds(20)) {
@@ -292,6 +293,10 @@ struct ChaosTests {
         let attempts = try await h.pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE attempts > 1")
         report.notes.append(String(format: "replica promoted and followed within %.1fs", failover))
         report.notes.append("\(attempts.rows.first?.int("n") ?? 0) task(s) re-run after the switch")
+        // Postgres knows what was dispatched: nothing the ledger saw claimed is left unfinished
+        let open = try await h.pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE finished_at IS NULL")
+        report.notes.append("ledger tasks left unfinished: \(open.rows.first?.int("n") ?? -1)")
+        #expect(open.rows.first?.int("n") == 0)
         report.publish()
         #expect(report.lost == 0, "\(h.cluster.logs())")
         #expect(report.ranTwiceConcurrently == 0)

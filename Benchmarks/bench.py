@@ -31,13 +31,39 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
+# ------------------------------------------------------------------------------------------ distance
+NETNS, HOST_IP, NS_IP = "tandem-bench", "10.77.0.1", "10.77.0.2"
+
+
+def netns_up(delay_ms):
+    """A network namespace joined to the host by a veth pair with `delay_ms` of netem delay each way
+    (RTT = 2 x delay_ms) for the workers; Redis and Postgres also listen on the host end."""
+    netns_down()
+    sh = lambda *a: subprocess.run(list(a), check=True)
+    sh("ip", "netns", "add", NETNS)
+    sh("ip", "link", "add", "tb-host", "type", "veth", "peer", "name", "tb-ns")
+    sh("ip", "link", "set", "tb-ns", "netns", NETNS)
+    sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "tb-host")
+    sh("ip", "link", "set", "tb-host", "up")
+    sh("ip", "netns", "exec", NETNS, "ip", "addr", "add", f"{NS_IP}/24", "dev", "tb-ns")
+    sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "tb-ns", "up")
+    sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
+    sh("tc", "qdisc", "add", "dev", "tb-host", "root", "netem", "delay", f"{delay_ms}ms")
+    sh("ip", "netns", "exec", NETNS, "tc", "qdisc", "add", "dev", "tb-ns", "root", "netem", "delay", f"{delay_ms}ms")
+
+
+def netns_down():
+    subprocess.run(["ip", "link", "del", "tb-host"], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL)
+
+
 # ----------------------------------------------------------------------------------------------- servers
 class Servers:
     """redis-server (AOF on, appendfsync everysec) and Postgres 15 (defaults: fsync on, synchronous_commit on)
     on loopback under a temp dir; removed on exit."""
 
-    def __init__(self, redis_port, pg_port):
-        self.rport, self.pport = redis_port, pg_port
+    def __init__(self, redis_port, pg_port, extra_ip=None):
+        self.rport, self.pport, self.extra_ip = redis_port, pg_port, extra_ip
         self.dir = tempfile.mkdtemp(prefix="tandem-bench-")
         os.chmod(self.dir, 0o755)
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -59,8 +85,8 @@ class Servers:
     def start(self):
         rd = os.path.join(self.dir, "redis")
         os.makedirs(rd)
-        subprocess.run(["redis-server", "--port", str(self.rport), "--bind", "127.0.0.1", "--dir", rd,
-                        "--daemonize", "yes", "--pidfile", f"{rd}/redis.pid", "--logfile", f"{rd}/redis.log",
+        subprocess.run(["redis-server", "--port", str(self.rport), "--dir", rd,
+                        "--daemonize", "yes", "--bind", "127.0.0.1" + (f" {self.extra_ip}" if self.extra_ip else ""), "--pidfile", f"{rd}/redis.pid", "--logfile", f"{rd}/redis.log",
                         "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"],
                        check=True)
         pd = os.path.join(self.dir, "pg")
@@ -69,9 +95,12 @@ class Servers:
             shutil.chown(pd, "postgres", "postgres")
         self._as_pg([f"{self.pg_bin}/initdb", "-D", f"{pd}/data", "-U", "postgres", "-A", "trust", "-E", "UTF8",
                      "--locale=C"], stdout=subprocess.DEVNULL)
+        if self.extra_ip:
+            with open(f"{pd}/data/pg_hba.conf", "a") as f:
+                f.write(f"host all all {self.extra_ip.rsplit('.', 1)[0]}.0/24 trust\n")
         # production defaults: fsync=on, synchronous_commit=on, full_page_writes=on
         self._as_pg([f"{self.pg_bin}/pg_ctl", "-D", f"{pd}/data", "-l", f"{pd}/postgres.log", "-w", "-t", "60",
-                     "-o", f"-p {self.pport} -c listen_addresses=127.0.0.1 -c unix_socket_directories={pd} "
+                     "-o", f"-p {self.pport} -c listen_addresses=127.0.0.1{',' + self.extra_ip if self.extra_ip else ''} -c unix_socket_directories={pd} "
                            f"-c max_connections=300", "start"], stdout=subprocess.DEVNULL)
         self.pd = pd
         for _ in range(100):
@@ -207,12 +236,32 @@ def mem_of(pids, skip_comm=("airflow",)):
     return rss / 1024, pss / 1024  # MiB
 
 
+def cpu_of(pid):
+    """utime+stime (s) of the process itself, its threads included, its reaped children (the tasks) excluded."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "airflow":
+                return 0.0
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
 class MemSampler(threading.Thread):
-    """Peak RSS and PSS (MiB) of each named process tree, sampled every second while running."""
+    """Peak RSS and PSS (MiB) of each named process tree, sampled every second while running; and the CPU
+    seconds each tree's own processes used (tasks excluded), read just before the processes are stopped."""
 
     def __init__(self, roots):
         super().__init__(daemon=True)
         self.roots, self.peak, self.stop_ev = roots, {k: (0.0, 0.0) for k in roots}, threading.Event()
+        self.cpu = {}
+
+    def sample_cpu(self):
+        for name, pid in self.roots.items():
+            for p in tree(pid):
+                self.cpu[(name, p)] = max(self.cpu.get((name, p), 0.0), cpu_of(p))
 
     def run(self):
         while not self.stop_ev.wait(1.0):
@@ -220,11 +269,19 @@ class MemSampler(threading.Thread):
                 rss, pss = mem_of(tree(pid))
                 o = self.peak[name]
                 self.peak[name] = (max(o[0], rss), max(o[1], pss))
+            self.sample_cpu()
 
     def stop(self):
         self.stop_ev.set()
         self.join()
+        self.sample_cpu()
         return self.peak
+
+    def cpu_by_root(self):
+        out = {}
+        for (name, _), v in self.cpu.items():
+            out[name] = out.get(name, 0.0) + v
+        return out
 
 
 # -------------------------------------------------------------------------------------------- systems
@@ -324,6 +381,16 @@ def done_times(c, ids=None):
     return {t: d for t, d in cur.fetchall()}
 
 
+def pg_counters(c, db):
+    """Commits of one database and WAL syncs/writes of the cluster (pg_stat_database, pg_stat_wal)."""
+    cur = c.cursor()
+    cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (db,))
+    commits = cur.fetchone()[0]
+    cur.execute("SELECT wal_sync, wal_write, wal_records FROM pg_stat_wal")
+    sync, write, recs = cur.fetchone()
+    return {"commits": commits, "wal_sync": sync, "wal_write": write, "wal_records": recs}
+
+
 def first_last_rate(c, k):
     """Steady-state throughput from date_done: (k-1) / (last - first). Excludes worker start-up for both systems."""
     cur = c.cursor()
@@ -341,6 +408,8 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     else:
         pub.publish(k)
     c = srv.pg(system.db)
+    time.sleep(0.6)  # pg stats are flushed at most every 500 ms
+    pg0 = pg_counters(c, system.db)
     t0 = time.time()
     roots = system.start(conc, workers=workers, netns=netns, host=host)
     sampler = MemSampler(roots)
@@ -350,10 +419,16 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     wall = None if wall is None else time.time() - t0
     rate = first_last_rate(c, k) if wall else float("nan")
     system.stop()
+    time.sleep(0.6)
+    pg1 = pg_counters(c, system.db)
     c.close()
     out = {"rate": rate, "wall_rate": k / wall if wall else float("nan")}
+    for key in pg0:
+        out[f"pg_{key}_per_task"] = (pg1[key] - pg0[key]) / k
     for name, (rss, pss) in peak.items():
         out[f"rss_{name}"], out[f"pss_{name}"] = rss, pss
+    for name, cpu in sampler.cpu_by_root().items():
+        out[f"cpu_ms_per_task_{name}"] = cpu * 1000 / k
     if workers > 1:
         out["rss_workers"] = sum(v for kk, v in out.items() if kk.startswith("rss_worker"))
         out["pss_workers"] = sum(v for kk, v in out.items() if kk.startswith("pss_worker"))
@@ -463,6 +538,47 @@ def script_cost(srv, pub, args, backlog, calls=1000):
     return {"dispatch_us": d_us, "claim_us": c_us}
 
 
+def profile(srv, pub, args, conc, k, tool):
+    """The swift-worker under `perf record` (cpu-clock, call graphs) or callgrind while it runs k no-op tasks
+    end to end (dispatcher unprofiled). Output files land in the run's log dir."""
+    t = Tandem(srv, args, args.logdir)
+    srv.reset(t.db)
+    pub.preload(k)
+    c = srv.pg(t.db)
+    time.sleep(0.6)
+    pg0 = pg_counters(c, t.db)
+    t.start(conc, workers=0)  # dispatcher only
+    worker = [f"{args.bin}/swift-worker", "--broker", srv.redis_url, "--result-backend", "db+" + srv.pg_url(t.db),
+              "--dc", "east", "--queues", "default", "--concurrency", str(conc), "--worker-id", "east-prof"]
+    out = os.path.join(args.logdir, f"worker-c{conc}.{tool}")
+    if tool == "perf":
+        argv = ["perf", "record", "-e", "cpu-clock", "-F", "2000", "--call-graph", "dwarf,16384", "-o", out, "--"] + worker
+    else:
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--trace-children=no"] + worker
+    f = open(os.path.join(args.logdir, f"profile-{tool}.log"), "ab")
+    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=t.env, start_new_session=True, cwd=HERE)
+    t0 = time.time()
+    wait_success(t, c, k, timeout=900)
+    el = time.time() - t0
+    time.sleep(0.6)
+    pg1 = pg_counters(c, t.db)
+    if tool == "perf":
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        # valgrind runs the worker in its own process: SIGTERM drains it, it exits, callgrind writes its file
+        os.kill(p.pid, signal.SIGTERM)
+    try:
+        p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+    t.stop()
+    c.close()
+    per = {key: (pg1[key] - pg0[key]) / k for key in pg0}
+    log(f"  profile {tool} c={conc}: {k} tasks in {el:.1f}s ({k / el:.1f}/s under the profiler); per task {per}; "
+        f"output {out}")
+    return {"file": out, "pg_per_task": per}
+
+
 # ---------------------------------------------------------------------------------------------- main
 def med(xs):
     xs = [x for x in xs if x == x]
@@ -484,6 +600,13 @@ def main():
     ap.add_argument("--scale-workers", default="")
     ap.add_argument("--only", default="throughput,latency,dispatcher,backlog",
                     help="comma list of: throughput latency dispatcher backlog scaling")
+    ap.add_argument("--sync-commit-off", action="store_true",
+                    help="DIAGNOSTIC ONLY: Postgres synchronous_commit=off (commits do not wait for the WAL flush)")
+    ap.add_argument("--profiler", default="perf", choices=["perf", "callgrind"])
+    ap.add_argument("--profile-conc", type=int, default=16)
+    ap.add_argument("--profile-tasks", type=int, default=2000)
+    ap.add_argument("--delay-ms", type=float, default=1.0, help="netem delay each way for 'distance' (RTT = 2x)")
+    ap.add_argument("--distance-conc", type=int, default=16)
     ap.add_argument("--redis-port", type=int, default=6481)
     ap.add_argument("--pg-port", type=int, default=5481)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
@@ -493,9 +616,18 @@ def main():
     only = set(args.only.split(","))
     concs = [int(x) for x in args.concurrency.split(",")]
 
-    srv = Servers(args.redis_port, args.pg_port)
+    distance = "distance" in only
+    if distance:
+        netns_up(args.delay_ms)
+    srv = Servers(args.redis_port, args.pg_port, extra_ip=HOST_IP if distance else None)
     srv.start()
-    res = {"meta": {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": open("/proc/loadavg").read().split()[:3],
+    if args.sync_commit_off:
+        c = srv.pg("postgres")
+        c.cursor().execute("ALTER SYSTEM SET synchronous_commit = off")
+        c.cursor().execute("SELECT pg_reload_conf()")
+        c.close()
+        log("DIAGNOSTIC: synchronous_commit = off")
+    res = {"meta": {"synchronous_commit": "off" if args.sync_commit_off else "on", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": open("/proc/loadavg").read().split()[:3],
                     "args": {k: v for k, v in vars(args).items()}}}
     try:
         pub = Publisher(srv)
@@ -534,6 +666,17 @@ def main():
                         log(f"  {s.name} backlog {b}: first {k} done at {rate:.1f} tasks/s")
                         runs.append(rate)
                     res[f"backlog/{s.name}/b{b}"] = {"rate": med(runs), "runs": runs}
+        if "profile" in only:
+            res["profile"] = profile(srv, pub, args, args.profile_conc, args.profile_tasks, args.profiler)
+        if distance:
+            out = subprocess.run(["ip", "netns", "exec", NETNS, "ping", "-c", "5", "-q", HOST_IP],
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            log(f"  netns RTT: {out}")
+            res["meta"]["netns_ping"] = out
+            for s in systems:
+                for where, kw in (("loopback", {}), ("rtt", {"netns": NETNS, "host": HOST_IP})):
+                    runs = [throughput(srv, pub, s, args.distance_conc, args.tasks, **kw) for _ in range(args.reps)]
+                    res[f"distance/{s.name}/{where}"] = {"rate": med([r["rate"] for r in runs]), "runs": runs}
         if "scaling" in only and args.scale_workers:
             for w in [int(x) for x in args.scale_workers.split(",")]:
                 for s in systems:
@@ -543,6 +686,8 @@ def main():
         for s in (locals().get("systems") or []):
             s.stop()
         srv.stop()
+        if distance:
+            netns_down()
         res["meta"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
         res["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -567,14 +712,29 @@ def print_table(res):
                      g(f"throughput/tandem/c{conc}", "rss_worker0")))
         rows.append((f"worker PSS peak (MiB), c={conc}", g(f"throughput/celery/c{conc}", "pss_worker0"),
                      g(f"throughput/tandem/c{conc}", "pss_worker0")))
-        rows.append((f"  + dispatcher RSS/PSS (MiB), c={conc}", float("nan"),
+        rows.append((f"  Tandem dispatcher RSS peak (MiB), c={conc}", float("nan"),
                      g(f"throughput/tandem/c{conc}", "rss_dispatcher")))
+    for conc in (2, 16):
+        rows.append((f"worker CPU ms per task (tasks excl.), c={conc}", g(f"throughput/celery/c{conc}", "cpu_ms_per_task_worker0"),
+                     g(f"throughput/tandem/c{conc}", "cpu_ms_per_task_worker0")))
+        rows.append((f"  Tandem dispatcher CPU ms per task, c={conc}", float("nan"),
+                     g(f"throughput/tandem/c{conc}", "cpu_ms_per_task_dispatcher")))
+    for conc in (2, 16):
+        for f, label in (("pg_commits_per_task", "Postgres commits per task"), ("pg_wal_sync_per_task", "Postgres WAL fsyncs per task")):
+            rows.append((f"{label}, c={conc}", g(f"throughput/celery/c{conc}", f), g(f"throughput/tandem/c{conc}", f)))
     for k in sorted((k for k in res if k.startswith("backlog/celery/")), key=lambda s: int(s.split("/b")[-1])):
         b = k.split("/b")[-1]
         rows.append((f"backlog {b}: throughput c=16 (tasks/s)", g(k, "rate"), g(f"backlog/tandem/b{b}", "rate")))
     for k in sorted((k for k in res if k.startswith("scaling/celery/")), key=lambda s: int(s.split("/w")[-1])):
         w = k.split("/w")[-1]
         rows.append((f"workers {w} x c=4: throughput (tasks/s)", g(k, "rate"), g(f"scaling/tandem/w{w}", "rate")))
+    for where in ("loopback", "rtt"):
+        if f"distance/celery/{where}" in res:
+            rows.append((f"distance: {where} c=16 (tasks/s)", g(f"distance/celery/{where}", "rate"),
+                         g(f"distance/tandem/{where}", "rate")))
+    if "distance/celery/rtt" in res:
+        rows.append(("distance: kept at 2 ms RTT (%)", 100 * g("distance/celery/rtt", "rate") / g("distance/celery/loopback", "rate"),
+                     100 * g("distance/tandem/rtt", "rate") / g("distance/tandem/loopback", "rate")))
     print()
     print(f"| {'metric (median)':45} | {'Celery 5.6.3':>12} | {'Tandem':>10} | {'Tandem/Celery':>13} |")
     print(f"|{'-' * 47}|{'-' * 14}:|{'-' * 11}:|{'-' * 14}:|")

@@ -131,6 +131,8 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
     public func fenced(queue: String, datacenter: String) { fences.inc([datacenter, queue]) }
     public func deadLettered(queue: String, datacenter: String) { deadLetters.inc([datacenter, queue]) }
 
+    public func brokerOK() { broker.success() }
+
     public func brokerError() {
         broker.error()
         redisErrors.inc()

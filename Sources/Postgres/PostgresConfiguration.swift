@@ -60,9 +60,11 @@ public struct PostgresConfiguration: Sendable {
             if let idx = options.firstIndex(where: { $0.0 == k }) { options[idx].1 = v } else { options.append((k, v)) }
         }
         let existing = value("options") ?? ""
-        if !existing.contains("TimeZone=") {
-            set("options", (existing.isEmpty ? "" : existing + " ") + "-c TimeZone=UTC")
-        }
+        var opts = existing
+        if !opts.contains("TimeZone=") { opts += (opts.isEmpty ? "" : " ") + "-c TimeZone=UTC" }
+        // NOTICEs ("relation … already exists, skipping") would go raw to stderr and break --log-json
+        if !opts.contains("client_min_messages=") { opts += " -c client_min_messages=warning" }
+        set("options", opts)
         if value("application_name") == nil { set("application_name", applicationName) }
         if value("connect_timeout") == nil { set("connect_timeout", "5") }
 

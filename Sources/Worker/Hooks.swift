@@ -14,6 +14,8 @@ public protocol WorkerObserver: Sendable {
     func fenced(queue: String, datacenter: String)
     /// A message was dead-lettered (never run).
     func deadLettered(queue: String, datacenter: String)
+    /// A round trip to Redis succeeded (heartbeat, claim): readiness can recover without waiting for work.
+    func brokerOK()
     /// Redis (broker) or Postgres (store) failed an operation.
     func brokerError()
     func storeError()
@@ -27,6 +29,7 @@ extension WorkerObserver {
     public func leaseRenewals(renewed: Int, refused: Int) {}
     public func fenced(queue: String, datacenter: String) {}
     public func deadLettered(queue: String, datacenter: String) {}
+    public func brokerOK() {}
     public func brokerError() {}
     public func storeError() {}
     public func slotsBusy(_ busy: Int, of total: Int) {}

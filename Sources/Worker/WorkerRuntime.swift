@@ -151,6 +151,7 @@ public final class WorkerRuntime: Sendable {
                     workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
                     max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds)
                 backoff = .milliseconds(100)
+                observer.brokerOK()
                 if jobs.isEmpty {
                     try await broker.waitForWork(datacenter: configuration.datacenter, timeout: configuration.idleWait)
                     continue
@@ -160,6 +161,7 @@ public final class WorkerRuntime: Sendable {
                     state.withLock { $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt) }
                     Task { await self.execute(job) }
                 }
+                observer.slotsBusy(busy, of: configuration.concurrency)
             } catch {
                 observer.brokerError()
                 logger.error("cannot claim work: \(error) — retrying in \(backoff)")
@@ -268,7 +270,9 @@ public final class WorkerRuntime: Sendable {
         while !Task.isCancelled {
             do {
                 _ = try await broker.heartbeat(status(), ttlSeconds: 3600)
+                observer.brokerOK()
             } catch {
+                observer.brokerError()
                 logger.error("cannot send heartbeat: \(error)")
             }
             try? await Task.sleep(for: configuration.heartbeatInterval)

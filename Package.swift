@@ -71,10 +71,26 @@ let package = Package(
             dependencies: ["HTTPServer", "Worker", "Dispatcher", "TandemCore", .product(name: "Logging", package: "swift-log")]
         ),
 
+        // Airflow integration: the fork runner's launcher, the worker log server, Celery remote control
+        // (revoke/ping) and airflow.cfg reading.
+        .target(
+            name: "AirflowRunner",
+            dependencies: ["Worker", "CeleryWire", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(name: "LogServer", dependencies: ["HTTPServer", .product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "Pidbox",
+            dependencies: ["Worker", "CeleryWire", "Redis", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(name: "AirflowConfig"),
+
         // Thin executables.
         .executableTarget(
             name: "swift-worker",
-            dependencies: ["Worker", "Setup", "Observability", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: [
+                "Worker", "Setup", "Observability", "AirflowRunner", "LogServer", "Pidbox", "AirflowConfig",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
         ),
         .executableTarget(
             name: "swift-dispatcher",
@@ -113,6 +129,13 @@ let package = Package(
         .testTarget(
             name: "ExecutorctlTests",
             dependencies: ["CeleryWire", "Redis", "Postgres", "TestSupport", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(
+            name: "AirflowTests",
+            dependencies: [
+                "AirflowRunner", "LogServer", "Pidbox", "AirflowConfig", "HTTPServer", "Worker", "CeleryWire", "Redis",
+                "TestSupport", .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "InteropTests",

@@ -1,0 +1,492 @@
+#if canImport(Glibc)
+    import Glibc
+#endif
+import CeleryWire
+import Foundation
+import Logging
+import Worker
+
+/// Exit codes of a runner-forked task (Protocol/RUNNER.md).
+public enum RunnerExit {
+    /// The workload ran; Airflow 3 tasks reported their own state to the Execution API. → SUCCESS
+    public static let ok: Int32 = 0
+    /// Infrastructure failure (bad workload, supervisor crash, API unreachable). → FAILURE
+    public static let failure: Int32 = 1
+    /// The runner died while the task ran; the task was killed with it. → FAILURE
+    public static let runnerLost: Int32 = 70
+    /// TaskAlreadyRunningError (Execution API 409): a duplicate delivery. → ack, write no result
+    public static let alreadyRunning: Int32 = 75
+    /// The Execution API refused the token (401/403, e.g. expired); the task never started. → FAILURE
+    public static let tokenRefused: Int32 = 77
+}
+
+public struct RunnerError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}
+
+/// Starts each task by asking a long-lived Python runner (`Workers/runner/tandem_runner.py`) that imported Airflow
+/// once to fork a child. The runner is started, watched and restarted by this launcher; if it dies, every task it
+/// was running is killed (its process group) and reported as ended with `RunnerExit.runnerLost`.
+public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
+    public struct Options: Sendable {
+        /// Python with Airflow installed.
+        public var python: String
+        /// Path of tandem_runner.py.
+        public var script: String
+        /// The runner's environment (the worker's, plus Airflow settings).
+        public var environment: [String: String]
+        /// Private directory for the socket.
+        public var workDirectory: String
+        /// Append the runner's and its tasks' stdout/stderr here (nil: the worker's own).
+        public var taskOutput: String?
+        /// `AIRFLOW__CORE__EXECUTION_API_SERVER_URL` for Airflow 3 tasks.
+        public var executionAPIServerURL: String?
+        /// Modules to import before serving (nil: the runner's defaults for the installed Airflow).
+        public var preload: [String]?
+        /// How long a (re)start may take to import Airflow and say hello.
+        public var startTimeout: Duration = .seconds(120)
+        /// How long `launch` waits for the runner's `started` reply.
+        public var launchTimeout: Duration = .seconds(60)
+
+        public init(
+            python: String, script: String, environment: [String: String] = ProcessInfo.processInfo.environment,
+            workDirectory: String, taskOutput: String? = nil, executionAPIServerURL: String? = nil,
+            preload: [String]? = nil
+        ) {
+            self.python = python
+            self.script = script
+            self.environment = environment
+            self.workDirectory = workDirectory
+            self.taskOutput = taskOutput
+            self.executionAPIServerURL = executionAPIServerURL
+            self.preload = preload
+        }
+    }
+
+    /// What the runner said in its hello.
+    public struct RunnerInfo: Sendable {
+        public var pid: Int32
+        public var airflowVersion: String
+        public var pythonVersion: String
+    }
+
+    public let options: Options
+    private let logger: Logger
+    private let cond = NSCondition()
+    private let writeLock = NSLock()
+    // guarded by cond
+    private var fd: Int32 = -1
+    private var info: RunnerInfo?
+    private var generation = 0
+    private var nextID = 0
+    private var stopped = false
+    private var pending: [String: PendingStart] = [:]
+    private var running: [String: RunnerTask] = [:]
+    private var starts = 0
+    private var supervisor: Thread?
+
+    private final class PendingStart {
+        var pid: Int32?
+        var error: String?
+    }
+
+    public init(options: Options, logger: Logger) {
+        self.options = options
+        var l = logger
+        l[metadataKey: "component"] = "runner"
+        self.logger = l
+    }
+
+    /// The current runner, once it has said hello.
+    public var runner: RunnerInfo? { cond.lock(); defer { cond.unlock() }; return info }
+    /// How many times the runner has been started (1 + restarts).
+    public var startCount: Int { cond.lock(); defer { cond.unlock() }; return starts }
+    /// Tasks the runner is running now.
+    public var runningCount: Int { cond.lock(); defer { cond.unlock() }; return running.count }
+
+    /// Starts the runner and waits until it is ready (Airflow imported), then keeps it running.
+    public func start() throws {
+        cond.lock()
+        if supervisor == nil {
+            let t = Thread { [self] in superviseLoop() }
+            t.name = "tandem.runner.supervisor"
+            t.stackSize = 512 * 1024
+            supervisor = t
+            t.start()
+        }
+        cond.unlock()
+        guard waitReady(timeout: options.startTimeout) else {
+            throw RunnerError(
+                "the Airflow runner did not become ready within \(options.startTimeout) — check that \(options.python) "
+                    + "can import airflow and that \(options.script) exists (its output: \(options.taskOutput ?? "the worker's stderr"))")
+        }
+    }
+
+    /// Stops the runner (its tasks die with it: they carry a parent-death signal).
+    public func stop() {
+        cond.lock()
+        stopped = true
+        let f = fd
+        let pid = info?.pid
+        cond.broadcast()
+        cond.unlock()
+        if let pid { kill(pid, SIGTERM) }
+        if f >= 0 { shutdown(f, Int32(SHUT_RDWR)) }
+    }
+
+    /// Kills the runner (tests: the worker must recover).
+    public func killRunner(signal: Int32 = SIGKILL) {
+        if let pid = runner?.pid { kill(pid, signal) }
+    }
+
+    private func waitReady(timeout: Duration) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        cond.lock()
+        defer { cond.unlock() }
+        while fd < 0 || info == nil {
+            if stopped { return false }
+            if !cond.wait(until: deadline) { return fd >= 0 && info != nil }
+        }
+        return true
+    }
+
+    // MARK: - Launching
+
+    public func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask {
+        var request: JSONObject = ["op": "run"]
+        var env: JSONObject = [:]
+        switch payload {
+        case .workload(let w):
+            if let exp = JWTPeek.expiry(of: w.token), exp < Date() {
+                throw RunnerError(
+                    "workload token expired at \(exp) (\(Int(Date().timeIntervalSince(exp)))s ago): task not started; "
+                        + "the scheduler re-queues the task instance")
+            }
+            request["kind"] = "workload"
+            request["workload"] = .string(w.json)
+            if let url = options.executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = .string(url) }
+        case .command(let argv):
+            request["kind"] = "command"
+            request["argv"] = .array(argv.map { .string($0) })
+            env["external_executor_id"] = .string(taskID)
+        }
+        env["TANDEM_TASK_ID"] = .string(taskID)
+        request["env"] = .object(env)
+
+        guard waitReady(timeout: options.startTimeout) else {
+            throw RunnerError("the Airflow runner is not running (restarting failed for \(options.startTimeout)); task not started")
+        }
+        cond.lock()
+        nextID += 1
+        let rid = "r\(nextID)"
+        let gen = generation
+        let f = fd
+        let p = PendingStart()
+        pending[rid] = p
+        cond.unlock()
+        request["id"] = .string(rid)
+
+        var line = Array(JSONValue.object(request).serialized().utf8)
+        line.append(0x0A)
+        if !send(f, line) {
+            cond.lock()
+            pending[rid] = nil
+            cond.unlock()
+            throw RunnerError("cannot send the task to the Airflow runner (it just died?); task not started")
+        }
+        let deadline = Date().addingTimeInterval(options.launchTimeout.seconds)
+        cond.lock()
+        defer { cond.unlock() }
+        while p.pid == nil && p.error == nil {
+            if generation != gen || stopped {
+                pending[rid] = nil
+                throw RunnerError("the Airflow runner died before starting the task; task not started")
+            }
+            if !cond.wait(until: deadline) {
+                pending[rid] = nil
+                throw RunnerError("the Airflow runner did not start the task within \(options.launchTimeout)")
+            }
+        }
+        pending[rid] = nil
+        if let e = p.error { throw RunnerError("the Airflow runner could not start the task: \(e)") }
+        let task = RunnerTask(pid: p.pid!)
+        running[rid] = task
+        return LaunchedTask(process: task, cleanup: [])
+    }
+
+    private func send(_ f: Int32, _ bytes: [UInt8]) -> Bool {
+        guard f >= 0 else { return false }
+        writeLock.lock()
+        defer { writeLock.unlock() }
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(f, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                return false
+            }
+            off += n
+        }
+        return true
+    }
+
+    // MARK: - Supervising the runner
+
+    private func socketPath(_ attempt: Int) -> String {
+        let p = "\(options.workDirectory)/runner-\(getpid())-\(attempt).sock"
+        if p.utf8.count < 100 { return p }
+        return NSTemporaryDirectory() + "tandem-runner-\(getpid())-\(attempt).sock"
+    }
+
+    private func superviseLoop() {
+        var backoff = 0.5
+        var attempt = 0
+        while true {
+            cond.lock()
+            let isStopped = stopped
+            cond.unlock()
+            if isStopped { return }
+            attempt += 1
+            let began = Date()
+            runOnce(attempt: attempt)
+            cond.lock()
+            let nowStopped = stopped
+            cond.unlock()
+            if nowStopped { return }
+            // a runner that lived a while restarts at once; one that keeps dying backs off
+            if Date().timeIntervalSince(began) > 30 { backoff = 0.5 }
+            logger.warning("the Airflow runner stopped; restarting in \(backoff)s")
+            Thread.sleep(forTimeInterval: backoff)
+            backoff = min(backoff * 2, 30)
+        }
+    }
+
+    /// One runner life: listen, spawn, accept, read until EOF, then clean up.
+    private func runOnce(attempt: Int) {
+        let path = socketPath(attempt)
+        unlink(path)
+        let lfd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard lfd >= 0 else {
+            logger.error("cannot create the runner socket: \(String(cString: strerror(errno)))")
+            return
+        }
+        defer {
+            close(lfd)
+            unlink(path)
+        }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { buf in
+            let b = Array(path.utf8)
+            for i in 0..<min(b.count, buf.count - 1) { buf[i] = b[i] }
+        }
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(lfd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(lfd, 1) == 0 else {
+            logger.error("cannot listen on \(path): \(String(cString: strerror(errno))) — check --work-dir")
+            return
+        }
+        chmod(path, 0o600)
+
+        var argv = [options.python, options.script, "--connect", path]
+        if let pre = options.preload { argv += pre.isEmpty ? ["--no-preload"] : ["--preload", pre.joined(separator: ",")] }
+        var env = options.environment
+        if let url = options.executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }
+        env["PYTHONUNBUFFERED"] = "1"
+        let proc: ChildProcess
+        do {
+            proc = try ChildProcess.spawn(argv: argv, environment: env, output: options.taskOutput)
+        } catch {
+            logger.error("cannot start the Airflow runner: \(error)")
+            return
+        }
+        cond.lock()
+        starts += 1
+        cond.unlock()
+        logger.info("Airflow runner starting", metadata: ["pid": "\(proc.pid)"])
+
+        // accept, watching the runner in case it dies while importing
+        var cfd: Int32 = -1
+        let deadline = Date().addingTimeInterval(options.startTimeout.seconds)
+        while cfd < 0 {
+            var pfd = pollfd(fd: lfd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&pfd, 1, 200)
+            if r > 0 {
+                cfd = accept(lfd, nil, nil)
+                if cfd >= 0 { _ = fcntl(cfd, F_SETFD, FD_CLOEXEC) }
+                continue
+            }
+            var status: Int32 = 0
+            if waitpid(proc.pid, &status, WNOHANG) == proc.pid {
+                logger.error("the Airflow runner exited before connecting (status \(status)); see its output")
+                return
+            }
+            cond.lock()
+            let s = stopped
+            cond.unlock()
+            if s || Date() > deadline {
+                kill(proc.pid, SIGKILL)
+                var st: Int32 = 0
+                waitpid(proc.pid, &st, 0)
+                if !s { logger.error("the Airflow runner did not connect within \(options.startTimeout); killed it") }
+                return
+            }
+        }
+
+        cond.lock()
+        fd = cfd
+        cond.unlock()
+        readLoop(cfd, runnerPID: proc.pid)
+
+        // the runner is gone (or its socket is): make sure of it, then fail what it was running
+        cond.lock()
+        fd = -1
+        info = nil
+        generation += 1
+        let orphans = running
+        running = [:]
+        for p in pending.values where p.pid == nil && p.error == nil { p.error = "the runner died" }
+        cond.broadcast()
+        cond.unlock()
+        kill(proc.pid, SIGKILL)
+        var st: Int32 = 0
+        while waitpid(proc.pid, &st, 0) == -1 && errno == EINTR {}
+        close(cfd)
+        for (_, t) in orphans {
+            t.signalGroup(SIGKILL)
+            t.finish(.exited(RunnerExit.runnerLost))
+        }
+        if !orphans.isEmpty {
+            logger.error("the Airflow runner died with \(orphans.count) task(s) running; they were killed and are reported as failed")
+        }
+    }
+
+    private func readLoop(_ cfd: Int32, runnerPID: Int32) {
+        var buffer: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { recv(cfd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            buffer.append(contentsOf: chunk[0..<n])
+            while let nl = buffer.firstIndex(of: 0x0A) {
+                let line = Array(buffer[..<nl])
+                buffer.removeSubrange(...nl)
+                if !line.isEmpty { handle(line, runnerPID: runnerPID) }
+            }
+        }
+    }
+
+    private func handle(_ line: [UInt8], runnerPID: Int32) {
+        guard let msg = try? JSONValue.parse(line), let event = msg["event"]?.string else {
+            logger.warning("unreadable line from the Airflow runner")
+            return
+        }
+        let rid = msg["id"]?.string ?? ""
+        switch event {
+        case "hello":
+            let i = RunnerInfo(
+                pid: Int32(msg["pid"]?.int ?? Int64(runnerPID)), airflowVersion: msg["airflow"]?.string ?? "",
+                pythonVersion: msg["python"]?.string ?? "")
+            cond.lock()
+            info = i
+            cond.broadcast()
+            cond.unlock()
+            logger.info(
+                "Airflow runner ready",
+                metadata: ["pid": "\(i.pid)", "airflow": .string(i.airflowVersion), "python": .string(i.pythonVersion)])
+        case "started":
+            cond.lock()
+            pending[rid]?.pid = Int32(msg["pid"]?.int ?? 0)
+            cond.broadcast()
+            cond.unlock()
+        case "error":
+            cond.lock()
+            pending[rid]?.error = msg["message"]?.string ?? "unknown error"
+            cond.broadcast()
+            cond.unlock()
+        case "exit":
+            let t: ChildProcess.Termination =
+                if let s = msg["signal"]?.int { .signalled(Int32(s)) } else { .exited(Int32(msg["status"]?.int ?? -1)) }
+            cond.lock()
+            let task = running.removeValue(forKey: rid)
+            cond.unlock()
+            task?.finish(t)
+        default:
+            break
+        }
+    }
+}
+
+/// A task the runner forked: signalled by process group, waited for by the runner's exit report.
+public final class RunnerTask: RunningTask, @unchecked Sendable {
+    public let pid: Int32
+    private let lock = NSLock()
+    private var termination: ChildProcess.Termination?
+    private var waiters: [CheckedContinuation<ChildProcess.Termination, Never>] = []
+
+    init(pid: Int32) { self.pid = pid }
+
+    public func wait() async -> ChildProcess.Termination {
+        await withCheckedContinuation { (c: CheckedContinuation<ChildProcess.Termination, Never>) in
+            lock.lock()
+            if let t = termination {
+                lock.unlock()
+                c.resume(returning: t)
+            } else {
+                waiters.append(c)
+                lock.unlock()
+            }
+        }
+    }
+
+    /// Signals the task's process group, unless it has already ended (its pid may be reused).
+    public func signalGroup(_ signal: Int32) {
+        lock.lock()
+        defer { lock.unlock() }
+        if termination == nil { _ = kill(-pid, signal) }
+    }
+
+    public var ended: ChildProcess.Termination? { lock.lock(); defer { lock.unlock() }; return termination }
+
+    func finish(_ t: ChildProcess.Termination) {
+        lock.lock()
+        guard termination == nil else {
+            lock.unlock()
+            return
+        }
+        termination = t
+        let w = waiters
+        waiters = []
+        lock.unlock()
+        for c in w { c.resume(returning: t) }
+    }
+}
+
+/// Reads a JWT's `exp` without verifying it (the worker has no key for the Execution API's tokens; the API
+/// verifies). Used only to avoid starting a task whose token is already dead.
+public enum JWTPeek {
+    public static func claims(of token: String) -> JSONObject? {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let bytes = base64URLDecode(String(parts[1])) else { return nil }
+        return (try? JSONValue.parse(bytes))?.object
+    }
+
+    public static func expiry(of token: String) -> Date? {
+        guard let exp = claims(of: token)?["exp"]?.double else { return nil }
+        return Date(timeIntervalSince1970: exp)
+    }
+
+    public static func base64URLDecode(_ s: String) -> [UInt8]? {
+        var t = s.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        while t.utf8.count % 4 != 0 { t += "=" }
+        guard let d = Data(base64Encoded: t) else { return nil }
+        return Array(d)
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}

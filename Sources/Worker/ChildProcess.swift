@@ -38,15 +38,29 @@ public final class ChildProcess: Sendable {
     /// process group, with SIGKILL as its parent-death signal: a worker killed with -9 takes its tasks with it,
     /// so a reclaimed task never runs twice at once.
     /// - Parameter output: file to append the child's stdout and stderr to; nil inherits the worker's.
-    public static func spawn(argv: [String], environment: [String: String], output: String? = nil) throws
+    public static func spawn(argv: [String], environment: [String: String], output: String? = nil) async throws
         -> ChildProcess
+    {
+        let job = try prepare(argv: argv, environment: environment, output: output)
+        return try finish(await Spawner.shared.run(job.fork), path: job.path)
+    }
+
+    private static func finish(_ result: (Int32, pid_t), path: String) throws -> ChildProcess {
+        guard result.0 == 0 else {
+            throw SpawnError(description: "cannot start \(path): \(String(cString: strerror(result.0))) — check that it is executable")
+        }
+        return ChildProcess(pid: result.1)
+    }
+
+    private static func prepare(argv: [String], environment: [String: String], output: String?) throws
+        -> (path: String, fork: @Sendable () -> (Int32, pid_t))
     {
         precondition(!argv.isEmpty)
         guard let path = resolve(argv[0], path: environment["PATH"] ?? ProcessInfo.processInfo.environment["PATH"]) else {
             throw SpawnError(description: "cannot start \(argv[0]): not found on PATH — is it installed? (PATH=\(environment["PATH"] ?? ""))")
         }
         let env = environment.map { "\($0.key)=\($0.value)" }
-        let result = Spawner.shared.run { () -> (Int32, pid_t) in
+        let fork: @Sendable () -> (Int32, pid_t) = {
             let cArgv = argv.map { strdup($0) } + [nil]
             let cEnv = env.map { strdup($0) } + [nil]
             defer {
@@ -62,10 +76,7 @@ public final class ChildProcess: Sendable {
             }
             return (rc, pid)
         }
-        guard result.0 == 0 else {
-            throw SpawnError(description: "cannot start \(path): \(String(cString: strerror(result.0))) — check that it is executable")
-        }
-        return ChildProcess(pid: result.1)
+        return (path, fork)
     }
 
     /// PATH lookup done in the worker, so nothing but execve runs in the child.
@@ -129,24 +140,13 @@ final class Spawner: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` on the spawner thread and waits for its answer. Called from a task, it blocks that thread
-    /// only for the duration of one fork (tens of microseconds).
-    func run<T>(_ body: @escaping () -> T) -> T {
-        let done = NSCondition()
-        var result: T?
-        condition.lock()
-        work.append {
-            let r = body()
-            done.lock()
-            result = r
-            done.signal()
-            done.unlock()
+    /// Runs `body` on the spawner thread; the calling task suspends (no pool thread blocks) until it is done.
+    func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { (cont: CheckedContinuation<T, Never>) in
+            condition.lock()
+            work.append { cont.resume(returning: body()) }
+            condition.signal()
+            condition.unlock()
         }
-        condition.signal()
-        condition.unlock()
-        done.lock()
-        while result == nil { done.wait() }
-        done.unlock()
-        return result!
     }
 }

@@ -5,7 +5,7 @@ import TandemCore
 /// How a worker starts an Airflow task. `SpawnLauncher` starts a fresh process per task; a long-lived Airflow
 /// runner (fork per task) plugs in here too.
 public protocol TaskLauncher: Sendable {
-    func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask
+    func launch(_ payload: AirflowPayload, taskID: String) async throws -> LaunchedTask
 }
 
 /// A started task as the worker sees it, whoever forked it (the worker itself, or a long-lived Airflow runner).
@@ -56,7 +56,7 @@ public struct SpawnLauncher: TaskLauncher {
         self.taskOutput = taskOutput
     }
 
-    public func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask {
+    public func launch(_ payload: AirflowPayload, taskID: String) async throws -> LaunchedTask {
         var env = environment
         switch payload {
         case .command(let argv):
@@ -64,12 +64,12 @@ public struct SpawnLauncher: TaskLauncher {
             var args = argv
             args[0] = airflowExecutable
             return LaunchedTask(
-                process: try ChildProcess.spawn(argv: args, environment: env, output: taskOutput), cleanup: [])
+                process: try await ChildProcess.spawn(argv: args, environment: env, output: taskOutput), cleanup: [])
         case .workload(let workload):
             if let url = executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }
             let path = try writeWorkload(workload.json, taskID: taskID)
             do {
-                let p = try ChildProcess.spawn(
+                let p = try await ChildProcess.spawn(
                     argv: [python, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", path],
                     environment: env, output: taskOutput)
                 return LaunchedTask(process: p, cleanup: [path])

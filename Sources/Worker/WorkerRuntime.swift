@@ -359,7 +359,7 @@ public final class WorkerRuntime: Sendable {
             // 4. Start the task, then record STARTED with its pid (what Celery's track_started writes).
             let launched: LaunchedTask
             do {
-                launched = try launcher.launch(payload, taskID: task.id)
+                launched = try await launcher.launch(payload, taskID: task.id)
             } catch {
                 log.error("task could not start: \(error)")
                 try await record(job, task: task, state: .failure, exit: nil, detail: "\(error)", fence: fence, runSeconds: 0, log: log)

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Postgres
 import Redis
+import TandemCore
 import TandemRedis
 import Testing
 import TestSupport
@@ -228,5 +229,61 @@ struct WorkerProcessTests {
         #expect(cluster.taskEvents().contains { $0.event == "term" && $0.key.hasSuffix(".soft") })
         let tb = try await pg.query("SELECT traceback FROM celery_taskmeta WHERE task_id = $1", [.text(hard)])
         #expect(tb.rows.first?.string("traceback")?.contains("signal 9") == true)
+    }
+
+    @Test("routing: pin waits while its datacenter is lost, pin+fallback moves and hands back, dc drain sends new work elsewhere")
+    func routingPolicySemantics() async throws {
+        let policy = cluster.dir + "/policy.yaml"
+        try "queues: {reports: {pin: east, fallback: west}, audit: {pin: east}, default: {spread: [east, west]}}\n"
+            .write(toFile: policy, atomically: true, encoding: .utf8)
+        try cluster.startDispatcher(extra: ["--policy", policy, "--dc-loss-after", "2", "--leader-lease", "2"])
+        let flags = ["--queues", "default,reports,audit", "--lease-ttl", "4", "--renew-every", "1"]
+        let east = try cluster.startWorker(dc: "east", name: "east-1", extra: flags)
+        try cluster.startWorker(dc: "west", name: "west-1", extra: flags)
+        try await Task.sleep(for: .seconds(2))
+        func dcs(_ ids: [String]) async throws -> Set<String> {
+            var out = Set<String>()
+            for id in ids { if let l = try await ledger(id) { out.insert(l.dc) } }
+            return out
+        }
+        // both alive: pinned queues run in east only
+        var r1: [String] = [], a1: [String] = []
+        for i in 0..<3 { r1.append(try await submit(task: "ok", run: "r1-\(i)", queue: "reports")) }
+        for i in 0..<2 { a1.append(try await submit(task: "ok", run: "a1-\(i)", queue: "audit")) }
+        _ = try await waitForFinal(r1 + a1)
+        #expect(try await dcs(r1 + a1) == ["east"], "\(cluster.logs())")
+
+        // east lost: reports falls back to west; audit (no fallback) waits in its ingress list
+        east.signal(SIGKILL)
+        try await Task.sleep(for: .seconds(4))
+        var r2: [String] = [], a2: [String] = []
+        for i in 0..<3 { r2.append(try await submit(task: "ok", run: "r2-\(i)", queue: "reports")) }
+        for i in 0..<2 { a2.append(try await submit(task: "ok", run: "a2-\(i)", queue: "audit")) }
+        _ = try await waitForFinal(r2)
+        #expect(try await dcs(r2) == ["west"])
+        try await Task.sleep(for: .seconds(2))
+        #expect(try await states(a2).isEmpty, "a pinned queue without fallback must wait for its datacenter")
+        #expect(try await redis.send(["LLEN", "audit"]).int == 2)
+
+        // east back: the waiting audit work runs there, and reports returns to east
+        try cluster.startWorker(dc: "east", name: "east-2", extra: flags)
+        _ = try await waitForFinal(a2)
+        #expect(try await dcs(a2) == ["east"])
+        var r3: [String] = []
+        for i in 0..<2 { r3.append(try await submit(task: "ok", run: "r3-\(i)", queue: "reports")) }
+        _ = try await waitForFinal(r3)
+        #expect(try await dcs(r3) == ["east"], "pin with fallback hands back once its datacenter is alive")
+
+        // maintenance: dc drain east — new default work goes to west only; restore brings east back
+        let inspector = BrokerInspector(client: redis)
+        try await inspector.setOverride("east", .drain)
+        try await Task.sleep(for: .seconds(1))
+        var d: [String] = []
+        for i in 0..<6 { d.append(try await submit(task: "ok", run: "d-\(i)")) }
+        _ = try await waitForFinal(d)
+        #expect(try await dcs(d) == ["west"])
+        try await inspector.setOverride("east", nil)
+        let back = try await inspector.datacenters(lossAfterMs: 15000)
+        #expect(back.first { $0.name == "east" }?.status == .alive)
     }
 }

@@ -9,8 +9,11 @@ import TandemCore
 public final class PostgresStore: ResultBackend, TaskLedger {
     public let client: PostgresClient
 
+    let committer: GroupCommitter
+
     public init(configuration: PostgresConfiguration, logger: Logger) {
         client = PostgresClient(configuration: configuration, label: "results", logger: logger)
+        committer = GroupCommitter(client: client)
     }
 
     /// Connects and creates missing tables.
@@ -26,9 +29,9 @@ public final class PostgresStore: ResultBackend, TaskLedger {
     // Every write is a `StoreOperation` applied inside a transaction, so the spool (SpoolingStore) can replay
     // exactly the same writes later, each in the same transaction as its progress marker.
 
-    /// Applies one operation in its own transaction.
+    /// Applies one operation, committed together with whatever other writes are waiting (group commit).
     public func apply(_ op: StoreOperation) async throws -> StoreOutcome {
-        try await client.transaction { tx in try Self.apply(op, in: tx) }
+        try await committer.submit(op)
     }
 
     /// Applies one operation inside `tx`.

@@ -87,4 +87,33 @@ struct PostgresStoreTests {
         #expect(e.events.map(\.event) == ["claimed", "started", "failure"])
         #expect(try await store.entry(taskID: "nope") == nil)
     }
+
+    @Test("group commit: concurrent writes share transactions, and one bad write fails alone")
+    func groupCommit() async throws {
+        let store = self.store
+        let ids = (0..<60).map { "gc-\($0)" }
+        let bad = String(repeating: "x", count: 300)  // longer than celery_taskmeta.task_id VARCHAR(155)
+        let outcomes = await withTaskGroup(of: (String, Result<ResultWriteOutcome, any Error>).self) { group in
+            for id in ids + [bad] {
+                group.addTask {
+                    do { return (id, .success(try await store.store(.success(taskId: id), fence: nil))) } catch {
+                        return (id, .failure(error))
+                    }
+                }
+            }
+            var out: [String: Result<ResultWriteOutcome, any Error>] = [:]
+            for await (id, r) in group { out[id] = r }
+            return out
+        }
+        for id in ids {
+            guard case .success(let o)? = outcomes[id] else {
+                Issue.record("\(id) failed: \(String(describing: outcomes[id]))")
+                continue
+            }
+            #expect(o == .written)
+        }
+        if case .success? = outcomes[bad] { Issue.record("a 300-character task id must be refused") }
+        let n = try await pg.query("SELECT count(*) AS n FROM celery_taskmeta WHERE task_id LIKE 'gc-%'")
+        #expect(n.rows.first?.int("n") == 60)
+    }
 }

@@ -2,7 +2,6 @@ import CeleryWire
 import Foundation
 import Logging
 import Postgres
-import Synchronization
 import TandemCore
 
 #if canImport(Glibc)
@@ -18,13 +17,24 @@ public final class SpoolingStore: ResultBackend, TaskLedger {
     let directory: String
     let logger: Logger
 
-    struct State {
+    final class State: @unchecked Sendable {
         /// The spool being written, while Postgres is (or recently was) unreachable. All writes go there until
         /// the flusher has replayed it completely, so one task's writes never overtake each other.
         var active: SpoolFile?
         var flushing = false
     }
-    let state = Mutex(State())
+    /// Touched only on `disk`: a serial queue of its own, so the appends (each an fsync) never block a thread
+    /// of the Swift concurrency pool and stay in order.
+    private let state = State()
+    private let disk = DispatchQueue(label: "tandem.spool")
+
+    /// Runs `body` on the spool's own thread and suspends the caller until it is done.
+    private func onDisk<T: Sendable>(_ body: @escaping @Sendable (State) throws -> T) async throws -> T {
+        let state = self.state
+        return try await withCheckedThrowingContinuation { cont in
+            disk.async { cont.resume(with: Result { try body(state) }) }
+        }
+    }
 
     /// - Parameter directory: where spool files live (created 0700). Spools left by a worker that died are
     ///   picked up and flushed by the next worker that starts with the same directory.
@@ -54,30 +64,31 @@ public final class SpoolingStore: ResultBackend, TaskLedger {
         }
     }
 
-    public var spooledOperations: Int { state.withLock { $0.active?.count ?? 0 } }
+    public var spooledOperations: Int { disk.sync { state.active?.count ?? 0 } }
 
     // MARK: The one path every write takes
 
     func run(_ op: StoreOperation) async throws -> StoreOutcome {
-        if let outcome = try appendIfSpooling(op) { return outcome }
+        if let outcome = try await appendIfSpooling(op) { return outcome }
         do {
             return try await postgres.apply(op)
         } catch let e as PostgresError where e.isOutage {
             logger.error("Postgres is unreachable (\(e.message)); spooling results on local disk in \(directory) until it is back")
-            return try spool(op)
+            return try await spool(op)
         }
     }
 
-    private func appendIfSpooling(_ op: StoreOperation) throws -> StoreOutcome? {
-        try state.withLock { s in
+    private func appendIfSpooling(_ op: StoreOperation) async throws -> StoreOutcome? {
+        try await onDisk { s in
             guard let active = s.active else { return nil }
             try active.append(op)
             return .spooled
         }
     }
 
-    private func spool(_ op: StoreOperation) throws -> StoreOutcome {
-        let (spool, startFlusher) = try state.withLock { s -> (SpoolFile, Bool) in
+    private func spool(_ op: StoreOperation) async throws -> StoreOutcome {
+        let directory = self.directory
+        let (spool, startFlusher) = try await onDisk { s -> (SpoolFile, Bool) in
             if s.active == nil {
                 s.active = try SpoolFile(
                     path: "\(directory)/\(Int(Date().timeIntervalSince1970 * 1000))-\(UUID().uuidString).spool", create: true)
@@ -96,7 +107,7 @@ public final class SpoolingStore: ResultBackend, TaskLedger {
         var wait = Duration.milliseconds(500)
         while true {
             do {
-                let ops = try spool.readAll()
+                let ops = try await onDisk { _ in try spool.readAll() }
                 var applied = try await progress(of: spool)
                 while applied < ops.count {
                     let op = ops[applied]
@@ -114,9 +125,10 @@ public final class SpoolingStore: ResultBackend, TaskLedger {
                     applied = index
                 }
                 // caught up: retire the spool unless a write arrived meanwhile
-                let done = try state.withLock { s -> Bool in
+                let appliedSoFar = applied
+                let done = try await onDisk { s -> Bool in
                     if isActive {
-                        guard spool.count == applied else { return false }
+                        guard spool.count == appliedSoFar else { return false }
                         s.active = nil
                         s.flushing = false
                     }

@@ -44,6 +44,8 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         public var executionAPIServerURL: String?
         /// Modules to import before serving (nil: the runner's defaults for the installed Airflow).
         public var preload: [String]?
+        /// Extra runner arguments (tests: `--allow-test-kinds`).
+        public var extraArguments: [String] = []
         /// How long a (re)start may take to import Airflow and say hello.
         public var startTimeout: Duration = .seconds(120)
         /// How long `launch` waits for the runner's `started` reply.
@@ -87,7 +89,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
     private var supervisor: Thread?
 
     private final class PendingStart {
-        var pid: Int32?
+        var task: RunnerTask?
         var error: String?
     }
 
@@ -153,7 +155,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
 
     // MARK: - Launching
 
-    public func launch(_ payload: AirflowPayload, taskID: String) throws -> LaunchedTask {
+    public func launch(_ payload: AirflowPayload, taskID: String) async throws -> LaunchedTask {
         var request: JSONObject = ["op": "run"]
         var env: JSONObject = [:]
         switch payload {
@@ -173,46 +175,66 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         }
         env["TANDEM_TASK_ID"] = .string(taskID)
         request["env"] = .object(env)
+        return LaunchedTask(process: try await launch(request: request), cleanup: [])
+    }
 
-        guard waitReady(timeout: options.startTimeout) else {
+    /// Sends one `run` request (its `id` is set here) and waits for the runner's `started` reply.
+    public func launch(request: JSONObject) async throws -> RunnerTask {
+        var request = request
+        request["op"] = "run"
+        guard await waitReadyAsync(timeout: options.startTimeout) else {
             throw RunnerError("the Airflow runner is not running (restarting failed for \(options.startTimeout)); task not started")
         }
-        cond.lock()
-        nextID += 1
-        let rid = "r\(nextID)"
-        let gen = generation
-        let f = fd
         let p = PendingStart()
-        pending[rid] = p
-        cond.unlock()
+        let (rid, gen, f): (String, Int, Int32) = cond.withLock {
+            nextID += 1
+            let rid = "r\(nextID)"
+            pending[rid] = p
+            return (rid, generation, fd)
+        }
         request["id"] = .string(rid)
-
         var line = Array(JSONValue.object(request).serialized().utf8)
         line.append(0x0A)
         if !send(f, line) {
-            cond.lock()
-            pending[rid] = nil
-            cond.unlock()
+            cond.withLock { pending[rid] = nil }
             throw RunnerError("cannot send the task to the Airflow runner (it just died?); task not started")
         }
-        let deadline = Date().addingTimeInterval(options.launchTimeout.seconds)
-        cond.lock()
-        defer { cond.unlock() }
-        while p.pid == nil && p.error == nil {
-            if generation != gen || stopped {
-                pending[rid] = nil
+        let clock = ContinuousClock()
+        let deadline = clock.now + options.launchTimeout
+        while true {
+            let state: (RunnerTask?, String?, Bool) = cond.withLock {
+                (p.task, p.error, generation != gen || stopped)
+            }
+            if let t = state.0 {
+                cond.withLock { pending[rid] = nil }
+                return t
+            }
+            if let e = state.1 {
+                cond.withLock { pending[rid] = nil }
+                throw RunnerError("the Airflow runner could not start the task: \(e)")
+            }
+            if state.2 {
+                cond.withLock { pending[rid] = nil }
                 throw RunnerError("the Airflow runner died before starting the task; task not started")
             }
-            if !cond.wait(until: deadline) {
-                pending[rid] = nil
+            if clock.now >= deadline {
+                cond.withLock { pending[rid] = nil }
                 throw RunnerError("the Airflow runner did not start the task within \(options.launchTimeout)")
             }
+            // a fork takes about a millisecond: poll briefly rather than park a pool thread
+            try? await Task.sleep(for: .microseconds(500))
         }
-        pending[rid] = nil
-        if let e = p.error { throw RunnerError("the Airflow runner could not start the task: \(e)") }
-        let task = RunnerTask(pid: p.pid!)
-        running[rid] = task
-        return LaunchedTask(process: task, cleanup: [])
+    }
+
+    private func waitReadyAsync(timeout: Duration) async -> Bool {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while true {
+            let (ready, s) = cond.withLock { (fd >= 0 && info != nil, stopped) }
+            if ready { return true }
+            if s || clock.now >= deadline { return false }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
     }
 
     private func send(_ f: Int32, _ bytes: [UInt8]) -> Bool {
@@ -291,13 +313,14 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         chmod(path, 0o600)
 
         var argv = [options.python, options.script, "--connect", path]
+        argv += options.extraArguments
         if let pre = options.preload { argv += pre.isEmpty ? ["--no-preload"] : ["--preload", pre.joined(separator: ",")] }
         var env = options.environment
         if let url = options.executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }
         env["PYTHONUNBUFFERED"] = "1"
         let proc: ChildProcess
         do {
-            proc = try ChildProcess.spawn(argv: argv, environment: env, output: options.taskOutput)
+            proc = try Self.spawnBlocking(argv: argv, environment: env, output: options.taskOutput)
         } catch {
             logger.error("cannot start the Airflow runner: \(error)")
             return
@@ -347,7 +370,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         generation += 1
         let orphans = running
         running = [:]
-        for p in pending.values where p.pid == nil && p.error == nil { p.error = "the runner died" }
+        for p in pending.values where p.task == nil && p.error == nil { p.error = "the runner died" }
         cond.broadcast()
         cond.unlock()
         kill(proc.pid, SIGKILL)
@@ -361,6 +384,27 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         if !orphans.isEmpty {
             logger.error("the Airflow runner died with \(orphans.count) task(s) running; they were killed and are reported as failed")
         }
+    }
+
+    /// ChildProcess.spawn is async; the supervisor is a plain thread, so it waits for it here.
+    private static func spawnBlocking(argv: [String], environment: [String: String], output: String?) throws -> ChildProcess {
+        let box = ResultBox()
+        let sem = DispatchSemaphore(value: 0)
+        Task {
+            do { box.set(.success(try await ChildProcess.spawn(argv: argv, environment: environment, output: output))) } catch {
+                box.set(.failure(error))
+            }
+            sem.signal()
+        }
+        sem.wait()
+        return try box.get()
+    }
+
+    private final class ResultBox: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value: Result<ChildProcess, Error>?
+        func set(_ v: Result<ChildProcess, Error>) { lock.withLock { value = v } }
+        func get() throws -> ChildProcess { try lock.withLock { value! }.get() }
     }
 
     private func readLoop(_ cfd: Int32, runnerPID: Int32) {
@@ -399,7 +443,10 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
                 metadata: ["pid": "\(i.pid)", "airflow": .string(i.airflowVersion), "python": .string(i.pythonVersion)])
         case "started":
             cond.lock()
-            pending[rid]?.pid = Int32(msg["pid"]?.int ?? 0)
+            // registered before the reply is read, so an exit that follows at once is never missed
+            let t = RunnerTask(pid: Int32(msg["pid"]?.int ?? 0))
+            running[rid] = t
+            pending[rid]?.task = t
             cond.broadcast()
             cond.unlock()
         case "error":

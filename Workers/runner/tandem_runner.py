@@ -34,6 +34,7 @@ EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL
 EXIT_TOKEN_REFUSED = 77  # EX_NOPERM
 
 PR_SET_PDEATHSIG = 1
+ALL_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
 
 
 def _set_pdeathsig(sig: int) -> None:
@@ -257,7 +258,8 @@ DEFAULT_PRELOAD_2 = [
 
 
 class Runner:
-    def __init__(self, sock: socket.socket, output: str | None):
+    def __init__(self, sock: socket.socket, output: str | None, allow_test: bool = False):
+        self.allow_test = allow_test
         self.sock = sock
         self.output = output
         self.children: dict[int, str] = {}  # pid -> request id
@@ -349,16 +351,21 @@ class Runner:
             self.send({"event": "error", "id": rid, "message": f"unknown op {op!r}"})
             return
         kind = req.get("kind")
-        if kind not in ("workload", "command"):
+        if kind not in ("workload", "command") and not (kind == "test-sleep" and self.allow_test):
             self.send({"event": "error", "id": rid, "message": f"unknown kind {kind!r}"})
             return
+        # Signals stay blocked across fork until the child has default handlers: a SIGTERM sent to the new
+        # process group at once must kill the task, not run the runner's Python handler inside the child.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS)
         try:
             pid = os.fork()
         except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.send({"event": "error", "id": rid, "message": f"fork failed: {e.strerror}"})
             return
         if pid == 0:
             self.child(req)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
             os.setpgid(pid, pid)  # also done in the child; whichever runs first wins, both are fine
         except OSError:
@@ -377,6 +384,8 @@ class Runner:
             signal.set_wakeup_fd(-1)
             for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
                 signal.signal(s, signal.SIG_DFL)
+            # a signal mask inherited from the worker would make SIGTERM (revoke, time limits) pend forever
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
             self.sel.close()
             self.sock.close()
             os.close(self.wake_r)
@@ -391,6 +400,10 @@ class Runner:
             random.seed()
             if req["kind"] == "workload":
                 code = run_workload_json(req["workload"])
+            elif req["kind"] == "test-sleep":  # only with --allow-test-kinds (the Swift tests)
+                print(f"test-sleep env={sorted(k for k in req.get('env') or {})}", flush=True)
+                time.sleep(float(req.get("seconds", 0)))
+                code = int(req.get("exit", 0))
             else:
                 code = run_command(list(req["argv"]), (req.get("env") or {}).get("external_executor_id"))
         except BaseException:
@@ -412,6 +425,7 @@ def main() -> int:
     g.add_argument("--once-json-path", help="run one Airflow 3 workload from this file (spawn mode) and exit")
     p.add_argument("--preload", default=None, help="comma-separated modules to import before serving")
     p.add_argument("--no-preload", action="store_true", help="import nothing up front (tests)")
+    p.add_argument("--allow-test-kinds", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.once_json_path:
@@ -420,6 +434,7 @@ def main() -> int:
         return run_workload_json(data)
 
     _set_pdeathsig(signal.SIGKILL)  # the worker dies -> the runner dies -> its children die
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the worker may block signals it handles itself
     started = time.monotonic()
     if not args.no_preload:
         if args.preload is not None:
@@ -450,7 +465,7 @@ def main() -> int:
                 _stderr(f"cannot connect to {args.connect}: {e.strerror}")
                 return 2
             time.sleep(0.1)
-    return Runner(sock, None).serve()
+    return Runner(sock, None, allow_test=args.allow_test_kinds).serve()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+import CeleryWire
+import Foundation
+import Logging
+import Pidbox
+import Redis
+import Testing
+import TestSupport
+
+/// Revoke and ping with the real Python celery client (5.6, from the Airflow venv).
+@Suite("pidbox", .serialized)
+struct PidboxTests {
+    final class Signals: @unchecked Sendable {
+        let lock = NSLock()
+        var got: [(String, Int32)] = []
+        func add(_ id: String, _ s: Int32) { lock.withLock { got.append((id, s)) } }
+        var all: [(String, Int32)] { lock.withLock { got } }
+    }
+
+    static let client = """
+        import sys, json
+        from celery import Celery
+        app = Celery(broker=sys.argv[1])
+        cmd = sys.argv[2]
+        if cmd == "revoke":
+            app.control.revoke(sys.argv[3], terminate=True, signal="SIGKILL")
+            app.control.revoke(sys.argv[4])
+            print("sent")
+        elif cmd == "ping":
+            print(json.dumps(app.control.ping(timeout=2.0)))
+        elif cmd == "inspect":
+            print(json.dumps(app.control.inspect(timeout=2.0).ping()))
+        elif cmd == "inspect-other":
+            print(json.dumps(app.control.inspect(timeout=1.0, destination=["celery@nowhere"]).ping()))
+        """
+
+    @Test("revoke with terminate from app.control: recorded durably, running task signalled, a late worker honours it")
+    func revoke() async throws {
+        let redis = try await offPool { try RedisServer.start() }
+        defer { redis.stop() }
+        let config = try RedisConfiguration(url: redis.url)
+        let svc = PidboxService(configuration: config, nodeName: "tandem@test-east", logger: AF.logger)
+        let signals = Signals()
+        svc.start { id, sig in signals.add(id, sig) }
+        defer { svc.stop() }
+        try await Task.sleep(for: .milliseconds(300))  // subscribed
+        let out = try await offPoolRun(Self.client, args: [redis.url, "revoke", "task-running", "task-queued"])
+        #expect(out.status == 0, "\(out.stderr)")
+        for _ in 0..<100 where svc.handledCount("revoke") < 2 { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(signals.all.map(\.0) == ["task-running"])
+        #expect(signals.all.first?.1 == SIGKILL)
+        #expect(await svc.isRevoked("task-running"))
+        #expect(await svc.isRevoked("task-queued"))
+        #expect(!(await svc.isRevoked("other")))
+
+        // a worker that was not listening still sees both revokes (from Redis)
+        let late = PidboxService(configuration: config, nodeName: "tandem@test-west", logger: AF.logger)
+        defer { late.stop() }
+        #expect(await late.isRevoked("task-queued"))
+        let c = RedisClient(configuration: config, logger: AF.logger)
+        defer { c.close() }
+        let score = try await c.send(["ZSCORE", PidboxService.revokedKey, "task-queued"]).string.flatMap { Double($0) } ?? 0
+        let now = Double(try await c.time().milliseconds)
+        #expect(score > now + 86_000_000 && score <= now + 86_400_000, "expires in 24 h")
+    }
+
+    @Test("app.control.ping() and inspect().ping() see the worker")
+    func ping() async throws {
+        let redis = try await offPool { try RedisServer.start() }
+        defer { redis.stop() }
+        let svc = PidboxService(configuration: try RedisConfiguration(url: redis.url), nodeName: "tandem@test-east", logger: AF.logger)
+        svc.start { _, _ in }
+        defer { svc.stop() }
+        try await Task.sleep(for: .milliseconds(300))
+        let p = try await offPoolRun(Self.client, args: [redis.url, "ping"])
+        #expect(p.status == 0, "\(p.stderr)")
+        #expect(p.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == #"[{"tandem@test-east": {"ok": "pong"}}]"#)
+        let i = try await offPoolRun(Self.client, args: [redis.url, "inspect"])
+        #expect(i.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == #"{"tandem@test-east": {"ok": "pong"}}"#)
+        let o = try await offPoolRun(Self.client, args: [redis.url, "inspect-other"])
+        #expect(o.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "null", "a ping for another node gets no reply")
+    }
+}

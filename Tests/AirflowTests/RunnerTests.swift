@@ -1,0 +1,110 @@
+import AirflowRunner
+import CeleryWire
+import Foundation
+import Testing
+import TestSupport
+import Worker
+
+@Suite("fork runner", .serialized)
+struct RunnerTests {
+    static func launcher(output: String, preload: [String]? = []) throws -> RunnerLauncher {
+        var o = RunnerLauncher.Options(
+            python: try AF.requirePython(), script: AF.runner, workDirectory: AF.tempDir("tandem-runner"),
+            taskOutput: output, preload: preload)
+        o.extraArguments = ["--allow-test-kinds"]
+        o.startTimeout = .seconds(60)
+        return RunnerLauncher(options: o, logger: AF.logger)
+    }
+
+    /// Running, not a zombie left for init to reap.
+    static func alive(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return false }
+        let state = stat[stat.index(close, offsetBy: 2)]
+        return state != "Z" && state != "X"
+    }
+
+    static func sleepTask(_ l: RunnerLauncher, seconds: Double, exit: Int = 0) async throws -> RunnerTask {
+        try await l.launch(request: ["kind": "test-sleep", "seconds": .double(seconds), "exit": .int(Int64(exit)), "env": ["X": "1"]])
+    }
+
+    @Test("children report pid and exit status; signals reach the child's own process group")
+    func exitAndSignal() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        let a = try await Self.sleepTask(l, seconds: 0, exit: 0)
+        let b = try await Self.sleepTask(l, seconds: 0, exit: 3)
+        #expect(await a.wait() == .exited(0))
+        #expect(await b.wait() == .exited(3))
+        let c = try await Self.sleepTask(l, seconds: 30)
+        #expect(getpgid(c.pid) == c.pid, "the child leads its own process group")
+        #expect(c.pid != l.runner?.pid)
+        c.signalGroup(SIGTERM)
+        #expect(await c.wait() == .signalled(SIGTERM))
+    }
+
+    @Test("a runner killed mid-task: the task dies with it, is reported failed, and the runner comes back")
+    func runnerDeath() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        let firstRunner = l.runner!.pid
+        let t = try await Self.sleepTask(l, seconds: 60)
+        l.killRunner()
+        #expect(await t.wait() == .exited(RunnerExit.runnerLost))
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(!Self.alive(t.pid), "the orphaned task must not keep running")
+        let again = try await Self.sleepTask(l, seconds: 0, exit: 0)
+        #expect(await again.wait() == .exited(0))
+        #expect(l.runner!.pid != firstRunner)
+        #expect(l.startCount == 2)
+    }
+
+    @Test("Airflow imported once: a real Airflow 3.3 runner refuses bad workloads without leaking the token")
+    func realAirflow() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out, preload: nil)  // the runner's own Airflow preload
+        let began = ContinuousClock.now
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        let startup = ContinuousClock.now - began
+        #expect(l.runner?.airflowVersion.hasPrefix("3.") == true)
+        let secret = "eyJhbGciOiJIUzUxMiJ9.eyJleHAiOjQxMDI0NDQ4MDB9.SUPERSECRETSIGNATURE"
+        let json = #"{"type":"ExecuteTask","token":"\#(secret)","ti":{"id":"0199"},"dag_rel_path":"x.py"}"#
+        let w = try AirflowWorkload.parse(json)
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        let launched = try await l.launch(.workload(w), taskID: "celery-id-1")
+        let forkLatency = clock.now - t0
+        #expect(await launched.process.wait() == .exited(RunnerExit.failure))
+        let text = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+        #expect(text.contains("does not match this Airflow's schema"))
+        #expect(!text.contains("SUPERSECRET"), "the token must never reach a log")
+        print("runner startup (imports Airflow): \(startup); fork of one task: \(forkLatency)")
+
+        // Airflow 2 argv path: anything but 'airflow tasks run' is refused
+        let cmd = try await l.launch(.command(argv: ["airflow", "dags", "list"]), taskID: "celery-id-2")
+        #expect(await cmd.process.wait() == .exited(RunnerExit.failure))
+    }
+
+    @Test("an expired workload token is not started (the runtime records FAILURE)")
+    func expiredToken() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        func b64(_ s: String) -> String {
+            Data(s.utf8).base64EncodedString().replacingOccurrences(of: "=", with: "").replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_")
+        }
+        let exp = Int(Date().timeIntervalSince1970) - 60
+        let token = "\(b64(#"{"alg":"HS512"}"#)).\(b64("{\"exp\":\(exp)}")).sig"
+        let w = try AirflowWorkload.parse(#"{"type":"ExecuteTask","token":"\#(token)","ti":{"id":"1"}}"#)
+        await #expect(throws: RunnerError.self) { _ = try await l.launch(.workload(w), taskID: "t") }
+        #expect(l.runningCount == 0)
+    }
+}

@@ -98,11 +98,13 @@ public final class PostgresStore: ResultBackend, TaskLedger {
                 token: e.token, detail: "pid \(e.pid)")
             return .done
         case .finished(let f):
-            _ = try tx.query(
+            let updated = try tx.query(
                 """
                 UPDATE tandem_tasks SET finished_at = now(), outcome = $3, exit_status = $4, updated_at = now()
                  WHERE task_id = $1 AND token = $2
                 """, [.text(f.taskID), .int(f.token), .text(f.outcome), f.exitStatus.map { .int(Int64($0)) } ?? .null])
+            // a stale attempt's end is not history (its refused result already recorded it as fenced)
+            guard updated.affectedRows == 1 else { return .fenced }
             try insertEvent(
                 tx, taskID: f.taskID, jobID: f.jobID, event: f.outcome.lowercased(), worker: nil,
                 datacenter: f.datacenter, token: f.token, detail: f.detail)

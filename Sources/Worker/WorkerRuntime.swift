@@ -475,7 +475,20 @@ public final class WorkerRuntime: Sendable {
         runSeconds: Double, log: Logger
     ) async throws {
         let rec = ResultRecord(taskId: task.id, state: s, result: Self.failureResult(s, detail), traceback: detail, dateDone: Date())
-        switch try await results.store(rec, fence: fence) {
+        // With a Postgres result backend the result and the ledger's end of attempt are independent writes that
+        // group commit folds into one transaction: submit both at once instead of paying two commits in a row.
+        let outcome: ResultWriteOutcome
+        var ledgerDone = false
+        if results.recordsFencingInLedger {
+            async let stored = results.store(rec, fence: fence)
+            async let closed: Void = ledger.finished(job, taskID: task.id, outcome: s.rawValue, exitStatus: exit, detail: detail)
+            outcome = try await stored
+            try await closed
+            ledgerDone = true
+        } else {
+            outcome = try await results.store(rec, fence: fence)
+        }
+        switch outcome {
         case .fenced:
             log.warning("result refused: the lease was reclaimed; another attempt owns this task")
             count("fenced")
@@ -491,7 +504,9 @@ public final class WorkerRuntime: Sendable {
         case .written:
             break
         }
-        try await ledger.finished(job, taskID: task.id, outcome: s.rawValue, exitStatus: exit, detail: detail)
+        if !ledgerDone {
+            try await ledger.finished(job, taskID: task.id, outcome: s.rawValue, exitStatus: exit, detail: detail)
+        }
         if try await ackWithRetry(job, log: log) == .fenced {
             try await ledger.event(
                 taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,

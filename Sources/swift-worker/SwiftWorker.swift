@@ -1,7 +1,12 @@
+import AirflowConfig
+import AirflowRunner
 import ArgumentParser
 import Foundation
+import LogServer
 import Logging
 import Observability
+import Pidbox
+import Redis
 import Setup
 import TandemCore
 import Worker
@@ -12,7 +17,8 @@ struct SwiftWorker: AsyncParsableCommand {
         commandName: "swift-worker",
         abstract: "Runs Airflow tasks claimed from one datacenter's Tandem queues.",
         discussion: """
-            Settings come from flags, then the environment (Airflow's own names where they exist), then defaults.
+            Settings come from flags, then the environment (Airflow's own names where they exist), then
+            $AIRFLOW_HOME/airflow.cfg (or $AIRFLOW_CONFIG), then defaults.
             SIGTERM stops claiming and lets running tasks finish (--shutdown-grace); a second SIGTERM or SIGINT
             stops them and puts them back on the queue.
             """)
@@ -55,6 +61,16 @@ struct SwiftWorker: AsyncParsableCommand {
     var logLevel: String?
     @Flag(name: .customLong("log-json"), help: "Log one JSON object per line.")
     var logJSON = false
+    @Option(help: "How Airflow tasks start: 'fork' (a long-lived Python runner that imported Airflow forks each task) or 'spawn' (a fresh interpreter per task). Env TANDEM_RUNNER; default fork when --python/TANDEM_PYTHON is set and the runner script is found, else spawn.")
+    var runner: String?
+    @Option(name: .customLong("runner-script"), help: "Path of tandem_runner.py (env TANDEM_RUNNER_SCRIPT; default: found next to the executable or in Workers/runner).")
+    var runnerScript: String?
+    @Option(name: .customLong("log-port"), help: "Port serving task logs to Airflow's UI at /log/<path> (env TANDEM_LOG_PORT, airflow.cfg [logging] worker_log_server_port; default 8793; 0 disables).")
+    var logPort: Int?
+    @Option(name: .customLong("base-log-folder"), help: "Airflow's task log folder (env AIRFLOW__LOGGING__BASE_LOG_FOLDER; default $AIRFLOW_HOME/logs).")
+    var baseLogFolder: String?
+    @Option(name: .customLong("secret-key"), help: "Airflow's [api] secret_key (Airflow 2: [webserver] secret_key) verifying log requests (env AIRFLOW__API__SECRET_KEY).")
+    var secretKey: String?
     @Option(name: .customLong("metrics-port"), help: "Port for /metrics, /healthz, /readyz (env TANDEM_METRICS_PORT; default 9464; 0 disables).")
     var metricsPort: Int?
 
@@ -67,36 +83,67 @@ struct SwiftWorker: AsyncParsableCommand {
         if let problem = Names.problem(datacenter: dc) { throw ValidationError(problem) }
         let queueList = (setting(queues, env: "TANDEM_QUEUES", default: "default") ?? "default")
             .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let airflowCfg = AirflowConfig.load()
         let slots = concurrency
-            ?? setting(nil, env: "AIRFLOW__CELERY__WORKER_CONCURRENCY").flatMap { Int($0) } ?? 16
+            ?? setting(nil, env: "AIRFLOW__CELERY__WORKER_CONCURRENCY").flatMap { Int($0) } ?? airflowCfg.workerConcurrency ?? 16
         guard slots > 0 else { throw ValidationError("--concurrency must be at least 1") }
         guard leaseTTL > renewEvery * 2 else {
             throw ValidationError("--lease-ttl (\(leaseTTL)s) must exceed twice --renew-every (\(renewEvery)s) so one missed renewal does not lose the lease")
         }
-        let brokerURL = setting(broker, env: "AIRFLOW__CELERY__BROKER_URL", default: Defaults.broker)!
+        let brokerURL = setting(broker, env: "AIRFLOW__CELERY__BROKER_URL") ?? airflowCfg.brokerURL ?? Defaults.broker
+        let master = masterName ?? airflowCfg.masterName
+        let executionURL = setting(executionAPIURL, env: "AIRFLOW__CORE__EXECUTION_API_SERVER_URL") ?? airflowCfg.executionAPIServerURL
+        let pythonPath = setting(python, env: "TANDEM_PYTHON")
+        let script = setting(runnerScript, env: "TANDEM_RUNNER_SCRIPT") ?? Self.findRunnerScript()
+        let mode = setting(runner, env: "TANDEM_RUNNER") ?? (pythonPath != nil && script != nil ? "fork" : "spawn")
+        guard mode == "fork" || mode == "spawn" else { throw ValidationError("--runner must be 'fork' or 'spawn', not '\(mode)'") }
+        if mode == "fork" && script == nil {
+            throw ValidationError("--runner fork needs tandem_runner.py: pass --runner-script PATH or set TANDEM_RUNNER_SCRIPT")
+        }
 
         do {
-            let b = try await openBroker(url: brokerURL, masterName: masterName, logger: logger)
+            let b = try await openBroker(url: brokerURL, masterName: master, logger: logger)
             let stores = try await openStores(
-                resultBackend: setting(resultBackend, env: "AIRFLOW__CELERY__RESULT_BACKEND"),
+                resultBackend: setting(resultBackend, env: "AIRFLOW__CELERY__RESULT_BACKEND") ?? airflowCfg.resultBackend,
                 ledger: setting(ledger, env: "TANDEM_LEDGER_URL"), brokerURL: brokerURL,
                 spoolDirectory: setting(spoolDir, env: "TANDEM_SPOOL_DIR"), logger: logger)
             let dir = workDir ?? NSTemporaryDirectory() + "tandem-worker-\(getpid())"
             try FileManager.default.createDirectory(
                 atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            let launcher = SpawnLauncher(
-                airflowExecutable: airflowExecutable, python: setting(python, env: "TANDEM_PYTHON", default: "python3")!,
-                executionAPIServerURL: setting(executionAPIURL, env: "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"),
-                workDirectory: dir, taskOutput: taskOutput)
+            let launcher: any TaskLauncher
+            var forkRunner: RunnerLauncher?
+            if mode == "fork" {
+                let r = RunnerLauncher(
+                    options: .init(
+                        python: pythonPath ?? "python3", script: script!, workDirectory: dir, taskOutput: taskOutput,
+                        executionAPIServerURL: executionURL),
+                    logger: logger)
+                try r.start()
+                logger.info("tasks start by fork from the Airflow runner", metadata: ["airflow": .string(r.runner?.airflowVersion ?? "?")])
+                forkRunner = r
+                launcher = r
+            } else {
+                launcher = SpawnLauncher(
+                    airflowExecutable: airflowExecutable, python: pythonPath ?? "python3",
+                    executionAPIServerURL: executionURL, workDirectory: dir, taskOutput: taskOutput)
+            }
+            defer { forkRunner?.stop() }
             var config = WorkerConfiguration(datacenter: dc, queues: queueList, concurrency: slots, workerID: workerID)
             config.leaseTTL = .milliseconds(Int64(leaseTTL * 1000))
             config.renewInterval = .milliseconds(Int64(renewEvery * 1000))
             config.shutdownGrace = .milliseconds(Int64(shutdownGrace * 1000))
             config.claimBatch = min(slots, 32)
+            let pidbox = PidboxService(
+                configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
+                logger: logger)
             let metrics = PrometheusWorkerObserver(datacenter: dc, workerID: config.workerID, slots: slots)
             let runtime = WorkerRuntime(
                 configuration: config, broker: b, results: stores.results, ledger: stores.ledger, launcher: launcher,
-                logger: logger, observer: metrics)
+                logger: logger, observer: metrics, revocations: pidbox)
+            pidbox.start { taskID, signal in runtime.revokeRunning(taskID: taskID, signal: signal) }
+            defer { pidbox.stop() }
+            let logServer = try startLogServer(config: airflowCfg, logger: logger)
+            defer { logServer?.stop() }
             metrics.collect(from: runtime)
             let port = metricsPort ?? setting(nil, env: "TANDEM_METRICS_PORT").flatMap { Int($0) } ?? 9464
             // metrics are secondary to running work: a port in use is logged, not fatal
@@ -116,4 +163,44 @@ struct SwiftWorker: AsyncParsableCommand {
             throw ExitCode(2)
         }
     }
+
+    /// Airflow's log endpoint: `GET /log/<path>` on 8793 (airflow.cfg `[logging] worker_log_server_port`).
+    func startLogServer(config: AirflowConfig, logger: Logger) throws -> LogServer? {
+        let port = logPort ?? setting(nil, env: "TANDEM_LOG_PORT").flatMap { Int($0) } ?? config.workerLogServerPort ?? 8793
+        if port == 0 { return nil }
+        guard let key = setting(secretKey, env: "AIRFLOW__API__SECRET_KEY", "AIRFLOW__WEBSERVER__SECRET_KEY") ?? config.secretKey else {
+            logger.warning("no Airflow secret key (--secret-key, AIRFLOW__API__SECRET_KEY or airflow.cfg [api] secret_key): task logs are not served to the UI")
+            return nil
+        }
+        let home = ProcessInfo.processInfo.environment["AIRFLOW_HOME"] ?? (NSHomeDirectory() + "/airflow")
+        let folder = setting(baseLogFolder, env: "AIRFLOW__LOGGING__BASE_LOG_FOLDER") ?? config.baseLogFolder ?? home + "/logs"
+        let server = LogServer(
+            port: port, baseLogFolder: folder, secretKey: key, leeway: config.logRequestClockGrace ?? 30, logger: logger)
+        do {
+            try server.start()
+            logger.info("serving task logs", metadata: ["port": "\(server.port)", "folder": .string(folder)])
+            return server
+        } catch {
+            // like metrics, logs are secondary to running work
+            logger.error("cannot serve task logs on port \(port): \(error)")
+            return nil
+        }
+    }
+
+    /// tandem_runner.py next to the executable (packaged), or in the source tree the executable was built in.
+    static func findRunnerScript() -> String? {
+        let exe = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        var candidates = [
+            exe.appendingPathComponent("tandem_runner.py").path,
+            exe.appendingPathComponent("../share/tandem/tandem_runner.py").standardized.path,
+            "/usr/lib/tandem/tandem_runner.py",
+        ]
+        var dir = exe
+        for _ in 0..<4 {
+            dir = dir.deletingLastPathComponent()
+            candidates.append(dir.appendingPathComponent("Workers/runner/tandem_runner.py").path)
+        }
+        return candidates.first { FileManager.default.fileExists(atPath: $0) }
+    }
+
 }

@@ -1,0 +1,187 @@
+"""Drives the end-to-end run against a live Airflow 3 api-server (started by scripts/e2e-airflow).
+
+    python airflow_e2e.py check   --api URL --markers DIR    # runs every example DAG, checks states and logs
+    python airflow_e2e.py latency --api URL --label NAME     # one tandem_parallel run; queued -> running stats
+
+Prints one JSON line prefixed with RESULT for the script to collect; exits non-zero when a check fails.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime
+
+import requests
+
+S = requests.Session()
+FAILS = []
+
+
+def api(method, path, **kw):
+    r = S.request(method, f"{ARGS.api}/api/v2{path}", timeout=30, **kw)
+    if r.status_code >= 400:
+        raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
+    return r.json() if r.content else None
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILS.append(what)
+
+
+def wait_dags(ids, timeout=180):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            have = {d["dag_id"] for d in api("GET", "/dags", params={"limit": 100})["dags"]}
+            if set(ids) <= have:
+                return
+        except Exception as e:  # api-server still starting
+            print("waiting for the API server:", e, flush=True)
+        time.sleep(2)
+    raise SystemExit(f"DAGs not parsed within {timeout}s: {ids}")
+
+
+def trigger(dag_id):
+    api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+    run = api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": {}})
+    return run["dag_run_id"]
+
+
+def run_state(dag_id, run_id):
+    return api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+
+
+def wait_runs(runs, timeout=420):
+    end = time.time() + timeout
+    states = {}
+    while time.time() < end:
+        states = {k: run_state(*k) for k in runs}
+        if all(s in ("success", "failed") for s in states.values()):
+            return states
+        time.sleep(2)
+    return states
+
+
+def tis(dag_id, run_id):
+    return api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100})["task_instances"]
+
+
+def log_of(dag_id, run_id, task_id, try_number, map_index=-1):
+    r = S.get(
+        f"{ARGS.api}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+        params={"full_content": "true", "map_index": map_index}, headers={"Accept": "application/json"}, timeout=30)
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}: {r.text[:200]}"
+    return json.dumps(r.json())
+
+
+def parse(ts):
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+
+
+def latencies(dag_id, run_id):
+    out = []
+    for ti in tis(dag_id, run_id):
+        q, s = parse(ti.get("queued_when")), parse(ti.get("start_date"))
+        if q and s:
+            out.append((s - q).total_seconds())
+    return sorted(out)
+
+
+def stats(xs):
+    if not xs:
+        return {}
+    return {
+        "n": len(xs), "median_s": round(statistics.median(xs), 3),
+        "p90_s": round(xs[min(len(xs) - 1, int(len(xs) * 0.9))], 3), "max_s": round(max(xs), 3),
+        "min_s": round(min(xs), 3),
+    }
+
+
+def cmd_check():
+    dags = ["tandem_parallel", "tandem_retries", "tandem_mapped", "tandem_pinned", "tandem_callback"]
+    wait_dags(dags)
+    runs = {d: trigger(d) for d in dags}
+    print("triggered", runs, flush=True)
+
+    # a running task's log, read through the API server (served by the worker's log endpoint)
+    live_ok = False
+    end = time.time() + 120
+    while time.time() < end and not live_ok:
+        for ti in tis("tandem_parallel", runs["tandem_parallel"]):
+            if ti["state"] == "running":
+                text = log_of("tandem_parallel", runs["tandem_parallel"], ti["task_id"], ti["try_number"])
+                if "starting" in text and ":8793/log/" in text:
+                    live_ok = True
+                    print("live log source:", [l for l in json.loads(text).get("content", []) if isinstance(l, dict) and l.get("sources")][:1], flush=True)
+                    break
+        time.sleep(0.5)
+    check(live_ok, "log of a RUNNING task read through the API server from the worker's :8793/log/ endpoint")
+
+    states = wait_runs({(d, r) for d, r in runs.items()})
+    st = {d: states.get((d, r)) for d, r in runs.items()}
+    print("run states", st, flush=True)
+    check(st["tandem_parallel"] == "success", "tandem_parallel run success")
+    check(st["tandem_retries"] == "failed", "tandem_retries run failed")
+    check(st["tandem_mapped"] == "success", "tandem_mapped run success")
+    check(st["tandem_pinned"] == "success", "tandem_pinned run success")
+    check(st["tandem_callback"] == "success", "tandem_callback run success (leaf cleanup succeeded)")
+
+    def by_task(d):
+        return {(t["task_id"], t["map_index"]): t for t in tis(d, runs[d])}
+
+    p = by_task("tandem_parallel")
+    check(len(p) == 8 and all(t["state"] == "success" for t in p.values()), "8 parallel tasks success")
+    r = by_task("tandem_retries")
+    check(r[("flaky", -1)]["state"] == "failed" and r[("flaky", -1)]["try_number"] == 2, "flaky failed after 2 tries")
+    check(r[("after", -1)]["state"] == "upstream_failed", "downstream of the failure is upstream_failed")
+    m = by_task("tandem_mapped")
+    sq = [t for (tid, mi), t in m.items() if tid == "square"]
+    check(len(sq) == 4 and all(t["state"] == "success" for t in sq) and {t["map_index"] for t in sq} == {0, 1, 2, 3},
+          "mapped task expanded to 4 instances, all success")
+    check(m[("total", -1)]["state"] == "success", "reduce over the mapped results success")
+    pn = by_task("tandem_pinned")
+    check(pn[("pinned", -1)]["state"] == "success", "pinned task ran (it fails unless TANDEM_DC=west)")
+    c = by_task("tandem_callback")
+    check(c[("fails", -1)]["state"] == "failed" and c[("cleanup", -1)]["state"] == "success", "callback DAG task states")
+    for _ in range(30):
+        if os.path.exists(os.path.join(ARGS.markers, "dag_success_callback")):
+            break
+        time.sleep(1)
+    check(os.path.exists(os.path.join(ARGS.markers, "task_failure_callback.fails")), "task on_failure_callback ran on the worker")
+    check(os.path.exists(os.path.join(ARGS.markers, "dag_success_callback")), "DAG on_success_callback ran")
+
+    # a finished task's log, through the API server (worker log folder differs from the API server's)
+    t = p[("work_0", -1)]
+    text = log_of("tandem_parallel", runs["tandem_parallel"], "work_0", t["try_number"])
+    check("parallel task 0 done" in text, "log of a FINISHED task read through the API server")
+    text = log_of("tandem_retries", runs["tandem_retries"], "flaky", 2)
+    check("this task fails on purpose" in text, "log of the failed retry (try 2) readable")
+
+    lat = latencies("tandem_parallel", runs["tandem_parallel"])
+    print("RESULT " + json.dumps({"check": "ok" if not FAILS else "failed", "failures": FAILS,
+                                  "runs": st, "parallel_latency": stats(lat)}), flush=True)
+    return 0 if not FAILS else 1
+
+
+def cmd_latency():
+    wait_dags(["tandem_parallel"])
+    rid = trigger("tandem_parallel")
+    st = wait_runs({("tandem_parallel", rid)}).get(("tandem_parallel", rid))
+    lat = latencies("tandem_parallel", rid)
+    print("RESULT " + json.dumps({"label": ARGS.label, "run_state": st, "latency": stats(lat), "raw": lat}), flush=True)
+    return 0 if st == "success" else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["check", "latency"])
+    ap.add_argument("--api", required=True)
+    ap.add_argument("--markers", default="/tmp")
+    ap.add_argument("--label", default="")
+    ARGS = ap.parse_args()
+    sys.exit(cmd_check() if ARGS.cmd == "check" else cmd_latency())

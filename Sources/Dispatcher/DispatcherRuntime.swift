@@ -19,7 +19,9 @@ public struct DispatcherConfiguration: Sendable {
     public var prefetchFactor: Int = 1
     public var reclaimInterval: Duration = .seconds(1)
     public var healthInterval: Duration = .milliseconds(500)
-    public var idleSleep: Duration = .milliseconds(5)
+    /// How long an idle dispatcher blocks waiting for Airflow to publish (per queue, rotating) before it looks at
+    /// everything again (priority lists, health, reclaims).
+    public var idleWait: Duration = .milliseconds(100)
     /// This dispatcher's id in the leader lease.
     public var dispatcherID: String
     /// The leader lease; a standby takes over at most this long (plus one check) after the leader dies.
@@ -78,6 +80,7 @@ public final class DispatcherRuntime: Sendable {
         var lastLoss: Set<String> = []
         var backoff = Duration.milliseconds(100)
         var lastLeaderCheck = clock.now - configuration.leaderCheck
+        var idleRotation = 0
         while !isStopping {
             do {
                 if clock.now - lastLeaderCheck >= configuration.leaderCheck {
@@ -107,7 +110,17 @@ public final class DispatcherRuntime: Sendable {
                 }
                 let moved = try await dispatchOnce(view)
                 backoff = .milliseconds(100)
-                if moved == 0 { try? await Task.sleep(for: configuration.idleSleep) }
+                if moved == 0 {
+                    // block on the plain list of one queue (rotating) instead of polling
+                    let queues = watchedQueues(view)
+                    if queues.isEmpty || view.live.isEmpty {
+                        try? await Task.sleep(for: configuration.idleWait)
+                    } else {
+                        idleRotation &+= 1
+                        _ = try await broker.waitForIngress(
+                            queue: queues[idleRotation % queues.count], timeout: configuration.idleWait)
+                    }
+                }
             } catch let e as RedisError where e.code == .server && e.message.contains("FENCED") {
                 epochBox.withLock { $0 = nil }
                 observer.leadership(epoch: nil)
@@ -175,14 +188,14 @@ public final class DispatcherRuntime: Sendable {
         let live = view.live
         // one round trip: the length of every ingress list and of every live datacenter queue
         var cmds: [[String]] = []
-        for q in queues { for l in Keys.ingressLists(queue: q) { cmds.append(["LLEN", l]) } }
+        for q in queues { for l in Keys.dispatchSources(queue: q) { cmds.append(["LLEN", l]) } }
         let dcs = live.sorted()
         for q in queues { for dc in dcs { cmds.append(["LLEN", Keys.queue(datacenter: dc, queue: q)]) } }
         let lens = try await broker.client.pipeline(cmds)
         var i = 0
         var waiting: [String: Int] = [:]
         for q in queues {
-            for _ in 0..<4 {
+            for _ in Keys.dispatchSources(queue: q) {
                 waiting[q, default: 0] += Int(lens[i].int ?? 0)
                 i += 1
             }

@@ -110,9 +110,10 @@ public struct BrokerInspector: Sendable {
             known: names, workers: workers, overrides: overrides, nowMs: now, lossAfterMs: lossAfterMs)
     }
 
-    /// Lengths of the kombu ingress lists of `queue` (plain list first, then the priority siblings).
+    /// Lengths of the lists where `queue`'s messages wait before dispatch: the dispatcher's staging list, then
+    /// kombu's ingress lists (plain list first, then the priority siblings).
     public func ingressDepths(queue: String) async throws -> [(list: String, depth: Int)] {
-        let lists = Keys.ingressLists(queue: queue)
+        let lists = Keys.dispatchSources(queue: queue)
         let r = try await client.pipeline(lists.map { ["LLEN", $0] })
         return zip(lists, r).map { ($0, Int($1.int ?? 0)) }
     }

@@ -14,6 +14,9 @@ public enum Keys {
 
     public static func job(_ id: String) -> String { "\(prefix):job:\(id)" }
     public static func queue(datacenter: String, queue: String) -> String { "\(prefix):q:\(datacenter):\(queue)" }
+    /// Where an idle dispatcher's blocking BLMOVE parks the message it woke up for, until dispatch.lua moves it
+    /// on (a durable place of its own, drained first: it holds the oldest plain-priority message).
+    public static func staging(queue: String) -> String { "\(prefix):staging:\(queue)" }
     public static func wake(datacenter: String) -> String { "\(prefix):wake:\(datacenter)" }
     public static func worker(_ id: String) -> String { "\(prefix):worker:\(id)" }
 
@@ -22,4 +25,7 @@ public enum Keys {
     public static func ingressLists(queue: String) -> [String] {
         ["", "\u{06}\u{16}3", "\u{06}\u{16}6", "\u{06}\u{16}9"].map { queue + $0 }
     }
+
+    /// What dispatch.lua drains, in order: the staging list, then kombu's lists.
+    public static func dispatchSources(queue: String) -> [String] { [staging(queue: queue)] + ingressLists(queue: queue) }
 }

@@ -46,7 +46,7 @@ public final class RedisBroker: Broker {
     }
 
     public func dispatch(queue: String, to datacenter: String, max: Int, epoch: Int64?) async throws -> Int {
-        let keys = [Keys.queue(datacenter: datacenter, queue: queue)] + Keys.ingressLists(queue: queue)
+        let keys = [Keys.queue(datacenter: datacenter, queue: queue)] + Keys.dispatchSources(queue: queue)
         let reply = try await move(
             BrokerScripts.dispatch, keys: keys, args: [datacenter, queue, String(max), epoch.map(String.init) ?? ""])
         return Int(reply.int ?? 0)
@@ -131,6 +131,17 @@ public final class RedisBroker: Broker {
                 s.hostname, String(s.pid), s.runningJobs.joined(separator: ","), s.state.rawValue, String(ttlSeconds),
             ])
         return reply.int ?? 0
+    }
+
+    /// An idle dispatcher blocks here until Airflow publishes to `queue`'s plain list: BLMOVE parks the message in
+    /// the staging list (a durable place; dispatch.lua drains it first), so waking costs no poll and loses nothing.
+    /// Returns true when a message arrived.
+    public func waitForIngress(queue: String, timeout: Duration) async throws -> Bool {
+        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
+        let r = try await waiter.send([
+            "BLMOVE", queue, Keys.staging(queue: queue), "RIGHT", "LEFT", String(format: "%.3f", max(0.01, seconds)),
+        ])
+        return !r.isNull
     }
 
     public func waitForWork(datacenter: String, timeout: Duration) async throws {

@@ -122,7 +122,7 @@ struct ExecutorctlTests {
         #expect(queues.map { $0["in_flight"] as? Int ?? 0 }.reduce(0, +) == 1, "\(queues)")
         #expect(try await ctl("queues").out.hasPrefix("DATACENTER  QUEUE"))
         let ingress = try #require(try await ctl("ingress", "--json").json() as? [[String: Any]])
-        #expect(ingress.map { $0["list"] as? String ?? "" } == ["default", "default\\x06\\x163", "default\\x06\\x166", "default\\x06\\x169"])
+        #expect(ingress.map { $0["list"] as? String ?? "" } == ["{tandem}:staging:default", "default", "default\\x06\\x163", "default\\x06\\x166", "default\\x06\\x169"])
         #expect(ingress.allSatisfy { $0["depth"] as? Int == 0 }, "\(ingress)")
 
         // dlq: the malformed message, with its reason

@@ -49,6 +49,19 @@ struct BrokerScriptTests {
         #expect(jobs[2].ingressList == "default\u{06}\u{16}3")
     }
 
+    @Test("an idle dispatcher's BLMOVE parks the message in staging; dispatch drains staging first, oldest first")
+    func stagingFirst() async throws {
+        let first = try await publish()
+        let second = try await publish()
+        #expect(try await broker.waitForIngress(queue: "default", timeout: .milliseconds(100)))
+        #expect(try await broker.client.send(["LLEN", Keys.staging(queue: "default")]).int == 1)
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        let jobs = try await broker.claim(workerID: "w", datacenter: "east", queues: ["default"], max: 10, leaseMs: 1000)
+        #expect(try jobs.map(taskID) == [first, second])
+        #expect(jobs.allSatisfy { $0.ingressList == "default" })  // replay goes back to kombu's list, not staging
+        #expect(try await !broker.waitForIngress(queue: "default", timeout: .milliseconds(50)))
+    }
+
     @Test("dispatch honours max and leaves the rest in the ingress list")
     func dispatchMax() async throws {
         for _ in 0..<5 { _ = try await publish() }

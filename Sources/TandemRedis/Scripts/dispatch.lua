@@ -1,8 +1,9 @@
 -- dispatch.lua — move Celery messages from the kombu ingress lists into one datacenter queue.
 --
 -- KEYS[1]   {tandem}:q:<dc>:<queue>     the datacenter queue (list of job ids; LPUSH = back, RPOP = front)
--- KEYS[2..] the kombu ingress lists of <queue>, in kombu's consume order on Redis:
---           "<queue>", "<queue>\x06\x163", "<queue>\x06\x166", "<queue>\x06\x169"
+-- KEYS[2..] where messages of <queue> wait, in order: {tandem}:staging:<queue> (where an idle dispatcher's
+--           BLMOVE parked the oldest plain message), then the kombu ingress lists in kombu's consume order on
+--           Redis: "<queue>", "<queue>\x06\x163", "<queue>\x06\x166", "<queue>\x06\x169"
 -- ARGV[1]   datacenter name            ARGV[2]  Airflow queue name (ingress list without priority suffix)
 -- ARGV[3]   max messages to move       ARGV[4]  leader epoch, or "" when no leadership is in force
 -- Result    number of messages moved; error "FENCED ..." when ARGV[4] is not the current leader epoch.
@@ -27,7 +28,7 @@ for i = 2, #KEYS do
     if not raw then break end
     local jid = redis.call('INCR', p .. ':seq')
     redis.call('HSET', p .. ':job:' .. jid,
-      'raw', raw, 'ingress', KEYS[i], 'queue', ARGV[2], 'dc', ARGV[1],
+      'raw', raw, 'ingress', (i == 2 and ARGV[2] or KEYS[i]), 'queue', ARGV[2], 'dc', ARGV[1],
       'dispatched_ms', now, 'attempts', 0, 'state', 'queued')
     redis.call('LPUSH', KEYS[1], jid)
     moved = moved + 1

@@ -20,9 +20,10 @@ let package = Package(
         .systemLibrary(name: "CHiredis", pkgConfig: "hiredis", providers: [.apt(["libhiredis-dev"])]),
         .systemLibrary(name: "CLibpq", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
 
-        // Clients: the only code that touches redisContext* / PGconn*.
-        .target(name: "Redis", dependencies: ["CHiredis", .product(name: "Logging", package: "swift-log")]),
-        .target(name: "Postgres", dependencies: ["CLibpq", .product(name: "Logging", package: "swift-log")]),
+        // Clients: the only code that touches redisContext* / PGconn*; ClientSupport holds what both share.
+        .target(name: "ClientSupport"),
+        .target(name: "Redis", dependencies: ["CHiredis", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "Postgres", dependencies: ["CLibpq", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
 
         // Pure code: wire format and domain. No C modules here.
         .target(name: "CeleryWire"),
@@ -105,7 +106,7 @@ let package = Package(
         ),
 
         // Tests: unit (no servers), clients and integration (real Redis/Postgres), interop (real Python).
-        .target(name: "TestSupport", dependencies: ["Redis", "Postgres"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["Redis", "Postgres", "ClientSupport"], path: "Tests/TestSupport"),
         .testTarget(name: "CeleryWireTests", dependencies: ["CeleryWire"], resources: [.copy("vectors")]),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
         .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "TestSupport"]),

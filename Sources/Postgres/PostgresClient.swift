@@ -1,5 +1,6 @@
 import CLibpq
 import Dispatch
+import ClientSupport
 import Foundation
 import Logging
 

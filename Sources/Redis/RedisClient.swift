@@ -1,4 +1,5 @@
 import Dispatch
+import ClientSupport
 import Foundation
 import Logging
 

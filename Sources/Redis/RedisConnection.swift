@@ -1,4 +1,5 @@
 import CHiredis
+import ClientSupport
 import Foundation
 
 /// Owns one `redisContext*`. Not thread-safe: used only by its owner's serial queue or thread.

@@ -22,7 +22,7 @@ struct PostgresConfigurationTests {
         #expect(c.conninfo.contains("dbname='airflow'"))
         #expect(c.conninfo.contains("user='u'"))
         #expect(c.conninfo.contains("password='pw'"))
-        #expect(c.conninfo.contains("options='-c TimeZone=UTC'"))
+        #expect(c.conninfo.contains("options='-c TimeZone=UTC -c client_min_messages=warning'"))
         #expect(c.conninfo.contains("application_name="))
         #expect(c.redacted == "postgresql://u:***@db.example:5433/airflow")
     }

@@ -1,3 +1,4 @@
+import ClientSupport
 import Foundation
 
 /// A failure to start or drive a throwaway server; the message says what to do.
@@ -137,19 +138,6 @@ enum ChildRegistry {
     }
 
     static func remove(_ pid: pid_t) { pids.withLock { _ = $0.remove(pid) } }
-}
-
-/// A value guarded by a lock.
-final class Locked<Value>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value: Value
-    init(_ value: Value) { self.value = value }
-    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body(&value)
-    }
-    var current: Value { withLock { $0 } }
 }
 
 enum Spawn {

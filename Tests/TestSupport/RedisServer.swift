@@ -1,3 +1,4 @@
+import ClientSupport
 import Foundation
 
 /// A throwaway `redis-server` (or Sentinel) on 127.0.0.1, a free port and a temp dir of its own; killed

@@ -1,43 +1,47 @@
 import Foundation
 
-/// A value guarded by a lock; the only shared mutable state in this module.
-final class Locked<Value>: @unchecked Sendable {
+// What the two C-backed clients (Redis, Postgres) and the test support share: a lock box, reconnect backoff
+// and Duration conversions. Pure Swift; no C module.
+
+/// A value guarded by a lock.
+public final class Locked<Value>: @unchecked Sendable {
     private let lock = NSLock()
     private var value: Value
 
-    init(_ value: Value) { self.value = value }
+    public init(_ value: Value) { self.value = value }
 
-    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+    public func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
         lock.lock()
         defer { lock.unlock() }
         return try body(&value)
     }
 
-    var current: Value { withLock { $0 } }
+    public var current: Value { withLock { $0 } }
 }
 
 /// Exponential reconnect backoff: 50 ms doubling to a 2 s cap, each delay jittered down by up to half.
-struct Backoff {
-    static let initial: Duration = .milliseconds(50)
-    static let cap: Duration = .seconds(2)
+public struct Backoff: Sendable {
+    public init() {}
+    public static let initial: Duration = .milliseconds(50)
+    public static let cap: Duration = .seconds(2)
     private var next: Duration = Backoff.initial
     /// When the next connection attempt may start; nil when the last one succeeded.
-    private(set) var notBefore: ContinuousClock.Instant?
+    public private(set) var notBefore: ContinuousClock.Instant?
 
-    mutating func failed() {
+    public mutating func failed() {
         let jitter = Double.random(in: 0.5...1.0)
         let delay = next * jitter
         notBefore = .now + delay
         next = min(next * 2, Backoff.cap)
     }
 
-    mutating func succeeded() {
+    public mutating func succeeded() {
         next = Backoff.initial
         notBefore = nil
     }
 
     /// Sleeps out what is left of the backoff, but never longer than `limit`.
-    func wait(limit: Duration) {
+    public func wait(limit: Duration) {
         guard let notBefore else { return }
         let remaining = notBefore - .now
         guard remaining > .zero else { return }
@@ -49,12 +53,12 @@ struct Backoff {
 }
 
 extension Duration {
-    var timeval: timeval {
+    public var timeval: timeval {
         let (s, atto) = components
         return Foundation.timeval(tv_sec: Int(s), tv_usec: Int(atto / 1_000_000_000_000))
     }
 
-    var shortDescription: String {
+    public var shortDescription: String {
         let (s, atto) = components
         if atto == 0 { return "\(s)s" }
         let ms = s * 1000 + atto / 1_000_000_000_000_000

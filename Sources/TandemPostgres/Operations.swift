@@ -99,3 +99,49 @@ public enum StoreOutcome: Sendable, Hashable {
         }
     }
 }
+
+/// A store whose every write is a `StoreOperation`: it gets Celery's result writes and the ledger's writes from
+/// this one method. (`PostgresStore` applies them with group commit; `SpoolingStore` spools them while Postgres is
+/// unreachable.)
+public protocol StoreOperationSink: ResultBackend, TaskLedger {
+    func perform(_ op: StoreOperation) async throws -> StoreOutcome
+}
+
+extension StoreOperationSink {
+    /// The ledger records refused results itself (in the same transaction as the refusal).
+    public var recordsFencingInLedger: Bool { true }
+
+    public func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome {
+        try await perform(.result(.init(record, fence: fence))).resultOutcome
+    }
+
+    public func claimed(_ job: ClaimedJob, facts: TaskFacts) async throws -> FencedOutcome {
+        try await perform(.claimed(.init(job, facts))) == .fenced ? .fenced : .done
+    }
+
+    public func started(_ job: ClaimedJob, taskID: String, pid: Int32) async throws {
+        _ = try await perform(
+            .started(.init(taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)))
+    }
+
+    public func finished(_ job: ClaimedJob, taskID: String, outcome: String, exitStatus: Int32?, detail: String?)
+        async throws
+    {
+        _ = try await perform(
+            .finished(
+                .init(
+                    taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, outcome: outcome,
+                    exitStatus: exitStatus, detail: detail)))
+    }
+
+    public func event(
+        taskID: String, jobID: String, event: String, worker: String?, datacenter: String?, token: Int64?,
+        detail: String?
+    ) async throws {
+        _ = try await perform(
+            .event(
+                .init(
+                    taskID: taskID, jobID: jobID, event: event, worker: worker, datacenter: datacenter, token: token,
+                    detail: detail)))
+    }
+}

@@ -6,7 +6,7 @@ import TandemCore
 
 /// Celery's database result backend (`celery_taskmeta`) and Tandem's ledger, in one Postgres database so that a
 /// result write can check the lease's fencing token in the same transaction.
-public final class PostgresStore: ResultBackend, TaskLedger {
+public final class PostgresStore: StoreOperationSink {
     public let client: PostgresClient
 
     let committer: GroupCommitter
@@ -129,48 +129,13 @@ public final class PostgresStore: ResultBackend, TaskLedger {
             ])
     }
 
-    // MARK: ResultBackend
+    // MARK: ResultBackend and TaskLedger (the writes come from StoreOperationSink)
 
-    public func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome {
-        try await apply(.result(.init(record, fence: fence))).resultOutcome
-    }
-
-    public var recordsFencingInLedger: Bool { true }
+    public func perform(_ op: StoreOperation) async throws -> StoreOutcome { try await apply(op) }
 
     public func state(taskID: String) async throws -> CeleryState {
         let r = try await client.query("SELECT status FROM celery_taskmeta WHERE task_id = $1", [.text(taskID)])
         return r.rows.first?.string("status").flatMap(CeleryState.init(rawValue:)) ?? .pending
-    }
-
-    // MARK: TaskLedger
-
-    public func claimed(_ job: ClaimedJob, facts: TaskFacts) async throws -> FencedOutcome {
-        try await apply(.claimed(.init(job, facts))) == .fenced ? .fenced : .done
-    }
-
-    public func started(_ job: ClaimedJob, taskID: String, pid: Int32) async throws {
-        _ = try await apply(.started(.init(taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)))
-    }
-
-    public func finished(_ job: ClaimedJob, taskID: String, outcome: String, exitStatus: Int32?, detail: String?)
-        async throws
-    {
-        _ = try await apply(
-            .finished(
-                .init(
-                    taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, outcome: outcome,
-                    exitStatus: exitStatus, detail: detail)))
-    }
-
-    public func event(
-        taskID: String, jobID: String, event: String, worker: String?, datacenter: String?, token: Int64?,
-        detail: String?
-    ) async throws {
-        _ = try await apply(
-            .event(
-                .init(
-                    taskID: taskID, jobID: jobID, event: event, worker: worker, datacenter: datacenter, token: token,
-                    detail: detail)))
     }
 
     public func entry(taskID: String) async throws -> LedgerEntry? {

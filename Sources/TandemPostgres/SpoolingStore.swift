@@ -12,7 +12,7 @@ import TandemCore
 /// is appended (and fsynced) to a local spool file, and a flusher replays the spool in order once Postgres is
 /// back. Each replayed write commits in the same transaction as the spool's progress marker, so a crash during
 /// the flush neither loses a write nor applies one twice. Tasks keep running throughout.
-public final class SpoolingStore: ResultBackend, TaskLedger {
+public final class SpoolingStore: StoreOperationSink {
     public let postgres: PostgresStore
     let directory: String
     let logger: Logger
@@ -156,42 +156,11 @@ public final class SpoolingStore: ResultBackend, TaskLedger {
         return Int(r.rows.first?.int("applied") ?? 0)
     }
 
-    // MARK: ResultBackend and TaskLedger
+    // MARK: ResultBackend and TaskLedger (the writes come from StoreOperationSink)
 
-    public func store(_ record: ResultRecord, fence: Fence?) async throws -> ResultWriteOutcome {
-        let outcome = try await run(.result(.init(record, fence: fence)))
-        return outcome.resultOutcome
-    }
-
-    public var recordsFencingInLedger: Bool { true }
+    public func perform(_ op: StoreOperation) async throws -> StoreOutcome { try await run(op) }
 
     public func state(taskID: String) async throws -> CeleryState { try await postgres.state(taskID: taskID) }
-
-    public func claimed(_ job: ClaimedJob, facts: TaskFacts) async throws -> FencedOutcome {
-        try await run(.claimed(.init(job, facts))) == .fenced ? .fenced : .done
-    }
-
-    public func started(_ job: ClaimedJob, taskID: String, pid: Int32) async throws {
-        _ = try await run(.started(.init(taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)))
-    }
-
-    public func finished(_ job: ClaimedJob, taskID: String, outcome: String, exitStatus: Int32?, detail: String?)
-        async throws
-    {
-        _ = try await run(
-            .finished(
-                .init(
-                    taskID: taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, outcome: outcome,
-                    exitStatus: exitStatus, detail: detail)))
-    }
-
-    public func event(
-        taskID: String, jobID: String, event: String, worker: String?, datacenter: String?, token: Int64?,
-        detail: String?
-    ) async throws {
-        _ = try await run(
-            .event(.init(taskID: taskID, jobID: jobID, event: event, worker: worker, datacenter: datacenter, token: token, detail: detail)))
-    }
 
     public func entry(taskID: String) async throws -> LedgerEntry? { try await postgres.entry(taskID: taskID) }
 }

@@ -69,7 +69,10 @@ let package = Package(
         .target(name: "HTTPServer", dependencies: [.product(name: "Logging", package: "swift-log")]),
         .target(
             name: "Observability",
-            dependencies: ["HTTPServer", "Worker", "Dispatcher", "TandemCore", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "HTTPServer", "Worker", "Dispatcher", "TandemCore", "ClientSupport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
 
         // Airflow integration: the fork runner's launcher, the worker log server, Celery remote control

@@ -65,3 +65,9 @@ extension Duration {
         return "\(ms)ms"
     }
 }
+
+/// Connections opened by this process, for metrics: more than one per client means it reconnected.
+public enum ConnectionStats {
+    public static let redisConnects = Locked(0)
+    public static let postgresConnects = Locked(0)
+}

@@ -1,3 +1,4 @@
+import ClientSupport
 import Dispatcher
 import Foundation
 import TandemCore
@@ -97,6 +98,7 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
         claimed.touch([datacenter])
         r.gauge("tandem_process_start_time_seconds", help: "Start time of the process (Unix seconds).")
             .set(Date().timeIntervalSince1970.rounded())
+        registerConnectionStats(r)
     }
 
     /// Reads busy slots and the phase from the runtime at every scrape (the hooks report busy only when a slot frees).
@@ -201,6 +203,7 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         redisErrors.touch()
         r.gauge("tandem_process_start_time_seconds", help: "Start time of the process (Unix seconds).")
             .set(Date().timeIntervalSince1970.rounded())
+        registerConnectionStats(r)
     }
 
     public func dispatched(queue: String, datacenter: String, count: Int) {
@@ -268,4 +271,14 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
 
     /// Why the dispatcher is not ready (nil: ready).
     public func readiness() -> String? { broker.problem() }
+}
+
+/// Connections opened to Redis and Postgres since start; a rise after start-up means the process reconnected.
+func registerConnectionStats(_ r: MetricsRegistry) {
+    let redis = r.gauge("tandem_redis_connects", help: "Redis connections opened since start (more than the client count: reconnects).")
+    let postgres = r.gauge("tandem_postgres_connects", help: "Postgres connections opened since start (more than the client count: reconnects).")
+    r.onCollect {
+        redis.set(Double(ConnectionStats.redisConnects.current))
+        postgres.set(Double(ConnectionStats.postgresConnects.current))
+    }
 }

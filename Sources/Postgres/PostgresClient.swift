@@ -152,6 +152,7 @@ public final class PostgresClient: Sendable {
             let c = try PostgresConnection.open(configuration)
             core.connection = c
             core.backoff.succeeded()
+            ConnectionStats.postgresConnects.withLock { $0 += 1 }
             logger.debug("connected to Postgres", metadata: [PostgresLogKey.endpoint: "\(configuration.redacted)"])
             return c
         } catch {

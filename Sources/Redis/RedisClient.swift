@@ -211,6 +211,7 @@ public final class RedisClient: Sendable {
             let c = try RedisConnector.establish(configuration, logger: logger)
             core.connection = c
             core.backoff.succeeded()
+            ConnectionStats.redisConnects.withLock { $0 += 1 }
             state.withLock { $0.connected = true }
             startWatcherIfNeeded()
             return c

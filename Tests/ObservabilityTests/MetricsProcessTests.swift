@@ -78,6 +78,9 @@ struct MetricsProcessTests {
         #expect(sample(w, "tandem_worker_slots_busy") == 1, "the sleep-6 task is still running")
         #expect(sample(w, "tandem_worker_phase", ["phase": "running"]) == 1)
         #expect(sample(w, "tandem_redis_errors_total") == 0)
+        // the broker's two connections (commands, blocking waits) and the Postgres one; none reopened
+        #expect((sample(w, "tandem_redis_connects") ?? 0) >= 2)
+        #expect((sample(w, "tandem_postgres_connects") ?? 0) >= 1)
 
         // the dispatcher's queue gauges are a snapshot taken every 0.5 s: wait for one taken after the run settled
         let settled = try await eventually(timeout: .seconds(10)) {

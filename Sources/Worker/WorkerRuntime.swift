@@ -399,6 +399,17 @@ public final class WorkerRuntime: Sendable {
                 try await giveBack(job, refund: false, log: log)
                 return
             }
+            if case .workload = payload, termination == .exited(TaskExit.alreadyRunning) {
+                // Airflow 3 answered 409: this task instance is already running elsewhere (a duplicate delivery).
+                // Writing a FAILURE would make the scheduler fail the healthy run (apache/airflow#58441): ack only.
+                log.warning("task instance is already running elsewhere (Execution API 409); acked without a result")
+                try await ledger.finished(
+                    job, taskID: task.id, outcome: "DUPLICATE", exitStatus: termination.status,
+                    detail: "TaskAlreadyRunningError: acked with no result")
+                _ = try await ackWithRetry(job, log: log)
+                count("duplicate")
+                return
+            }
             let ok = termination == .exited(0)
             try await record(
                 job, task: task, state: ok ? .success : .failure, exit: termination.status,
@@ -573,6 +584,16 @@ public final class WorkerRuntime: Sendable {
             log.error("could not dead-letter the message: \(error) — its lease will expire and it will be retried")
         }
     }
+}
+
+/// Exit statuses with a meaning beyond success/failure (Protocol/RUNNER.md).
+public enum TaskExit {
+    /// Airflow 3: `TaskAlreadyRunningError` — the Execution API answered 409; write no result.
+    public static let alreadyRunning: Int32 = 75
+    /// Airflow 3: the Execution API refused the token (expired); the task never started. FAILURE.
+    public static let tokenRefused: Int32 = 77
+    /// The Airflow runner died while the task ran. FAILURE.
+    public static let runnerDied: Int32 = 70
 }
 
 extension AirflowPayload {

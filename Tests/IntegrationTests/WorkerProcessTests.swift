@@ -287,4 +287,34 @@ struct WorkerProcessTests {
         let back = try await inspector.datacenters(lossAfterMs: 15000)
         #expect(back.first { $0.name == "east" }?.status == .alive)
     }
+
+    @Test("Airflow 3 duplicate delivery (runner exit 75, API 409): acked with no result, so the healthy run is not failed")
+    func duplicateWorkloadIsAckedWithoutResult() async throws {
+        cluster.extraEnvironment = ["TANDEM_PYTHON": Repo.root + "/Tests/Fixtures/bin/python-workload-check",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:9/execution/"]
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--runner", "spawn"])
+        var ids: [String] = []
+        for task in ["already-running", "ok"] {
+            let id = UUID().uuidString.lowercased()
+            let workload = """
+                {"type": "ExecuteTask", "token": "header.payload.sig", "dag_rel_path": "d.py", "bundle_info": {"name": "dags-folder"}, \
+                "log_path": "d/t.log", "ti": {"id": "\(UUID().uuidString.lowercased())", "dag_id": "d", "task_id": "\(task)", \
+                "run_id": "r", "try_number": 1, "map_index": -1, "queue": "default", "pool_slots": 1, "priority_weight": 1}}
+                """
+            let m = CeleryPublisher.message(taskName: "execute_workload", id: id, args: [.string(workload)])
+            _ = try await redis.send(["LPUSH", m.list, m.element])
+            ids.append(id)
+        }
+        let done = try await eventually(timeout: .seconds(60)) {
+            let dup = (try? await ledger(ids[0]))??.outcome == "DUPLICATE"  // tables appear once the worker starts
+            let other = try await states([ids[1]])[ids[1]]
+            return dup && other == "SUCCESS"
+        }
+        #expect(done, "\(cluster.logs())")
+        let s = try await states(ids)
+        #expect(s[ids[0]] != "FAILURE" && s[ids[0]] != "SUCCESS", "no final result for the duplicate: \(s)")
+        #expect(try await redis.send(["ZCARD", Keys.leases]).int == 0, "the duplicate was acked")
+        #expect(try await BrokerInspector(client: redis).deadLetters().isEmpty)
+    }
 }

@@ -343,8 +343,36 @@ class Celery(System):
         return roots
 
 
+def help_text(binary):
+    try:
+        return subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=20).stdout
+    except Exception:
+        return ""
+
+
 class Tandem(System):
     name, db = "tandem", "bench_tandem"
+    _flags = None
+
+    def extra_flags(self, role, tag):
+        """Flags newer builds have: no metrics/log HTTP ports (several workers share the host), a private spool
+        dir, and `--runner spawn` (Airflow 2 commands exec'd directly, as Celery's subprocess does)."""
+        if Tandem._flags is None:
+            Tandem._flags = {"worker": help_text(f"{self.args.bin}/swift-worker"),
+                             "dispatcher": help_text(f"{self.args.bin}/swift-dispatcher")}
+        h, out = Tandem._flags[role], []
+        if "--metrics-port" in h:
+            out += ["--metrics-port", "0"]
+        if role == "worker":
+            if "--log-port" in h:
+                out += ["--log-port", "0"]
+            if "--runner" in h:
+                out += ["--runner", "spawn"]
+            if "--spool-dir" in h:
+                d = os.path.join(self.srv.dir, f"spool-{tag}")
+                os.makedirs(d, exist_ok=True)
+                out += ["--spool-dir", d]
+        return out
 
     def start(self, concurrency, workers=1, host=None, netns=None, dispatcher=True, port_offset=0):
         h = host or "127.0.0.1"
@@ -352,13 +380,14 @@ class Tandem(System):
         backend = f"db+postgresql://postgres@{h}:{self.srv.pport + port_offset}/{self.db}"
         roots = {}
         if dispatcher:
-            d = self.spawn([f"{self.args.bin}/swift-dispatcher", "--broker", self.srv.redis_url, "--queues", "default"],
-                           "dispatcher")
+            d = self.spawn([f"{self.args.bin}/swift-dispatcher", "--broker", self.srv.redis_url, "--queues", "default"]
+                           + self.extra_flags("dispatcher", "d"), "dispatcher")
             roots["dispatcher"] = d.pid
         for w in range(workers):
             p = self.spawn([f"{self.args.bin}/swift-worker", "--broker", broker, "--result-backend", backend,
                             "--dc", "east", "--queues", "default", "--concurrency", str(concurrency),
-                            "--worker-id", f"east-bench-{w}"], f"tandem-c{concurrency}-w{w}", netns=netns)
+                            "--worker-id", f"east-bench-{w}"] + self.extra_flags("worker", f"w{w}"),
+                           f"tandem-c{concurrency}-w{w}", netns=netns)
             roots[f"worker{w}"] = p.pid
         return roots
 
@@ -502,7 +531,8 @@ def dispatcher_alone(srv, pub, args, n):
         time.sleep(0.02)
     end = time.time()
     t.stop()
-    ingress = sum(r.llen(k) for k in ("default", "default\x06\x163", "default\x06\x166", "default\x06\x169"))
+    ingress = sum(r.llen(k) for k in ("default", "default\x06\x163", "default\x06\x166", "default\x06\x169",
+                                      "{tandem}:staging:default"))
     moved = r.llen(q)
     jobs = int(r.get("{tandem}:seq") or 0)
     ok = moved == n and ingress == 0 and jobs == n
@@ -550,7 +580,8 @@ def profile(srv, pub, args, conc, k, tool):
     pg0 = pg_counters(c, t.db)
     t.start(conc, workers=0)  # dispatcher only
     worker = [f"{args.bin}/swift-worker", "--broker", srv.redis_url, "--result-backend", "db+" + srv.pg_url(t.db),
-              "--dc", "east", "--queues", "default", "--concurrency", str(conc), "--worker-id", "east-prof"]
+              "--dc", "east", "--queues", "default", "--concurrency", str(conc), "--worker-id", "east-prof"
+              ] + t.extra_flags("worker", "prof")
     out = os.path.join(args.logdir, f"worker-c{conc}.{tool}")
     if tool == "perf":
         argv = ["perf", "record", "-e", "cpu-clock", "-F", "2000", "--call-graph", "dwarf,16384", "-o", out, "--"] + worker
@@ -590,6 +621,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--noop-dir", required=True)
+    ap.add_argument("--src", default=ROOT, help="source tree the binaries were built from (for its Lua scripts)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tasks", type=int, default=2000)
     ap.add_argument("--concurrency", default="2,16")
@@ -613,6 +645,8 @@ def main():
     ap.add_argument("--pg-port", type=int, default=5481)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = ap.parse_args()
+    global SCRIPTS
+    SCRIPTS = os.path.join(args.src, "Sources", "TandemRedis", "Scripts")
     args.logdir = os.path.join(HERE, "results", "raw", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(args.logdir, exist_ok=True)
     only = set(args.only.split(","))
@@ -629,7 +663,7 @@ def main():
         c.cursor().execute("SELECT pg_reload_conf()")
         c.close()
         log("DIAGNOSTIC: synchronous_commit = off")
-    res = {"meta": {"synchronous_commit": "off" if args.sync_commit_off else "on", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": open("/proc/loadavg").read().split()[:3],
+    res = {"meta": {"tandem_commit": os.environ.get("TANDEM_BENCH_COMMIT", "?"), "synchronous_commit": "off" if args.sync_commit_off else "on", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": open("/proc/loadavg").read().split()[:3],
                     "args": {k: v for k, v in vars(args).items()}}}
     try:
         pub = Publisher(srv)

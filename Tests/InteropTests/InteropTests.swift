@@ -357,7 +357,7 @@ final class InteropCluster: @unchecked Sendable {
         results = RedisClient(configuration: try RedisConfiguration(url: redisResults), logger: logger)
         pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: logger)
         try cluster.startDispatcher()
-        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "4", "--work-dir", workDir])
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "4", "--work-dir", workDir, "--runner", "spawn"])
     }
 
     deinit {

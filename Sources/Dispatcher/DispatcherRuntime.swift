@@ -81,6 +81,7 @@ public final class DispatcherRuntime: Sendable {
         var backoff = Duration.milliseconds(100)
         var lastLeaderCheck = clock.now - configuration.leaderCheck
         var idleRotation = 0
+        var lastPrune = clock.now
         while !isStopping {
             do {
                 if clock.now - lastLeaderCheck >= configuration.leaderCheck {
@@ -107,6 +108,11 @@ public final class DispatcherRuntime: Sendable {
                 if clock.now - lastReclaim >= configuration.reclaimInterval {
                     try await reclaim()
                     lastReclaim = clock.now
+                }
+                if clock.now - lastPrune >= .seconds(60) {
+                    // a worker's hash expires an hour after its last heartbeat; drop its heartbeat entry too
+                    try await inspector.pruneWorkers(olderThanMs: 3_600_000)
+                    lastPrune = clock.now
                 }
                 let moved = try await dispatchOnce(view)
                 backoff = .milliseconds(100)

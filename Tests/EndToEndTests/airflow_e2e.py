@@ -79,6 +79,38 @@ def log_of(dag_id, run_id, task_id, try_number, map_index=-1):
     return json.dumps(r.json())
 
 
+def duplicate_delivery():
+    """Re-publishes the Celery message of a task that is running right now (what a broker redelivery does):
+    Airflow's Execution API answers 409, the runner exits 75, and the worker must ack without writing FAILURE."""
+    import redis
+
+    r = redis.Redis.from_url(ARGS.broker)
+    end = time.time() + 60
+    while time.time() < end:
+        for key in r.scan_iter("{tandem}:job:*", count=1000):
+            job = r.hgetall(key)
+            if job.get(b"state") != b"leased":
+                continue
+            raw = job[b"raw"]
+            env = json.loads(raw)
+            import base64
+
+            body = json.loads(base64.b64decode(env["body"]))
+            workload = json.loads(body[0][0])
+            ti = workload.get("ti") or {}
+            if workload.get("type") != "ExecuteTask" or ti.get("dag_id") != "tandem_parallel":
+                continue
+            states = {t["task_id"]: t["state"] for t in tis("tandem_parallel", ti["run_id"])}
+            if states.get(ti["task_id"]) != "running":
+                continue
+            r.lpush(job.get(b"ingress", b"default"), raw)
+            print(f"re-published the message of running task {ti['task_id']}", flush=True)
+            return ti["task_id"]
+        time.sleep(0.3)
+    check(False, "found a running task to deliver twice")
+    return None
+
+
 def parse(ts):
     return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
 
@@ -121,6 +153,7 @@ def cmd_check():
                     break
         time.sleep(0.5)
     check(live_ok, "log of a RUNNING task read through the API server from the worker's :8793/log/ endpoint")
+    dup = duplicate_delivery() if ARGS.broker else None
 
     states = wait_runs({(d, r) for d, r in runs.items()})
     st = {d: states.get((d, r)) for d, r in runs.items()}
@@ -162,6 +195,10 @@ def cmd_check():
     text = log_of("tandem_retries", runs["tandem_retries"], "flaky", 2)
     check("this task fails on purpose" in text, "log of the failed retry (try 2) readable")
 
+    if dup:
+        dup_task = p.get((dup, -1))
+        check(dup_task is not None and dup_task["state"] == "success",
+              f"duplicate delivery of running task {dup} (API 409): the running try still ends success")
     lat = latencies("tandem_parallel", runs["tandem_parallel"])
     print("RESULT " + json.dumps({"check": "ok" if not FAILS else "failed", "failures": FAILS,
                                   "runs": st, "parallel_latency": stats(lat)}), flush=True)
@@ -189,5 +226,6 @@ if __name__ == "__main__":
     ap.add_argument("--markers", default="/tmp")
     ap.add_argument("--label", default="")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--broker", default=os.environ.get("AIRFLOW__CELERY__BROKER_URL"))
     ARGS = ap.parse_args()
     sys.exit(cmd_check() if ARGS.cmd == "check" else cmd_latency())

@@ -111,6 +111,29 @@ def duplicate_delivery():
     return None
 
 
+def revoked_queued_check():
+    """app.control.revoke(id) before the message arrives: the worker records REVOKED and never starts it."""
+    import uuid
+
+    from celery import Celery
+
+    app = Celery(broker=ARGS.broker, backend=os.environ["AIRFLOW__CELERY__RESULT_BACKEND"])
+    tid = str(uuid.uuid4())
+    app.control.revoke(tid)
+    time.sleep(0.5)
+    workload = {"type": "ExecuteTask", "token": "never.used.token", "dag_rel_path": "none.py", "bundle_info": {},
+                "log_path": "none.log", "ti": {"id": str(uuid.uuid4()), "dag_id": "nope", "task_id": "nope",
+                                               "run_id": "nope", "try_number": 1, "map_index": -1, "queue": "default"}}
+    app.send_task("execute_workload", args=[json.dumps(workload)], task_id=tid, queue="default")
+    state = None
+    for _ in range(60):
+        state = app.AsyncResult(tid).state
+        if state not in ("PENDING",):
+            break
+        time.sleep(0.5)
+    check(state == "REVOKED", f"a task revoked before delivery is recorded REVOKED and never started ({state})")
+
+
 def parse(ts):
     return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
 
@@ -154,6 +177,16 @@ def cmd_check():
         time.sleep(0.5)
     check(live_ok, "log of a RUNNING task read through the API server from the worker's :8793/log/ endpoint")
     dup = duplicate_delivery() if ARGS.broker else None
+    if ARGS.broker:
+        from celery import Celery
+
+        replies = Celery(broker=ARGS.broker).control.ping(timeout=2.0)
+        nodes = sorted(n for r in replies for n in r)
+        print("celery ping replies:", replies, flush=True)
+        revoked_queued_check()
+        check(any(n.startswith("east@") for n in nodes) and any(n.startswith("west@") for n in nodes)
+              and all(list(r.values())[0] == {"ok": "pong"} for r in replies),
+              "app.control.ping() answered by both Tandem workers (east, west)")
 
     states = wait_runs({(d, r) for d, r in runs.items()})
     st = {d: states.get((d, r)) for d, r in runs.items()}

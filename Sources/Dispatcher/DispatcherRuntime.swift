@@ -22,6 +22,9 @@ public struct DispatcherConfiguration: Sendable {
     /// How long an idle dispatcher blocks waiting for Airflow to publish (per queue, rotating) before it looks at
     /// everything again (priority lists, health, reclaims).
     public var idleWait: Duration = .milliseconds(100)
+    /// With work waiting and no room anywhere: the longest wait for a claim to make room before looking again
+    /// (heartbeats, which report freed slots, arrive every 2 s).
+    public var capacityWait: Duration = .milliseconds(20)
     /// This dispatcher's id in the leader lease.
     public var dispatcherID: String
     /// The leader lease; a standby takes over at most this long (plus one check) after the leader dies.
@@ -114,10 +117,14 @@ public final class DispatcherRuntime: Sendable {
                     try await inspector.pruneWorkers(olderThanMs: 3_600_000)
                     lastPrune = clock.now
                 }
-                let moved = try await dispatchOnce(view)
+                let (moved, waiting) = try await dispatchOnce(view)
                 backoff = .milliseconds(100)
-                if moved == 0 {
-                    // block on the plain list of one queue (rotating) instead of polling
+                if moved == 0 && waiting > 0 {
+                    // work waits but no datacenter has room: wake when a worker claims (room appears), not
+                    // when Airflow publishes
+                    try await broker.waitForCapacity(timeout: configuration.capacityWait)
+                } else if moved == 0 {
+                    // nothing waits: block on the plain list of one queue (rotating) instead of polling
                     let queues = watchedQueues(view)
                     if queues.isEmpty || view.live.isEmpty {
                         try? await Task.sleep(for: configuration.idleWait)
@@ -188,8 +195,9 @@ public final class DispatcherRuntime: Sendable {
         return qs.sorted()
     }
 
-    /// One pass over the ingress lists. Returns how many messages moved.
-    func dispatchOnce(_ view: View) async throws -> Int {
+    /// One pass over the ingress lists. Returns how many messages moved, and how many could go to a live
+    /// datacenter but found no room.
+    func dispatchOnce(_ view: View) async throws -> (moved: Int, waiting: Int) {
         let queues = watchedQueues(view)
         let live = view.live
         // one round trip: the length of every ingress list and of every live datacenter queue
@@ -210,6 +218,8 @@ public final class DispatcherRuntime: Sendable {
         for q in queues { for dc in dcs { depth["\(dc)\t\(q)"] = Int(lens[i].int ?? 0); i += 1 } }
 
         var moved = 0
+        // work that could go somewhere now but did not fit (work for a datacenter that is down does not count)
+        var blocked = 0
         for q in queues where (waiting[q] ?? 0) > 0 {
             let eligible = configuration.policy.eligibleDatacenters(for: q, live: live).filter { dc in
                 view.workers.contains { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
@@ -223,14 +233,17 @@ public final class DispatcherRuntime: Sendable {
             }
             let shares = RoutingPolicy.split(
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)
+            var movedHere = 0
             for (dc, n) in shares {
                 let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: epoch ?? -1)
                 if m > 0 { observer.dispatched(queue: q, datacenter: dc, count: m) }
-                moved += m
+                movedHere += m
             }
+            moved += movedHere
+            if !eligible.isEmpty { blocked += max(0, (waiting[q] ?? 0) - movedHere) }
         }
         if moved > 0 { counters.withLock { $0["dispatched", default: 0] += moved } }
-        return moved
+        return (moved, blocked)
     }
 
     /// Reclaims expired leases (dead or frozen workers); the jobs go back to the front of their queue.

@@ -11,6 +11,8 @@ public enum Keys {
     public static let overrides = "\(prefix):dc-overrides"
     public static let leader = "\(prefix):leader"
     public static let stats = "\(prefix):stats"
+    /// A token claim.lua leaves when it takes work: room has appeared in some datacenter queue.
+    public static let capacity = "\(prefix):capacity"
 
     public static func job(_ id: String) -> String { "\(prefix):job:\(id)" }
     public static func queue(datacenter: String, queue: String) -> String { "\(prefix):q:\(datacenter):\(queue)" }

@@ -144,6 +144,12 @@ public final class RedisBroker: Broker {
         return !r.isNull
     }
 
+    /// A dispatcher with work waiting and no room blocks here until a worker claims (claim.lua pushes a token).
+    public func waitForCapacity(timeout: Duration) async throws {
+        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
+        _ = try await waiter.send(["BLPOP", Keys.capacity, String(format: "%.3f", max(0.01, seconds))])
+    }
+
     public func waitForWork(datacenter: String, timeout: Duration) async throws {
         let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
         _ = try await waiter.send(["BLPOP", Keys.wake(datacenter: datacenter), String(format: "%.3f", max(0.01, seconds))])

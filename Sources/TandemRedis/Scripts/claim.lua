@@ -47,4 +47,9 @@ for i = 2, #KEYS do
     end
   end
 end
+if n > 0 then
+  -- room appeared: wake a dispatcher that has work waiting and was out of room (one token is enough)
+  redis.call('LPUSH', p .. ':capacity', '1')
+  redis.call('LTRIM', p .. ':capacity', 0, 0)
+end
 return out

@@ -118,3 +118,9 @@ public protocol TaskLedger: Sendable {
         detail: String?) async throws
     func entry(taskID: String) async throws -> LedgerEntry?
 }
+
+/// A store that can record the start of an attempt — the claim, the ledger's start and Celery's STARTED — in one
+/// write (one commit on the task's path instead of two). `.fenced`: a newer claim of the task is on record.
+public protocol AttemptStartRecorder: Sendable {
+    func began(_ job: ClaimedJob, facts: TaskFacts, pid: Int32, started: ResultRecord) async throws -> FencedOutcome
+}

@@ -3,12 +3,14 @@ import Foundation
 import TandemCore
 
 /// One write to Postgres, in a form the spool can store on disk and replay later.
-public enum StoreOperation: Codable, Sendable, Hashable {
+public indirect enum StoreOperation: Codable, Sendable, Hashable {
     case result(ResultWrite)
     case claimed(Claim)
     case started(Start)
     case finished(Finish)
     case event(Event)
+    /// Several operations in one transaction, in order; stops after the first that is refused (fenced).
+    case sequence([StoreOperation])
 
     public var taskID: String {
         switch self {
@@ -17,6 +19,7 @@ public enum StoreOperation: Codable, Sendable, Hashable {
         case .started(let s): return s.taskID
         case .finished(let f): return f.taskID
         case .event(let e): return e.taskID
+        case .sequence(let ops): return ops.first?.taskID ?? ""
         }
     }
 
@@ -103,11 +106,22 @@ public enum StoreOutcome: Sendable, Hashable {
 /// A store whose every write is a `StoreOperation`: it gets Celery's result writes and the ledger's writes from
 /// this one method. (`PostgresStore` applies them with group commit; `SpoolingStore` spools them while Postgres is
 /// unreachable.)
-public protocol StoreOperationSink: ResultBackend, TaskLedger {
+public protocol StoreOperationSink: ResultBackend, TaskLedger, AttemptStartRecorder {
     func perform(_ op: StoreOperation) async throws -> StoreOutcome
 }
 
 extension StoreOperationSink {
+    /// The start of an attempt in one write: the claim (token-checked), the ledger's start and Celery's STARTED.
+    /// `.fenced` when a newer claim of the task is already recorded (nothing else is written then).
+    public func began(_ job: ClaimedJob, facts: TaskFacts, pid: Int32, started: ResultRecord) async throws -> FencedOutcome {
+        let op = StoreOperation.sequence([
+            .claimed(.init(job, facts)),
+            .started(.init(taskID: facts.taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)),
+            .result(.init(started, fence: Fence(jobID: job.jobID, token: job.token))),
+        ])
+        return try await perform(op) == .fenced ? .fenced : .done
+    }
+
     /// The ledger records refused results itself (in the same transaction as the refusal).
     public var recordsFencingInLedger: Bool { true }
 

@@ -114,6 +114,14 @@ public final class PostgresStore: StoreOperationSink {
                 tx, taskID: e.taskID, jobID: e.jobID, event: e.event, worker: e.worker, datacenter: e.datacenter,
                 token: e.token, detail: e.detail)
             return .done
+        case .sequence(let ops):
+            var first: StoreOutcome = .done
+            for (i, op) in ops.enumerated() {
+                let o = try apply(op, in: tx)
+                if i == 0 { first = o }
+                if o == .fenced { return .fenced }
+            }
+            return first
         }
     }
 

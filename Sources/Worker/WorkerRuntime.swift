@@ -315,20 +315,25 @@ public final class WorkerRuntime: Sendable {
             hostname: configuration.hostname)
 
         do {
-            // 2. The ledger records the claim; a newer claim of the same task already there means this one is stale.
-            if try await ledger.claimed(job, facts: facts) == .fenced {
-                log.warning("ledger holds a newer claim for this task; dead-lettering this copy")
-                _ = try await broker.deadLetter(
-                    jobID: job.jobID, token: job.token,
-                    reason: "the ledger already holds a newer claim (higher fencing token) for task \(task.id); "
-                        + "if Redis was reset, replay with executorctl dlq replay")
-                return
+            // 2. The ledger records the claim; a newer claim of the same task already there means this one is
+            //    stale. A store that records the whole start of an attempt in one write does it after the launch
+            //    (one commit on the task's path instead of two) and stops the task if the claim turns out stale.
+            let startRecorder = results.recordsFencingInLedger ? ledger as? any AttemptStartRecorder : nil
+            var claimRecorded = false
+            func recordClaim() async throws -> Bool {
+                if claimRecorded { return true }
+                claimRecorded = true
+                guard try await ledger.claimed(job, facts: facts) == .fenced else { return true }
+                log.warning("ledger holds a newer claim for this task; this copy is stale and does not run")
+                return false
             }
+            if startRecorder == nil, try await !recordClaim() { return }
 
             // 3. Revoked or expired messages are REVOKED, never run (Celery does the same).
             let revoked = await revocations.isRevoked(task.id)
             if revoked || (task.expires.map { $0 < Date() } ?? false) {
                 let why = revoked ? "revoked" : "expired at \(task.expires!)"
+                if try await !recordClaim() { return }
                 _ = try await results.store(
                     ResultRecord(taskId: task.id, state: .revoked, result: .null, traceback: nil, dateDone: Date()),
                     fence: fence)
@@ -373,9 +378,21 @@ public final class WorkerRuntime: Sendable {
                 result: .object(JSONObject([
                     ("pid", .int(Int64(launched.process.pid))), ("hostname", .string(configuration.hostname)),
                 ])), traceback: nil, dateDone: nil)
+            let pid = launched.process.pid
+            let recordWholeStart = startRecorder != nil && !claimRecorded
+            let startLog = log
             async let startWrites: Void = {
-                _ = try? await self.results.store(startedRecord, fence: fence)
-                try? await self.ledger.started(job, taskID: task.id, pid: launched.process.pid)
+                if let startRecorder, recordWholeStart {
+                    let began = try? await startRecorder.began(job, facts: facts, pid: pid, started: startedRecord)
+                    if began == .fenced {
+                        startLog.warning("ledger holds a newer claim for this task; stopping this stale copy")
+                        self.state.withLock { $0.slots[job.jobID]?.leaseLost = true }
+                        launched.process.signalGroup(SIGKILL)
+                    }
+                } else {
+                    _ = try? await self.results.store(startedRecord, fence: fence)
+                    try? await self.ledger.started(job, taskID: task.id, pid: pid)
+                }
             }()
 
             // 5. Wait, enforcing the message's soft and hard time limits.

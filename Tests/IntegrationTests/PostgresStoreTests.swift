@@ -116,4 +116,22 @@ struct PostgresStoreTests {
         let n = try await pg.query("SELECT count(*) AS n FROM celery_taskmeta WHERE task_id LIKE 'gc-%'")
         #expect(n.rows.first?.int("n") == 60)
     }
+
+    @Test("the start of an attempt in one write: claim, start and STARTED together; a stale claim writes nothing")
+    func beganInOneWrite() async throws {
+        let j = job("21", token: 40)
+        #expect(try await store.began(j, facts: facts("t-began"), pid: 77, started: .started(taskId: "t-began", pid: 77, hostname: "h")) == .done)
+        #expect(try await store.state(taskID: "t-began") == .started)
+        let e = try #require(try await store.entry(taskID: "t-began"))
+        #expect(e.token == 40 && e.startedAt != nil)
+        #expect(e.events.map(\.event) == ["claimed", "started"])
+        // an older claim of the same task arrives late: refused, and no STARTED overwrites anything
+        #expect(try await store.store(.success(taskId: "t-began"), fence: Fence(jobID: "21", token: 40)) == .written)
+        let stale = job("20", token: 39)
+        #expect(try await store.began(stale, facts: facts("t-began", worker: "late"), pid: 78, started: .started(taskId: "t-began", pid: 78, hostname: "h")) == .fenced)
+        #expect(try await store.state(taskID: "t-began") == .success)
+        let after = try #require(try await store.entry(taskID: "t-began"))
+        #expect(after.token == 40 && after.claimedBy == "w1")
+        #expect(after.events.map(\.event) == ["claimed", "started", "fenced"])
+    }
 }

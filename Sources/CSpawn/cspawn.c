@@ -1,5 +1,8 @@
-// fork+exec with the three things posix_spawn cannot do together on Linux: PR_SET_PDEATHSIG, a fresh process
-// group and an exec-failure report. Between fork and exec only async-signal-safe calls are made.
+// vfork+exec with the three things posix_spawn cannot do together on Linux: PR_SET_PDEATHSIG, a fresh process
+// group and an exec-failure report. vfork shares the worker's memory until exec instead of copying its page
+// tables (fork was a quarter of the worker's CPU in the benchmark), so the child only makes async-signal-safe
+// system calls, touches no heap and runs with every signal blocked until just before execve; the spawning
+// thread is suspended meanwhile.
 #define _GNU_SOURCE
 #include "cspawn.h"
 #include <errno.h>
@@ -19,12 +22,16 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
     sigfillset(&all);
     // block signals so no handler of the worker runs in the child before exec
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid_t pid = fork();
+    pid_t pid = vfork();
     if (pid == 0) {
         int err;
+        // the child has its own signal dispositions (no CLONE_SIGHAND): reset them so no worker handler can run
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
         for (int s = 1; s < NSIG; s++) {
             if (s == SIGKILL || s == SIGSTOP) continue;
-            signal(s, SIG_DFL);
+            sigaction(s, &dfl, NULL);
         }
         setpgid(0, 0);
         if (death_signal > 0) {

@@ -39,7 +39,7 @@ public indirect enum StoreOperation: Codable, Sendable, Hashable {
             state = r.state.rawValue
             result = r.databaseResult()
             traceback = r.traceback
-            dateDone = r.dateDone.map { ISO8601DateFormatter().string(from: $0) }
+            dateDone = r.dateDone.map(CeleryDate.isoformat)  // microseconds, as Celery writes date_done
             fenceJob = fence?.jobID
             fenceToken = fence?.token
         }

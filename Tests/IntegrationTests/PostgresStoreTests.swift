@@ -55,6 +55,9 @@ struct PostgresStoreTests {
         let r = try await pg.query(
             "SELECT result, abs(extract(epoch from (date_done - (now() AT TIME ZONE 'UTC')))) AS skew FROM celery_taskmeta WHERE task_id = 't-success'")
         #expect((Double(r.rows.first?.string("skew") ?? "99") ?? 99) < 60)
+        // microseconds, as Celery writes date_done (not whole seconds)
+        let frac = try await pg.query("SELECT extract(microseconds FROM date_done)::bigint % 1000000 AS us FROM celery_taskmeta WHERE task_id = 't-success'")
+        #expect(frac.rows.first?.int("us") != 0)
         // SUCCESS result is a safe pickle of None
         let bytes = try #require(r.rows.first?.bytea("result"))
         #expect(try SafePickle.loads(bytes) == .null)

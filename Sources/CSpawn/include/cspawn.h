@@ -2,7 +2,7 @@
 #define TANDEM_CSPAWN_H
 #include <sys/types.h>
 
-/// Starts `path` with `argv` and `envp` in a new process group, with default signal handling, stdin on
+/// Starts `path` (vfork+exec) with `argv` and `envp` in a new process group, with default signal handling, stdin on
 /// /dev/null and stdout+stderr appended to `output_path` (inherited when NULL). The child receives
 /// `death_signal` when the spawning thread's process dies (PR_SET_PDEATHSIG), so a worker killed with
 /// SIGKILL never leaves its tasks running unsupervised. Call from a thread that lives as long as the process:

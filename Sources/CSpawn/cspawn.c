@@ -10,6 +10,8 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/epoll.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -74,4 +76,25 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
     }
     *pid_out = pid;
     return 0;
+}
+
+int tandem_pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int tandem_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int tandem_epoll_add(int epfd, int fd) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+}
+
+int tandem_epoll_del(int epfd, int fd) { return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL); }
+
+int tandem_epoll_wait(int epfd, int *fds, int max) {
+    struct epoll_event evs[64];
+    if (max > 64) max = 64;
+    int n = epoll_wait(epfd, evs, max, -1);
+    for (int i = 0; i < n; i++) fds[i] = evs[i].data.fd;
+    return n;
 }

@@ -89,25 +89,18 @@ public final class ChildProcess: Sendable {
         return nil
     }
 
-    /// Waits for the child to end. The blocking waitpid runs on a thread of its own, never on the Swift
-    /// concurrency pool.
+    /// Waits for the child to end, without blocking a thread of the Swift concurrency pool: one reaper thread
+    /// watches every child's pidfd with epoll (a thread per child cost a fifth of the worker's CPU).
     public func wait() async -> Termination {
         let pid = self.pid
         return await withCheckedContinuation { (cont: CheckedContinuation<Termination, Never>) in
-            let t = Thread {
-                var status: Int32 = 0
-                while waitpid(pid, &status, 0) == -1 {
-                    if errno != EINTR {
-                        cont.resume(returning: .exited(-1))
-                        return
-                    }
-                }
-                let sig = status & 0x7f
-                cont.resume(returning: sig == 0 ? .exited((status >> 8) & 0xff) : .signalled(sig))
-            }
-            t.stackSize = 64 * 1024
-            t.start()
+            ChildReaper.shared.watch(pid) { cont.resume(returning: $0) }
         }
+    }
+
+    static func termination(_ status: Int32) -> Termination {
+        let sig = status & 0x7f
+        return sig == 0 ? .exited((status >> 8) & 0xff) : .signalled(sig)
     }
 
     /// Sends `signal` to the task's whole process group.
@@ -147,6 +140,64 @@ final class Spawner: @unchecked Sendable {
             work.append { cont.resume(returning: body()) }
             condition.signal()
             condition.unlock()
+        }
+    }
+}
+
+/// One thread that reaps every task process: it waits in epoll on each child's pidfd and reaps exactly that pid
+/// (never waitpid(-1), so children other code waits for are left alone).
+final class ChildReaper: @unchecked Sendable {
+    static let shared = ChildReaper()
+    private let epoll: Int32
+    private let lock = NSLock()
+    private var waiting: [Int32: (pid: pid_t, done: @Sendable (ChildProcess.Termination) -> Void)] = [:]
+
+    private init() {
+        epoll = tandem_epoll_create()
+        let t = Thread { [unowned self] in self.loop() }
+        t.name = "tandem-reaper"
+        t.start()
+    }
+
+    func watch(_ pid: pid_t, _ done: @escaping @Sendable (ChildProcess.Termination) -> Void) {
+        let fd = tandem_pidfd_open(pid)
+        guard fd >= 0, epoll >= 0 else {
+            // no pidfd (old kernel): wait on a thread of its own
+            let t = Thread {
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) == -1 {
+                    if errno != EINTR { return done(.exited(-1)) }
+                }
+                done(ChildProcess.termination(status))
+            }
+            t.stackSize = 64 * 1024
+            t.start()
+            return
+        }
+        lock.lock()
+        waiting[fd] = (pid, done)
+        lock.unlock()
+        tandem_epoll_add(epoll, fd)
+    }
+
+    private func loop() {
+        var ready = [Int32](repeating: -1, count: 64)
+        while true {
+            let n = tandem_epoll_wait(epoll, &ready, Int32(ready.count))
+            if n < 0 { continue }  // EINTR
+            for i in 0..<Int(n) {
+                let fd = ready[i]
+                lock.lock()
+                let entry = waiting.removeValue(forKey: fd)
+                lock.unlock()
+                tandem_epoll_del(epoll, fd)
+                close(fd)
+                guard let entry else { continue }
+                var status: Int32 = 0
+                var r: pid_t
+                repeat { r = waitpid(entry.pid, &status, 0) } while r == -1 && errno == EINTR
+                entry.done(r == entry.pid ? ChildProcess.termination(status) : .exited(-1))
+            }
         }
     }
 }

@@ -11,4 +11,14 @@
 int tandem_spawn(const char *path, char *const argv[], char *const envp[], const char *output_path,
                  int death_signal, pid_t *pid_out);
 
+/// A pidfd for `pid` (readable once the process has ended), or -1 with errno set.
+int tandem_pidfd_open(pid_t pid);
+
+/// epoll without its packed struct (Swift cannot lay it out): create, watch `fd` for readability, forget `fd`,
+/// and wait for up to `max` ready fds (stored in `fds`; returns how many, or -1 on EINTR/error).
+int tandem_epoll_create(void);
+int tandem_epoll_add(int epfd, int fd);
+int tandem_epoll_del(int epfd, int fd);
+int tandem_epoll_wait(int epfd, int *fds, int max);
+
 #endif

@@ -3,41 +3,47 @@ import Synchronization
 
 /// Group commit: writes from concurrently running tasks share one transaction (and one WAL flush) instead of one
 /// commit each. No write waits for a timer — while one batch commits, the next accumulates, so under light load a
-/// write commits alone at once and under heavy load up to `maxBatch` ride one commit.
+/// write commits alone at once and under heavy load up to `maxBatch` ride one commit. With several connections,
+/// several batches commit at once: far from Postgres a transaction costs a round trip per statement, and one
+/// connection would make every task wait behind every other. (One task's writes are awaited one after the
+/// other, so they never race each other across connections.)
 final class GroupCommitter: Sendable {
     typealias Waiter = CheckedContinuation<StoreOutcome, any Error>
 
     private struct State {
         var pending: [(StoreOperation, Waiter)] = []
-        var draining = false
+        /// Connections not draining right now.
+        var idle: [Int]
     }
 
-    private let client: PostgresClient
+    private let clients: [PostgresClient]
     private let maxBatch: Int
-    private let state = Mutex(State())
+    private let state: Mutex<State>
 
-    init(client: PostgresClient, maxBatch: Int = 256) {
-        self.client = client
+    init(clients: [PostgresClient], maxBatch: Int = 256) {
+        precondition(!clients.isEmpty)
+        self.clients = clients
         self.maxBatch = maxBatch
+        state = Mutex(State(idle: Array(clients.indices)))
     }
+
+    func close() { for c in clients { c.close() } }
 
     func submit(_ op: StoreOperation) async throws -> StoreOutcome {
         try await withCheckedThrowingContinuation { (waiter: Waiter) in
-            let start = state.withLock { s -> Bool in
+            let start = state.withLock { s -> Int? in
                 s.pending.append((op, waiter))
-                if s.draining { return false }
-                s.draining = true
-                return true
+                return s.idle.popLast()
             }
-            if start { Task { await self.drain() } }
+            if let start { Task { await self.drain(self.clients[start], index: start) } }
         }
     }
 
-    private func drain() async {
+    private func drain(_ client: PostgresClient, index: Int) async {
         while true {
             let batch = state.withLock { s -> [(StoreOperation, Waiter)]? in
                 if s.pending.isEmpty {
-                    s.draining = false
+                    s.idle.append(index)
                     return nil
                 }
                 let b = Array(s.pending.prefix(maxBatch))

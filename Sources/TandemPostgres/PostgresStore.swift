@@ -10,10 +10,17 @@ public final class PostgresStore: StoreOperationSink {
     public let client: PostgresClient
 
     let committer: GroupCommitter
+    /// Connections that commit batches concurrently.
+    static let writeConnections = 4
 
     public init(configuration: PostgresConfiguration, logger: Logger) {
         client = PostgresClient(configuration: configuration, label: "results", logger: logger)
-        committer = GroupCommitter(client: client)
+        // the first connection also serves reads and migrations; the others only commit batches
+        committer = GroupCommitter(
+            clients: [client]
+                + (1..<Self.writeConnections).map {
+                    PostgresClient(configuration: configuration, label: "results-\($0)", logger: logger)
+                })
     }
 
     /// Connects and creates missing tables.
@@ -22,7 +29,7 @@ public final class PostgresStore: StoreOperationSink {
         try await Schema.migrate(client)
     }
 
-    public func close() { client.close() }
+    public func close() { committer.close() }
 
     // MARK: Operations
     //

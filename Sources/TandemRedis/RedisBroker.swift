@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 import Redis
 import TandemCore
@@ -10,6 +11,12 @@ public final class RedisBroker: Broker {
     /// renewal or an ack queued behind it on the same connection.
     private let waiter: RedisClient
 
+    /// Connections the moves (claims, renewals, acks, dispatches) take turns on. One connection answers one
+    /// request at a time, so far from Redis every concurrent task would wait behind the others' round trips.
+    static let moverConnections = 4
+    private let movers: [RedisClient]
+    private let nextMover = Mutex(0)
+
     /// With Sentinel: after every move, wait until this many replicas have it (Redis WAIT), so a failover right
     /// after a claim or an ack cannot roll it back. 0 = asynchronous replication (Redis's default).
     public let replicaAcks: Int
@@ -19,6 +26,9 @@ public final class RedisBroker: Broker {
     public init(configuration: RedisConfiguration, logger: Logger, replicaAcks: Int = 0, replicaTimeoutMs: Int = 500) {
         client = RedisClient(configuration: configuration, label: "broker", logger: logger)
         waiter = RedisClient(configuration: configuration, label: "broker-wait", logger: logger)
+        movers = [client] + (1..<Self.moverConnections).map {
+            RedisClient(configuration: configuration, label: "broker-\($0)", logger: logger)
+        }
         self.replicaAcks = replicaAcks
         self.replicaTimeoutMs = replicaTimeoutMs
         self.logger = logger
@@ -26,8 +36,14 @@ public final class RedisBroker: Broker {
 
     /// Runs a script that moves work, then (with `replicaAcks`) waits for replicas to hold the move.
     private func move(_ script: RedisScript, keys: [String], args: [String]) async throws -> RedisValue {
+        let i = nextMover.withLock { n -> Int in
+            n = (n + 1) % movers.count
+            return n
+        }
+        let client = movers[i]
         let reply = try await client.eval(script, keys: keys, args: args)
         if replicaAcks > 0 {
+            // WAIT counts this connection's writes: it must follow the move on the same connection
             let acked = try await client.send(["WAIT", String(replicaAcks), String(replicaTimeoutMs)]).int ?? 0
             if acked < replicaAcks {
                 logger.warning("only \(acked) of \(replicaAcks) replica(s) confirmed a \(script.name) within \(replicaTimeoutMs) ms; a failover now could roll it back")
@@ -41,7 +57,7 @@ public final class RedisBroker: Broker {
     }
 
     public func close() {
-        client.close()
+        for m in movers { m.close() }
         waiter.close()
     }
 

@@ -144,10 +144,10 @@ struct BrokerScriptTests {
         let first = try await publish()
         let second = try await publish()
         _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
-        let j = try #require(try await broker.claim(workerID: "dead", datacenter: "east", queues: ["default"], max: 1, leaseMs: 100).first)
+        let j = try #require(try await broker.claim(workerID: "dead", datacenter: "east", queues: ["default"], max: 1, leaseMs: 1500).first)
         #expect(try taskID(j) == first)
         #expect(try await broker.reclaimExpired(maxAttempts: 3, limit: 10).isEmpty)  // not expired yet
-        try await Task.sleep(for: .milliseconds(200))
+        try await Task.sleep(for: .milliseconds(1700))
         let r = try await broker.reclaimExpired(maxAttempts: 3, limit: 10)
         #expect(r == [ReclaimedJob(jobID: j.jobID, disposition: .requeued, attempts: 1)])
         let again = try await broker.claim(workerID: "alive", datacenter: "east", queues: ["default"], max: 10, leaseMs: 10000)

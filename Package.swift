@@ -79,7 +79,7 @@ let package = Package(
         // (revoke/ping) and airflow.cfg reading.
         .target(
             name: "AirflowRunner",
-            dependencies: ["Worker", "CeleryWire", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["Worker", "CeleryWire", "TandemCore", .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "LogServer", dependencies: ["HTTPServer", .product(name: "Logging", package: "swift-log")]),
         .target(

@@ -4,6 +4,7 @@
 import CeleryWire
 import Foundation
 import Logging
+import TandemCore
 import Worker
 
 /// Exit codes of a runner-forked task (Protocol/RUNNER.md).
@@ -143,7 +144,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
     }
 
     private func waitReady(timeout: Duration) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout.seconds)
+        let deadline = Date().addingTimeInterval(timeout.inSeconds)
         cond.lock()
         defer { cond.unlock() }
         while fd < 0 || info == nil {
@@ -332,7 +333,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
 
         // accept, watching the runner in case it dies while importing
         var cfd: Int32 = -1
-        let deadline = Date().addingTimeInterval(options.startTimeout.seconds)
+        let deadline = Date().addingTimeInterval(options.startTimeout.inSeconds)
         while cfd < 0 {
             var pfd = pollfd(fd: lfd, events: Int16(POLLIN), revents: 0)
             let r = poll(&pfd, 1, 200)
@@ -532,8 +533,4 @@ public enum JWTPeek {
         guard let d = Data(base64Encoded: t) else { return nil }
         return Array(d)
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -14,12 +14,7 @@ public struct BrokerInspector: Sendable {
         let min = withinMs.map { String(now - $0) } ?? "-inf"
         let ids = try await client.send(["ZRANGEBYSCORE", Keys.workers, min, "+inf", "WITHSCORES"]).array ?? []
         var out: [WorkerStatus] = []
-        var pairs: [(String, Int64)] = []
-        var i = 0
-        while i + 1 < ids.count {
-            pairs.append((ids[i].string ?? "", ids[i + 1].int ?? Int64(Double(ids[i + 1].string ?? "") ?? 0)))
-            i += 2
-        }
+        let pairs = withScores(ids)
         if pairs.isEmpty { return [] }
         let replies = try await client.pipeline(pairs.map { ["HGETALL", Keys.worker($0.0)] })
         for ((id, seen), reply) in zip(pairs, replies) {
@@ -142,18 +137,22 @@ public struct BrokerInspector: Sendable {
     public func leases() async throws -> [(jobID: String, owner: String, token: Int64, datacenter: String, queue: String, remainingMs: Int64)] {
         let now = try await client.time().milliseconds
         let a = try await client.send(["ZRANGE", Keys.leases, "0", "-1", "WITHSCORES"]).array ?? []
-        var ids: [(String, Int64)] = []
-        var i = 0
-        while i + 1 < a.count {
-            ids.append((a[i].string ?? "", a[i + 1].int ?? Int64(Double(a[i + 1].string ?? "") ?? 0)))
-            i += 2
-        }
+        let ids = withScores(a)
         if ids.isEmpty { return [] }
         let f = try await client.pipeline(ids.map { ["HMGET", Keys.job($0.0), "owner", "token", "dc", "queue"] })
         return zip(ids, f).map { id, r in
             let v = r.array ?? []
             return (id.0, v.first?.string ?? "", v.count > 1 ? v[1].int ?? 0 : 0, v.count > 2 ? v[2].string ?? "" : "",
                 v.count > 3 ? v[3].string ?? "" : "", id.1 - now)
+        }
+    }
+
+    /// A `ZRANGE … WITHSCORES` reply as (member, score) pairs; scores are Redis-time milliseconds.
+    private func withScores(_ a: [RedisValue]) -> [(String, Int64)] {
+        stride(from: 0, to: a.count - 1, by: 2).map { (i: Int) -> (String, Int64) in
+            let member = a[i].string ?? ""
+            let score: Int64 = a[i + 1].int ?? Int64(Double(a[i + 1].string ?? "") ?? 0)
+            return (member, score)
         }
     }
 

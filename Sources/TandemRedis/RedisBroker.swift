@@ -153,22 +153,22 @@ public final class RedisBroker: Broker {
     /// the staging list (a durable place; dispatch.lua drains it first), so waking costs no poll and loses nothing.
     /// Returns true when a message arrived.
     public func waitForIngress(queue: String, timeout: Duration) async throws -> Bool {
-        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
         let r = try await waiter.send([
-            "BLMOVE", queue, Keys.staging(queue: queue), "RIGHT", "LEFT", String(format: "%.3f", max(0.01, seconds)),
+            "BLMOVE", queue, Keys.staging(queue: queue), "RIGHT", "LEFT", Self.blockingTimeout(timeout),
         ])
         return !r.isNull
     }
 
+    /// A blocking command's timeout argument: seconds with millisecond precision, never 0 (which means forever).
+    private static func blockingTimeout(_ d: Duration) -> String { String(format: "%.3f", max(0.01, d.inSeconds)) }
+
     /// A dispatcher with work waiting and no room blocks here until a worker claims (claim.lua pushes a token).
     public func waitForCapacity(timeout: Duration) async throws {
-        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
-        _ = try await waiter.send(["BLPOP", Keys.capacity, String(format: "%.3f", max(0.01, seconds))])
+        _ = try await waiter.send(["BLPOP", Keys.capacity, Self.blockingTimeout(timeout)])
     }
 
     public func waitForWork(datacenter: String, timeout: Duration) async throws {
-        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
-        _ = try await waiter.send(["BLPOP", Keys.wake(datacenter: datacenter), String(format: "%.3f", max(0.01, seconds))])
+        _ = try await waiter.send(["BLPOP", Keys.wake(datacenter: datacenter), Self.blockingTimeout(timeout)])
     }
 
     /// Dispatcher leadership: what the leader lease says after trying to take or keep it.

@@ -399,7 +399,7 @@ public final class WorkerRuntime: Sendable {
             let runStart = ContinuousClock.now
             let termination = await waitWithLimits(launched.process, task: task, log: log)
             let ran = ContinuousClock.now - runStart
-            let runSeconds = Double(ran.components.seconds) + Double(ran.components.attoseconds) / 1e18
+            let runSeconds = ran.inSeconds
             await startWrites
 
             let slot = state.withLock { $0.slots[job.jobID] }

@@ -96,7 +96,8 @@ public final class PidboxService: RevocationSource, @unchecked Sendable {
         }
         if let exp = msg.expires, Date().timeIntervalSince1970 > exp { return }
         guard msg.isFor(node: nodeName) else { return }
-        count(msg.method)
+        // counted once handled (revoke recorded, reply sent), so "handled" means the effect is visible
+        defer { count(msg.method) }
         switch msg.method {
         case "revoke":
             let ids = msg.revokedTaskIDs

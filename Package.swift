@@ -84,7 +84,7 @@ let package = Package(
         .target(name: "LogServer", dependencies: ["HTTPServer", .product(name: "Logging", package: "swift-log")]),
         .target(
             name: "Pidbox",
-            dependencies: ["Worker", "CeleryWire", "Redis", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["Worker", "CeleryWire", "Redis", "TandemRedis", .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "AirflowConfig"),
 

@@ -5,6 +5,7 @@ import CeleryWire
 import Foundation
 import Logging
 import Redis
+import TandemRedis
 import Worker
 
 /// Celery's remote control for a Tandem worker: listens on `/<db>.celery.pidbox` like a `celery worker` does.
@@ -15,7 +16,7 @@ import Worker
 /// - `ping`: answered like Celery (`{"<node>": {"ok": "pong"}}`) on the sender's reply queue, so
 ///   `celery inspect ping` and `app.control.ping()` see this worker.
 public final class PidboxService: RevocationSource, @unchecked Sendable {
-    public static let revokedKey = "{tandem}:revoked"
+    public static let revokedKey = Keys.revoked
 
     public let nodeName: String
     public let revokeTTL: Duration
@@ -134,10 +135,13 @@ public final class PidboxService: RevocationSource, @unchecked Sendable {
         if terminate, let cb { for id in ids { cb(id, signal) } }
     }
 
-    public func isRevoked(_ taskID: String) async -> Bool {
+    public func isRevokedLocally(_ taskID: String) -> Bool {
         let nowLocal = Int64(Date().timeIntervalSince1970 * 1000)
-        let mem = lock.withLock { memory[taskID] }
-        if let mem, mem > nowLocal { return true }
+        return lock.withLock { memory[taskID] }.map { $0 > nowLocal } ?? false
+    }
+
+    public func isRevoked(_ taskID: String) async -> Bool {
+        if isRevokedLocally(taskID) { return true }
         do {
             let reply = try await client.send(["ZSCORE", Self.revokedKey, taskID])
             guard let s = reply.string, let exp = Double(s) else { return false }

@@ -5,6 +5,13 @@ import Foundation
 final class PostgresConnection {
     private let conn: OpaquePointer
     let location: String
+    /// Statements prepared on this connection, by SQL text: the hot writes run thousands of times a second, and a
+    /// prepared statement skips parsing and planning each time (Postgres's CPU per task was mostly that). Bounded,
+    /// so a caller with ever-changing SQL cannot grow it; off with TANDEM_PG_PREPARED_STATEMENTS=off (PgBouncer in
+    /// transaction mode before 1.21 cannot keep prepared statements).
+    private var prepared: [String: String] = [:]
+    static let maxPrepared = 64
+    static let preparing = ProcessInfo.processInfo.environment["TANDEM_PG_PREPARED_STATEMENTS"] != "off"
 
     private init(conn: OpaquePointer, location: String) {
         self.conn = conn
@@ -54,9 +61,14 @@ final class PostgresConnection {
                 values.append(Self.copy(b)); lengths.append(Int32(b.count)); formats.append(1); types.append(17)
             }
         }
+        let name = try preparedName(sql, types)
         let result: OpaquePointer? = values.withUnsafeBufferPointer { vp in
             vp.withMemoryRebound(to: UnsafePointer<CChar>?.self) { cvp in
-                PQexecParams(conn, sql, Int32(n), types, cvp.baseAddress, lengths, formats, 0)
+                if let name {
+                    PQexecPrepared(conn, name, Int32(n), cvp.baseAddress, lengths, formats, 0)
+                } else {
+                    PQexecParams(conn, sql, Int32(n), types, cvp.baseAddress, lengths, formats, 0)
+                }
             }
         }
         guard let result else {
@@ -67,15 +79,7 @@ final class PostgresConnection {
         defer { PQclear(result) }
         let status = PQresultStatus(result)
         guard status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK || status == PGRES_EMPTY_QUERY else {
-            let sqlState = PQresultErrorField(result, tandem_pg_diag_sqlstate).map { String(cString: $0) }
-            let cause = Self.oneLine(PQresultErrorMessage(result))
-            let lost = !isHealthy || (sqlState?.hasPrefix("08") ?? false) || sqlState == "57P01" || sqlState == "57P02"
-                || sqlState == "57P03"
-            let what = sql.split(separator: " ", maxSplits: 1).first.map(String.init)?.uppercased() ?? "statement"
-            let message = lost
-                ? "lost connection to Postgres at \(location) during \(what): \(cause) — the next call reconnects"
-                : "Postgres at \(location) refused \(what): \(cause)"
-            throw PostgresError(code: .query, message: message, sqlState: sqlState, underlying: cause, isConnectionLoss: lost)
+            throw failure(result, sql)
         }
         let nfields = Int(PQnfields(result))
         let ntuples = Int(PQntuples(result))
@@ -98,6 +102,42 @@ final class PostgresConnection {
         }
         let affected = PQcmdTuples(result).map { Int(String(cString: $0)) ?? 0 } ?? 0
         return PostgresResult(rows: rows, columns: columns, affectedRows: affected)
+    }
+
+    /// The name `sql` is prepared under on this connection (preparing it on first use), or nil to run it unnamed.
+    private func preparedName(_ sql: String, _ types: [Oid]) throws(PostgresError) -> String? {
+        guard Self.preparing else { return nil }
+        if let name = prepared[sql] { return name }
+        guard prepared.count < Self.maxPrepared, Self.isPlannable(sql) else { return nil }
+        let name = "tandem_\(prepared.count)"
+        guard let result = PQprepare(conn, name, sql, Int32(types.count), types) else {
+            let cause = Self.oneLine(PQerrorMessage(conn))
+            throw PostgresError(code: .query, message: "Postgres at \(location) failed: \(cause)", underlying: cause,
+                                isConnectionLoss: !isHealthy)
+        }
+        defer { PQclear(result) }
+        guard PQresultStatus(result) == PGRES_COMMAND_OK else { throw failure(result, sql) }
+        prepared[sql] = name
+        return name
+    }
+
+    /// Only plain DML and queries are worth preparing (DDL runs once, at start-up).
+    private static func isPlannable(_ sql: String) -> Bool {
+        let head = sql.drop { $0.isWhitespace }.prefix(6).uppercased()
+        return ["SELECT", "INSERT", "UPDATE", "DELETE", "WITH "].contains { head.hasPrefix($0) }
+    }
+
+    /// The error a failed statement's result describes, saying whether the connection is gone.
+    private func failure(_ result: OpaquePointer, _ sql: String) -> PostgresError {
+        let sqlState = PQresultErrorField(result, tandem_pg_diag_sqlstate).map { String(cString: $0) }
+        let cause = Self.oneLine(PQresultErrorMessage(result))
+        let lost = !isHealthy || (sqlState?.hasPrefix("08") ?? false) || sqlState == "57P01" || sqlState == "57P02"
+            || sqlState == "57P03"
+        let what = sql.split(separator: " ", maxSplits: 1).first.map(String.init)?.uppercased() ?? "statement"
+        let message = lost
+            ? "lost connection to Postgres at \(location) during \(what): \(cause) — the next call reconnects"
+            : "Postgres at \(location) refused \(what): \(cause)"
+        return PostgresError(code: .query, message: message, sqlState: sqlState, underlying: cause, isConnectionLoss: lost)
     }
 
     /// The command tag of the last statement (e.g. `ROLLBACK` when a COMMIT could not commit).

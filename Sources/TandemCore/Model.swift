@@ -21,6 +21,9 @@ public struct ClaimedJob: Sendable, Hashable {
     public var dispatchedAtMs: Int64
     /// When the lease ends unless renewed (Redis time, ms).
     public var leaseDeadlineMs: Int64
+    /// False when the broker knows no revoke was in force at the moment of the claim, so the worker can skip
+    /// asking for this task's revoke (a round trip on every task's path). True when unknown.
+    public var mayBeRevoked = true
 
     public init(
         jobID: String, token: Int64, attempts: Int, raw: [UInt8], ingressList: String, queue: String,

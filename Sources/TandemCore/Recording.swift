@@ -123,4 +123,8 @@ public protocol TaskLedger: Sendable {
 /// write (one commit on the task's path instead of two). `.fenced`: a newer claim of the task is on record.
 public protocol AttemptStartRecorder: Sendable {
     func began(_ job: ClaimedJob, facts: TaskFacts, pid: Int32, started: ResultRecord) async throws -> FencedOutcome
+    /// The end of an attempt in one write: Celery's final state (token-checked, as `store(_:fence:)`) and the
+    /// ledger's end of attempt (as `finished`).
+    func ended(_ job: ClaimedJob, result: ResultRecord, outcome: String, exitStatus: Int32?, detail: String?)
+        async throws -> ResultWriteOutcome
 }

@@ -11,6 +11,10 @@ public indirect enum StoreOperation: Codable, Sendable, Hashable {
     case event(Event)
     /// Several operations in one transaction, in order; stops after the first that is refused (fenced).
     case sequence([StoreOperation])
+    /// `.sequence([.claimed, .started, .result(STARTED)])` as one statement (what a worker writes per start).
+    case began(Claim, pid: Int32, started: ResultWrite)
+    /// `.result` (token-checked) and `.finished` of the same attempt as one statement (what a worker writes per end).
+    case completed(ResultWrite, Finish)
 
     public var taskID: String {
         switch self {
@@ -20,6 +24,8 @@ public indirect enum StoreOperation: Codable, Sendable, Hashable {
         case .finished(let f): return f.taskID
         case .event(let e): return e.taskID
         case .sequence(let ops): return ops.first?.taskID ?? ""
+        case .began(let c, _, _): return c.taskID
+        case .completed(let r, _): return r.taskID
         }
     }
 
@@ -114,12 +120,20 @@ extension StoreOperationSink {
     /// The start of an attempt in one write: the claim (token-checked), the ledger's start and Celery's STARTED.
     /// `.fenced` when a newer claim of the task is already recorded (nothing else is written then).
     public func began(_ job: ClaimedJob, facts: TaskFacts, pid: Int32, started: ResultRecord) async throws -> FencedOutcome {
-        let op = StoreOperation.sequence([
-            .claimed(.init(job, facts)),
-            .started(.init(taskID: facts.taskID, jobID: job.jobID, datacenter: job.datacenter, token: job.token, pid: pid)),
-            .result(.init(started, fence: Fence(jobID: job.jobID, token: job.token))),
-        ])
+        let op = StoreOperation.began(
+            .init(job, facts), pid: pid, started: .init(started, fence: Fence(jobID: job.jobID, token: job.token)))
         return try await perform(op) == .fenced ? .fenced : .done
+    }
+
+    public func ended(_ job: ClaimedJob, result: ResultRecord, outcome: String, exitStatus: Int32?, detail: String?)
+        async throws -> ResultWriteOutcome
+    {
+        let op = StoreOperation.completed(
+            .init(result, fence: Fence(jobID: job.jobID, token: job.token)),
+            .init(
+                taskID: result.taskId, jobID: job.jobID, datacenter: job.datacenter, token: job.token, outcome: outcome,
+                exitStatus: exitStatus, detail: detail))
+        return try await perform(op).resultOutcome
     }
 
     /// The ledger records refused results itself (in the same transaction as the refusal).

@@ -13,6 +13,8 @@ public enum Keys {
     public static let stats = "\(prefix):stats"
     /// A token claim.lua leaves when it takes work: room has appeared in some datacenter queue.
     public static let capacity = "\(prefix):capacity"
+    /// Revoked Celery task ids -> expiry (ms). Written by the pidbox (Sources/Pidbox); claim.lua counts it.
+    public static let revoked = "\(prefix):revoked"
 
     public static func job(_ id: String) -> String { "\(prefix):job:\(id)" }
     public static func queue(datacenter: String, queue: String) -> String { "\(prefix):q:\(datacenter):\(queue)" }

@@ -71,7 +71,7 @@ public final class RedisBroker: Broker {
     public func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
         -> [ClaimedJob]
     {
-        let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) }
+        let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) } + [Keys.revoked]
         let reply = try await move(
             BrokerScripts.claim, keys: keys, args: [workerID, String(leaseMs), String(max)])
         let f = reply.array ?? []
@@ -85,6 +85,10 @@ public final class RedisBroker: Broker {
                     datacenter: f[i + 6].string ?? "", dispatchedAtMs: f[i + 7].int ?? 0,
                     leaseDeadlineMs: f[i + 8].int ?? 0))
             i += 9
+        }
+        // the last field counts the revokes in force: with none, no claimed task can be revoked yet
+        if f.count == i + 1, f[i].int == 0 {
+            for k in jobs.indices { jobs[k].mayBeRevoked = false }
         }
         return jobs
     }

@@ -45,6 +45,12 @@ public struct NoWorkerObserver: WorkerObserver {
 public protocol RevocationSource: Sendable {
     /// True when `taskID` was revoked and must not start.
     func isRevoked(_ taskID: String) async -> Bool
+    /// True when this worker has heard of a revoke of `taskID` itself (a broadcast), without asking anyone.
+    func isRevokedLocally(_ taskID: String) -> Bool
+}
+
+extension RevocationSource {
+    public func isRevokedLocally(_ taskID: String) -> Bool { false }
 }
 
 /// No revocations (tests, or a worker started without pidbox support).

@@ -6,6 +6,11 @@ import TandemCore
 
 /// The worker: claims jobs of its datacenter with leases, runs them in N slots, renews the leases while they run,
 /// records STARTED then SUCCESS or FAILURE, and acks. Stops claiming on SIGTERM and lets running work finish.
+///
+/// A slot is free again as soon as its task's process has ended: recording the result and acking ("finishing")
+/// goes on beside the next task, still under the job's lease (renewed, fenced and acked as before). So a slot's
+/// path is claim → start → exit, not claim → start → exit → commit → ack; at most `concurrency` jobs finish at
+/// once, so a slow Postgres still holds the worker back instead of letting held leases pile up.
 public final class WorkerRuntime: Sendable {
     public let configuration: WorkerConfiguration
     let broker: any Broker
@@ -25,6 +30,8 @@ public final class WorkerRuntime: Sendable {
         var leaseLost = false
         /// Shutdown stopped the task: give it back instead of recording a result.
         var stoppedForShutdown = false
+        /// The task's process has ended; its result and ack are being recorded. The slot is free for the next task.
+        var finishing = false
         /// When the last request that extended the lease was SENT (the claim, then each renewal). The lease on
         /// Redis runs at least until this + TTL, so a worker that cannot renew stops its task before then.
         var leaseConfirmedAt: ContinuousClock.Instant
@@ -32,6 +39,8 @@ public final class WorkerRuntime: Sendable {
 
     struct State {
         var slots: [String: Slot] = [:]
+        var running: Int { slots.values.count { !$0.finishing } }
+        var finishingCount: Int { slots.values.count(where: \.finishing) }
         var phase: WorkerStatus.State = .running
         var slotFreed: AsyncStream<Void>.Continuation?
     }
@@ -115,13 +124,16 @@ public final class WorkerRuntime: Sendable {
     }
 
     public var phase: WorkerStatus.State { state.withLock { $0.phase } }
-    public var busy: Int { state.withLock { $0.slots.count } }
+    /// Slots whose task is running (or about to start).
+    public var busy: Int { state.withLock { $0.running } }
+    /// Jobs this worker holds a lease on: running, plus those whose result is being recorded.
+    public var held: Int { state.withLock { $0.slots.count } }
 
     func status() -> WorkerStatus {
         state.withLock { s in
             WorkerStatus(
                 workerID: configuration.workerID, datacenter: configuration.datacenter,
-                slots: configuration.concurrency, busy: s.slots.count, queues: configuration.queues,
+                slots: configuration.concurrency, busy: s.running, queues: configuration.queues,
                 hostname: configuration.hostname, pid: getpid(), runningJobs: Array(s.slots.keys), state: s.phase)
         }
     }
@@ -135,8 +147,10 @@ public final class WorkerRuntime: Sendable {
         var rotation = 0
         var freed = slotFreedStream.makeAsyncIterator()
         while phase == .running {
-            let free = configuration.concurrency - busy
-            if free <= 0 {
+            let (running, finishing) = state.withLock { ($0.running, $0.finishingCount) }
+            let free = configuration.concurrency - running
+            // back-pressure: when recording falls behind (a slow Postgres), stop taking work until it catches up
+            if free <= 0 || finishing >= configuration.concurrency {
                 _ = await freed.next()
                 continue
             }
@@ -174,12 +188,12 @@ public final class WorkerRuntime: Sendable {
     private func drainRunning() async {
         let clock = ContinuousClock()
         let deadline = clock.now + configuration.shutdownGrace
-        while busy > 0 {
+        while held > 0 {
             if clock.now >= deadline {
                 logger.warning("shutdown grace of \(configuration.shutdownGrace) passed with \(busy) task(s) running; stopping them and putting them back")
                 stopAllForShutdown()
                 // wait for the stopped tasks to be given back
-                while busy > 0 { try? await Task.sleep(for: .milliseconds(50)) }
+                while held > 0 { try? await Task.sleep(for: .milliseconds(50)) }
                 break
             }
             try? await Task.sleep(for: .milliseconds(50))
@@ -285,7 +299,7 @@ public final class WorkerRuntime: Sendable {
         let busy = state.withLock { s in
             s.slots[jobID] = nil
             s.slotFreed?.yield()
-            return s.slots.count
+            return s.running
         }
         observer.slotsBusy(busy, of: configuration.concurrency)
     }
@@ -330,7 +344,8 @@ public final class WorkerRuntime: Sendable {
             if startRecorder == nil, try await !recordClaim() { return }
 
             // 3. Revoked or expired messages are REVOKED, never run (Celery does the same).
-            let revoked = await revocations.isRevoked(task.id)
+            //    (The claim says whether any revoke is in force; with none, asking would only cost a round trip.)
+            let revoked = job.mayBeRevoked ? await revocations.isRevoked(task.id) : revocations.isRevokedLocally(task.id)
             if revoked || (task.expires.map { $0 < Date() } ?? false) {
                 let why = revoked ? "revoked" : "expired at \(task.expires!)"
                 if try await !recordClaim() { return }
@@ -400,8 +415,18 @@ public final class WorkerRuntime: Sendable {
             let termination = await waitWithLimits(launched.process, task: task, log: log)
             let ran = ContinuousClock.now - runStart
             let runSeconds = ran.inSeconds
+            // The process is gone: free the slot (the next task starts while this one's result is recorded) and
+            // forget the pid, which the kernel may hand to another process from now on.
+            let atExit = state.withLock { s -> Slot? in
+                s.slots[job.jobID]?.finishing = true
+                s.slots[job.jobID]?.process = nil
+                s.slotFreed?.yield()
+                return s.slots[job.jobID]
+            }
+            observer.slotsBusy(busy, of: configuration.concurrency)
             await startWrites
 
+            // re-read: the start write may have found this claim stale, and renewals go on while finishing
             let slot = state.withLock { $0.slots[job.jobID] }
             if slot?.leaseLost == true {
                 try await ledger.event(
@@ -412,7 +437,7 @@ public final class WorkerRuntime: Sendable {
             observer.fenced(queue: job.queue, datacenter: job.datacenter)
                 return
             }
-            if slot?.stoppedForShutdown == true {
+            if atExit?.stoppedForShutdown == true {
                 try await giveBack(job, refund: false, log: log)
                 return
             }
@@ -503,15 +528,12 @@ public final class WorkerRuntime: Sendable {
         runSeconds: Double, log: Logger
     ) async throws {
         let rec = ResultRecord(taskId: task.id, state: s, result: Self.failureResult(s, detail), traceback: detail, dateDone: Date())
-        // With a Postgres result backend the result and the ledger's end of attempt are independent writes that
-        // group commit folds into one transaction: submit both at once instead of paying two commits in a row.
+        // With a Postgres result backend the result and the ledger's end of attempt are one write (one statement,
+        // one commit shared with other tasks' writes) instead of two.
         let outcome: ResultWriteOutcome
         var ledgerDone = false
-        if results.recordsFencingInLedger {
-            async let stored = results.store(rec, fence: fence)
-            async let closed: Void = ledger.finished(job, taskID: task.id, outcome: s.rawValue, exitStatus: exit, detail: detail)
-            outcome = try await stored
-            try await closed
+        if results.recordsFencingInLedger, let whole = ledger as? any AttemptStartRecorder {
+            outcome = try await whole.ended(job, result: rec, outcome: s.rawValue, exitStatus: exit, detail: detail)
             ledgerDone = true
         } else {
             outcome = try await results.store(rec, fence: fence)

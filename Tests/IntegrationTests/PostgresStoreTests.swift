@@ -3,7 +3,7 @@ import Foundation
 import Logging
 import Postgres
 import TandemCore
-import TandemPostgres
+@testable import TandemPostgres
 import Testing
 import TestSupport
 
@@ -136,5 +136,51 @@ struct PostgresStoreTests {
         let after = try #require(try await store.entry(taskID: "t-began"))
         #expect(after.token == 40 && after.claimedBy == "w1")
         #expect(after.events.map(\.event) == ["claimed", "started", "fenced"])
+    }
+
+    @Test("the end of an attempt in one write: result and ledger together; kept SUCCESS; a stale attempt is refused")
+    func endedInOneWrite() async throws {
+        let j = job("31", token: 50)
+        _ = try await store.began(j, facts: facts("t-ended"), pid: 90, started: .started(taskId: "t-ended", pid: 90, hostname: "h"))
+        #expect(try await store.ended(j, result: .success(taskId: "t-ended"), outcome: "SUCCESS", exitStatus: 0, detail: nil) == .written)
+        #expect(try await store.state(taskID: "t-ended") == .success)
+        var e = try #require(try await store.entry(taskID: "t-ended"))
+        #expect(e.outcome == "SUCCESS" && e.exitStatus == 0 && e.finishedAt != nil)
+        #expect(e.events.map(\.event) == ["claimed", "started", "success"])
+        // the same attempt reporting again cannot turn the SUCCESS into a FAILURE
+        #expect(try await store.ended(j, result: ResultRecord(taskId: "t-ended", state: .failure), outcome: "FAILURE", exitStatus: 1, detail: "x") == .keptSuccess)
+        #expect(try await store.state(taskID: "t-ended") == .success)
+
+        // a newer claim exists: the old attempt's end writes neither the result nor the ledger's end, only "fenced"
+        let old = job("32", token: 60)
+        let new = job("33", token: 61, attempts: 2)
+        _ = try await store.began(old, facts: facts("t-ended-stale", worker: "old"), pid: 91, started: .started(taskId: "t-ended-stale", pid: 91, hostname: "h"))
+        _ = try await store.began(new, facts: facts("t-ended-stale", worker: "new"), pid: 92, started: .started(taskId: "t-ended-stale", pid: 92, hostname: "h"))
+        #expect(try await store.ended(old, result: ResultRecord(taskId: "t-ended-stale", state: .failure), outcome: "FAILURE", exitStatus: 1, detail: "late") == .fenced)
+        #expect(try await store.state(taskID: "t-ended-stale") == .started)
+        e = try #require(try await store.entry(taskID: "t-ended-stale"))
+        #expect(e.token == 61 && e.outcome == nil && e.finishedAt == nil)
+        #expect(e.events.map(\.event) == ["claimed", "started", "claimed", "started", "fenced"])
+        #expect(e.events.last?.detail?.contains("token 61") == true)
+
+        // no ledger row at all (a result from outside a claim): written as before
+        #expect(try await store.ended(job("34", token: 70), result: .success(taskId: "t-no-ledger"), outcome: "SUCCESS", exitStatus: 0, detail: nil) == .written)
+        #expect(try await store.state(taskID: "t-no-ledger") == .success)
+    }
+
+    @Test("the combined writes survive the spool's encoding unchanged")
+    func combinedOperationsRoundTrip() throws {
+        let j = job("41", token: 80)
+        let ops: [StoreOperation] = [
+            .began(.init(j, facts("t-rt")), pid: 5, started: .init(.started(taskId: "t-rt", pid: 5, hostname: "h"), fence: Fence(jobID: "41", token: 80))),
+            .completed(
+                .init(.success(taskId: "t-rt"), fence: Fence(jobID: "41", token: 80)),
+                .init(taskID: "t-rt", jobID: "41", datacenter: "east", token: 80, outcome: "SUCCESS", exitStatus: 0, detail: nil)),
+        ]
+        for op in ops {
+            let back = try JSONDecoder().decode(StoreOperation.self, from: JSONEncoder().encode(op))
+            #expect(back == op)
+            #expect(back.taskID == "t-rt")
+        }
     }
 }

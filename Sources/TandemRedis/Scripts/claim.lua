@@ -2,10 +2,12 @@
 --
 -- KEYS[1]   {tandem}:leases               sorted set: job id -> lease deadline (ms, Redis TIME)
 -- KEYS[2..] {tandem}:q:<dc>:<queue>        the queues to claim from, in the order to try them
+-- KEYS[last] {tandem}:revoked             sorted set: revoked task id -> expiry (ms)
 -- ARGV[1]   worker id   ARGV[2] lease duration (ms)   ARGV[3] max jobs to claim
 -- Result    flat array, 9 fields per claimed job:
 --           job id, fencing token, attempts (after this claim), raw message, ingress list, queue, dc,
 --           dispatched_ms, deadline_ms
+--           then one more field: how many revokes are in force now (0 lets the worker skip its revoke check)
 --
 -- Invariant: a job leaves its queue only together with its lease (owner, a fencing token that only grows — a
 -- counter floored at Redis TIME in microseconds — and a deadline from Redis TIME). A worker that dies after this script returns loses nothing: the
@@ -28,7 +30,7 @@ local function nextToken()
   redis.call('SET', p .. ':fence', token)
   return token
 end
-for i = 2, #KEYS do
+for i = 2, #KEYS - 1 do
   while n < max do
     local jid = redis.call('RPOP', KEYS[i])
     if not jid then break end
@@ -52,4 +54,5 @@ if n > 0 then
   redis.call('LPUSH', p .. ':capacity', '1')
   redis.call('LTRIM', p .. ':capacity', 0, 0)
 end
+out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS], now, '+inf')
 return out

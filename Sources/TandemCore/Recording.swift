@@ -127,4 +127,9 @@ public protocol AttemptStartRecorder: Sendable {
     /// ledger's end of attempt (as `finished`).
     func ended(_ job: ClaimedJob, result: ResultRecord, outcome: String, exitStatus: Int32?, detail: String?)
         async throws -> ResultWriteOutcome
+    /// `began` and `ended` together, in one transaction: the start of an attempt that ended before it was written.
+    func ranAndEnded(
+        _ job: ClaimedJob, facts: TaskFacts, pid: Int32, started: ResultRecord, result: ResultRecord, outcome: String,
+        exitStatus: Int32?, detail: String?
+    ) async throws -> ResultWriteOutcome
 }

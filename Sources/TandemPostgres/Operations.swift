@@ -9,7 +9,8 @@ public indirect enum StoreOperation: Codable, Sendable, Hashable {
     case started(Start)
     case finished(Finish)
     case event(Event)
-    /// Several operations in one transaction, in order; stops after the first that is refused (fenced).
+    /// Several operations in one transaction, in order; stops after the first that is refused (fenced). Its outcome
+    /// is the last operation's.
     case sequence([StoreOperation])
     /// `.sequence([.claimed, .started, .result(STARTED)])` as one statement (what a worker writes per start).
     case began(Claim, pid: Int32, started: ResultWrite)
@@ -123,6 +124,23 @@ extension StoreOperationSink {
         let op = StoreOperation.began(
             .init(job, facts), pid: pid, started: .init(started, fence: Fence(jobID: job.jobID, token: job.token)))
         return try await perform(op) == .fenced ? .fenced : .done
+    }
+
+    /// A quick task's start and end in one transaction (its start was never written on its own).
+    public func ranAndEnded(
+        _ job: ClaimedJob, facts: TaskFacts, pid: Int32, started: ResultRecord, result: ResultRecord, outcome: String,
+        exitStatus: Int32?, detail: String?
+    ) async throws -> ResultWriteOutcome {
+        let fence = Fence(jobID: job.jobID, token: job.token)
+        let op = StoreOperation.sequence([
+            .began(.init(job, facts), pid: pid, started: .init(started, fence: fence)),
+            .completed(
+                .init(result, fence: fence),
+                .init(
+                    taskID: result.taskId, jobID: job.jobID, datacenter: job.datacenter, token: job.token,
+                    outcome: outcome, exitStatus: exitStatus, detail: detail)),
+        ])
+        return try await perform(op).resultOutcome
     }
 
     public func ended(_ job: ClaimedJob, result: ResultRecord, outcome: String, exitStatus: Int32?, detail: String?)

@@ -206,13 +206,12 @@ public final class PostgresStore: StoreOperationSink {
             if (row?.int("allowed") ?? 0) == 0 { return .fenced }
             return (row?.int("written") ?? 0) > 0 ? .written : .keptSuccess
         case .sequence(let ops):
-            var first: StoreOutcome = .done
-            for (i, op) in ops.enumerated() {
-                let o = try apply(op, in: tx)
-                if i == 0 { first = o }
-                if o == .fenced { return .fenced }
+            var last: StoreOutcome = .done
+            for op in ops {
+                last = try apply(op, in: tx)
+                if last == .fenced { return .fenced }
             }
-            return first
+            return last
         }
     }
 

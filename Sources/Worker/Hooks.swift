@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// What a worker reports as it works, for metrics. Every method has a no-op default, so an observer implements
 /// only what it records. Called from the runtime's tasks: implementations must be cheap and thread-safe.
@@ -57,4 +58,44 @@ extension RevocationSource {
 public struct NoRevocations: RevocationSource {
     public init() {}
     public func isRevoked(_ taskID: String) async -> Bool { false }
+}
+
+/// A write that starts after a delay unless called off first — the start of an attempt, which a quick task
+/// writes together with its end instead.
+final class DeferredWrite: Sendable {
+    private enum Phase { case pending, writing, calledOff }
+    private let phase = Mutex(Phase.pending)
+    private let task = Mutex<Task<Void, Never>?>(nil)
+
+    init(after delay: Duration, _ write: @escaping @Sendable () async -> Void) {
+        let t = Task { [self] in
+            if delay > .zero { try? await Task.sleep(for: delay) }
+            if begin() { await write() }
+        }
+        task.withLock { $0 = t }
+    }
+
+    private func begin() -> Bool {
+        phase.withLock { p -> Bool in
+            guard p == .pending else { return false }
+            p = .writing
+            return true
+        }
+    }
+
+    /// Calls the write off if it has not begun (true: the caller must write it), else waits for it (false).
+    func cancelUnlessStarted() async -> Bool {
+        let calledOff = phase.withLock { p -> Bool in
+            guard p == .pending else { return false }
+            p = .calledOff
+            return true
+        }
+        let t = task.withLock { $0 }
+        if calledOff {
+            t?.cancel()
+            return true
+        }
+        await t?.value
+        return false
+    }
 }

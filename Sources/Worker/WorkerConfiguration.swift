@@ -17,6 +17,9 @@ public struct WorkerConfiguration: Sendable {
     public var killTimeout: Duration = .seconds(10)
     /// Claim at most this many jobs per round trip (bounded by free slots).
     public var claimBatch: Int = 16
+    /// How long a task runs before its start is written on its own (STARTED, the ledger's start). A task that ends
+    /// sooner has start and end written in one transaction. Airflow does not act on STARTED.
+    public var startRecordDelay: Duration = .milliseconds(100)
     /// Idle wait for work before polling again.
     public var idleWait: Duration = .milliseconds(500)
 

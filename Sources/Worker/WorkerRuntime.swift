@@ -394,21 +394,32 @@ public final class WorkerRuntime: Sendable {
                     ("pid", .int(Int64(launched.process.pid))), ("hostname", .string(configuration.hostname)),
                 ])), traceback: nil, dateDone: nil)
             let pid = launched.process.pid
-            let recordWholeStart = startRecorder != nil && !claimRecorded
             let startLog = log
-            async let startWrites: Void = {
-                if let startRecorder, recordWholeStart {
-                    let began = try? await startRecorder.began(job, facts: facts, pid: pid, started: startedRecord)
-                    if began == .fenced {
-                        startLog.warning("ledger holds a newer claim for this task; stopping this stale copy")
-                        self.state.withLock { $0.slots[job.jobID]?.leaseLost = true }
-                        launched.process.signalGroup(SIGKILL)
+            let recordWholeStart = { @Sendable () async in
+                guard let startRecorder else { return }
+                let began = try? await startRecorder.began(job, facts: facts, pid: pid, started: startedRecord)
+                if began == .fenced {
+                    startLog.warning("ledger holds a newer claim for this task; stopping this stale copy")
+                    // only while it runs: once reaped, its pid may belong to someone else
+                    let running = self.state.withLock { s -> (any RunningTask)? in
+                        s.slots[job.jobID]?.leaseLost = true
+                        return s.slots[job.jobID]?.process
                     }
-                } else {
+                    running?.signalGroup(SIGKILL)
+                }
+            }
+            // A store that records the whole start in one write waits `startRecordDelay` first: a task that ends
+            // sooner has its start and end written together (one commit per task, not two), and Airflow does
+            // not act on STARTED. Otherwise STARTED and the ledger's start are written now.
+            let startWrite: DeferredWrite
+            if startRecorder != nil && !claimRecorded {
+                startWrite = DeferredWrite(after: configuration.startRecordDelay, recordWholeStart)
+            } else {
+                startWrite = DeferredWrite(after: .zero) {
                     _ = try? await self.results.store(startedRecord, fence: fence)
                     try? await self.ledger.started(job, taskID: task.id, pid: pid)
                 }
-            }()
+            }
 
             // 5. Wait, enforcing the message's soft and hard time limits.
             let runStart = ContinuousClock.now
@@ -424,7 +435,18 @@ public final class WorkerRuntime: Sendable {
                 return s.slots[job.jobID]
             }
             observer.slotsBusy(busy, of: configuration.concurrency)
-            await startWrites
+            let doneAt = Date()
+            // true: the start was never written (the task was quick); the end below writes both at once
+            var startUnwritten = await startWrite.cancelUnlessStarted()
+            let duplicate: Bool
+            if case .workload = payload, termination == .exited(TaskExit.alreadyRunning) { duplicate = true } else { duplicate = false }
+            if startUnwritten,
+                duplicate || atExit?.stoppedForShutdown == true || state.withLock({ $0.slots[job.jobID]?.leaseLost }) == true
+            {
+                // the rarer endings below record their own events; they need the start on record first
+                await recordWholeStart()
+                startUnwritten = false
+            }
 
             // re-read: the start write may have found this claim stale, and renewals go on while finishing
             let slot = state.withLock { $0.slots[job.jobID] }
@@ -441,7 +463,7 @@ public final class WorkerRuntime: Sendable {
                 try await giveBack(job, refund: false, log: log)
                 return
             }
-            if case .workload = payload, termination == .exited(TaskExit.alreadyRunning) {
+            if duplicate {
                 // Airflow 3 answered 409: this task instance is already running elsewhere (a duplicate delivery).
                 // Writing a FAILURE would make the scheduler fail the healthy run (apache/airflow#58441): ack only.
                 log.warning("task instance is already running elsewhere (Execution API 409); acked without a result")
@@ -456,7 +478,8 @@ public final class WorkerRuntime: Sendable {
             try await record(
                 job, task: task, state: ok ? .success : .failure, exit: termination.status,
                 detail: ok ? nil : "task \(termination)" + (timeLimitNote(termination, task) ?? ""), fence: fence,
-                runSeconds: runSeconds, log: log)
+                runSeconds: runSeconds, doneAt: doneAt,
+                unwrittenStart: startUnwritten ? (facts, pid, startedRecord) : nil, log: log)
         } catch {
             // Postgres or Redis failed mid-way: the lease stays, expires, and the job is reclaimed and retried.
             observer.storeError()
@@ -522,18 +545,26 @@ public final class WorkerRuntime: Sendable {
         }
     }
 
-    /// Writes the final result (fenced), then acks, then closes the ledger row.
+    /// Writes the final result (fenced), then acks, then closes the ledger row. `unwrittenStart`: the attempt's
+    /// start is not on record yet (a quick task); it is written in the same transaction, ahead of the end.
     private func record(
         _ job: ClaimedJob, task: CeleryTask, state s: CeleryState, exit: Int32?, detail: String?, fence: Fence,
-        runSeconds: Double, log: Logger
+        runSeconds: Double, doneAt: Date = Date(), unwrittenStart: (TaskFacts, Int32, ResultRecord)? = nil,
+        log: Logger
     ) async throws {
-        let rec = ResultRecord(taskId: task.id, state: s, result: Self.failureResult(s, detail), traceback: detail, dateDone: Date())
+        let rec = ResultRecord(taskId: task.id, state: s, result: Self.failureResult(s, detail), traceback: detail, dateDone: doneAt)
         // With a Postgres result backend the result and the ledger's end of attempt are one write (one statement,
         // one commit shared with other tasks' writes) instead of two.
         let outcome: ResultWriteOutcome
         var ledgerDone = false
         if results.recordsFencingInLedger, let whole = ledger as? any AttemptStartRecorder {
-            outcome = try await whole.ended(job, result: rec, outcome: s.rawValue, exitStatus: exit, detail: detail)
+            if let (facts, pid, started) = unwrittenStart {
+                outcome = try await whole.ranAndEnded(
+                    job, facts: facts, pid: pid, started: started, result: rec, outcome: s.rawValue, exitStatus: exit,
+                    detail: detail)
+            } else {
+                outcome = try await whole.ended(job, result: rec, outcome: s.rawValue, exitStatus: exit, detail: detail)
+            }
             ledgerDone = true
         } else {
             outcome = try await results.store(rec, fence: fence)

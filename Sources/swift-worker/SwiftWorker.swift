@@ -43,6 +43,10 @@ struct SwiftWorker: AsyncParsableCommand {
     var renewEvery: Double = 10
     @Option(name: .customLong("shutdown-grace"), help: "Seconds running tasks get after SIGTERM (default 60).")
     var shutdownGrace: Double = 60
+    @Option(
+        name: .customLong("start-record-delay"),
+        help: "Seconds a task runs before its STARTED state is written on its own; a task that ends sooner has its start and end written in one commit (default 0.1).")
+    var startRecordDelay: Double = 0.1
     @Option(name: .customLong("airflow"), help: "The airflow executable for Airflow 2 commands (default: 'airflow' on PATH).")
     var airflowExecutable: String = "airflow"
     @Option(help: "Python interpreter with Airflow installed, for Airflow 3 workloads (env TANDEM_PYTHON; default python3).")
@@ -133,6 +137,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.renewInterval = .milliseconds(Int64(renewEvery * 1000))
             config.shutdownGrace = .milliseconds(Int64(shutdownGrace * 1000))
             config.claimBatch = min(slots, 32)
+            config.startRecordDelay = .milliseconds(Int64(max(0, startRecordDelay) * 1000))
             let pidbox = PidboxService(
                 configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
                 logger: logger)

@@ -91,6 +91,36 @@ struct WorkerProcessTests {
         #expect(nulls.rows.first?.int("n") == 2)
     }
 
+    @Test("a quick task's start and end are one transaction; a long task shows STARTED while it runs; both keep their history")
+    func startRecordedOnceOrTogether() async throws {
+        try cluster.startDispatcher()
+        // a start delay far above the stand-in airflow's start-up (a Python script) and far below the slow task
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2", "--start-record-delay", "3"])
+        try await Task.sleep(for: .seconds(1))
+        let quick = try await submit(task: "ok", run: "quick")
+        let slow = try await submit(task: "sleep-8", run: "slow")
+        // the long task's start is written on its own while it runs, once it has run past the delay
+        _ = try await eventually(timeout: .seconds(30)) { try await states([slow])[slow] == "STARTED" }
+        let running = try await pg.query("SELECT started_at IS NOT NULL AS s, finished_at IS NULL AS f FROM tandem_tasks WHERE task_id = $1", [.text(slow)])
+        #expect(running.rows.first?.string("s") == "t" && running.rows.first?.string("f") == "t")
+        let s = try await waitForFinal([quick, slow])
+        #expect(s[quick] == "SUCCESS" && s[slow] == "SUCCESS", "\(s)\n\(cluster.logs())")
+        func history(_ id: String) async throws -> [(event: String, tx: String)] {
+            try await pg.query("SELECT event, xmin::text AS tx FROM tandem_task_events WHERE task_id = $1 ORDER BY id", [.text(id)])
+                .rows.map { ($0.string("event") ?? "", $0.string("tx") ?? "") }
+        }
+        let q = try await history(quick)
+        let l = try await history(slow)
+        #expect(q.map(\.event) == ["claimed", "started", "success"] && l.map(\.event) == ["claimed", "started", "success"])
+        // quick: claim, start, result and end committed together; slow: the start committed before the end
+        #expect(Set(q.map(\.tx)).count == 1, "\(q)")
+        #expect(l.first?.tx != l.last?.tx, "\(l)")
+        let sameTx = try await pg.query(
+            "SELECT (m.xmin::text = t.xmin::text) AS same FROM celery_taskmeta m JOIN tandem_tasks t USING (task_id) WHERE task_id = $1",
+            [.text(quick)])
+        #expect(sameTx.rows.first?.string("same") == "t")
+    }
+
     @Test("kill -9 of a worker mid-run: its tasks are reclaimed after the lease and complete once, never twice at once")
     func killNineLosesNothing() async throws {
         try cluster.startDispatcher(extra: ["--dc-loss-after", "3"])

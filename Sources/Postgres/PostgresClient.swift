@@ -55,6 +55,20 @@ public final class PostgresClient: Sendable {
         }
     }
 
+    /// Runs the statements as one pipelined, all-or-nothing transaction in one round trip (see
+    /// `PostgresConnection.pipeline`). For statements that do not need each other's answers.
+    public func pipeline(_ statements: [(sql: String, binds: [PostgresBind])]) async throws(PostgresError) -> [PostgresResult] {
+        try await run { core throws(PostgresError) in
+            let conn = try self.connection(core)
+            do throws(PostgresError) {
+                return try conn.pipeline(statements)
+            } catch {
+                if error.isConnectionLoss { self.broken(core, error) }
+                throw error
+            }
+        }
+    }
+
     /// BEGIN, the body (synchronously, on this connection's own queue), COMMIT; ROLLBACK if the body throws.
     /// Throws `.transaction` when COMMIT turned into a rollback because a statement inside had failed.
     public func transaction<T: Sendable>(_ body: @escaping @Sendable (PostgresTransaction) throws -> T) async throws -> T {

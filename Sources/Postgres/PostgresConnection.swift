@@ -42,33 +42,14 @@ final class PostgresConnection {
 
     /// Runs one statement with parameters (PQexecParams; never string interpolation).
     func exec(_ sql: String, _ binds: [PostgresBind]) throws(PostgresError) -> PostgresResult {
-        let n = binds.count
-        var values: [UnsafeMutablePointer<CChar>?] = []
-        var lengths: [Int32] = []
-        var formats: [Int32] = []
-        var types: [Oid] = []
-        values.reserveCapacity(n)
-        defer { for v in values { v?.deallocate() } }
-        for bind in binds {
-            switch bind {
-            case .null:
-                values.append(nil); lengths.append(0); formats.append(0); types.append(0)
-            case .text(let s):
-                values.append(Self.copy(Array(s.utf8) + [0])); lengths.append(0); formats.append(0); types.append(0)
-            case .int(let i):
-                values.append(Self.copy(Array(String(i).utf8) + [0])); lengths.append(0); formats.append(0); types.append(0)
-            case .bytea(let b):
-                values.append(Self.copy(b)); lengths.append(Int32(b.count)); formats.append(1); types.append(17)
-            }
-        }
-        let name = try preparedName(sql, types)
-        let result: OpaquePointer? = values.withUnsafeBufferPointer { vp in
-            vp.withMemoryRebound(to: UnsafePointer<CChar>?.self) { cvp in
-                if let name {
-                    PQexecPrepared(conn, name, Int32(n), cvp.baseAddress, lengths, formats, 0)
-                } else {
-                    PQexecParams(conn, sql, Int32(n), types, cvp.baseAddress, lengths, formats, 0)
-                }
+        let params = Parameters(binds)
+        defer { params.release() }
+        let name = try preparedName(sql, params.types)
+        let result: OpaquePointer? = params.withPointers { n, types, values, lengths, formats in
+            if let name {
+                PQexecPrepared(conn, name, n, values, lengths, formats, 0)
+            } else {
+                PQexecParams(conn, sql, n, types, values, lengths, formats, 0)
             }
         }
         guard let result else {
@@ -77,6 +58,69 @@ final class PostgresConnection {
                                 isConnectionLoss: !isHealthy)
         }
         defer { PQclear(result) }
+        return try read(result, sql)
+    }
+
+    /// Runs `statements` as one pipeline: all sent at once and one Sync, so they cost one round trip, and Postgres
+    /// runs them as one implicit transaction committed at the Sync — all of them or none.
+    func pipeline(_ statements: [(sql: String, binds: [PostgresBind])]) throws(PostgresError) -> [PostgresResult] {
+        let params = statements.map { Parameters($0.binds) }
+        defer { for p in params { p.release() } }
+        // prepare first: a statement new to this connection is prepared in its own round trip, once
+        var names: [String?] = []
+        for (st, p) in zip(statements, params) { names.append(try preparedName(st.sql, p.types)) }
+        guard PQenterPipelineMode(conn) == 1 else {
+            throw PostgresError(code: .query, message: "Postgres at \(location): cannot enter pipeline mode: \(Self.oneLine(PQerrorMessage(conn)))",
+                                isConnectionLoss: !isHealthy)
+        }
+        defer { PQexitPipelineMode(conn) }
+        for ((st, p), name) in zip(zip(statements, params), names) {
+            let sent = p.withPointers { n, types, values, lengths, formats in
+                if let name {
+                    PQsendQueryPrepared(conn, name, n, values, lengths, formats, 0)
+                } else {
+                    PQsendQueryParams(conn, st.sql, n, types, values, lengths, formats, 0)
+                }
+            }
+            if sent != 1 { throw lostInPipeline() }
+        }
+        if PQpipelineSync(conn) != 1 { throw lostInPipeline() }
+        var results: [PostgresResult] = []
+        var firstError: PostgresError?
+        for st in statements {
+            guard let r = PQgetResult(conn) else { throw lostInPipeline() }
+            let status = PQresultStatus(r)
+            if status == PGRES_PIPELINE_ABORTED {
+                results.append(PostgresResult(rows: [], columns: [], affectedRows: 0))
+            } else {
+                do throws(PostgresError) {
+                    results.append(try read(r, st.sql))
+                } catch {
+                    if firstError == nil { firstError = error }
+                    results.append(PostgresResult(rows: [], columns: [], affectedRows: 0))
+                }
+            }
+            PQclear(r)
+            // each statement's results end with a NULL
+            while let extra = PQgetResult(conn) { PQclear(extra) }
+        }
+        guard let sync = PQgetResult(conn) else { throw lostInPipeline() }
+        let synced = PQresultStatus(sync) == PGRES_PIPELINE_SYNC
+        PQclear(sync)
+        if let firstError { throw firstError }
+        if !synced { throw lostInPipeline() }
+        return results
+    }
+
+    private func lostInPipeline() -> PostgresError {
+        let cause = Self.oneLine(PQerrorMessage(conn))
+        return PostgresError(
+            code: .query, message: "lost connection to Postgres at \(location) during a pipelined batch: \(cause) — the next call reconnects",
+            underlying: cause, isConnectionLoss: true)
+    }
+
+    /// A result's rows, or the error it reports.
+    private func read(_ result: OpaquePointer, _ sql: String) throws(PostgresError) -> PostgresResult {
         let status = PQresultStatus(result)
         guard status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK || status == PGRES_EMPTY_QUERY else {
             throw failure(result, sql)
@@ -102,6 +146,52 @@ final class PostgresConnection {
         }
         let affected = PQcmdTuples(result).map { Int(String(cString: $0)) ?? 0 } ?? 0
         return PostgresResult(rows: rows, columns: columns, affectedRows: affected)
+    }
+
+    /// One statement's parameters as libpq takes them: text, except bytea which goes binary (no escaping).
+    private struct Parameters {
+        var values: [UnsafeMutablePointer<CChar>?] = []
+        var lengths: [Int32] = []
+        var formats: [Int32] = []
+        var types: [Oid] = []
+
+        init(_ binds: [PostgresBind]) {
+            values.reserveCapacity(binds.count)
+            for bind in binds {
+                switch bind {
+                case .null:
+                    values.append(nil); lengths.append(0); formats.append(0); types.append(0)
+                case .text(let s):
+                    values.append(Self.copy(Array(s.utf8) + [0])); lengths.append(0); formats.append(0); types.append(0)
+                case .int(let i):
+                    values.append(Self.copy(Array(String(i).utf8) + [0])); lengths.append(0); formats.append(0); types.append(0)
+                case .bytea(let b):
+                    values.append(Self.copy(b)); lengths.append(Int32(b.count)); formats.append(1); types.append(17)
+                }
+            }
+        }
+
+        func release() { for v in values { v?.deallocate() } }
+
+        func withPointers<R>(
+            _ body: (Int32, [Oid], UnsafePointer<UnsafePointer<CChar>?>?, [Int32], [Int32]) -> R
+        ) -> R {
+            values.withUnsafeBufferPointer { vp in
+                vp.withMemoryRebound(to: UnsafePointer<CChar>?.self) { cvp in
+                    body(Int32(values.count), types, cvp.baseAddress, lengths, formats)
+                }
+            }
+        }
+
+        private static func copy(_ bytes: [UInt8]) -> UnsafeMutablePointer<CChar> {
+            let p = UnsafeMutablePointer<CChar>.allocate(capacity: max(bytes.count, 1))
+            bytes.withUnsafeBufferPointer { b in
+                if let base = b.baseAddress {
+                    UnsafeMutableRawPointer(p).copyMemory(from: base, byteCount: b.count)
+                }
+            }
+            return p
+        }
     }
 
     /// The name `sql` is prepared under on this connection (preparing it on first use), or nil to run it unnamed.
@@ -160,16 +250,6 @@ final class PostgresConnection {
                 sqlState: sqlState, underlying: cause, isConnectionLoss: lost)
         }
         return PQcmdStatus(result).map { String(cString: $0) } ?? ""
-    }
-
-    private static func copy(_ bytes: [UInt8]) -> UnsafeMutablePointer<CChar> {
-        let p = UnsafeMutablePointer<CChar>.allocate(capacity: max(bytes.count, 1))
-        bytes.withUnsafeBufferPointer { b in
-            if let base = b.baseAddress {
-                UnsafeMutableRawPointer(p).copyMemory(from: base, byteCount: b.count)
-            }
-        }
-        return p
     }
 
     static func oneLine(_ s: UnsafePointer<CChar>?) -> String {

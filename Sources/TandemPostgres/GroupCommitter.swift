@@ -20,7 +20,7 @@ final class GroupCommitter: Sendable {
     private let maxBatch: Int
     private let state: Mutex<State>
 
-    init(clients: [PostgresClient], maxBatch: Int = 256) {
+    init(clients: [PostgresClient], maxBatch: Int = 64) {
         precondition(!clients.isEmpty)
         self.clients = clients
         self.maxBatch = maxBatch
@@ -53,7 +53,19 @@ final class GroupCommitter: Sendable {
             guard let batch else { return }
             let ops = batch.map(\.0)
             do {
-                let outcomes = try await client.transaction { tx in try ops.map { try PostgresStore.apply($0, in: tx) } }
+                let outcomes: [StoreOutcome]
+                let plans = ops.compactMap(PostgresStore.pipelined)
+                if plans.count == ops.count {
+                    // the hot path: every write is self-contained, so the batch goes in one round trip
+                    let results = try await client.pipeline(plans.flatMap(\.statements))
+                    var rest = results[...]
+                    outcomes = plans.map { plan in
+                        defer { rest = rest.dropFirst(plan.statements.count) }
+                        return plan.outcome(Array(rest.prefix(plan.statements.count)))
+                    }
+                } else {
+                    outcomes = try await client.transaction { tx in try ops.map { try PostgresStore.apply($0, in: tx) } }
+                }
                 for (w, o) in zip(batch.map(\.1), outcomes) { w.resume(returning: o) }
             } catch {
                 if batch.count == 1 {

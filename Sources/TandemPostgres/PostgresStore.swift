@@ -121,90 +121,9 @@ public final class PostgresStore: StoreOperationSink {
                 tx, taskID: e.taskID, jobID: e.jobID, event: e.event, worker: e.worker, datacenter: e.datacenter,
                 token: e.token, detail: e.detail)
             return .done
-        case .began(let c, let pid, let r):
-            // claim (only over an older token), both events and STARTED in one statement: the row lock the
-            // INSERT ... ON CONFLICT takes is the fencing check, so STARTED needs no SELECT ... FOR UPDATE
-            let rows = try tx.query(
-                """
-                WITH claim AS (
-                    INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
-                        dispatched_at, claimed_by, hostname, token, attempts, pid, started_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10, $11, $12, $13, now())
-                    ON CONFLICT (task_id) DO UPDATE
-                       SET job_id = excluded.job_id, ingress_queue = excluded.ingress_queue, queue = excluded.queue,
-                           datacenter = excluded.datacenter, dispatched_at = excluded.dispatched_at,
-                           claimed_by = excluded.claimed_by, hostname = excluded.hostname, token = excluded.token,
-                           attempts = excluded.attempts, pid = excluded.pid, started_at = excluded.started_at,
-                           finished_at = NULL, outcome = NULL, exit_status = NULL, updated_at = now()
-                     WHERE tandem_tasks.token < excluded.token
-                    RETURNING task_id),
-                events AS (
-                    INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
-                    SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
-                      FROM (VALUES (1, 'claimed', $9::text, $14::text), (2, 'started', NULL, $15::text))
-                           AS e(n, event, worker, detail)
-                     WHERE EXISTS (SELECT 1 FROM claim)
-                    UNION ALL
-                    SELECT $1::text, $2::text, 'fenced', $9::text, $7::text, $11::bigint, 'a newer claim is already recorded'
-                     WHERE NOT EXISTS (SELECT 1 FROM claim)),
-                started AS (
-                    INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
-                    SELECT nextval('task_id_sequence'), $1::text, $16::text, $17::bytea, $18::text,
-                           COALESCE($19::timestamptz, now()) AT TIME ZONE 'UTC'
-                      FROM claim
-                    ON CONFLICT (task_id) DO UPDATE
-                       SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
-                           date_done = excluded.date_done
-                     WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS')
-                SELECT count(*) AS claimed FROM claim
-                """,
-                [
-                    .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
-                    .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
-                    .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
-                    .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
-                ] + resultBinds(r))
-            return rows.rows.first?.int("claimed") == 1 ? .done : .fenced
-        case .completed(let r, let f):
-            // the ledger's end (only for the current token), the result (only when this attempt is current, or the
-            // task has no ledger row at all) and one event saying which happened — one statement
-            let rows = try tx.query(
-                """
-                WITH fin AS (
-                    UPDATE tandem_tasks SET finished_at = now(), outcome = $9, exit_status = $10::integer, updated_at = now()
-                     WHERE task_id = $1 AND token = $6
-                    RETURNING task_id),
-                allowed AS (
-                    SELECT 1 FROM fin
-                    UNION ALL
-                    SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM tandem_tasks WHERE task_id = $1)),
-                result AS (
-                    INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
-                    SELECT nextval('task_id_sequence'), $1::text, $2::text, $3::bytea, $4::text,
-                           COALESCE($5::timestamptz, now()) AT TIME ZONE 'UTC'
-                      FROM allowed
-                    ON CONFLICT (task_id) DO UPDATE
-                       SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
-                           date_done = excluded.date_done
-                     WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS'
-                    RETURNING 1),
-                events AS (
-                    INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
-                    SELECT $1::text, $7::text, lower($9::text), NULL, $8::text, $6::bigint, $11::text FROM fin
-                    UNION ALL
-                    SELECT $1::text, $7::text, 'fenced', NULL, NULL, $6::bigint,
-                           'late ' || $2::text || ' refused: the task was claimed again (token '
-                               || coalesce((SELECT token::text FROM tandem_tasks WHERE task_id = $1), '?') || ')'
-                     WHERE NOT EXISTS (SELECT 1 FROM allowed))
-                SELECT (SELECT count(*) FROM allowed) AS allowed, (SELECT count(*) FROM result) AS written
-                """,
-                [.text(r.taskID)] + resultBinds(r) + [
-                    .int(f.token), .text(f.jobID), .text(f.datacenter), .text(f.outcome),
-                    f.exitStatus.map { .int(Int64($0)) } ?? .null, f.detail.map { .text($0) } ?? .null,
-                ])
-            let row = rows.rows.first
-            if (row?.int("allowed") ?? 0) == 0 { return .fenced }
-            return (row?.int("written") ?? 0) > 0 ? .written : .keptSuccess
+        case .began, .completed:
+            let plan = pipelined(op)!
+            return try plan.outcome(plan.statements.map { try tx.query($0.sql, $0.binds) })
         case .sequence(let ops):
             var last: StoreOutcome = .done
             for op in ops {
@@ -213,6 +132,134 @@ public final class PostgresStore: StoreOperationSink {
             }
             return last
         }
+    }
+
+
+    // MARK: One statement per operation (the hot path)
+
+    /// A statement and its parameters.
+    public typealias Statement = (sql: String, binds: [PostgresBind])
+
+    /// The statements of an operation that needs no answer from one statement to build the next — so a batch of
+    /// them can go to Postgres in one round trip (`PostgresClient.pipeline`) — and how to read its outcome from
+    /// their results. nil: the operation is applied statement by statement (`apply(_:in:)`).
+    static func pipelined(_ op: StoreOperation) -> (statements: [Statement], outcome: ([PostgresResult]) -> StoreOutcome)? {
+        switch op {
+        case .began(let c, let pid, let r):
+            return ([beganStatement(c, pid: pid, started: r)], { $0.first?.rows.first?.int("claimed") == 1 ? .done : .fenced })
+        case .completed(let r, let f):
+            return ([completedStatement(r, f)], { results in
+                let row = results.first?.rows.first
+                if (row?.int("allowed") ?? 0) == 0 { return .fenced }
+                return (row?.int("written") ?? 0) > 0 ? .written : .keptSuccess
+            })
+        case .sequence(let ops):
+            // every part runs (a fenced start makes the end refuse itself too); the outcome is as `apply`'s
+            let parts = ops.map(pipelined)
+            guard !parts.isEmpty, parts.allSatisfy({ $0 != nil }) else { return nil }
+            let plans = parts.map { $0! }
+            return (plans.flatMap(\.statements), { results in
+                var rest = results[...]
+                var last: StoreOutcome = .done
+                for plan in plans {
+                    last = plan.outcome(Array(rest.prefix(plan.statements.count)))
+                    rest = rest.dropFirst(plan.statements.count)
+                    if last == .fenced { return .fenced }
+                }
+                return last
+            })
+        default:
+            return nil
+        }
+    }
+
+    /// The start of an attempt: the claim (only over an older token), its `claimed` and `started` events and Celery's
+    /// STARTED. The row lock the INSERT ... ON CONFLICT takes is the fencing check, so STARTED needs no
+    /// SELECT ... FOR UPDATE. Returns one row: `claimed` = 1, or 0 when a newer claim is on record (then only a
+    /// `fenced` event is written).
+    static func beganStatement(_ c: StoreOperation.Claim, pid: Int32, started r: StoreOperation.ResultWrite) -> Statement {
+        (
+            """
+            WITH claim AS (
+                INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
+                    dispatched_at, claimed_by, hostname, token, attempts, pid, started_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10, $11, $12, $13, now())
+                ON CONFLICT (task_id) DO UPDATE
+                   SET job_id = excluded.job_id, ingress_queue = excluded.ingress_queue, queue = excluded.queue,
+                       datacenter = excluded.datacenter, dispatched_at = excluded.dispatched_at,
+                       claimed_by = excluded.claimed_by, hostname = excluded.hostname, token = excluded.token,
+                       attempts = excluded.attempts, pid = excluded.pid, started_at = excluded.started_at,
+                       finished_at = NULL, outcome = NULL, exit_status = NULL, updated_at = now()
+                 WHERE tandem_tasks.token < excluded.token
+                RETURNING task_id),
+            events AS (
+                INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
+                SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
+                  FROM (VALUES (1, 'claimed', $9::text, $14::text), (2, 'started', NULL, $15::text))
+                       AS e(n, event, worker, detail)
+                 WHERE EXISTS (SELECT 1 FROM claim)
+                UNION ALL
+                SELECT $1::text, $2::text, 'fenced', $9::text, $7::text, $11::bigint, 'a newer claim is already recorded'
+                 WHERE NOT EXISTS (SELECT 1 FROM claim)),
+            started AS (
+                INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
+                SELECT nextval('task_id_sequence'), $1::text, $16::text, $17::bytea, $18::text,
+                       COALESCE($19::timestamptz, now()) AT TIME ZONE 'UTC'
+                  FROM claim
+                ON CONFLICT (task_id) DO UPDATE
+                   SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
+                       date_done = excluded.date_done
+                 WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS')
+            SELECT count(*) AS claimed FROM claim
+            """,
+            [
+                .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
+                .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
+                .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
+                .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
+            ] + resultBinds(r)
+        )
+    }
+
+    /// The end of an attempt: the ledger's end (only for the current token), the result (only when this attempt is
+    /// current, or the task has no ledger row at all) and one event saying which happened. Returns one row:
+    /// `allowed` (0 = refused, a newer claim holds the task) and `written` (0 = a SUCCESS was already there).
+    static func completedStatement(_ r: StoreOperation.ResultWrite, _ f: StoreOperation.Finish) -> Statement {
+        (
+            """
+            WITH fin AS (
+                UPDATE tandem_tasks SET finished_at = now(), outcome = $9, exit_status = $10::integer, updated_at = now()
+                 WHERE task_id = $1 AND token = $6
+                RETURNING task_id),
+            allowed AS (
+                SELECT 1 FROM fin
+                UNION ALL
+                SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM tandem_tasks WHERE task_id = $1)),
+            result AS (
+                INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
+                SELECT nextval('task_id_sequence'), $1::text, $2::text, $3::bytea, $4::text,
+                       COALESCE($5::timestamptz, now()) AT TIME ZONE 'UTC'
+                  FROM allowed
+                ON CONFLICT (task_id) DO UPDATE
+                   SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
+                       date_done = excluded.date_done
+                 WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS'
+                RETURNING 1),
+            events AS (
+                INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
+                SELECT $1::text, $7::text, lower($9::text), NULL, $8::text, $6::bigint, $11::text FROM fin
+                UNION ALL
+                SELECT $1::text, $7::text, 'fenced', NULL, NULL, $6::bigint,
+                       'late ' || $2::text || ' refused: the task was claimed again (token '
+                           || coalesce((SELECT token::text FROM tandem_tasks WHERE task_id = $1), '?') || ')'
+                 WHERE NOT EXISTS (SELECT 1 FROM allowed))
+            SELECT (SELECT count(*) FROM allowed) AS allowed, (SELECT count(*) FROM result) AS written
+            """,
+            [.text(r.taskID)] + resultBinds(r) + [
+                .int(f.token), .text(f.jobID), .text(f.datacenter), .text(f.outcome),
+                f.exitStatus.map { .int(Int64($0)) } ?? .null, f.detail.map { .text($0) } ?? .null,
+            ]
+        )
     }
 
     /// A result row's values as the statements above take them: status, result, traceback, date_done (4 binds,

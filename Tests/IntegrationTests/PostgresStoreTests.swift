@@ -120,6 +120,47 @@ struct PostgresStoreTests {
         #expect(n.rows.first?.int("n") == 60)
     }
 
+    @Test("pipelined group commit: many attempts' starts and ends in one round trip each batch; one bad write fails alone")
+    func pipelinedGroupCommit() async throws {
+        let store = self.store
+        let ids = (0..<80).map { "pl-\($0)" }
+        let bad = String(repeating: "y", count: 300)  // longer than celery_taskmeta.task_id VARCHAR(155)
+        let outcomes = await withTaskGroup(of: (String, Result<ResultWriteOutcome, any Error>).self) { group in
+            for (n, id) in (ids + [bad]).enumerated() {
+                group.addTask {
+                    let j = ClaimedJob(jobID: "\(n)", token: Int64(1000 + n), attempts: 1, raw: [], ingressList: "default", queue: "default",
+                        datacenter: "east", dispatchedAtMs: 1_700_000_000_000, leaseDeadlineMs: 0)
+                    let f = TaskFacts(taskID: id, taskName: "execute_command", kind: "command", workerID: "w", hostname: "h")
+                    do {
+                        return (id, .success(try await store.ranAndEnded(
+                            j, facts: f, pid: 1, started: .started(taskId: id, pid: 1, hostname: "h"), result: .success(taskId: id),
+                            outcome: "SUCCESS", exitStatus: 0, detail: nil)))
+                    } catch {
+                        return (id, .failure(error))
+                    }
+                }
+            }
+            var out: [String: Result<ResultWriteOutcome, any Error>] = [:]
+            for await (id, r) in group { out[id] = r }
+            return out
+        }
+        for id in ids {
+            guard case .success(let o)? = outcomes[id] else {
+                Issue.record("\(id) failed: \(String(describing: outcomes[id]))")
+                continue
+            }
+            #expect(o == .written)
+        }
+        if case .success? = outcomes[bad] { Issue.record("a 300-character task id must be refused") }
+        let n = try await pg.query("SELECT count(*) AS n FROM celery_taskmeta WHERE task_id LIKE 'pl-%' AND status = 'SUCCESS'")
+        #expect(n.rows.first?.int("n") == 80)
+        let ev = try await pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE task_id LIKE 'pl-%'")
+        #expect(ev.rows.first?.int("n") == 240)  // claimed, started, success — each once
+        // nothing of the bad write is left behind, though its neighbours committed
+        let left = try await pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE task_id = $1", [.text(bad)])
+        #expect(left.rows.first?.int("n") == 0)
+    }
+
     @Test("the start of an attempt in one write: claim, start and STARTED together; a stale claim writes nothing")
     func beganInOneWrite() async throws {
         let j = job("21", token: 40)

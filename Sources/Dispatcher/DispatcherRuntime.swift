@@ -229,7 +229,11 @@ public final class DispatcherRuntime: Sendable {
                 let serving = view.workers.filter { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
                 let slots = serving.map(\.slots).reduce(0, +)
                 let busy = serving.map(\.busy).reduce(0, +)
-                headroom[dc] = slots - busy + slots * configuration.prefetchFactor - (depth["\(dc)\t\(q)"] ?? 0)
+                let room = slots - busy + slots * configuration.prefetchFactor - (depth["\(dc)\t\(q)"] ?? 0)
+                // Top a queue up only once a quarter of it has room: the queue still holds more than the slots can
+                // take, and under a backlog one pass moves several messages instead of one pass per claim.
+                let refillAt = max(1, slots * (1 + configuration.prefetchFactor) / 4)
+                headroom[dc] = room >= refillAt ? room : 0
             }
             let shares = RoutingPolicy.split(
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)

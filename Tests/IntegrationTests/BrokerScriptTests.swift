@@ -139,6 +139,30 @@ struct BrokerScriptTests {
         #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .fenced)
     }
 
+    @Test("acks sent at once ride together, and each still gets its own answer: stale tokens refused, the rest acked")
+    func batchedAcks() async throws {
+        for _ in 0..<40 { _ = try await publish() }
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 40, epoch: nil)
+        let jobs = try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 40, leaseMs: 60000)
+        #expect(jobs.count == 40)
+        let broker = self.broker
+        // every fourth ack carries a stale token
+        let answers = await withTaskGroup(of: (String, FencedOutcome?).self) { group in
+            for (i, j) in jobs.enumerated() {
+                group.addTask { (j.jobID, try? await broker.ack(jobID: j.jobID, token: i % 4 == 0 ? j.token - 1 : j.token)) }
+            }
+            var out: [String: FencedOutcome?] = [:]
+            for await (id, o) in group { out[id] = o }
+            return out
+        }
+        for (i, j) in jobs.enumerated() {
+            #expect(answers[j.jobID] == (i % 4 == 0 ? .fenced : .done), "job \(j.jobID)")
+            #expect(try await broker.client.send(["EXISTS", Keys.job(j.jobID)]).int == (i % 4 == 0 ? 1 : 0))
+        }
+        #expect(try await broker.client.send(["ZCARD", Keys.leases]).int == 10)
+        #expect(try await broker.client.send(["HGET", Keys.stats, "acked"]).string == "30")
+    }
+
     @Test("an expired lease is reclaimed to the FRONT of its queue; the old holder is then fenced")
     func reclaimToFront() async throws {
         let first = try await publish()

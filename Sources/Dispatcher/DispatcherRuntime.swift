@@ -230,9 +230,11 @@ public final class DispatcherRuntime: Sendable {
                 let slots = serving.map(\.slots).reduce(0, +)
                 let busy = serving.map(\.busy).reduce(0, +)
                 let room = slots - busy + slots * configuration.prefetchFactor - (depth["\(dc)\t\(q)"] ?? 0)
-                // Top a queue up only once a quarter of it has room: the queue still holds more than the slots can
-                // take, and under a backlog one pass moves several messages instead of one pass per claim.
-                let refillAt = max(1, slots * (1 + configuration.prefetchFactor) / 4)
+                // Top a queue up only once half of it has room (at most the prefetch part, so an empty queue is
+                // always refilled even when `busy`, from heartbeats up to 2 s old, counts every slot): under a
+                // backlog one pass then moves several messages instead of one pass per claim, and the queue still
+                // holds a job for every slot.
+                let refillAt = max(1, min(slots * configuration.prefetchFactor, slots * (1 + configuration.prefetchFactor) / 2))
                 headroom[dc] = room >= refillAt ? room : 0
             }
             let shares = RoutingPolicy.split(

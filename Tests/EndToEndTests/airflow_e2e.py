@@ -67,7 +67,12 @@ def wait_runs(runs, timeout=420):
 
 
 def tis(dag_id, run_id):
-    return api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100})["task_instances"]
+    out = []
+    while True:
+        page = api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100, "offset": len(out)})
+        out += page["task_instances"]
+        if not page["task_instances"] or len(out) >= page.get("total_entries", 0):
+            return out
 
 
 def log_of(dag_id, run_id, task_id, try_number, map_index=-1):
@@ -252,13 +257,29 @@ def cmd_latency():
     return 0 if all(s == "success" for s in states) else 1
 
 
+def cmd_race():
+    """One run of tandem_wide (200 mapped no-op tasks): wall time from the run's start to its end, and every
+    task's queued -> running."""
+    wait_dags(["tandem_wide"])
+    rid = trigger("tandem_wide")
+    st = wait_runs({("tandem_wide", rid)}, timeout=900).get(("tandem_wide", rid))
+    run = api("GET", f"/dags/tandem_wide/dagRuns/{rid}")
+    began, ended = parse(run.get("start_date")), parse(run.get("end_date"))
+    wall = (ended - began).total_seconds() if began and ended else None
+    done = [t for t in tis("tandem_wide", rid) if t["state"] == "success"]
+    lat = sorted(latencies("tandem_wide", rid))
+    print("RESULT " + json.dumps({"label": ARGS.label, "run_state": st, "tasks_success": len(done),
+                                  "wall_seconds": wall, "latency": stats(lat)}), flush=True)
+    return 0 if st == "success" and len(done) == 200 else 1
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["check", "latency"])
+    ap.add_argument("cmd", choices=["check", "latency", "race"])
     ap.add_argument("--api", required=True)
     ap.add_argument("--markers", default="/tmp")
     ap.add_argument("--label", default="")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--broker", default=os.environ.get("AIRFLOW__CELERY__BROKER_URL"))
     ARGS = ap.parse_args()
-    sys.exit(cmd_check() if ARGS.cmd == "check" else cmd_latency())
+    sys.exit({"check": cmd_check, "latency": cmd_latency, "race": cmd_race}[ARGS.cmd]())

@@ -52,6 +52,8 @@ public final class DispatcherRuntime: Sendable {
     public var epoch: Int64? { epochBox.withLock { $0 } }
     /// Counters for tests and logs: dispatched, reclaimed, dead, rebalanced.
     public let counters = Mutex<[String: Int]>([:])
+    /// The refill marks last written to `{tandem}:refill` (datacenter queue key -> depth), to write only changes.
+    private let refillMarks = Mutex<[String: Int]>([:])
 
     public init(
         configuration: DispatcherConfiguration, broker: RedisBroker, logger: Logger,
@@ -236,6 +238,8 @@ public final class DispatcherRuntime: Sendable {
                 // holds a job for every slot.
                 let refillAt = max(1, min(slots * configuration.prefetchFactor, slots * (1 + configuration.prefetchFactor) / 2))
                 headroom[dc] = room >= refillAt ? room : 0
+                // and ask claim.lua for a capacity token only at that depth, not after every claim
+                try await markRefill(Keys.queue(datacenter: dc, queue: q), atDepth: slots - busy + slots * configuration.prefetchFactor - refillAt)
             }
             let shares = RoutingPolicy.split(
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)
@@ -250,6 +254,15 @@ public final class DispatcherRuntime: Sendable {
         }
         if moved > 0 { counters.withLock { $0["dispatched", default: 0] += moved } }
         return (moved, blocked)
+    }
+
+    /// Records the depth at or below which claims of `queueKey` wake this dispatcher (written only when it changes;
+    /// a wrong mark only delays a refill by `capacityWait`).
+    private func markRefill(_ queueKey: String, atDepth depth: Int) async throws {
+        let mark = max(0, depth)
+        guard refillMarks.withLock({ $0[queueKey] }) != mark else { return }
+        _ = try await broker.client.send(["HSET", Keys.refillMarks, queueKey, String(mark)])
+        refillMarks.withLock { $0[queueKey] = mark }
     }
 
     /// Reclaims expired leases (dead or frozen workers); the jobs go back to the front of their queue.

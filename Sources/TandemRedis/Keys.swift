@@ -15,6 +15,8 @@ public enum Keys {
     public static let capacity = "\(prefix):capacity"
     /// Revoked Celery task ids -> expiry (ms). Written by the pidbox (Sources/Pidbox); claim.lua counts it.
     public static let revoked = "\(prefix):revoked"
+    /// Datacenter queue key -> the depth at or below which the dispatcher wants a capacity token (claim.lua).
+    public static let refillMarks = "\(prefix):refill"
 
     public static func job(_ id: String) -> String { "\(prefix):job:\(id)" }
     public static func queue(datacenter: String, queue: String) -> String { "\(prefix):q:\(datacenter):\(queue)" }

@@ -73,7 +73,8 @@ public final class RedisBroker: Broker {
     public func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
         -> [ClaimedJob]
     {
-        let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) } + [Keys.revoked]
+        let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) }
+            + [Keys.revoked, Keys.refillMarks]
         let reply = try await move(
             BrokerScripts.claim, keys: keys, args: [workerID, String(leaseMs), String(max)])
         let f = reply.array ?? []

@@ -139,6 +139,27 @@ struct BrokerScriptTests {
         #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .fenced)
     }
 
+    @Test("a claim leaves a capacity token only once its queue is down to the dispatcher's refill mark")
+    func capacityTokenAtRefillMark() async throws {
+        for _ in 0..<6 { _ = try await publish() }
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 6, epoch: nil)
+        func claimOne() async throws {
+            _ = try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 1, leaseMs: 60000)
+        }
+        func tokens() async throws -> Int64 { try await broker.client.send(["LLEN", Keys.capacity]).int ?? -1 }
+        // no mark (a dispatcher of an older release): every claim leaves a token
+        try await claimOne()
+        #expect(try await tokens() == 1)
+        _ = try await broker.client.send(["DEL", Keys.capacity])
+        // mark at depth 2: 5 -> 4 and 4 -> 3 leave none, 3 -> 2 leaves one
+        _ = try await broker.client.send(["HSET", Keys.refillMarks, Keys.queue(datacenter: "east", queue: "default"), "2"])
+        try await claimOne()
+        try await claimOne()
+        #expect(try await tokens() == 0)
+        try await claimOne()
+        #expect(try await tokens() == 1)
+    }
+
     @Test("acks sent at once ride together, and each still gets its own answer: stale tokens refused, the rest acked")
     func batchedAcks() async throws {
         for _ in 0..<40 { _ = try await publish() }

@@ -2,7 +2,9 @@
 --
 -- KEYS[1]   {tandem}:leases               sorted set: job id -> lease deadline (ms, Redis TIME)
 -- KEYS[2..] {tandem}:q:<dc>:<queue>        the queues to claim from, in the order to try them
--- KEYS[last] {tandem}:revoked             sorted set: revoked task id -> expiry (ms)
+-- KEYS[n-1] {tandem}:revoked              sorted set: revoked task id -> expiry (ms)
+-- KEYS[n]   {tandem}:refill               hash: datacenter queue key -> the depth at or below which the
+--                                         dispatcher wants waking to refill it (absent: wake on every claim)
 -- ARGV[1]   worker id   ARGV[2] lease duration (ms)   ARGV[3] max jobs to claim
 -- Result    flat array, 9 fields per claimed job:
 --           job id, fencing token, attempts (after this claim), raw message, ingress list, queue, dc,
@@ -30,7 +32,9 @@ local function nextToken()
   redis.call('SET', p .. ':fence', token)
   return token
 end
-for i = 2, #KEYS - 1 do
+local wake = false
+for i = 2, #KEYS - 2 do
+  local before = n
   while n < max do
     local jid = redis.call('RPOP', KEYS[i])
     if not jid then break end
@@ -48,11 +52,16 @@ for i = 2, #KEYS - 1 do
       n = n + 1
     end
   end
+  if n > before and not wake then
+    local mark = redis.call('HGET', KEYS[#KEYS], KEYS[i])
+    wake = (not mark) or redis.call('LLEN', KEYS[i]) <= tonumber(mark)
+  end
 end
-if n > 0 then
-  -- room appeared: wake a dispatcher that has work waiting and was out of room (one token is enough)
+if wake then
+  -- room appeared: wake a dispatcher that has work waiting and was out of room (one token is enough); only once
+  -- the queue is down to its refill mark, so under a backlog the dispatcher wakes once per several claims
   redis.call('LPUSH', p .. ':capacity', '1')
   redis.call('LTRIM', p .. ':capacity', 0, 0)
 end
-out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS], now, '+inf')
+out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS - 1], now, '+inf')
 return out

@@ -467,10 +467,10 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     return out
 
 
-def paced_latency(srv, pub, system, conc, rate, n):
+def paced_latency(srv, pub, system, conc, rate, n, workers=1):
     srv.reset(system.db)
     c = srv.pg(system.db)
-    system.start(conc)
+    system.start(conc, workers=workers)
     # warm-up: the worker is up and has run one task
     w = pub.send(-1)
     if wait_success(system, c, 1, timeout=60) is None:
@@ -758,6 +758,11 @@ def main():
                 for s in systems:
                     runs = [throughput(srv, pub, s, 4, args.tasks, workers=w) for _ in range(args.reps)]
                     res[f"scaling/{s.name}/w{w}"] = {"rate": med([r["rate"] for r in runs]), "runs": runs}
+                    lats = [r for r in (paced_latency(srv, pub, s, 4, args.paced_rate, args.paced_n, workers=w)
+                                        for _ in range(args.reps)) if r]
+                    if lats:
+                        res[f"scaling/{s.name}/w{w}"].update({"p50": med([r["p50"] for r in lats]),
+                                                              "p99": med([r["p99"] for r in lats]), "latency_runs": lats})
     finally:
         for s in (locals().get("systems") or []):
             s.stop()
@@ -808,6 +813,9 @@ def print_table(res):
     for k in sorted((k for k in res if k.startswith("scaling/celery/")), key=lambda s: int(s.split("/w")[-1])):
         w = k.split("/w")[-1]
         rows.append((f"workers {w} x c=4: throughput (tasks/s)", g(k, "rate"), g(f"scaling/tandem/w{w}", "rate")))
+        if "p50" in res[k]:
+            rows.append((f"workers {w} x c=4: paced latency p50 (ms)", g(k, "p50"), g(f"scaling/tandem/w{w}", "p50")))
+            rows.append((f"workers {w} x c=4: paced latency p99 (ms)", g(k, "p99"), g(f"scaling/tandem/w{w}", "p99")))
     for where in ("loopback", "rtt"):
         if f"distance/celery/{where}" in res:
             rows.append((f"distance: {where} c=16 (tasks/s)", g(f"distance/celery/{where}", "rate"),

@@ -46,6 +46,35 @@ struct RunnerTests {
         #expect(await c.wait() == .signalled(SIGTERM))
     }
 
+    @Test("pooled children (Airflow 3 workloads) run task after task with a clean environment; a signalled one is replaced")
+    func pooledChildren() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        func pooled(_ seconds: Double, exit: Int = 0, env: JSONObject) async throws -> RunnerTask {
+            try await l.launch(request: [
+                "kind": "test-pooled-sleep", "seconds": .double(seconds), "exit": .int(Int64(exit)), "env": .object(env),
+            ])
+        }
+        let a = try await pooled(0, env: ["X": "1"])
+        #expect(await a.wait() == .exited(0))
+        let b = try await pooled(0, exit: 3, env: ["Y": "2"])
+        #expect(await b.wait() == .exited(3))
+        #expect(b.pid == a.pid, "one pooled child runs one task after the other")
+        #expect(Self.alive(a.pid), "and stays up between tasks")
+        let log = try String(contentsOfFile: out, encoding: .utf8)
+        #expect(log.contains("pid=\(a.pid) env=['X'] X=1"), "\(log)")
+        #expect(log.contains("pid=\(a.pid) env=['Y'] X=None"), "the first task's environment must not leak into the second: \(log)")
+        let c = try await pooled(30, env: [:])
+        #expect(getpgid(c.pid) == c.pid, "a pooled child leads its own process group")
+        c.signalGroup(SIGTERM)
+        #expect(await c.wait() == .signalled(SIGTERM))
+        let d = try await pooled(0, env: [:])
+        #expect(await d.wait() == .exited(0))
+        #expect(d.pid != c.pid, "the signalled child was replaced")
+    }
+
     @Test("a runner killed mid-task: the task dies with it, is reported failed, and the runner comes back")
     func runnerDeath() async throws {
         let out = AF.tempDir("tandem-runner-out") + "/out.log"

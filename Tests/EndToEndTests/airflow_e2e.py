@@ -257,19 +257,48 @@ def cmd_latency():
     return 0 if all(s == "success" for s in states) else 1
 
 
+def cpu_by_role():
+    """CPU seconds used so far by every process on the machine, by role (reaped children count in their parent)."""
+    roles = {"swift-worker": "tandem worker", "swift-dispatcher": "tandem dispatcher", "tandem_runner": "tandem runner+tasks",
+             "celery": "celery worker+tasks", "api-server": "airflow api-server", "scheduler": "airflow scheduler",
+             "dag-processor": "airflow dag-processor", "postgres": "postgres", "redis-server": "redis"}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        cpu = sum(int(x) for x in f[11:15]) / tick
+        role = next((r for k, r in roles.items() if k in cmd), None)
+        if role:
+            out[role] = out.get(role, 0.0) + cpu
+    # the whole machine (processes that retitle themselves, such as Celery's pool children, escape the roles)
+    fields = open("/proc/stat").readline().split()[1:]
+    out["machine total"] = (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / tick
+    return out
+
+
 def cmd_race():
     """One run of tandem_wide (200 mapped no-op tasks): wall time from the run's start to its end, and every
     task's queued -> running."""
     wait_dags(["tandem_wide"])
+    cpu0 = cpu_by_role()
     rid = trigger("tandem_wide")
     st = wait_runs({("tandem_wide", rid)}, timeout=900).get(("tandem_wide", rid))
+    cpu1 = cpu_by_role()
+    cpu = {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
     run = api("GET", f"/dags/tandem_wide/dagRuns/{rid}")
     began, ended = parse(run.get("start_date")), parse(run.get("end_date"))
     wall = (ended - began).total_seconds() if began and ended else None
     done = [t for t in tis("tandem_wide", rid) if t["state"] == "success"]
     lat = sorted(latencies("tandem_wide", rid))
     print("RESULT " + json.dumps({"label": ARGS.label, "run_state": st, "tasks_success": len(done),
-                                  "wall_seconds": wall, "latency": stats(lat)}), flush=True)
+                                  "wall_seconds": wall, "latency": stats(lat), "cpu_seconds": cpu}), flush=True)
     return 0 if st == "success" and len(done) == 200 else 1
 
 

@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Tandem's Airflow runner: imports Airflow once, forks one child per task.
+"""Tandem's Airflow runner: imports Airflow once, then runs each task in a child forked from it.
+
+Airflow 3 workloads run in pooled children that stay up for many tasks, as a Celery pool child does (Airflow's
+supervisor forks the task's own process for every task, so each task still starts fresh); a fresh fork per
+workload costs every task the copy-on-write of the runner's heap. Airflow 2 commands (which run the task inside
+the child, as the Celery provider's _execute_in_fork does) get a fresh fork each.
 
 The Swift worker starts this process and talks to it over a Unix socket with one JSON object per line
 (Protocol/RUNNER.md). The runner never writes a workload, its token or a task's environment to argv or to a log.
@@ -271,12 +276,28 @@ DEFAULT_PRELOAD_2 = [
 ]
 
 
+# A pooled child runs this many tasks, then is replaced (bounds whatever a task run leaves behind in it).
+POOLED_TASKS_PER_CHILD = 100
+
+
+class Member:
+    """A pooled child: takes one request at a time on `req_w`, answers the task's exit code on `res_r`."""
+
+    def __init__(self, pid: int, req_w: int, res_r: int):
+        self.pid, self.req_w, self.res_r = pid, req_w, res_r
+        self.rid: str | None = None
+        self.served = 0
+        self.buf = b""
+
+
 class Runner:
     def __init__(self, sock: socket.socket, output: str | None, allow_test: bool = False):
         self.allow_test = allow_test
         self.sock = sock
         self.output = output
-        self.children: dict[int, str] = {}  # pid -> request id
+        self.children: dict[int, str] = {}  # pid -> request id (fresh forks)
+        self.members: dict[int, Member] = {}  # pid -> pooled child
+        self.idle: list[Member] = []
         self.buf = b""
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
@@ -312,7 +333,9 @@ class Runner:
         )
         while True:
             for key, _ in self.sel.select(timeout=1.0):
-                if key.data == "wake":
+                if isinstance(key.data, Member):
+                    self.answered(key.data)
+                elif key.data == "wake":
                     try:
                         while os.read(self.wake_r, 512):
                             pass
@@ -333,7 +356,7 @@ class Runner:
             self.reap()
 
     def reap(self) -> None:
-        while self.children:
+        while self.children or self.members:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -343,6 +366,10 @@ class Runner:
             if pid == 0:
                 return
             rid = self.children.pop(pid, None)
+            member = self.members.pop(pid, None)
+            if member is not None:
+                self.retire(member)
+                rid = member.rid  # None: it died idle (or was recycled); nothing to report
             if rid is None:
                 continue
             if os.WIFSIGNALED(status):
@@ -365,8 +392,11 @@ class Runner:
             self.send({"event": "error", "id": rid, "message": f"unknown op {op!r}"})
             return
         kind = req.get("kind")
-        if kind not in ("workload", "command") and not (kind == "test-sleep" and self.allow_test):
+        if kind not in ("workload", "command") and not (kind in ("test-sleep", "test-pooled-sleep") and self.allow_test):
             self.send({"event": "error", "id": rid, "message": f"unknown kind {kind!r}"})
+            return
+        if kind == "workload" or (kind == "test-pooled-sleep" and self.allow_test):
+            self.run_pooled(rid, req)
             return
         # Signals stay blocked across fork until the child has default handlers: a SIGTERM sent to the new
         # process group at once must kill the task, not run the runner's Python handler inside the child.
@@ -387,26 +417,157 @@ class Runner:
         self.children[pid] = rid
         self.send({"event": "started", "id": rid, "pid": pid})
 
+    # ---- pooled children
+
+    def run_pooled(self, rid: str, req: dict) -> None:
+        member = self.idle.pop() if self.idle else self.spawn_member()
+        if member is None:
+            self.send({"event": "error", "id": rid, "message": "fork failed: cannot start a pooled child"})
+            return
+        member.rid = rid
+        member.served += 1
+        try:
+            os.write(member.req_w, (json.dumps(req, separators=(",", ":")) + "\n").encode())
+        except OSError as e:  # it died between tasks: report, and let reap() retire it
+            member.rid = None
+            self.send({"event": "error", "id": rid, "message": f"pooled child {member.pid} is gone: {e.strerror}"})
+            return
+        self.send({"event": "started", "id": rid, "pid": member.pid})
+
+    def spawn_member(self) -> Member | None:
+        req_r, req_w = os.pipe()
+        res_r, res_w = os.pipe()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for fd in (req_r, req_w, res_r, res_w):
+                os.close(fd)
+            return None
+        if pid == 0:
+            os.close(req_w)
+            os.close(res_r)
+            for m in self.members.values():  # another child's pipes must not stay open in this one
+                for fd in (m.req_w, m.res_r):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self.member_loop(req_r, res_w)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(req_r)
+        os.close(res_w)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        member = Member(pid, req_w, res_r)
+        self.members[pid] = member
+        self.sel.register(res_r, selectors.EVENT_READ, member)
+        return member
+
+    def answered(self, member: Member) -> None:
+        try:
+            chunk = os.read(member.res_r, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not chunk:  # it exited; reap() reports how
+            self.sel.unregister(member.res_r)
+            return
+        member.buf += chunk
+        while b"\n" in member.buf:
+            line, member.buf = member.buf.split(b"\n", 1)
+            rid, member.rid = member.rid, None
+            if rid is not None:
+                self.send({"event": "exit", "id": rid, "pid": member.pid, "status": int(line or b"1")})
+            if member.served >= POOLED_TASKS_PER_CHILD:
+                os.close(member.req_w)  # EOF: it exits; reap() retires it
+                member.req_w = -1
+            else:
+                self.idle.append(member)
+
+    def retire(self, member: Member) -> None:
+        if member in self.idle:
+            self.idle.remove(member)
+        try:
+            self.sel.unregister(member.res_r)
+        except (KeyError, ValueError):
+            pass
+        for fd in (member.req_w, member.res_r):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def member_loop(self, req_r: int, res_w: int) -> None:
+        """A pooled child: set up once like a fresh child, then one task per request line until EOF."""
+        code = EXIT_FAILURE
+        try:
+            self.become_task_process()
+            base_env = dict(os.environ)
+            import random
+
+            with os.fdopen(req_r, "rb", buffering=0) as requests:
+                for line in iter(requests.readline, b""):
+                    req = json.loads(line)
+                    os.environ.clear()  # nothing of the previous task's environment carries over
+                    os.environ.update(base_env)
+                    for k, v in (req.get("env") or {}).items():
+                        os.environ[str(k)] = str(v)
+                    random.seed()
+                    if req["kind"] == "workload":
+                        code = run_workload_json(req["workload"])
+                    else:  # test-pooled-sleep (only with --allow-test-kinds)
+                        print(f"test-pooled-sleep pid={os.getpid()} env={sorted(k for k in req.get('env') or {})} "
+                              f"X={os.environ.get('X')}", flush=True)
+                        time.sleep(float(req.get("seconds", 0)))
+                        code = int(req.get("exit", 0))
+                    code = code if isinstance(code, int) and 0 <= code < 256 else EXIT_FAILURE
+                    try:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    except Exception:
+                        pass
+                    os.write(res_w, f"{code}\n".encode())
+            code = EXIT_OK
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+            code = EXIT_FAILURE
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            os._exit(code)
+
+    def become_task_process(self) -> None:
+        """What every child does first: its own process group, dies with the runner, default signal handling,
+        none of the runner's descriptors, stdin from /dev/null."""
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        _set_pdeathsig(signal.SIGKILL)
+        signal.set_wakeup_fd(-1)
+        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+            signal.signal(s, signal.SIG_DFL)
+        # a signal mask inherited from the worker would make SIGTERM (revoke, time limits) pend forever
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        self.sel.close()
+        self.sock.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+
     def child(self, req: dict) -> None:
         code = EXIT_FAILURE
         try:
-            try:
-                os.setpgid(0, 0)
-            except OSError:
-                pass
-            _set_pdeathsig(signal.SIGKILL)
-            signal.set_wakeup_fd(-1)
-            for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
-                signal.signal(s, signal.SIG_DFL)
-            # a signal mask inherited from the worker would make SIGTERM (revoke, time limits) pend forever
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            self.sel.close()
-            self.sock.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.close(null)
+            self.become_task_process()
             for k, v in (req.get("env") or {}).items():
                 os.environ[str(k)] = str(v)
             import random

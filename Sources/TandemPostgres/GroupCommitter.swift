@@ -29,6 +29,12 @@ final class GroupCommitter: Sendable {
 
     func close() { for c in clients { c.close() } }
 
+    /// Opens every connection now: a connection opened on first use costs the write that needed it a connect
+    /// (tens of ms under load), which showed as paced-latency outliers. A failure here is left to first use.
+    func connectAll() async {
+        for c in clients { try? await c.connect() }
+    }
+
     func submit(_ op: StoreOperation) async throws -> StoreOutcome {
         try await withCheckedThrowingContinuation { (waiter: Waiter) in
             let start = state.withLock { s -> Int? in

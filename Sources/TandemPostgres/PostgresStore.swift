@@ -27,6 +27,7 @@ public final class PostgresStore: StoreOperationSink {
     public func prepare() async throws {
         try await client.connect()
         try await Schema.migrate(client)
+        await committer.connectAll()
     }
 
     public func close() { committer.close() }

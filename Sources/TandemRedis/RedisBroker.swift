@@ -54,8 +54,11 @@ public final class RedisBroker: Broker {
         return reply
     }
 
+    /// Connects now (the first connection must work; the others are opened too, so no move pays a connect later).
     public func connect() async throws {
         try await client.connect()
+        for m in movers.dropFirst() { try? await m.connect() }
+        try? await waiter.connect()
     }
 
     public func close() {

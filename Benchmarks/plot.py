@@ -58,4 +58,28 @@ if bs:
     a2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "backlog.png"), dpi=90)
+# 3. scaling: throughput and paced latency for 1 -> 4 workers (c=4 each)
+ws = sorted(int(k.split("/w")[-1]) for k in res if k.startswith("scaling/tandem/w"))
+if ws:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for sysname, color in (("celery", "tab:green"), ("tandem", "tab:blue")):
+        a1.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get("rate") for w in ws], "o-", color=color, label=sysname)
+        a2.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get("p50") for w in ws], "o-", color=color,
+                label=f"{sysname} p50")
+        a2.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get("p99") for w in ws], "x--", color=color,
+                label=f"{sysname} p99")
+    a1.set_xticks(ws)
+    a1.set_xlabel("workers (c=4 each), one 2-core machine")
+    a1.set_ylabel("tasks/s")
+    a1.set_ylim(bottom=0)
+    a1.set_title("throughput vs workers", fontsize=10)
+    a1.legend(fontsize=8)
+    a2.set_xticks(ws)
+    a2.set_xlabel("workers (c=4 each)")
+    a2.set_ylabel("ms, publish -> date_done, paced 50/s")
+    a2.set_ylim(bottom=0)
+    a2.set_title("latency vs workers", fontsize=10)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "scaling.png"), dpi=90)
 print("plots in", out)

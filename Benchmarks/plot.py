@@ -64,10 +64,9 @@ if ws:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for sysname, color in (("celery", "tab:green"), ("tandem", "tab:blue")):
         a1.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get("rate") for w in ws], "o-", color=color, label=sysname)
-        a2.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get("p50") for w in ws], "o-", color=color,
-                label=f"{sysname} p50")
-        a2.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get("p99") for w in ws], "x--", color=color,
-                label=f"{sysname} p99")
+        for q, style in (("p50", "o-"), ("p99", "x--")):
+            a2.plot(ws, [res.get(f"scaling/{sysname}/w{w}", {}).get(q) for w in ws], style, color=color,
+                    label=f"{sysname} {q}")
     a1.set_xticks(ws)
     a1.set_xlabel("workers (c=4 each), one 2-core machine")
     a1.set_ylabel("tasks/s")

@@ -62,10 +62,7 @@ public final class PostgresStore: StoreOperationSink {
                 INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
                 VALUES (nextval('task_id_sequence'), $1, $2, $3, $4,
                         COALESCE($5::timestamptz, now()) AT TIME ZONE 'UTC')
-                ON CONFLICT (task_id) DO UPDATE
-                   SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
-                       date_done = excluded.date_done
-                 WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS'
+                \(keepingSuccess)
                 """,
                 [
                     .text(r.taskID), .text(r.state), r.result.map { .bytea($0) } ?? .null,
@@ -207,10 +204,7 @@ public final class PostgresStore: StoreOperationSink {
                 SELECT nextval('task_id_sequence'), $1::text, $16::text, $17::bytea, $18::text,
                        COALESCE($19::timestamptz, now()) AT TIME ZONE 'UTC'
                   FROM claim
-                ON CONFLICT (task_id) DO UPDATE
-                   SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
-                       date_done = excluded.date_done
-                 WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS')
+                \(keepingSuccess))
             SELECT count(*) AS claimed FROM claim
             """,
             [
@@ -241,10 +235,7 @@ public final class PostgresStore: StoreOperationSink {
                 SELECT nextval('task_id_sequence'), $1::text, $2::text, $3::bytea, $4::text,
                        COALESCE($5::timestamptz, now()) AT TIME ZONE 'UTC'
                   FROM allowed
-                ON CONFLICT (task_id) DO UPDATE
-                   SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
-                       date_done = excluded.date_done
-                 WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS'
+                \(keepingSuccess)
                 RETURNING 1),
             events AS (
                 INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
@@ -262,6 +253,15 @@ public final class PostgresStore: StoreOperationSink {
             ]
         )
     }
+
+    /// How every write of a Celery result row meets an existing one: it replaces it, unless that row is a SUCCESS
+    /// (Celery's readers must never see a SUCCESS turn into anything else).
+    static let keepingSuccess = """
+        ON CONFLICT (task_id) DO UPDATE
+           SET status = excluded.status, result = excluded.result, traceback = excluded.traceback,
+               date_done = excluded.date_done
+         WHERE celery_taskmeta.status IS DISTINCT FROM 'SUCCESS'
+        """
 
     /// A result row's values as the statements above take them: status, result, traceback, date_done (4 binds,
     /// after the task id where a statement has it first).

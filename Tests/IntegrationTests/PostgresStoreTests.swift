@@ -29,6 +29,31 @@ struct PostgresStoreTests {
         TaskFacts(taskID: task, taskName: "execute_command", kind: "command", workerID: worker, hostname: "h")
     }
 
+    /// Runs `write` for every id at once (one of them a bad write) and checks that every good write was written and
+    /// the bad one alone failed.
+    func expectConcurrentWrites(
+        _ ids: [String], bad: String, _ write: @escaping @Sendable (Int, String) async throws -> ResultWriteOutcome
+    ) async {
+        let outcomes = await withTaskGroup(of: (String, Result<ResultWriteOutcome, any Error>).self) { group in
+            for (n, id) in (ids + [bad]).enumerated() {
+                group.addTask {
+                    do { return (id, .success(try await write(n, id))) } catch { return (id, .failure(error)) }
+                }
+            }
+            var out: [String: Result<ResultWriteOutcome, any Error>] = [:]
+            for await (id, r) in group { out[id] = r }
+            return out
+        }
+        for id in ids {
+            guard case .success(let o)? = outcomes[id] else {
+                Issue.record("\(id) failed: \(String(describing: outcomes[id]))")
+                continue
+            }
+            #expect(o == .written)
+        }
+        if case .success? = outcomes[bad] { Issue.record("a 300-character task id must be refused") }
+    }
+
     @Test("creates Celery's table and sequence the way Celery's model has them, and migrating twice is harmless")
     func schema() async throws {
         try await Schema.migrate(store.client)
@@ -96,26 +121,7 @@ struct PostgresStoreTests {
         let store = self.store
         let ids = (0..<60).map { "gc-\($0)" }
         let bad = String(repeating: "x", count: 300)  // longer than celery_taskmeta.task_id VARCHAR(155)
-        let outcomes = await withTaskGroup(of: (String, Result<ResultWriteOutcome, any Error>).self) { group in
-            for id in ids + [bad] {
-                group.addTask {
-                    do { return (id, .success(try await store.store(.success(taskId: id), fence: nil))) } catch {
-                        return (id, .failure(error))
-                    }
-                }
-            }
-            var out: [String: Result<ResultWriteOutcome, any Error>] = [:]
-            for await (id, r) in group { out[id] = r }
-            return out
-        }
-        for id in ids {
-            guard case .success(let o)? = outcomes[id] else {
-                Issue.record("\(id) failed: \(String(describing: outcomes[id]))")
-                continue
-            }
-            #expect(o == .written)
-        }
-        if case .success? = outcomes[bad] { Issue.record("a 300-character task id must be refused") }
+        await expectConcurrentWrites(ids, bad: bad) { _, id in try await store.store(.success(taskId: id), fence: nil) }
         let n = try await pg.query("SELECT count(*) AS n FROM celery_taskmeta WHERE task_id LIKE 'gc-%'")
         #expect(n.rows.first?.int("n") == 60)
     }
@@ -125,33 +131,14 @@ struct PostgresStoreTests {
         let store = self.store
         let ids = (0..<80).map { "pl-\($0)" }
         let bad = String(repeating: "y", count: 300)  // longer than celery_taskmeta.task_id VARCHAR(155)
-        let outcomes = await withTaskGroup(of: (String, Result<ResultWriteOutcome, any Error>).self) { group in
-            for (n, id) in (ids + [bad]).enumerated() {
-                group.addTask {
-                    let j = ClaimedJob(jobID: "\(n)", token: Int64(1000 + n), attempts: 1, raw: [], ingressList: "default", queue: "default",
-                        datacenter: "east", dispatchedAtMs: 1_700_000_000_000, leaseDeadlineMs: 0)
-                    let f = TaskFacts(taskID: id, taskName: "execute_command", kind: "command", workerID: "w", hostname: "h")
-                    do {
-                        return (id, .success(try await store.ranAndEnded(
-                            j, facts: f, pid: 1, started: .started(taskId: id, pid: 1, hostname: "h"), result: .success(taskId: id),
-                            outcome: "SUCCESS", exitStatus: 0, detail: nil)))
-                    } catch {
-                        return (id, .failure(error))
-                    }
-                }
-            }
-            var out: [String: Result<ResultWriteOutcome, any Error>] = [:]
-            for await (id, r) in group { out[id] = r }
-            return out
+        await expectConcurrentWrites(ids, bad: bad) { n, id in
+            let j = ClaimedJob(jobID: "\(n)", token: Int64(1000 + n), attempts: 1, raw: [], ingressList: "default", queue: "default",
+                datacenter: "east", dispatchedAtMs: 1_700_000_000_000, leaseDeadlineMs: 0)
+            let f = TaskFacts(taskID: id, taskName: "execute_command", kind: "command", workerID: "w", hostname: "h")
+            return try await store.ranAndEnded(
+                j, facts: f, pid: 1, started: .started(taskId: id, pid: 1, hostname: "h"), result: .success(taskId: id),
+                outcome: "SUCCESS", exitStatus: 0, detail: nil)
         }
-        for id in ids {
-            guard case .success(let o)? = outcomes[id] else {
-                Issue.record("\(id) failed: \(String(describing: outcomes[id]))")
-                continue
-            }
-            #expect(o == .written)
-        }
-        if case .success? = outcomes[bad] { Issue.record("a 300-character task id must be refused") }
         let n = try await pg.query("SELECT count(*) AS n FROM celery_taskmeta WHERE task_id LIKE 'pl-%' AND status = 'SUCCESS'")
         #expect(n.rows.first?.int("n") == 80)
         let ev = try await pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE task_id LIKE 'pl-%'")

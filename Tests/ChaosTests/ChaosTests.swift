@@ -223,7 +223,10 @@ struct ChaosTests {
     func frozenWorkerIsFenced() async throws {
         let h = try Harness()
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
-        let east = try h.cluster.startWorker(dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "1"])
+        // the harder case, every time: frozen before its start was written on its own (a start record delay far
+        // longer than the task), so only its token tells the late attempt from the one that won
+        let east = try h.cluster.startWorker(
+            dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "1", "--start-record-delay", "30"])
         try await Task.sleep(for: .seconds(2))
         let ids = try await h.submit(1, task: "sleep-2", prefix: "frozen")
         _ = try await eventually(timeout: .seconds(20)) { h.cluster.taskEvents().contains { $0.event == "start" } }
@@ -237,7 +240,9 @@ struct ChaosTests {
         east.signal(SIGCONT)
         let fenced = try await eventually(timeout: .seconds(20)) {
             (try await h.pg.query(
-                "SELECT count(*) AS n FROM tandem_task_events WHERE task_id = $1 AND event = 'fenced' AND token = (SELECT min(token) FROM tandem_task_events WHERE task_id = $1 AND event = 'claimed')",
+                // the late attempt holds an older token than the claim that won; its start may never have been
+                // written on its own (a task frozen within --start-record-delay of its start)
+                "SELECT count(*) AS n FROM tandem_task_events WHERE task_id = $1 AND event = 'fenced' AND token < (SELECT token FROM tandem_tasks WHERE task_id = $1)",
                 [.text(ids[0])]).rows.first?.int("n") ?? 0) >= 1
         }
         report.firstDrained = secondStart - frozenAt

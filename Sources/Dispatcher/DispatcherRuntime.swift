@@ -231,7 +231,9 @@ public final class DispatcherRuntime: Sendable {
                 let serving = view.workers.filter { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
                 let slots = serving.map(\.slots).reduce(0, +)
                 let busy = serving.map(\.busy).reduce(0, +)
-                let room = slots - busy + slots * configuration.prefetchFactor - (depth["\(dc)\t\(q)"] ?? 0)
+                // how many jobs the queue should hold: one per free slot plus the prefetch
+                let wanted = slots - busy + slots * configuration.prefetchFactor
+                let room = wanted - (depth["\(dc)\t\(q)"] ?? 0)
                 // Top a queue up only once half of it has room (at most the prefetch part, so an empty queue is
                 // always refilled even when `busy`, from heartbeats up to 2 s old, counts every slot): under a
                 // backlog one pass then moves several messages instead of one pass per claim, and the queue still
@@ -239,7 +241,7 @@ public final class DispatcherRuntime: Sendable {
                 let refillAt = max(1, min(slots * configuration.prefetchFactor, slots * (1 + configuration.prefetchFactor) / 2))
                 headroom[dc] = room >= refillAt ? room : 0
                 // and ask claim.lua for a capacity token only at that depth, not after every claim
-                try await markRefill(Keys.queue(datacenter: dc, queue: q), atDepth: slots - busy + slots * configuration.prefetchFactor - refillAt)
+                try await markRefill(Keys.queue(datacenter: dc, queue: q), atDepth: wanted - refillAt)
             }
             let shares = RoutingPolicy.split(
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)

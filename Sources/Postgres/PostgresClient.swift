@@ -44,24 +44,24 @@ public final class PostgresClient: Sendable {
 
     /// Runs one statement with `$1`-style parameters.
     public func query(_ sql: String, _ binds: [PostgresBind] = []) async throws(PostgresError) -> PostgresResult {
-        try await run { core throws(PostgresError) in
-            let conn = try self.connection(core)
-            do throws(PostgresError) {
-                return try conn.exec(sql, binds)
-            } catch {
-                if error.isConnectionLoss { self.broken(core, error) }
-                throw error
-            }
-        }
+        try await onConnection { conn throws(PostgresError) in try conn.exec(sql, binds) }
     }
 
     /// Runs the statements as one pipelined, all-or-nothing transaction in one round trip (see
     /// `PostgresConnection.pipeline`). For statements that do not need each other's answers.
     public func pipeline(_ statements: [(sql: String, binds: [PostgresBind])]) async throws(PostgresError) -> [PostgresResult] {
+        try await onConnection { conn throws(PostgresError) in try conn.pipeline(statements) }
+    }
+
+    /// Runs `body` on this client's connection (connecting first if needed); a lost connection is dropped so the
+    /// next call reconnects.
+    private func onConnection<T: Sendable>(
+        _ body: @escaping @Sendable (PostgresConnection) throws(PostgresError) -> T
+    ) async throws(PostgresError) -> T {
         try await run { core throws(PostgresError) in
             let conn = try self.connection(core)
             do throws(PostgresError) {
-                return try conn.pipeline(statements)
+                return try body(conn)
             } catch {
                 if error.isConnectionLoss { self.broken(core, error) }
                 throw error

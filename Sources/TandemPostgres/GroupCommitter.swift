@@ -64,11 +64,7 @@ final class GroupCommitter: Sendable {
                 if plans.count == ops.count {
                     // the hot path: every write is self-contained, so the batch goes in one round trip
                     let results = try await client.pipeline(plans.flatMap(\.statements))
-                    var rest = results[...]
-                    outcomes = plans.map { plan in
-                        defer { rest = rest.dropFirst(plan.statements.count) }
-                        return plan.outcome(Array(rest.prefix(plan.statements.count)))
-                    }
+                    outcomes = PostgresStore.outcomes(of: plans, from: results)
                 } else {
                     outcomes = try await client.transaction { tx in try ops.map { try PostgresStore.apply($0, in: tx) } }
                 }

@@ -137,11 +137,22 @@ public final class PostgresStore: StoreOperationSink {
 
     /// A statement and its parameters.
     public typealias Statement = (sql: String, binds: [PostgresBind])
+    /// An operation's statements and how to read its outcome from their results.
+    typealias Plan = (statements: [Statement], outcome: ([PostgresResult]) -> StoreOutcome)
+
+    /// The outcome of each plan, from the results of all their statements run one after the other.
+    static func outcomes(of plans: [Plan], from results: [PostgresResult]) -> [StoreOutcome] {
+        var rest = results[...]
+        return plans.map { plan in
+            defer { rest = rest.dropFirst(plan.statements.count) }
+            return plan.outcome(Array(rest.prefix(plan.statements.count)))
+        }
+    }
 
     /// The statements of an operation that needs no answer from one statement to build the next — so a batch of
     /// them can go to Postgres in one round trip (`PostgresClient.pipeline`) — and how to read its outcome from
     /// their results. nil: the operation is applied statement by statement (`apply(_:in:)`).
-    static func pipelined(_ op: StoreOperation) -> (statements: [Statement], outcome: ([PostgresResult]) -> StoreOutcome)? {
+    static func pipelined(_ op: StoreOperation) -> Plan? {
         switch op {
         case .began(let c, let pid, let r):
             return ([beganStatement(c, pid: pid, started: r)], { $0.first?.rows.first?.int("claimed") == 1 ? .done : .fenced })
@@ -157,14 +168,8 @@ public final class PostgresStore: StoreOperationSink {
             guard !parts.isEmpty, parts.allSatisfy({ $0 != nil }) else { return nil }
             let plans = parts.map { $0! }
             return (plans.flatMap(\.statements), { results in
-                var rest = results[...]
-                var last: StoreOutcome = .done
-                for plan in plans {
-                    last = plan.outcome(Array(rest.prefix(plan.statements.count)))
-                    rest = rest.dropFirst(plan.statements.count)
-                    if last == .fenced { return .fenced }
-                }
-                return last
+                let each = outcomes(of: plans, from: results)
+                return each.contains(.fenced) ? .fenced : each.last ?? .done
             })
         default:
             return nil

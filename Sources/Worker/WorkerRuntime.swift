@@ -20,6 +20,9 @@ public final class WorkerRuntime: Sendable {
     let logger: Logger
     let observer: any WorkerObserver
     let revocations: any RevocationSource
+    /// The store that records a whole start or end of an attempt in one write (the Postgres store, which keeps
+    /// results and ledger together); nil when results and ledger are written one by one.
+    let wholeAttempts: (any AttemptStartRecorder)?
 
     /// A job this worker holds.
     struct Slot {
@@ -62,6 +65,7 @@ public final class WorkerRuntime: Sendable {
         self.results = results
         self.ledger = ledger
         self.launcher = launcher
+        wholeAttempts = results.recordsFencingInLedger ? ledger as? any AttemptStartRecorder : nil
         var l = logger
         l[metadataKey: "dc"] = .string(configuration.datacenter)
         l[metadataKey: "worker"] = .string(configuration.workerID)
@@ -332,7 +336,7 @@ public final class WorkerRuntime: Sendable {
             // 2. The ledger records the claim; a newer claim of the same task already there means this one is
             //    stale. A store that records the whole start of an attempt in one write does it after the launch
             //    (one commit on the task's path instead of two) and stops the task if the claim turns out stale.
-            let startRecorder = results.recordsFencingInLedger ? ledger as? any AttemptStartRecorder : nil
+            let startRecorder = wholeAttempts
             var claimRecorded = false
             func recordClaim() async throws -> Bool {
                 if claimRecorded { return true }
@@ -557,7 +561,7 @@ public final class WorkerRuntime: Sendable {
         // one commit shared with other tasks' writes) instead of two.
         let outcome: ResultWriteOutcome
         var ledgerDone = false
-        if results.recordsFencingInLedger, let whole = ledger as? any AttemptStartRecorder {
+        if let whole = wholeAttempts {
             if let (facts, pid, started) = unwrittenStart {
                 outcome = try await whole.ranAndEnded(
                     job, facts: facts, pid: pid, started: started, result: rec, outcome: s.rawValue, exitStatus: exit,

@@ -51,8 +51,9 @@ struct SHA512Tests {
 struct LogServerTests {
     static let secret = "tandem-test-secret-key"
 
-    /// Tokens from Airflow's own JWTGenerator (as the API server signs them) and from PyJWT directly.
-    static func airflowTokens(_ specs: [String]) throws -> [String] {
+    /// Tokens from Airflow's own JWTGenerator (as the API server signs them) and from PyJWT directly, and the clock
+    /// they were signed against (a check made at that instant does not depend on how slowly Python started).
+    static func airflowTokens(_ specs: [String]) throws -> (tokens: [String], signedAt: Date) {
         let out = try AF.run(
             """
             import sys, time, jwt
@@ -61,9 +62,10 @@ struct LogServerTests {
             def gen(key=secret, valid_for=30, aud="task-instance-logs"):
                 return JWTGenerator(secret_key=key, algorithm="HS512", private_key=None, issuer=None,
                                     valid_for=valid_for, audience=aud)
+            now = int(time.time())
+            print("SIGNED_AT", now)
             for spec in sys.argv[2:]:
                 kind, fn = spec.split("|", 1)
-                now = int(time.time())
                 if kind == "airflow": tok = gen().generate({"filename": fn})
                 elif kind == "wrongkey": tok = gen(key="another-key").generate({"filename": fn})
                 elif kind == "wrongaud": tok = gen(aud="something-else").generate({"filename": fn})
@@ -75,7 +77,11 @@ struct LogServerTests {
                 print("TOKEN", tok)
             """, args: [secret] + specs)
         guard out.status == 0 else { throw LogTestError(out.stderr) }
-        return out.stdout.split(separator: "\n").filter { $0.hasPrefix("TOKEN ") }.map { String($0.dropFirst(6)) }
+        let lines = out.stdout.split(separator: "\n")
+        guard let at = lines.first(where: { $0.hasPrefix("SIGNED_AT ") }).flatMap({ Double($0.dropFirst(10)) }) else {
+            throw LogTestError("no SIGNED_AT line from the token script: \(out.stdout)")
+        }
+        return (lines.filter { $0.hasPrefix("TOKEN ") }.map { String($0.dropFirst(6)) }, Date(timeIntervalSince1970: at))
     }
 
     struct LogTestError: Error { var s: String; init(_ s: String) { self.s = s } }
@@ -96,7 +102,7 @@ struct LogServerTests {
     func decisions() throws {
         let base = try Self.folder()
         let path = "dag_id=demo/run_id=r1/task_id=t1/attempt=1.log"
-        let toks = try Self.airflowTokens([
+        let (toks, signedAt) = try Self.airflowTokens([
             "airflow|\(path)", "pyjwt|\(path)", "wrongkey|\(path)", "wrongaud|\(path)", "expired|\(path)",
             "graced|\(path)", "hs256|\(path)", "noexp|\(path)", "airflow|other.log", "airflow|../x",
             "airflow|escape/passwd", "airflow|dag_id=demo/run_id=r1/task_id=t1/link.log", "airflow|dag_id=demo/missing.log",
@@ -105,7 +111,9 @@ struct LogServerTests {
         func status(_ tok: String?, _ p: String) -> Int {
             var h: [String: String] = [:]
             if let tok { h["authorization"] = tok }
-            return LogServer.respond(HTTPRequest(method: "GET", path: "/log/" + p, headers: h), base: base, verifier: v, logger: AF.logger).status
+            return LogServer.respond(
+                HTTPRequest(method: "GET", path: "/log/" + p, headers: h), base: base, verifier: v, logger: AF.logger, now: signedAt
+            ).status
         }
         #expect(status(toks[0], path) == 200)
         #expect(status("Bearer " + toks[0], path) == 200)
@@ -122,7 +130,9 @@ struct LogServerTests {
         #expect(status(toks[10], "escape/passwd") == 403, "directory symlink out of the folder")
         #expect(status(toks[11], "dag_id=demo/run_id=r1/task_id=t1/link.log") == 403, "file symlink out of the folder")
         #expect(status(toks[12], "dag_id=demo/missing.log") == 404)
-        let ok = LogServer.respond(HTTPRequest(method: "GET", path: "/log/" + path, headers: ["authorization": toks[0]]), base: base, verifier: v, logger: AF.logger)
+        let ok = LogServer.respond(
+            HTTPRequest(method: "GET", path: "/log/" + path, headers: ["authorization": toks[0]]), base: base, verifier: v, logger: AF.logger,
+            now: signedAt)
         #expect(String(decoding: ok.body, as: UTF8.self) == "hello from attempt 1\n")
     }
 

@@ -56,8 +56,8 @@ struct MetricsProcessTests {
         for i in 0..<n { try await submit(task: "sleep-0.2", run: "m\(i)") }
         try await submit(task: "fail", run: "f0")
         _ = try await redis.send(["LPUSH", "default", "this is not a kombu envelope"])
-        // a long task keeps a slot busy and a lease held while we look
-        try await submit(task: "sleep-6", run: "long")
+        // a held task keeps a slot busy and a lease held while we look, however long the looking takes
+        try await submit(task: "hold", run: "long")
 
         let done = try await eventually(timeout: .seconds(60)) {
             let t = try await scrape(wport)
@@ -75,7 +75,7 @@ struct MetricsProcessTests {
         #expect((sample(w, "tandem_task_run_seconds_sum", ["dc": "east", "queue": "default"]) ?? 0) >= 0.2 * Double(n))
         #expect(sample(w, "tandem_task_queue_wait_seconds_count", ["dc": "east", "queue": "default"]) == Double(n + 1))
         #expect(sample(w, "tandem_jobs_claimed_total", ["dc": "east"]) == Double(n + 3))
-        #expect(sample(w, "tandem_worker_slots_busy") == 1, "the sleep-6 task is still running")
+        #expect(sample(w, "tandem_worker_slots_busy") == 1, "the held task is still running")
         #expect(sample(w, "tandem_worker_phase", ["phase": "running"]) == 1)
         #expect(sample(w, "tandem_redis_errors_total") == 0)
         // the broker's two connections (commands, blocking waits) and the Postgres one; none reopened
@@ -99,10 +99,12 @@ struct MetricsProcessTests {
         #expect(sample(d, "tandem_queue_in_flight", ["dc": "east", "queue": "default"]) == 1)
         #expect(sample(d, "tandem_reclaimed_total", ["disposition": "requeued"]) == 0)
 
-        // leases are renewed while sleep-6 runs (every 10 s by default is too slow to see: check after the run)
-        _ = try await eventually(timeout: .seconds(30)) {
+        // leases are renewed while the held task runs (every 10 s by default is too slow to see: check after the run)
+        try cluster.release(dag: "dag", run: "long")
+        let released = try await eventually(timeout: .seconds(30)) {
             total(try await scrape(wport), "tandem_tasks_total", where: ["outcome": "SUCCESS"]) == Double(n + 1)
         }
+        #expect(released, "the held task did not end after its release file was written")
 
         // every JSON log line about a task carries its fields
         let lines = worker.log().split(separator: "\n").compactMap {

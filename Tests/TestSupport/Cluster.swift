@@ -89,6 +89,11 @@ public final class Cluster: @unchecked Sendable {
     public var resultBackend: String { "db+postgresql+psycopg2://" + postgresURL.dropFirst("postgresql://".count) }
     public var fakeLog: String { dir + "/tasks.log" }
 
+    /// Lets the fake `airflow` task `hold` of `dag`/`run` end (it runs until this file exists).
+    public func release(dag: String, task: String = "hold", run: String) throws {
+        try Data().write(to: URL(fileURLWithPath: dir + "/locks/\(dag).\(task).\(run).release"))
+    }
+
     /// The environment every Tandem process of this cluster gets.
     public var environment: [String: String] {
         let path = URL(fileURLWithPath: Repo.fakeAirflow).deletingLastPathComponent().path

@@ -15,15 +15,19 @@ public struct DispatcherConfiguration: Sendable {
     public var maxAttempts: Int = 3
     /// Most messages moved per script call.
     public var batch: Int = 500
-    /// How far ahead of free slots a datacenter queue may be filled (as a multiple of its slots).
+    /// The most a datacenter queue may hold beyond its idle slots (as a multiple of its slots).
     public var prefetchFactor: Int = 1
+    /// Below that cap, a datacenter queue holds what its workers claim in this long (their claim rate times it):
+    /// enough that a slot that frees finds its next job already there, while a job queued behind busy slots
+    /// waits about this long, not a whole task, when another datacenter could run it. Slow tasks get no prefetch.
+    public var prefetchWindow: Duration = .milliseconds(20)
     public var reclaimInterval: Duration = .seconds(1)
     public var healthInterval: Duration = .milliseconds(500)
     /// How long an idle dispatcher blocks waiting for Airflow to publish (per queue, rotating) before it looks at
     /// everything again (priority lists, health, reclaims).
     public var idleWait: Duration = .milliseconds(100)
-    /// With work waiting and no room anywhere: the longest wait for a claim to make room before looking again
-    /// (heartbeats, which report freed slots, arrive every 2 s).
+    /// With work waiting and no room anywhere: the longest wait for a claim (which also reports freed slots) to
+    /// make room before looking again.
     public var capacityWait: Duration = .milliseconds(20)
     /// This dispatcher's id in the leader lease.
     public var dispatcherID: String
@@ -54,6 +58,14 @@ public final class DispatcherRuntime: Sendable {
     public let counters = Mutex<[String: Int]>([:])
     /// The refill marks last written to `{tandem}:refill` (datacenter queue key -> depth), to write only changes.
     private let refillMarks = Mutex<[String: Int]>([:])
+    /// Each datacenter's claim rate, measured from its workers' claim counts (for the prefetch).
+    private let claimRates = Mutex<[String: ClaimRate]>([:])
+
+    struct ClaimRate {
+        var since: ContinuousClock.Instant
+        var claimedThen: Int
+        var perSecond: Double = 0
+    }
 
     public init(
         configuration: DispatcherConfiguration, broker: RedisBroker, logger: Logger,
@@ -202,53 +214,73 @@ public final class DispatcherRuntime: Sendable {
     func dispatchOnce(_ view: View) async throws -> (moved: Int, waiting: Int) {
         let queues = watchedQueues(view)
         let live = view.live
-        // one round trip: the length of every ingress list and of every live datacenter queue
+        let workers = view.workers.filter { $0.state == .running && live.contains($0.datacenter) }
+        // one round trip: the length of every ingress list and of every live datacenter queue, and each live
+        // worker's slot counts as of its last claim (fresher than its heartbeat's `busy`)
         var cmds: [[String]] = []
         for q in queues { for l in Keys.dispatchSources(queue: q) { cmds.append(["LLEN", l]) } }
         let dcs = live.sorted()
         for q in queues { for dc in dcs { cmds.append(["LLEN", Keys.queue(datacenter: dc, queue: q)]) } }
-        let lens = try await broker.client.pipeline(cmds)
+        for w in workers { cmds.append(["HMGET", Keys.worker(w.workerID), "claimed", "released"]) }
+        let replies = try await broker.client.pipeline(cmds)
         var i = 0
         var waiting: [String: Int] = [:]
         for q in queues {
             for _ in Keys.dispatchSources(queue: q) {
-                waiting[q, default: 0] += Int(lens[i].int ?? 0)
+                waiting[q, default: 0] += Int(replies[i].int ?? 0)
                 i += 1
             }
         }
         var depth: [String: Int] = [:]
-        for q in queues { for dc in dcs { depth["\(dc)\t\(q)"] = Int(lens[i].int ?? 0); i += 1 } }
+        for q in queues { for dc in dcs { depth["\(dc)\t\(q)"] = Int(replies[i].int ?? 0); i += 1 } }
+        var busy: [String: Int] = [:]
+        var claimedByDC: [String: Int] = [:]
+        for w in workers {
+            let f = replies[i].array ?? []
+            i += 1
+            if f.count == 2, let claimed = f[0].string.flatMap({ Int($0) }), let released = f[1].string.flatMap({ Int($0) }) {
+                busy[w.workerID] = min(w.slots, max(0, claimed - released))
+                claimedByDC[w.datacenter, default: 0] += claimed
+            } else {
+                busy[w.workerID] = w.busy  // a worker that does not count its slots: its heartbeat's figure
+            }
+        }
+        let prefetchPerSlot = prefetchPerSlot(claimedByDC: claimedByDC, slotsByDC: workers.reduce(into: [:]) { $0[$1.datacenter, default: 0] += $1.slots })
 
         var moved = 0
         // work that could go somewhere now but did not fit (work for a datacenter that is down does not count)
         var blocked = 0
+        // idle slots handed out in this pass, so two queues served by the same slots do not both count them
+        var placedIdle: [String: Int] = [:]
         for q in queues where (waiting[q] ?? 0) > 0 {
             let eligible = configuration.policy.eligibleDatacenters(for: q, live: live).filter { dc in
-                view.workers.contains { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
+                workers.contains { $0.datacenter == dc && $0.queues.contains(q) }
             }
-            var headroom: [String: Int] = [:]
+            var room: [String: RoutingPolicy.Room] = [:]
             for dc in eligible {
-                let serving = view.workers.filter { $0.datacenter == dc && $0.state == .running && $0.queues.contains(q) }
+                let serving = workers.filter { $0.datacenter == dc && $0.queues.contains(q) }
                 let slots = serving.map(\.slots).reduce(0, +)
-                let busy = serving.map(\.busy).reduce(0, +)
-                // how many jobs the queue should hold: one per free slot plus the prefetch
-                let wanted = slots - busy + slots * configuration.prefetchFactor
-                let room = wanted - (depth["\(dc)\t\(q)"] ?? 0)
-                // Top a queue up only once half of it has room (at most the prefetch part, so an empty queue is
-                // always refilled even when `busy`, from heartbeats up to 2 s old, counts every slot): under a
-                // backlog one pass then moves several messages instead of one pass per claim, and the queue still
-                // holds a job for every slot.
-                let refillAt = max(1, min(slots * configuration.prefetchFactor, slots * (1 + configuration.prefetchFactor) / 2))
-                headroom[dc] = room >= refillAt ? room : 0
-                // and ask claim.lua for a capacity token only at that depth, not after every claim
-                try await markRefill(Keys.queue(datacenter: dc, queue: q), atDepth: wanted - refillAt)
+                let taken = serving.map { busy[$0.workerID] ?? 0 }.reduce(0, +)
+                let queued = depth["\(dc)\t\(q)"] ?? 0
+                let prefetch = Int((prefetchPerSlot[dc] ?? 0) * Double(slots))
+                let idle = max(0, slots - taken - queued - placedIdle[dc, default: 0])
+                // top up the prefetch only once half of it has been claimed: under a backlog one pass then moves
+                // several messages instead of one pass per claim
+                let refillAt = prefetch / 2
+                let prefetched = max(0, queued - max(0, slots - taken))  // queued beyond the idle slots
+                let prefetchRoom = prefetched <= refillAt ? prefetch - prefetched : 0
+                room[dc] = RoutingPolicy.Room(idleSlots: idle, prefetch: prefetchRoom)
+                // claim.lua leaves a capacity token (waking this dispatcher when work waits) once a claim or a
+                // freed slot finds the queue at or below this depth
+                try await markRefill(Keys.queue(datacenter: dc, queue: q), atDepth: refillAt)
             }
-            let shares = RoutingPolicy.split(
-                available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, headroom: headroom)
+            let shares = RoutingPolicy.place(
+                available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, room: room)
             var movedHere = 0
             for (dc, n) in shares {
                 let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: epoch ?? -1)
                 if m > 0 { observer.dispatched(queue: q, datacenter: dc, count: m) }
+                placedIdle[dc, default: 0] += min(m, room[dc]?.idleSlots ?? 0)
                 movedHere += m
             }
             moved += movedHere
@@ -256,6 +288,29 @@ public final class DispatcherRuntime: Sendable {
         }
         if moved > 0 { counters.withLock { $0["dispatched", default: 0] += moved } }
         return (moved, blocked)
+    }
+
+    /// Each datacenter's prefetch as a fraction of its slots: what its workers claim in `prefetchWindow`, at most
+    /// `prefetchFactor` × slots. The claim rate is measured over at least 200 ms from the claim counts.
+    func prefetchPerSlot(claimedByDC: [String: Int], slotsByDC: [String: Int]) -> [String: Double] {
+        let now = ContinuousClock.now
+        return claimRates.withLock { rates in
+            var out: [String: Double] = [:]
+            for (dc, claimed) in claimedByDC {
+                var r = rates[dc] ?? ClaimRate(since: now, claimedThen: claimed)
+                let elapsed = (now - r.since).inSeconds
+                if claimed < r.claimedThen {
+                    r = ClaimRate(since: now, claimedThen: claimed, perSecond: r.perSecond)  // a worker restarted
+                } else if elapsed >= 0.2 {
+                    r = ClaimRate(since: now, claimedThen: claimed, perSecond: Double(claimed - r.claimedThen) / elapsed)
+                }
+                rates[dc] = r
+                let slots = max(1, slotsByDC[dc] ?? 1)
+                let wanted = (r.perSecond * configuration.prefetchWindow.inSeconds).rounded(.down)
+                out[dc] = min(Double(configuration.prefetchFactor), wanted / Double(slots))
+            }
+            return out
+        }
     }
 
     /// Records the depth at or below which claims of `queueKey` wake this dispatcher (written only when it changes;

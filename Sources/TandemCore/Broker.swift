@@ -7,9 +7,11 @@ public protocol Broker: Sendable {
     func dispatch(queue: String, to datacenter: String, max: Int, epoch: Int64?) async throws -> Int
 
     /// Claims up to `max` jobs from `datacenter`'s queues (tried in the given order) for `workerID`, recording a
-    /// lease of `leaseMs` in the same step.
-    func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
-        -> [ClaimedJob]
+    /// lease of `leaseMs` in the same step. The broker counts the jobs each worker process claims and records
+    /// `slots.released`, so the dispatcher knows how many slots are busy now, not as of the last heartbeat.
+    /// `max` 0 only reports the released slots (a worker idle-waiting for work whose task just ended).
+    func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64, slots: SlotReport)
+        async throws -> [ClaimedJob]
 
     /// Renews leases; returns, per job, whether the lease is still ours.
     func renew(workerID: String, jobs: [(jobID: String, token: Int64)], leaseMs: Int64) async throws -> [Bool]
@@ -37,4 +39,26 @@ public protocol Broker: Sendable {
 
     /// The broker's clock (ms).
     func now() async throws -> Int64
+}
+
+/// What a worker process says about its slots with every claim: which process it is (a restarted worker under the
+/// same id starts counting again) and how many of the jobs it claimed have freed their slot.
+public struct SlotReport: Sendable, Hashable {
+    public var incarnation: String
+    public var released: Int
+    public init(incarnation: String, released: Int) {
+        self.incarnation = incarnation
+        self.released = released
+    }
+}
+
+extension Broker {
+    /// A claim by a caller that keeps no slot count (tests, tools): counted as a process of its own.
+    public func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
+        -> [ClaimedJob]
+    {
+        try await claim(
+            workerID: workerID, datacenter: datacenter, queues: queues, max: max, leaseMs: leaseMs,
+            slots: SlotReport(incarnation: "untracked", released: 0))
+    }
 }

@@ -43,27 +43,38 @@ public struct RoutingPolicy: Sendable, Hashable {
         }
     }
 
-    /// Splits `available` messages between `eligible` datacenters in proportion to their headroom (free slots
-    /// plus a prefetch allowance, minus what is already queued there), so a datacenter with more idle workers
-    /// takes more. With no headroom anywhere the answer is empty: the rest stays in the ingress list until
-    /// slots free up, so a datacenter that dies does not take a large backlog with it.
-    public static func split(available: Int, eligible: [String], headroom: [String: Int]) -> [(String, Int)] {
+    /// How many more jobs of one queue a datacenter should be given now.
+    public struct Room: Sendable, Hashable {
+        /// Slots with nothing running and nothing queued for them: a job sent there starts at once.
+        public var idleSlots: Int
+        /// How many more may wait in its queue beyond those, so a slot that frees finds its next job there.
+        public var prefetch: Int
+        public init(idleSlots: Int, prefetch: Int) {
+            self.idleSlots = idleSlots
+            self.prefetch = prefetch
+        }
+    }
+
+    /// Places `available` messages among `eligible` datacenters: first one per idle slot, each to the datacenter
+    /// with the most idle slots left (a job never waits behind busy slots while another datacenter has an idle
+    /// one), then into prefetch room, most room first. With no room anywhere the answer is empty: the rest stays
+    /// in the shared ingress list, where whichever datacenter frees a slot first takes it, and a datacenter that
+    /// dies does not take a backlog with it. Ties go to the first in `eligible` order.
+    public static func place(available: Int, eligible: [String], room: [String: Room]) -> [(String, Int)] {
         guard available > 0, !eligible.isEmpty else { return [] }
-        let free = eligible.map { max(0, headroom[$0] ?? 0) }
-        let totalFree = free.reduce(0, +)
-        guard totalFree > 0 else { return [] }
-        let budget = min(available, totalFree)
-        var shares: [(String, Int)] = []
-        var given = 0
-        for (i, dc) in eligible.enumerated() where free[i] > 0 {
-            let share = max(1, budget * free[i] / totalFree)
-            let n = min(share, free[i], budget - given)
-            if n > 0 {
-                shares.append((dc, n))
-                given += n
+        var given = [Int](repeating: 0, count: eligible.count)
+        var left = available
+        for tier in [\Room.idleSlots, \Room.prefetch] {
+            var free = eligible.map { max(0, room[$0]?[keyPath: tier] ?? 0) }
+            while left > 0, let i = free.indices.max(by: { free[$0] < free[$1] || (free[$0] == free[$1] && $0 > $1) }),
+                free[i] > 0
+            {
+                free[i] -= 1
+                given[i] += 1
+                left -= 1
             }
         }
-        return shares
+        return eligible.indices.filter { given[$0] > 0 }.map { (eligible[$0], given[$0]) }
     }
 
     /// Parses the YAML policy file; errors name the line to fix.

@@ -73,13 +73,14 @@ public final class RedisBroker: Broker {
         return Int(reply.int ?? 0)
     }
 
-    public func claim(workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64) async throws
-        -> [ClaimedJob]
-    {
+    public func claim(
+        workerID: String, datacenter: String, queues: [String], max: Int, leaseMs: Int64, slots: SlotReport
+    ) async throws -> [ClaimedJob] {
         let keys = [Keys.leases] + queues.map { Keys.queue(datacenter: datacenter, queue: $0) }
-            + [Keys.revoked, Keys.refillMarks]
+            + [Keys.revoked, Keys.refillMarks, Keys.worker(workerID)]
         let reply = try await move(
-            BrokerScripts.claim, keys: keys, args: [workerID, String(leaseMs), String(max)])
+            BrokerScripts.claim, keys: keys,
+            args: [workerID, String(leaseMs), String(max), String(slots.released), slots.incarnation])
         let f = reply.array ?? []
         var jobs: [ClaimedJob] = []
         var i = 0

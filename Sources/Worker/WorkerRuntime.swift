@@ -46,10 +46,18 @@ public final class WorkerRuntime: Sendable {
         var finishingCount: Int { slots.values.count(where: \.finishing) }
         var phase: WorkerStatus.State = .running
         var slotFreed: AsyncStream<Void>.Continuation?
+        /// Jobs this process has claimed; those no longer `running` have freed their slot (what claims report).
+        var claimedTotal = 0
+        var released: Int { claimedTotal - running }
+        /// The claim loop is blocked waiting for work: a freed slot is not reported by a claim until it wakes.
+        var idleWaiting = false
+        var reportingReleases = false
     }
 
     let state = Mutex(State())
     private let slotFreedStream: AsyncStream<Void>
+    /// Tells this process's slot counts apart from an earlier process's under the same worker id.
+    let incarnation = UUID().uuidString
     /// Counts of what happened, for tests and the heartbeat.
     public let counters = Mutex<[String: Int]>([:])
 
@@ -165,18 +173,31 @@ public final class WorkerRuntime: Sendable {
             rotation &+= 1
             do {
                 let sentAt = ContinuousClock.now
+                let released = state.withLock { $0.released }
                 let jobs = try await broker.claim(
                     workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
-                    max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds)
+                    max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds,
+                    slots: SlotReport(incarnation: incarnation, released: released))
                 backoff = .milliseconds(100)
                 observer.brokerOK()
                 if jobs.isEmpty {
+                    // a slot freed while blocked here is reported at once (reportReleasedIfIdle), so the
+                    // dispatcher can send work to it
+                    let missed = state.withLock { s -> Bool in
+                        s.idleWaiting = true
+                        return s.released > released
+                    }
+                    if missed { reportReleasedIfIdle() }
+                    defer { state.withLock { $0.idleWaiting = false } }
                     try await broker.waitForWork(datacenter: configuration.datacenter, timeout: configuration.idleWait)
                     continue
                 }
                 observer.claimed(count: jobs.count, datacenter: configuration.datacenter)
                 for job in jobs {
-                    state.withLock { $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt) }
+                    state.withLock {
+                        $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt)
+                        $0.claimedTotal += 1
+                    }
                     Task { await self.execute(job) }
                 }
                 observer.slotsBusy(busy, of: configuration.concurrency)
@@ -306,6 +327,39 @@ public final class WorkerRuntime: Sendable {
             return s.running
         }
         observer.slotsBusy(busy, of: configuration.concurrency)
+        reportReleasedIfIdle()
+    }
+
+    /// While the claim loop waits for work, nothing else would tell the broker that a slot is free again: report
+    /// it with an empty claim, so the dispatcher counts the slot as free now rather than at the next claim. One
+    /// report in flight at a time; what freed meanwhile goes in the next.
+    private func reportReleasedIfIdle() {
+        let go = state.withLock { s -> Bool in
+            guard s.idleWaiting, !s.reportingReleases else { return false }
+            s.reportingReleases = true
+            return true
+        }
+        guard go else { return }
+        Task {
+            while true {
+                let released = state.withLock { $0.released }
+                do {
+                    _ = try await broker.claim(
+                        workerID: configuration.workerID, datacenter: configuration.datacenter,
+                        queues: configuration.queues, max: 0, leaseMs: configuration.leaseTTL.inMilliseconds,
+                        slots: SlotReport(incarnation: incarnation, released: released))
+                } catch {
+                    // the next claim reports it; the dispatcher meanwhile counts the slot as busy (the safe side)
+                    logger.debug("cannot report a freed slot: \(error)")
+                }
+                let again = state.withLock { s -> Bool in
+                    if s.idleWaiting && s.released > released { return true }
+                    s.reportingReleases = false
+                    return false
+                }
+                if !again { return }
+            }
+        }
     }
 
     func execute(_ job: ClaimedJob) async {
@@ -439,6 +493,7 @@ public final class WorkerRuntime: Sendable {
                 return s.slots[job.jobID]
             }
             observer.slotsBusy(busy, of: configuration.concurrency)
+            reportReleasedIfIdle()
             let doneAt = Date()
             // true: the start was never written (the task was quick); the end below writes both at once
             var startUnwritten = await startWrite.cancelUnlessStarted()

@@ -283,6 +283,36 @@ def cpu_by_role():
     return out
 
 
+def tandem_path(dag_id, run_id):
+    """Where each task's queued -> running went, from Airflow's task_instance joined with Tandem's ledger by the
+    Celery task id: scheduler + dispatcher (queued -> dispatched), the datacenter queue + claim + launch
+    (dispatched -> started record, which is written --start-record-delay = 0.1 s after the launch), and the
+    runner + supervisor (launch -> Airflow's start_date). Empty when Tandem did not run the tasks."""
+    import psycopg2
+    url = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2://", "postgresql://")
+    with psycopg2.connect(url) as c, c.cursor() as cur:
+        cur.execute("SELECT to_regclass('tandem_tasks') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return {}
+        cur.execute("""
+            SELECT t.datacenter, t.claimed_by,
+                   extract(epoch FROM t.dispatched_at - ti.queued_dttm),
+                   extract(epoch FROM t.started_at - t.dispatched_at) - 0.1,
+                   extract(epoch FROM ti.start_date - t.started_at) + 0.1
+              FROM task_instance ti JOIN tandem_tasks t ON t.task_id = ti.external_executor_id
+             WHERE ti.dag_id = %s AND ti.run_id = %s AND t.started_at IS NOT NULL""", (dag_id, run_id))
+        rows = cur.fetchall()
+    if not rows:
+        return {}
+    by_dc = {}
+    for r in rows:
+        by_dc[r[0]] = by_dc.get(r[0], 0) + 1
+    return {"tasks_by_datacenter": by_dc,
+            "queued_to_dispatched": stats(sorted(float(r[2]) for r in rows)),
+            "dispatched_to_launch": stats(sorted(float(r[3]) for r in rows)),
+            "launch_to_running": stats(sorted(float(r[4]) for r in rows))}
+
+
 def cmd_race():
     """One run of tandem_wide (200 mapped no-op tasks): wall time from the run's start to its end, and every
     task's queued -> running."""
@@ -298,7 +328,8 @@ def cmd_race():
     done = [t for t in tis("tandem_wide", rid) if t["state"] == "success"]
     lat = sorted(latencies("tandem_wide", rid))
     print("RESULT " + json.dumps({"label": ARGS.label, "run_state": st, "tasks_success": len(done),
-                                  "wall_seconds": wall, "latency": stats(lat), "cpu_seconds": cpu}), flush=True)
+                                  "wall_seconds": wall, "latency": stats(lat), "cpu_seconds": cpu,
+                                  "tandem_path": tandem_path("tandem_wide", rid)}), flush=True)
     return 0 if st == "success" and len(done) == 200 else 1
 
 

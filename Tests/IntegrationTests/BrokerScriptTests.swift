@@ -160,6 +160,47 @@ struct BrokerScriptTests {
         #expect(try await tokens() == 1)
     }
 
+    @Test("claims count each worker process's jobs; released only grows; a new process starts from zero; a freed slot wakes the dispatcher")
+    func slotAccounting() async throws {
+        for _ in 0..<5 { _ = try await publish() }
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 5, epoch: nil)
+        func claim(_ max: Int, _ incarnation: String, released: Int) async throws -> Int {
+            try await broker.claim(
+                workerID: "w1", datacenter: "east", queues: ["default"], max: max, leaseMs: 60000,
+                slots: SlotReport(incarnation: incarnation, released: released)
+            ).count
+        }
+        func counts() async throws -> [String?] {
+            (try await broker.client.send(["HMGET", Keys.worker("w1"), "claimed", "released"]).array ?? []).map(\.string)
+        }
+        func tokens() async throws -> Int64 { try await broker.client.send(["LLEN", Keys.capacity]).int ?? -1 }
+        #expect(try await claim(3, "p1", released: 0) == 3)
+        #expect(try await counts() == ["3", "0"])
+        // the dispatcher wants waking only once the queue is empty
+        _ = try await broker.client.send(["HSET", Keys.refillMarks, Keys.queue(datacenter: "east", queue: "default"), "0"])
+        _ = try await broker.client.send(["DEL", Keys.capacity])
+        // an empty claim that reports two freed slots (the queue holds 2, above the mark): counted, no token
+        #expect(try await claim(0, "p1", released: 2) == 0)
+        #expect(try await counts() == ["3", "2"])
+        #expect(try await tokens() == 0)
+        // a report older than one already recorded does not lower it
+        #expect(try await claim(1, "p1", released: 1) == 1)
+        #expect(try await counts() == ["4", "2"])
+        #expect(try await claim(1, "p1", released: 2) == 1)
+        #expect(try await counts() == ["5", "2"])
+        _ = try await broker.client.send(["DEL", Keys.capacity])
+        // the queue is empty now: a freed slot alone leaves a token (the dispatcher may have work for it)
+        #expect(try await claim(0, "p1", released: 3) == 0)
+        #expect(try await tokens() == 1)
+        _ = try await broker.client.send(["DEL", Keys.capacity])
+        // ... and an empty claim that frees nothing leaves none
+        #expect(try await claim(0, "p1", released: 3) == 0)
+        #expect(try await tokens() == 0)
+        // the worker restarted under the same id: its counts start again
+        #expect(try await claim(1, "p2", released: 0) == 0)
+        #expect(try await counts() == ["0", "0"])
+    }
+
     @Test("acks sent at once ride together, and each still gets its own answer: stale tokens refused, the rest acked")
     func batchedAcks() async throws {
         for _ in 0..<40 { _ = try await publish() }

@@ -91,6 +91,31 @@ struct WorkerProcessTests {
         #expect(nulls.rows.first?.int("n") == 2)
     }
 
+    @Test("a job never waits behind a datacenter's busy slot while the other datacenter has an idle one")
+    func noWaitBehindBusySlots() async throws {
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1"])
+        try cluster.startWorker(dc: "west", name: "west-1", extra: ["--concurrency", "1"])
+        try await Task.sleep(for: .seconds(2))  // both workers heartbeat
+        // a held task takes one datacenter's only slot, for as long as this test wants
+        let held = try await submit(task: "hold", run: "h")
+        let holding = try await eventually(timeout: .seconds(30)) {
+            cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.h" }
+        }
+        #expect(holding, "\(cluster.logs())")
+        // quick tasks, all at once: each must run in the other datacenter's slot, one after another, none queued
+        // behind the held one (which ends only when released below)
+        var quick: [String] = []
+        for i in 0..<5 { quick.append(try await submit(task: "ok", run: "q\(i)")) }
+        let s = try await waitForFinal(quick, timeout: .seconds(60))
+        #expect(quick.allSatisfy { s[$0] == "SUCCESS" }, "quick tasks waited behind the held one: \(s)\n\(cluster.logs())")
+        let heldDC = try #require(try await ledger(held)).dc
+        for id in quick { #expect(try await ledger(id)?.dc != heldDC) }
+        #expect(try await states([held])[held] == "STARTED", "the held task is still running")
+        try cluster.release(dag: "dag", run: "h")
+        #expect(try await waitForFinal([held])[held] == "SUCCESS")
+    }
+
     @Test("a quick task's start and end are one transaction; a long task shows STARTED while it runs; both keep their history")
     func startRecordedOnceOrTogether() async throws {
         try cluster.startDispatcher()

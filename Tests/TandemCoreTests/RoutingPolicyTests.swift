@@ -55,19 +55,34 @@ struct RoutingPolicyTests {
         }
     }
 
-    @Test("split follows headroom, never hands out more than there is room for, and waits when there is none")
-    func split() {
-        let s = RoutingPolicy.split(available: 100, eligible: ["east", "west"], headroom: ["east": 30, "west": 10])
-        #expect(s.map(\.0) == ["east", "west"])
-        #expect(s.map(\.1).reduce(0, +) == 40)
-        #expect(s[0].1 == 30 && s[1].1 == 10)
-        let few = RoutingPolicy.split(available: 4, eligible: ["east", "west"], headroom: ["east": 8, "west": 8])
-        #expect(few.map(\.1).reduce(0, +) == 4)
-        #expect(few.allSatisfy { $0.1 >= 1 })
-        #expect(RoutingPolicy.split(available: 5, eligible: ["east"], headroom: ["east": 0]).isEmpty)
-        #expect(RoutingPolicy.split(available: 5, eligible: ["east"], headroom: ["east": -3]).isEmpty)
-        #expect(RoutingPolicy.split(available: 0, eligible: ["east"], headroom: ["east": 3]).isEmpty)
-        #expect(RoutingPolicy.split(available: 5, eligible: [], headroom: [:]).isEmpty)
+    typealias Room = RoutingPolicy.Room
+
+    @Test("placement fills idle slots first, most idle first, then prefetch room; never more than the room; none without room")
+    func placement() {
+        // east's 8 slots are all taken, west has 8 idle: every job goes west, none waits behind east's busy slots
+        let busyEast = RoutingPolicy.place(
+            available: 5, eligible: ["east", "west"], room: ["east": Room(idleSlots: 0, prefetch: 8), "west": Room(idleSlots: 8, prefetch: 8)])
+        #expect(busyEast.map(\.0) == ["west"] && busyEast.map(\.1) == [5])
+        // one job at a time goes to the datacenter with the most idle slots, whichever comes first in the list
+        let one = RoutingPolicy.place(
+            available: 1, eligible: ["east", "west"], room: ["east": Room(idleSlots: 2, prefetch: 8), "west": Room(idleSlots: 3, prefetch: 8)])
+        #expect(one.map(\.0) == ["west"])
+        // idle slots spread evenly, then the prefetch room, then nothing more
+        let many = RoutingPolicy.place(
+            available: 100, eligible: ["east", "west"], room: ["east": Room(idleSlots: 4, prefetch: 2), "west": Room(idleSlots: 2, prefetch: 6)])
+        #expect(Dictionary(uniqueKeysWithValues: many) == ["east": 6, "west": 8])
+        let even = RoutingPolicy.place(
+            available: 4, eligible: ["east", "west"], room: ["east": Room(idleSlots: 8, prefetch: 0), "west": Room(idleSlots: 8, prefetch: 0)])
+        #expect(Dictionary(uniqueKeysWithValues: even) == ["east": 2, "west": 2])
+        // idle slots win over prefetch room even when the prefetch room is larger elsewhere
+        let idleFirst = RoutingPolicy.place(
+            available: 3, eligible: ["east", "west"], room: ["east": Room(idleSlots: 0, prefetch: 50), "west": Room(idleSlots: 3, prefetch: 0)])
+        #expect(idleFirst.map(\.0) == ["west"] && idleFirst.map(\.1) == [3])
+        #expect(RoutingPolicy.place(available: 5, eligible: ["east"], room: ["east": Room(idleSlots: 0, prefetch: 0)]).isEmpty)
+        #expect(RoutingPolicy.place(available: 5, eligible: ["east"], room: ["east": Room(idleSlots: -2, prefetch: -3)]).isEmpty)
+        #expect(RoutingPolicy.place(available: 0, eligible: ["east"], room: ["east": Room(idleSlots: 3, prefetch: 3)]).isEmpty)
+        #expect(RoutingPolicy.place(available: 5, eligible: [], room: [:]).isEmpty)
+        #expect(RoutingPolicy.place(available: 5, eligible: ["east"], room: [:]).isEmpty)
     }
 }
 

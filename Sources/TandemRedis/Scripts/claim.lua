@@ -2,10 +2,14 @@
 --
 -- KEYS[1]   {tandem}:leases               sorted set: job id -> lease deadline (ms, Redis TIME)
 -- KEYS[2..] {tandem}:q:<dc>:<queue>        the queues to claim from, in the order to try them
--- KEYS[n-1] {tandem}:revoked              sorted set: revoked task id -> expiry (ms)
--- KEYS[n]   {tandem}:refill               hash: datacenter queue key -> the depth at or below which the
+-- KEYS[n-2] {tandem}:revoked              sorted set: revoked task id -> expiry (ms)
+-- KEYS[n-1] {tandem}:refill               hash: datacenter queue key -> the depth at or below which the
 --                                         dispatcher wants waking to refill it (absent: wake on every claim)
--- ARGV[1]   worker id   ARGV[2] lease duration (ms)   ARGV[3] max jobs to claim
+-- KEYS[n]   {tandem}:worker:<id>          the worker's hash: 'claimed' (jobs claimed by this incarnation, kept
+--                                         here) and 'released' (how many of them have freed their slot, reported
+--                                         by the worker); the dispatcher reads busy = claimed - released
+-- ARGV[1]   worker id   ARGV[2] lease duration (ms)   ARGV[3] max jobs to claim (0: only report `released`)
+-- ARGV[4]   released (jobs of this incarnation whose slot is free again)   ARGV[5] incarnation (per process)
 -- Result    flat array, 9 fields per claimed job:
 --           job id, fencing token, attempts (after this claim), raw message, ingress list, queue, dc,
 --           dispatched_ms, deadline_ms
@@ -33,7 +37,19 @@ local function nextToken()
   return token
 end
 local wake = false
-for i = 2, #KEYS - 2 do
+-- Slot accounting for the dispatcher: counted here, in the step that takes the jobs, so a claim is never missed;
+-- a worker process that starts again under the same id starts from zero.
+local wkey = KEYS[#KEYS]
+local released = tonumber(ARGV[4])
+local freed = false
+if redis.call('HGET', wkey, 'incarnation') ~= ARGV[5] then
+  redis.call('HSET', wkey, 'incarnation', ARGV[5], 'claimed', 0, 'released', released)
+  freed = released > 0
+elseif released > (tonumber(redis.call('HGET', wkey, 'released')) or 0) then
+  redis.call('HSET', wkey, 'released', released)
+  freed = true
+end
+for i = 2, #KEYS - 3 do
   local before = n
   while n < max do
     local jid = redis.call('RPOP', KEYS[i])
@@ -52,16 +68,18 @@ for i = 2, #KEYS - 2 do
       n = n + 1
     end
   end
-  if n > before and not wake then
-    local mark = redis.call('HGET', KEYS[#KEYS], KEYS[i])
+  if (n > before or freed) and not wake then
+    local mark = redis.call('HGET', KEYS[#KEYS - 1], KEYS[i])
     wake = (not mark) or redis.call('LLEN', KEYS[i]) <= tonumber(mark)
   end
 end
+if n > 0 then redis.call('HINCRBY', wkey, 'claimed', n) end
 if wake then
-  -- room appeared: wake a dispatcher that has work waiting and was out of room (one token is enough); only once
-  -- the queue is down to its refill mark, so under a backlog the dispatcher wakes once per several claims
+  -- room appeared (jobs taken, or slots freed): wake a dispatcher that has work waiting and was out of room (one
+  -- token is enough); only once the queue is down to its refill mark, so under a backlog the dispatcher wakes
+  -- once per several claims
   redis.call('LPUSH', p .. ':capacity', '1')
   redis.call('LTRIM', p .. ':capacity', 0, 0)
 end
-out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS - 1], now, '+inf')
+out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS - 2], now, '+inf')
 return out

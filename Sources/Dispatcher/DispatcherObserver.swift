@@ -5,6 +5,8 @@ public protocol DispatcherObserver: Sendable {
     func dispatched(queue: String, datacenter: String, count: Int)
     func reclaimed(requeued: Int, dead: Int)
     func rebalanced(queue: String, from: String, to: String, count: Int)
+    /// Queued jobs moved from a datacenter whose slots were all busy to one with idle slots.
+    func shared(queue: String, from: String, to: String, count: Int)
     /// Called after each health refresh with the datacenter states.
     func datacenters(_ states: [DatacenterState])
     /// Called periodically with every datacenter queue's depth and oldest age.
@@ -18,6 +20,7 @@ extension DispatcherObserver {
     public func dispatched(queue: String, datacenter: String, count: Int) {}
     public func reclaimed(requeued: Int, dead: Int) {}
     public func rebalanced(queue: String, from: String, to: String, count: Int) {}
+    public func shared(queue: String, from: String, to: String, count: Int) {}
     public func datacenters(_ states: [DatacenterState]) {}
     public func queues(_ stats: [QueueStats]) {}
     public func leadership(epoch: Int64?) {}

@@ -252,7 +252,7 @@ public final class DispatcherRuntime: Sendable {
         var blocked = 0
         // idle slots handed out in this pass, so two queues served by the same slots do not both count them
         var placedIdle: [String: Int] = [:]
-        for q in queues where (waiting[q] ?? 0) > 0 {
+        for q in queues where (waiting[q] ?? 0) > 0 || dcs.contains(where: { (depth["\($0)\t\(q)"] ?? 0) > 0 }) {
             let eligible = configuration.policy.eligibleDatacenters(for: q, live: live).filter { dc in
                 workers.contains { $0.datacenter == dc && $0.queues.contains(q) }
             }
@@ -277,17 +277,50 @@ public final class DispatcherRuntime: Sendable {
             let shares = RoutingPolicy.place(
                 available: min(waiting[q] ?? 0, configuration.batch), eligible: eligible, room: room)
             var movedHere = 0
+            var idleLeft = room.mapValues(\.idleSlots)
             for (dc, n) in shares {
                 let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: epoch ?? -1)
                 if m > 0 { observer.dispatched(queue: q, datacenter: dc, count: m) }
                 placedIdle[dc, default: 0] += min(m, room[dc]?.idleSlots ?? 0)
+                idleLeft[dc, default: 0] -= min(m, idleLeft[dc] ?? 0)
                 movedHere += m
             }
             moved += movedHere
             if !eligible.isEmpty { blocked += max(0, (waiting[q] ?? 0) - movedHere) }
+            if movedHere == (waiting[q] ?? 0) {
+                for (dc, n) in try await shareQueued(q, eligible: eligible, room: room, idleLeft: idleLeft, depth: depth) {
+                    placedIdle[dc, default: 0] += n
+                }
+            }
         }
         if moved > 0 { counters.withLock { $0["dispatched", default: 0] += moved } }
         return (moved, blocked)
+    }
+
+    /// Jobs queued in a datacenter whose slots are all busy (prefetched while it was claiming fast, then its slots
+    /// took long tasks) move to a datacenter with idle slots, oldest first, once nothing else waits for those
+    /// slots in the ingress list: no job waits behind a busy slot while another datacenter's slot is idle.
+    /// Returns how many went where.
+    func shareQueued(
+        _ q: String, eligible: [String], room: [String: RoutingPolicy.Room], idleLeft: [String: Int], depth: [String: Int]
+    ) async throws -> [(String, Int)] {
+        guard eligible.count > 1 else { return [] }
+        var idle = idleLeft
+        var shared: [(String, Int)] = []
+        for from in eligible where (room[from]?.idleSlots ?? 0) == 0 {
+            var stuck = depth["\(from)\t\(q)"] ?? 0
+            for to in eligible where to != from && stuck > 0 && (idle[to] ?? 0) > 0 {
+                let n = try await broker.rebalance(queue: q, from: from, to: to, max: min(stuck, idle[to] ?? 0), epoch: epoch ?? -1)
+                guard n > 0 else { break }
+                stuck -= n
+                idle[to, default: 0] -= n
+                shared.append((to, n))
+                counters.withLock { $0["shared", default: 0] += n }
+                observer.shared(queue: q, from: from, to: to, count: n)
+                logger.debug("moved \(n) job(s) of \(q) queued behind busy slots in \(from) to idle slots in \(to)")
+            }
+        }
+        return shared
     }
 
     /// Each datacenter's prefetch as a fraction of its slots: what its workers claim in `prefetchWindow`, at most

@@ -162,6 +162,7 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     let dispatchedC: Counter
     let reclaimedC: Counter
     let rebalancedC: Counter
+    let sharedC: Counter
     let depth: Gauge
     let inFlight: Gauge
     let oldest: Gauge
@@ -184,6 +185,7 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         dispatchedC = r.counter("tandem_dispatched_total", help: "Messages moved from Airflow's lists into datacenter queues.", labels: ["queue", "dc"])
         reclaimedC = r.counter("tandem_reclaimed_total", help: "Expired leases reclaimed: requeued, or dead-lettered after max attempts.", labels: ["disposition"])
         rebalancedC = r.counter("tandem_rebalanced_total", help: "Queued jobs moved from a lost or draining datacenter to another.", labels: ["queue", "from", "to"])
+        sharedC = r.counter("tandem_shared_total", help: "Queued jobs moved from a datacenter whose slots were all busy to one with idle slots.", labels: ["queue", "from", "to"])
         depth = r.gauge("tandem_queue_depth", help: "Jobs queued in a datacenter queue.", labels: ["dc", "queue"])
         inFlight = r.gauge("tandem_queue_in_flight", help: "Leased (running) jobs of a datacenter queue.", labels: ["dc", "queue"])
         oldest = r.gauge("tandem_queue_oldest_age_seconds", help: "Age of the oldest queued job (0 when empty).", labels: ["dc", "queue"])
@@ -217,6 +219,10 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
 
     public func rebalanced(queue: String, from: String, to: String, count: Int) {
         rebalancedC.inc([queue, from, to], by: Double(count))
+    }
+
+    public func shared(queue: String, from: String, to: String, count: Int) {
+        sharedC.inc([queue, from, to], by: Double(count))
     }
 
     public func datacenters(_ states: [DatacenterState]) {

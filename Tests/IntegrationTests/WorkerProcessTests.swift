@@ -116,6 +116,36 @@ struct WorkerProcessTests {
         #expect(try await waitForFinal([held])[held] == "SUCCESS")
     }
 
+    @Test("a job already queued behind a datacenter's busy slot moves to the other datacenter's idle slot")
+    func queuedJobsMoveToIdleSlots() async throws {
+        var dispatcher = try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1"])
+        try cluster.startWorker(dc: "west", name: "west-1", extra: ["--concurrency", "1"])
+        try await Task.sleep(for: .seconds(2))
+        let held = try await submit(task: "hold", run: "h")
+        #expect(try await eventually(timeout: .seconds(30)) {
+            cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.h" }
+        }, "\(cluster.logs())")
+        let heldDC = try #require(try await ledger(held)).dc
+        let otherDC = heldDC == "east" ? "west" : "east"
+        // With the dispatcher stopped, queue a job in the held datacenter's queue, as prefetch does when a
+        // datacenter that claimed fast then has all its slots taken by long tasks.
+        dispatcher.signal(SIGTERM)
+        #expect(await dispatcher.waitForExit(timeout: .seconds(20)) == 0)
+        let stuck = try await submit(task: "ok", run: "s")
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        try await broker.connect()
+        #expect(try await broker.dispatch(queue: "default", to: heldDC, max: 1, epoch: nil) == 1)
+        // the dispatcher comes back: the job must run in the other datacenter while the held task still runs
+        dispatcher = try cluster.startDispatcher(name: "dispatcher-2")
+        let s = try await waitForFinal([stuck], timeout: .seconds(60))
+        #expect(s[stuck] == "SUCCESS", "the queued job waited behind the held task: \(s)\n\(cluster.logs())")
+        #expect(try await ledger(stuck)?.dc == otherDC)
+        #expect(try await states([held])[held] == "STARTED", "the held task is still running")
+        try cluster.release(dag: "dag", run: "h")
+        #expect(try await waitForFinal([held])[held] == "SUCCESS")
+    }
+
     @Test("a quick task's start and end are one transaction; a long task shows STARTED while it runs; both keep their history")
     func startRecordedOnceOrTogether() async throws {
         try cluster.startDispatcher()

@@ -258,12 +258,14 @@ def cmd_latency():
 
 
 def cpu_by_role():
-    """CPU seconds used so far by every process on the machine, by role (reaped children count in their parent)."""
+    """CPU seconds used so far by every process on the machine, by role: a process counts for the nearest of itself
+    and its ancestors whose command line names a role, so pool children and task processes that retitle themselves
+    count for the worker that started them (reaped children count in their parent)."""
     roles = {"swift-worker": "tandem worker", "swift-dispatcher": "tandem dispatcher", "tandem_runner": "tandem runner+tasks",
-             "celery": "celery worker+tasks", "api-server": "airflow api-server", "scheduler": "airflow scheduler",
+             "celery worker": "celery worker+tasks", "api-server": "airflow api-server", "scheduler": "airflow scheduler",
              "dag-processor": "airflow dag-processor", "postgres": "postgres", "redis-server": "redis"}
     tick = os.sysconf("SC_CLK_TCK")
-    out = {}
+    procs = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -273,11 +275,24 @@ def cpu_by_role():
         except OSError:
             continue
         f = stat[stat.rindex(")") + 2:].split()
-        cpu = sum(int(x) for x in f[11:15]) / tick
-        role = next((r for k, r in roles.items() if k in cmd), None)
+        procs[int(pid)] = (int(f[1]), cmd, sum(int(x) for x in f[11:15]) / tick)
+
+    def role_of(pid):
+        seen = 0
+        while pid in procs and seen < 64:
+            ppid, cmd, _ = procs[pid]
+            role = next((r for k, r in roles.items() if k in cmd), None)
+            if role:
+                return role
+            pid, seen = ppid, seen + 1
+        return None
+
+    out = {}
+    for pid, (_, _, cpu) in procs.items():
+        role = role_of(pid)
         if role:
             out[role] = out.get(role, 0.0) + cpu
-    # the whole machine (processes that retitle themselves, such as Celery's pool children, escape the roles)
+    # the whole machine
     fields = open("/proc/stat").readline().split()[1:]
     out["machine total"] = (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / tick
     return out

@@ -26,6 +26,14 @@ struct SwiftDispatcher: AsyncParsableCommand {
     var maxAttempts: Int = 3
     @Option(name: .customLong("leader-lease"), help: "Leader lease in seconds; a standby takes over this long after the leader dies (default 5).")
     var leaderLease: Double = 5
+    @Option(
+        name: .customLong("prefetch-window"),
+        help: "Seconds of claims a datacenter queue may hold beyond its idle slots, at the datacenter's claim rate (default 0.02; 0: none).")
+    var prefetchWindow: Double = 0.02
+    @Option(
+        name: .customLong("prefetch-limit"),
+        help: "Most a datacenter queue may hold beyond its idle slots, as a multiple of its slots (default 4).")
+    var prefetchLimit: Int = 4
     @Option(name: .customLong("id"), help: "Dispatcher id in the leader lease (default dispatcher@<host>:<pid>).")
     var dispatcherID: String?
     @Option(help: "Datacenter this dispatcher runs in (env TANDEM_DC; informational: every datacenter runs a standby).")
@@ -46,10 +54,15 @@ struct SwiftDispatcher: AsyncParsableCommand {
             do { routing = try RoutingPolicy.parse(yaml: text) } catch { throw ValidationError("\(policy): \(error)") }
         }
         guard maxAttempts >= 1 else { throw ValidationError("--max-attempts must be at least 1") }
+        guard prefetchWindow >= 0, prefetchLimit >= 0 else {
+            throw ValidationError("--prefetch-window and --prefetch-limit cannot be negative (0 turns prefetch off)")
+        }
         var config = DispatcherConfiguration(
             policy: routing, queues: queues.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         config.dcLossAfter = .milliseconds(Int64(dcLossAfter * 1000))
         config.maxAttempts = maxAttempts
+        config.prefetchWindow = .milliseconds(Int64(prefetchWindow * 1000))
+        config.prefetchFactor = prefetchLimit
         config.leaderLease = .milliseconds(Int64(leaderLease * 1000))
         config.leaderCheck = .milliseconds(Int64(max(0.2, leaderLease / 5) * 1000))
         let site = setting(dc, env: "TANDEM_DC")

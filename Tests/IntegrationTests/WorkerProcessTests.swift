@@ -116,6 +116,14 @@ struct WorkerProcessTests {
         #expect(try await waitForFinal([held])[held] == "SUCCESS")
     }
 
+    @Test("a negative prefetch is refused at start-up with the flag to fix")
+    func negativePrefetchRefused() async throws {
+        let d = try cluster.startDispatcher(extra: ["--prefetch-limit=-1"])
+        let code = await d.waitForExit(timeout: .seconds(20))
+        #expect(code == 64, "\(d.log())")
+        #expect(d.log().contains("--prefetch-window and --prefetch-limit cannot be negative"), "\(d.log())")
+    }
+
     @Test("a job already queued behind a datacenter's busy slot moves to the other datacenter's idle slot")
     func queuedJobsMoveToIdleSlots() async throws {
         var dispatcher = try cluster.startDispatcher()

@@ -10,6 +10,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -257,13 +258,15 @@ def cmd_latency():
     return 0 if all(s == "success" for s in states) else 1
 
 
-def cpu_by_role():
-    """CPU seconds used so far by every process on the machine, by role: a process counts for the nearest of itself
-    and its ancestors whose command line names a role, so pool children and task processes that retitle themselves
-    count for the worker that started them (reaped children count in their parent)."""
-    roles = {"swift-worker": "tandem worker", "swift-dispatcher": "tandem dispatcher", "tandem_runner": "tandem runner+tasks",
-             "celery worker": "celery worker+tasks", "api-server": "airflow api-server", "scheduler": "airflow scheduler",
-             "dag-processor": "airflow dag-processor", "postgres": "postgres", "redis-server": "redis"}
+ROLES = {"swift-worker": "tandem worker", "swift-dispatcher": "tandem dispatcher", "tandem_runner": "tandem runner+tasks",
+         "celery worker": "celery worker+tasks", "api-server": "airflow api-server", "scheduler": "airflow scheduler",
+         "dag-processor": "airflow dag-processor", "postgres": "postgres", "redis-server": "redis"}
+
+
+def processes_by_role():
+    """{pid: (role, cpu seconds incl. reaped children)} for every process with a role: its own, or that of the nearest
+    ancestor whose command line names one, so pool children and task processes that retitle themselves count for
+    the worker that started them."""
     tick = os.sysconf("SC_CLK_TCK")
     procs = {}
     for pid in os.listdir("/proc"):
@@ -278,24 +281,61 @@ def cpu_by_role():
         procs[int(pid)] = (int(f[1]), cmd, sum(int(x) for x in f[11:15]) / tick)
 
     def role_of(pid):
-        seen = 0
-        while pid in procs and seen < 64:
+        for _ in range(64):
+            if pid not in procs:
+                return None
             ppid, cmd, _ = procs[pid]
-            role = next((r for k, r in roles.items() if k in cmd), None)
+            role = next((r for k, r in ROLES.items() if k in cmd), None)
             if role:
                 return role
-            pid, seen = ppid, seen + 1
+            pid = ppid
         return None
 
     out = {}
     for pid, (_, _, cpu) in procs.items():
         role = role_of(pid)
         if role:
-            out[role] = out.get(role, 0.0) + cpu
-    # the whole machine
-    fields = open("/proc/stat").readline().split()[1:]
-    out["machine total"] = (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / tick
+            out[pid] = (role, cpu)
     return out
+
+
+def cpu_by_role():
+    """CPU seconds used so far by every process on the machine, by role, and by the whole machine."""
+    out = {}
+    for role, cpu in processes_by_role().values():
+        out[role] = out.get(role, 0.0) + cpu
+    fields = open("/proc/stat").readline().split()[1:]
+    out["machine total"] = (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+class PeakMemory(threading.Thread):
+    """Samples the PSS of every role's processes every 0.5 s (smaps_rollup) and keeps each role's peak sum: shared
+    pages count once, split among the processes that map them, so a pool's sum is what the pool really costs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stopping = {}, threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            now = {}
+            for pid, (role, _) in processes_by_role().items():
+                try:
+                    for line in open(f"/proc/{pid}/smaps_rollup"):
+                        if line.startswith("Pss:"):
+                            now[role] = now.get(role, 0) + int(line.split()[1]) / 1024
+                            break
+                except OSError:
+                    pass
+            for role, mib in now.items():
+                self.peak[role] = max(self.peak.get(role, 0), mib)
+            self.stopping.wait(0.5)
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
+        return {k: round(v, 1) for k, v in sorted(self.peak.items())}
 
 
 def tandem_path(dag_id, run_id):
@@ -333,8 +373,11 @@ def cmd_race():
     task's queued -> running."""
     wait_dags(["tandem_wide"])
     cpu0 = cpu_by_role()
+    memory = PeakMemory()
+    memory.start()
     rid = trigger("tandem_wide")
     st = wait_runs({("tandem_wide", rid)}, timeout=900).get(("tandem_wide", rid))
+    pss = memory.stop()
     cpu1 = cpu_by_role()
     cpu = {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
     run = api("GET", f"/dags/tandem_wide/dagRuns/{rid}")
@@ -343,7 +386,7 @@ def cmd_race():
     done = [t for t in tis("tandem_wide", rid) if t["state"] == "success"]
     lat = sorted(latencies("tandem_wide", rid))
     print("RESULT " + json.dumps({"label": ARGS.label, "run_state": st, "tasks_success": len(done),
-                                  "wall_seconds": wall, "latency": stats(lat), "cpu_seconds": cpu,
+                                  "wall_seconds": wall, "latency": stats(lat), "cpu_seconds": cpu, "peak_pss_mib": pss,
                                   "tandem_path": tandem_path("tandem_wide", rid)}), flush=True)
     return 0 if st == "success" and len(done) == 200 else 1
 

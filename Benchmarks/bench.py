@@ -219,12 +219,24 @@ def tree(pid):
 
 
 def mem_of(pids, skip_comm=("airflow",)):
+    """RSS and PSS of the processes `pids` (the tree's root first), the tasks themselves excluded. Tandem's worker
+    starts tasks with vfork: a child still running swift-worker is a task between vfork and exec, sharing the
+    worker's memory, and counting it would count the worker twice (the 51-56 MiB worker "spikes" seen before
+    this was excluded). Celery's pool children are forks with memory of their own and are all counted."""
     rss = pss = 0
-    for p in pids:
+    try:
+        root_exe = os.readlink(f"/proc/{pids[0]}/exe")
+    except (OSError, IndexError):
+        root_exe = None
+    if root_exe is not None and not root_exe.endswith("/swift-worker"):
+        root_exe = None
+    for i, p in enumerate(pids):
         try:
             with open(f"/proc/{p}/comm") as f:
                 if f.read().strip() in skip_comm:
                     continue
+            if i > 0 and root_exe is not None and os.readlink(f"/proc/{p}/exe") == root_exe:
+                continue
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Rss:"):

@@ -52,6 +52,8 @@ public final class WorkerRuntime: Sendable {
         /// The claim loop is blocked waiting for work: a freed slot is not reported by a claim until it wakes.
         var idleWaiting = false
         var reportingReleases = false
+        /// `released` as last sent with a claim.
+        var reportedReleased = 0
     }
 
     let state = Mutex(State())
@@ -173,7 +175,10 @@ public final class WorkerRuntime: Sendable {
             rotation &+= 1
             do {
                 let sentAt = ContinuousClock.now
-                let released = state.withLock { $0.released }
+                let released = state.withLock { s in
+                    s.reportedReleased = s.released
+                    return s.released
+                }
                 let jobs = try await broker.claim(
                     workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
                     max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds,
@@ -183,11 +188,8 @@ public final class WorkerRuntime: Sendable {
                 if jobs.isEmpty {
                     // a slot freed while blocked here is reported at once (reportReleasedIfIdle), so the
                     // dispatcher can send work to it
-                    let missed = state.withLock { s -> Bool in
-                        s.idleWaiting = true
-                        return s.released > released
-                    }
-                    if missed { reportReleasedIfIdle() }
+                    state.withLock { $0.idleWaiting = true }
+                    reportReleasedIfIdle()  // a slot freed while this claim was on its way
                     defer { state.withLock { $0.idleWaiting = false } }
                     try await broker.waitForWork(datacenter: configuration.datacenter, timeout: configuration.idleWait)
                     continue
@@ -335,14 +337,17 @@ public final class WorkerRuntime: Sendable {
     /// report in flight at a time; what freed meanwhile goes in the next.
     private func reportReleasedIfIdle() {
         let go = state.withLock { s -> Bool in
-            guard s.idleWaiting, !s.reportingReleases else { return false }
+            guard s.idleWaiting, !s.reportingReleases, s.released > s.reportedReleased else { return false }
             s.reportingReleases = true
             return true
         }
         guard go else { return }
         Task {
             while true {
-                let released = state.withLock { $0.released }
+                let released = state.withLock { s in
+                    s.reportedReleased = s.released
+                    return s.released
+                }
                 do {
                     _ = try await broker.claim(
                         workerID: configuration.workerID, datacenter: configuration.datacenter,

@@ -109,6 +109,7 @@ struct WorkerProcessTests {
         for i in 0..<5 { quick.append(try await submit(task: "ok", run: "q\(i)")) }
         let s = try await waitForFinal(quick, timeout: .seconds(60))
         #expect(quick.allSatisfy { s[$0] == "SUCCESS" }, "quick tasks waited behind the held one: \(s)\n\(cluster.logs())")
+        #expect(try await eventually(timeout: .seconds(30)) { try await ledger(held) != nil })
         let heldDC = try #require(try await ledger(held)).dc
         for id in quick { #expect(try await ledger(id)?.dc != heldDC) }
         #expect(try await states([held])[held] == "STARTED", "the held task is still running")
@@ -134,6 +135,8 @@ struct WorkerProcessTests {
         #expect(try await eventually(timeout: .seconds(30)) {
             cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.h" }
         }, "\(cluster.logs())")
+        // its start reaches the ledger --start-record-delay after the launch
+        #expect(try await eventually(timeout: .seconds(30)) { try await ledger(held) != nil })
         let heldDC = try #require(try await ledger(held)).dc
         let otherDC = heldDC == "east" ? "west" : "east"
         // With the dispatcher stopped, queue a job in the held datacenter's queue, as prefetch does when a

@@ -93,7 +93,7 @@ public final class WorkerRuntime: Sendable {
             "worker started",
             metadata: ["queues": .string(configuration.queues.joined(separator: ",")),
                 "concurrency": .stringConvertible(configuration.concurrency)])
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        await withTaskGroup(of: Void.self) { group in
             group.addTask { await self.heartbeatLoop() }
             group.addTask { await self.renewLoop() }
             group.addTask { await self.selfFenceLoop() }
@@ -117,7 +117,7 @@ public final class WorkerRuntime: Sendable {
             logger.info(
                 "shutting down: no new claims; running tasks have \(configuration.shutdownGrace) to finish (send SIGTERM again to stop now)")
         }
-        state.withLock { $0.slotFreed?.yield() }
+        _ = state.withLock { $0.slotFreed?.yield() }
     }
 
     /// Second SIGTERM or SIGINT: stop running tasks now and give them back to the queue.

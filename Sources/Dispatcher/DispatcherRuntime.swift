@@ -281,7 +281,6 @@ public final class DispatcherRuntime: Sendable {
             for (dc, n) in shares {
                 let m = try await broker.dispatch(queue: q, to: dc, max: n, epoch: epoch ?? -1)
                 if m > 0 { observer.dispatched(queue: q, datacenter: dc, count: m) }
-                placedIdle[dc, default: 0] += min(m, room[dc]?.idleSlots ?? 0)
                 idleLeft[dc, default: 0] -= min(m, idleLeft[dc] ?? 0)
                 movedHere += m
             }
@@ -289,9 +288,10 @@ public final class DispatcherRuntime: Sendable {
             if !eligible.isEmpty { blocked += max(0, (waiting[q] ?? 0) - movedHere) }
             if movedHere == (waiting[q] ?? 0) {
                 for (dc, n) in try await shareQueued(q, eligible: eligible, room: room, idleLeft: idleLeft, depth: depth) {
-                    placedIdle[dc, default: 0] += n
+                    idleLeft[dc, default: 0] -= n
                 }
             }
+            for (dc, r) in room { placedIdle[dc, default: 0] += r.idleSlots - (idleLeft[dc] ?? 0) }
         }
         if moved > 0 { counters.withLock { $0["dispatched", default: 0] += moved } }
         return (moved, blocked)

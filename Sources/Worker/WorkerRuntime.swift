@@ -175,14 +175,7 @@ public final class WorkerRuntime: Sendable {
             rotation &+= 1
             do {
                 let sentAt = ContinuousClock.now
-                let released = state.withLock { s in
-                    s.reportedReleased = s.released
-                    return s.released
-                }
-                let jobs = try await broker.claim(
-                    workerID: configuration.workerID, datacenter: configuration.datacenter, queues: order,
-                    max: min(free, configuration.claimBatch), leaseMs: configuration.leaseTTL.inMilliseconds,
-                    slots: SlotReport(incarnation: incarnation, released: released))
+                let jobs = try await claim(from: order, max: min(free, configuration.claimBatch))
                 backoff = .milliseconds(100)
                 observer.brokerOK()
                 if jobs.isEmpty {
@@ -332,6 +325,18 @@ public final class WorkerRuntime: Sendable {
         reportReleasedIfIdle()
     }
 
+    /// Claims up to `max` jobs (0: none) and, with them, tells the broker how many of this process's claimed jobs
+    /// have freed their slot.
+    private func claim(from queues: [String], max: Int) async throws -> [ClaimedJob] {
+        let released = state.withLock { s in
+            s.reportedReleased = s.released
+            return s.released
+        }
+        return try await broker.claim(
+            workerID: configuration.workerID, datacenter: configuration.datacenter, queues: queues, max: max,
+            leaseMs: configuration.leaseTTL.inMilliseconds, slots: SlotReport(incarnation: incarnation, released: released))
+    }
+
     /// While the claim loop waits for work, nothing else would tell the broker that a slot is free again: report
     /// it with an empty claim, so the dispatcher counts the slot as free now rather than at the next claim. One
     /// report in flight at a time; what freed meanwhile goes in the next.
@@ -344,21 +349,14 @@ public final class WorkerRuntime: Sendable {
         guard go else { return }
         Task {
             while true {
-                let released = state.withLock { s in
-                    s.reportedReleased = s.released
-                    return s.released
-                }
                 do {
-                    _ = try await broker.claim(
-                        workerID: configuration.workerID, datacenter: configuration.datacenter,
-                        queues: configuration.queues, max: 0, leaseMs: configuration.leaseTTL.inMilliseconds,
-                        slots: SlotReport(incarnation: incarnation, released: released))
+                    _ = try await claim(from: configuration.queues, max: 0)
                 } catch {
                     // the next claim reports it; the dispatcher meanwhile counts the slot as busy (the safe side)
                     logger.debug("cannot report a freed slot: \(error)")
                 }
                 let again = state.withLock { s -> Bool in
-                    if s.idleWaiting && s.released > released { return true }
+                    if s.idleWaiting && s.released > s.reportedReleased { return true }
                     s.reportingReleases = false
                     return false
                 }

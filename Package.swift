@@ -32,12 +32,12 @@ let package = Package(
         // Adapters: the Redis broker and the Postgres result store + ledger.
         .target(
             name: "TandemRedis",
-            dependencies: ["TandemCore", "CeleryWire", "Redis", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TandemCore", "CeleryWire", "Redis", "ClientSupport", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Scripts")]
         ),
         .target(
             name: "TandemPostgres",
-            dependencies: ["TandemCore", "CeleryWire", "Postgres", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["TandemCore", "CeleryWire", "Postgres", "ClientSupport", .product(name: "Logging", package: "swift-log")]
         ),
 
         // fork+exec with a parent-death signal and its own process group (posix_spawn cannot set PDEATHSIG).

@@ -131,6 +131,17 @@ class Servers:
     def r(self):
         return redislib.Redis(host="127.0.0.1", port=self.rport, db=0)
 
+    def pids(self):
+        """Redis's pid and the postmaster's (its backends are its children)."""
+        out = {}
+        for name, path in (("redis", f"{self.dir}/redis/redis.pid"), ("postgres", f"{self.pd}/data/postmaster.pid")):
+            try:
+                with open(path) as f:
+                    out[name] = int(f.readline())
+            except (OSError, ValueError):
+                pass
+        return out
+
     def pg_url(self, db):
         return f"postgresql://postgres@127.0.0.1:{self.pport}/{db}"
 
@@ -248,6 +259,29 @@ def mem_of(pids, skip_comm=("airflow",)):
     return rss / 1024, pss / 1024  # MiB
 
 
+def machine_cpu():
+    """Busy CPU seconds of the whole machine since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def switches_of(pid):
+    """{tid: voluntary + involuntary context switches} of each thread of the process (a thread hop costs two)."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            n = 0
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        n += int(line.split()[1])
+            out[int(tid)] = n
+    except OSError:
+        pass
+    return out
+
+
 def cpu_of(pid):
     """utime+stime (s) of the process itself, its threads included, its reaped children (the tasks) excluded."""
     try:
@@ -265,15 +299,24 @@ class MemSampler(threading.Thread):
     """Peak RSS and PSS (MiB) of each named process tree, sampled every second while running; and the CPU
     seconds each tree's own processes used (tasks excluded), read just before the processes are stopped."""
 
-    def __init__(self, roots):
+    def __init__(self, roots, servers=None):
         super().__init__(daemon=True)
         self.roots, self.peak, self.stop_ev = roots, {k: (0.0, 0.0) for k in roots}, threading.Event()
         self.cpu = {}
+        self.switches = {}  # (root name, tid) -> context switches, for the roots' own processes
+        # servers (Redis, Postgres) ran before this run: only their CPU from now on counts
+        self.servers = servers or {}
+        self.server_cpu0 = {(n, p): cpu_of(p) for n, pid in self.servers.items() for p in tree(pid)}
+        self.machine0 = machine_cpu()
 
     def sample_cpu(self):
-        for name, pid in self.roots.items():
+        for name, pid in list(self.roots.items()) + list(self.servers.items()):
             for p in tree(pid):
                 self.cpu[(name, p)] = max(self.cpu.get((name, p), 0.0), cpu_of(p))
+        for name, pid in self.roots.items():
+            for tid, n in switches_of(pid).items():
+                self.switches[(name, tid)] = max(self.switches.get((name, tid), 0), n)
+        self.machine1 = machine_cpu()
 
     def run(self):
         while not self.stop_ev.wait(1.0):
@@ -290,9 +333,18 @@ class MemSampler(threading.Thread):
         return self.peak
 
     def cpu_by_root(self):
+        """CPU seconds by process tree (servers: since the sampler started), and "machine": every CPU second the
+        machine spent during the run, task processes and everything else included."""
         out = {}
-        for (name, _), v in self.cpu.items():
-            out[name] = out.get(name, 0.0) + v
+        for key, v in self.cpu.items():
+            out[key[0]] = out.get(key[0], 0.0) + v - self.server_cpu0.get(key, 0.0)
+        out["machine"] = self.machine1 - self.machine0
+        return out
+
+    def switches_by_root(self):
+        out = {}
+        for (name, _), n in self.switches.items():
+            out[name] = out.get(name, 0) + n
         return out
 
 
@@ -304,13 +356,34 @@ def kill_group(p, sig=signal.SIGKILL):
         pass
 
 
+def noop_path(args):
+    """The directory holding the no-op `airflow` both executors run (--noop glibc | bare)."""
+    return os.path.join(args.noop_dir, args.noop)
+
+
+def spawn_limit(args, n=3000):
+    """The machine's spawn limit with the no-op in use: posix_spawn + waitpid per second from 1 and 2 threads (the
+    issue's "≈ 1,500 per core, ≈ 3,000 with both" was measured with some other no-op; this one is measured here,
+    in the same run, with the binary the tasks run)."""
+    probe = os.path.join(args.noop_dir, "spawnlimit")
+    binary = os.path.join(noop_path(args), "airflow")
+    out = {}
+    for threads in (1, 2):
+        runs = [float(subprocess.run([probe, binary, str(n // threads), str(threads)], check=True,
+                                     capture_output=True, text=True).stdout) for _ in range(3)]
+        out[f"threads{threads}"] = med(runs)
+        out[f"threads{threads}_runs"] = runs
+    log(f"spawn limit of the {args.noop} no-op: {out['threads1']:.0f}/s on one thread, {out['threads2']:.0f}/s on two")
+    return out
+
+
 class System:
     db = None
 
     def __init__(self, srv, args, logdir):
         self.srv, self.args, self.logdir = srv, args, logdir
         self.procs = []
-        self.env = dict(os.environ, PATH=f"{args.noop_dir}:{os.environ['PATH']}")
+        self.env = dict(os.environ, PATH=f"{noop_path(args)}:{os.environ['PATH']}")
 
     def spawn(self, argv, name, env=None, netns=None):
         if netns:
@@ -454,7 +527,7 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     pg0 = pg_counters(c, system.db)
     t0 = time.time()
     roots = system.start(conc, workers=workers, netns=netns, host=host, port_offset=port_offset)
-    sampler = MemSampler(roots)
+    sampler = MemSampler(roots, servers=srv.pids())
     sampler.start()
     wall = wait_success(system, c, k, timeout=max(120, k / 20))
     peak = sampler.stop()
@@ -471,6 +544,8 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
         out[f"rss_{name}"], out[f"pss_{name}"] = rss, pss
     for name, cpu in sampler.cpu_by_root().items():
         out[f"cpu_ms_per_task_{name}"] = cpu * 1000 / k
+    for name, n in sampler.switches_by_root().items():
+        out[f"switches_per_task_{name}"] = n / k
     if workers > 1:
         out["rss_workers"] = sum(v for kk, v in out.items() if kk.startswith("rss_worker"))
         out["pss_workers"] = sum(v for kk, v in out.items() if kk.startswith("pss_worker"))
@@ -661,6 +736,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--noop-dir", required=True)
+    ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"],
+                    help="the no-op airflow both executors run: a static glibc binary, or one with no C library "
+                         "(no start-up code; Benchmarks/noop_bare.c)")
     ap.add_argument("--src", default=ROOT, help="source tree the binaries were built from (for its Lua scripts)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tasks", type=int, default=2000)
@@ -706,6 +784,7 @@ def main():
     res = {"meta": {"tandem_commit": os.environ.get("TANDEM_BENCH_COMMIT", "?"), "synchronous_commit": "off" if args.sync_commit_off else "on", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": open("/proc/loadavg").read().split()[:3],
                     "args": {k: v for k, v in vars(args).items()}}}
     try:
+        res["spawn_limit"] = spawn_limit(args)
         pub = Publisher(srv)
         systems = [Celery(srv, args, args.logdir), Tandem(srv, args, args.logdir)]
         if "throughput" in only:
@@ -822,6 +901,12 @@ def print_table(res):
                      g(f"throughput/tandem/c{conc}", "cpu_ms_per_task_worker0")))
         rows.append((f"  Tandem dispatcher CPU ms per task, c={conc}", float("nan"),
                      g(f"throughput/tandem/c{conc}", "cpu_ms_per_task_dispatcher")))
+        rows.append((f"  worker context switches per task, c={conc}", g(f"throughput/celery/c{conc}", "switches_per_task_worker0"),
+                     g(f"throughput/tandem/c{conc}", "switches_per_task_worker0")))
+        for role in ("redis", "postgres", "machine"):
+            rows.append((f"  {role} CPU ms per task{' (all, tasks incl.)' if role == 'machine' else ''}, c={conc}",
+                         g(f"throughput/celery/c{conc}", f"cpu_ms_per_task_{role}"),
+                         g(f"throughput/tandem/c{conc}", f"cpu_ms_per_task_{role}")))
     for conc in (2, 16):
         for f, label in (("pg_commits_per_task", "Postgres commits per task"), ("pg_wal_sync_per_task", "Postgres WAL fsyncs per task")):
             rows.append((f"{label}, c={conc}", g(f"throughput/celery/c{conc}", f), g(f"throughput/tandem/c{conc}", f)))
@@ -857,6 +942,12 @@ def print_table(res):
     if sc:
         print("server-side script cost by backlog: " + ", ".join(
             f"{k.split('/b')[-1]}: dispatch {res[k]['dispatch_us']:.1f} µs, claim {res[k]['claim_us']:.1f} µs" for k in sc))
+    if "spawn_limit" in res:
+        sl, noop = res["spawn_limit"], res["meta"]["args"].get("noop", "glibc")
+        best = max((g(f"throughput/tandem/c{c}", "rate") for c in (2, 16)), default=float("nan"))
+        print(f"spawn limit of the {noop} no-op (posix_spawn + wait): {sl['threads1']:.0f}/s on one thread, "
+              f"{sl['threads2']:.0f}/s on two; half of it {sl['threads2'] / 2:.0f}/s; Tandem's best steady "
+              f"throughput {best:.0f}/s = {best / sl['threads2']:.2f} of the limit")
     m = res["meta"]
     print(f"\nload average before {' '.join(m['loadavg_before'])}, after {' '.join(m.get('loadavg_after', []))}")
 

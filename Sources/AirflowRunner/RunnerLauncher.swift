@@ -392,7 +392,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         let box = ResultBox()
         let sem = DispatchSemaphore(value: 0)
         Task {
-            do { box.set(.success(try await ChildProcess.spawn(argv: argv, environment: environment, output: output))) } catch {
+            do { box.set(.success(try await ChildProcess.spawn(argv: argv, environment: environment, output: output, reapedBySpawner: true))) } catch {
                 box.set(.failure(error))
             }
             sem.signal()
@@ -469,48 +469,22 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
 }
 
 /// A task the runner forked: signalled by process group, waited for by the runner's exit report.
-public final class RunnerTask: RunningTask, @unchecked Sendable {
+public final class RunnerTask: RunningTask, Sendable {
     public let pid: Int32
-    private let lock = NSLock()
-    private var termination: ChildProcess.Termination?
-    private var waiters: [CheckedContinuation<ChildProcess.Termination, Never>] = []
+    private let end = ProcessEnd()
 
     init(pid: Int32) { self.pid = pid }
 
-    public func wait() async -> ChildProcess.Termination {
-        await withCheckedContinuation { (c: CheckedContinuation<ChildProcess.Termination, Never>) in
-            lock.lock()
-            if let t = termination {
-                lock.unlock()
-                c.resume(returning: t)
-            } else {
-                waiters.append(c)
-                lock.unlock()
-            }
-        }
-    }
+    public func wait() async -> ChildProcess.Termination { await end.wait() }
 
     /// Signals the task's process group, unless it has already ended (its pid may be reused).
-    public func signalGroup(_ signal: Int32) {
-        lock.lock()
-        defer { lock.unlock() }
-        if termination == nil { _ = kill(-pid, signal) }
-    }
+    public func signalGroup(_ signal: Int32) { end.ifRunning { _ = kill(-pid, signal) } }
 
-    public var ended: ChildProcess.Termination? { lock.lock(); defer { lock.unlock() }; return termination }
+    public func onEnd(_ body: @escaping @Sendable (ChildProcess.Termination) -> Void) { end.onEnd(body) }
 
-    func finish(_ t: ChildProcess.Termination) {
-        lock.lock()
-        guard termination == nil else {
-            lock.unlock()
-            return
-        }
-        termination = t
-        let w = waiters
-        waiters = []
-        lock.unlock()
-        for c in w { c.resume(returning: t) }
-    }
+    public var ended: ChildProcess.Termination? { end.ended }
+
+    func finish(_ t: ChildProcess.Termination) { end.deliver(t) }
 }
 
 /// Reads a JWT's `exp` without verifying it (the worker has no key for the Execution API's tokens; the API

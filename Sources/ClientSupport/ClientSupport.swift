@@ -71,3 +71,86 @@ public enum ConnectionStats {
     public static let redisConnects = Locked(0)
     public static let postgresConnects = Locked(0)
 }
+
+/// Combines concurrent requests into batches, with no timer and no task of its own: a request that finds a lane
+/// free sends at once, taking with it whatever is waiting; requests that arrive while every lane is busy wait,
+/// and when a batch returns, the first of them is handed the lane and sends the next batch itself. So under
+/// light load a request goes alone and at once, under heavy load up to `maxBatch` share one round trip, and no
+/// request pays a wake-up of a helper task (the group commit and the ack batcher each cost one per batch when a
+/// task of their own did the sending).
+public final class Combiner<Item: Sendable, Outcome: Sendable>: Sendable {
+    /// Sends one batch on `lane`; one result per item, in order.
+    public typealias Send = (_ lane: Int, _ items: [Item]) async -> [Result<Outcome, any Error>]
+
+    private enum Turn: Sendable {
+        case done(Result<Outcome, any Error>)
+        case lead(Int)
+    }
+    private struct Waiting {
+        var item: Item
+        var waiter: CheckedContinuation<Turn, Never>
+    }
+    private struct State {
+        var pending: [Waiting] = []
+        var idleLanes: [Int]
+    }
+    private let state: Locked<State>
+    private let maxBatch: Int
+
+    /// - Parameter lanes: batches in flight at once (one per connection).
+    public init(lanes: Int, maxBatch: Int) {
+        precondition(lanes > 0 && maxBatch > 0)
+        state = Locked(State(idleLanes: Array((0..<lanes).reversed())))
+        self.maxBatch = maxBatch
+    }
+
+    /// Sends `item` in a batch and returns its result; `send` sends a batch if this request is the one to send it.
+    public func submit(_ item: Item, send: Send) async throws -> Outcome {
+        // Invariant: requests wait only while every lane is busy, so a free lane means nobody is waiting.
+        let turn: Turn
+        if let lane = state.withLock({ $0.idleLanes.popLast() }) {
+            turn = .lead(lane)
+        } else {
+            turn = await withCheckedContinuation { (c: CheckedContinuation<Turn, Never>) in
+                let lane = state.withLock { s -> Int? in
+                    if let l = s.idleLanes.popLast() { return l }
+                    s.pending.append(Waiting(item: item, waiter: c))
+                    return nil
+                }
+                if let lane { c.resume(returning: .lead(lane)) }
+            }
+        }
+        switch turn {
+        case .done(let result): return try result.get()
+        case .lead(let lane): return try await lead(lane: lane, own: item, send: send).get()
+        }
+    }
+
+    private func lead(lane: Int, own: Item, send: Send) async -> Result<Outcome, any Error> {
+        let others = state.withLock { s -> [Waiting] in
+            let batch = Array(s.pending.prefix(maxBatch - 1))
+            s.pending.removeFirst(batch.count)
+            return batch
+        }
+        var results = await send(lane, [own] + others.map(\.item))
+        while results.count < others.count + 1 {
+            results.append(.failure(CombinerError(message: "a batch returned fewer results than it was sent items")))
+        }
+        for (w, r) in zip(others, results.dropFirst()) { w.waiter.resume(returning: .done(r)) }
+        // hand the lane on: the first request still waiting sends the next batch
+        let next = state.withLock { s -> Waiting? in
+            if s.pending.isEmpty {
+                s.idleLanes.append(lane)
+                return nil
+            }
+            return s.pending.removeFirst()
+        }
+        next?.waiter.resume(returning: .lead(lane))
+        return results[0]
+    }
+}
+
+public struct CombinerError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
+}

@@ -1,3 +1,4 @@
+import ClientSupport
 import Foundation
 import Synchronization
 import Logging
@@ -17,7 +18,7 @@ public final class RedisBroker: Broker {
     private let movers: [RedisClient]
     private let nextMover = Mutex(0)
     /// Acks waiting for the call in flight to return (see `ack`).
-    private let acks = Mutex<(pending: [PendingAck], sending: Bool)>(([], false))
+    private let acks = Combiner<(String, Int64), FencedOutcome>(lanes: 1, maxBatch: 256)
 
     /// With Sentinel: after every move, wait until this many replicas have it (Redis WAIT), so a failover right
     /// after a claim or an ack cannot roll it back. 0 = asynchronous replication (Redis's default).
@@ -111,41 +112,14 @@ public final class RedisBroker: Broker {
     /// Acks ride together: while one ack call is on the wire, the acks that arrive meanwhile wait and go as the
     /// next call (the results of a group commit resolve together, so their acks do too). No ack waits for a timer.
     public func ack(jobID: String, token: Int64) async throws -> FencedOutcome {
-        try await withCheckedThrowingContinuation { (waiter: PendingAck.Waiter) in
-            let start = acks.withLock { s -> Bool in
-                s.pending.append(PendingAck(jobID: jobID, token: token, waiter: waiter))
-                defer { s.sending = true }
-                return !s.sending
-            }
-            if start { Task { await self.sendAcks() } }
-        }
-    }
-
-    struct PendingAck {
-        typealias Waiter = CheckedContinuation<FencedOutcome, any Error>
-        var jobID: String
-        var token: Int64
-        var waiter: Waiter
-    }
-
-    private func sendAcks() async {
-        while true {
-            let batch = acks.withLock { s -> [PendingAck] in
-                let b = Array(s.pending.prefix(256))
-                s.pending.removeFirst(b.count)
-                if b.isEmpty { s.sending = false }
-                return b
-            }
-            if batch.isEmpty { return }
+        try await acks.submit((jobID, token)) { _, batch in
             do {
                 let reply = try await move(
-                    BrokerScripts.ack, keys: [Keys.leases], args: batch.flatMap { [$0.jobID, String($0.token)] })
+                    BrokerScripts.ack, keys: [Keys.leases], args: batch.flatMap { [$0.0, String($0.1)] })
                 let done = reply.array ?? []
-                for (i, a) in batch.enumerated() {
-                    a.waiter.resume(returning: i < done.count && done[i].int == 1 ? .done : .fenced)
-                }
+                return batch.indices.map { .success($0 < done.count && done[$0].int == 1 ? .done : .fenced) }
             } catch {
-                for a in batch { a.waiter.resume(throwing: error) }
+                return batch.map { _ in .failure(error) }
             }
         }
     }

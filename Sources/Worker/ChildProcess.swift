@@ -3,13 +3,22 @@
 #endif
 import CSpawn
 import Foundation
+import Synchronization
 
 /// A task's process: fork+exec through CSpawn (never a shell) in its own process group, so signals Tandem
 /// sends reach the whole task tree and signals sent to the worker never reach the task.
 public final class ChildProcess: Sendable {
     public let pid: pid_t
+    /// Delivered by the reaper thread, which watches the child from the moment it exists (or, for a child its
+    /// spawner reaps itself, from the first `wait()`).
+    let end: ProcessEnd
+    private let watched: Mutex<Bool>
 
-    private init(pid: pid_t) { self.pid = pid }
+    private init(pid: pid_t, end: ProcessEnd, watched: Bool) {
+        self.pid = pid
+        self.end = end
+        self.watched = Mutex(watched)
+    }
 
     /// How a child ended.
     public enum Termination: Sendable, Hashable, CustomStringConvertible {
@@ -38,18 +47,24 @@ public final class ChildProcess: Sendable {
     /// process group, with SIGKILL as its parent-death signal: a worker killed with -9 takes its tasks with it,
     /// so a reclaimed task never runs twice at once.
     /// - Parameter output: file to append the child's stdout and stderr to; nil inherits the worker's.
-    public static func spawn(argv: [String], environment: [String: String], output: String? = nil) async throws
-        -> ChildProcess
-    {
+    /// - Parameter reapedBySpawner: the caller reaps the child itself (waitpid); it is watched only if `wait()` is
+    ///   called.
+    public static func spawn(
+        argv: [String], environment: [String: String], output: String? = nil, reapedBySpawner: Bool = false
+    ) async throws -> ChildProcess {
         let job = try prepare(argv: argv, environment: environment, output: output)
-        return try finish(await Spawner.shared.run(job.fork), path: job.path)
-    }
-
-    private static func finish(_ result: (Int32, pid_t), path: String) throws -> ChildProcess {
-        guard result.0 == 0 else {
-            throw SpawnError(description: "cannot start \(path): \(String(cString: strerror(result.0))) — check that it is executable")
+        let end = ProcessEnd()
+        // The spawner thread hands the child to the reaper at once, so its end is seen as soon as it comes rather
+        // than once a pool thread gets round to waiting (for a short task, that wait was most of its life).
+        let result = await Spawner.shared.run { () -> (Int32, pid_t) in
+            let r = job.fork()
+            if r.0 == 0 && !reapedBySpawner { ChildReaper.shared.watch(r.1) { end.deliver($0) } }
+            return r
         }
-        return ChildProcess(pid: result.1)
+        guard result.0 == 0 else {
+            throw SpawnError(description: "cannot start \(job.path): \(String(cString: strerror(result.0))) — check that it is executable")
+        }
+        return ChildProcess(pid: result.1, end: end, watched: !reapedBySpawner)
     }
 
     private static func prepare(argv: [String], environment: [String: String], output: String?) throws
@@ -92,20 +107,88 @@ public final class ChildProcess: Sendable {
     /// Waits for the child to end, without blocking a thread of the Swift concurrency pool: one reaper thread
     /// watches every child's pidfd with epoll (a thread per child cost a fifth of the worker's CPU).
     public func wait() async -> Termination {
-        let pid = self.pid
-        return await withCheckedContinuation { (cont: CheckedContinuation<Termination, Never>) in
-            ChildReaper.shared.watch(pid) { cont.resume(returning: $0) }
+        let watch = watched.withLock { w in
+            defer { w = true }
+            return !w
         }
+        if watch { ChildReaper.shared.watch(pid) { [end] in end.deliver($0) } }
+        return await end.wait()
     }
+
+    /// Runs `body` on the reaper thread as the child is reaped (at once if it already was).
+    public func onEnd(_ body: @escaping @Sendable (Termination) -> Void) { end.onEnd(body) }
 
     static func termination(_ status: Int32) -> Termination {
         let sig = status & 0x7f
         return sig == 0 ? .exited((status >> 8) & 0xff) : .signalled(sig)
     }
 
-    /// Sends `signal` to the task's whole process group.
+    /// Sends `signal` to the task's whole process group, unless it has been reaped (its pid may be reused).
     public func signalGroup(_ signal: Int32) {
-        _ = kill(-pid, signal)
+        end.ifRunning { _ = kill(-pid, signal) }
+    }
+}
+
+/// A task process's end, delivered once — by the reaper thread, or by a runner's exit report — to whoever waits
+/// for it and to whatever asked to hear of it on the delivering thread.
+public final class ProcessEnd: @unchecked Sendable {
+    private let lock = NSLock()
+    private var termination: ChildProcess.Termination?
+    private var waiters: [CheckedContinuation<ChildProcess.Termination, Never>] = []
+    private var observers: [@Sendable (ChildProcess.Termination) -> Void] = []
+
+    public init() {}
+
+    /// How it ended; nil while it runs.
+    public var ended: ChildProcess.Termination? { lock.withLock { termination } }
+
+    public func wait() async -> ChildProcess.Termination {
+        await withCheckedContinuation { (c: CheckedContinuation<ChildProcess.Termination, Never>) in
+            lock.lock()
+            if let t = termination {
+                lock.unlock()
+                c.resume(returning: t)
+            } else {
+                waiters.append(c)
+                lock.unlock()
+            }
+        }
+    }
+
+    /// Runs `body` on the delivering thread when the end comes (at once, here, if it has come): for short work that
+    /// should not wait for a pool thread, such as freeing the task's slot.
+    public func onEnd(_ body: @escaping @Sendable (ChildProcess.Termination) -> Void) {
+        lock.lock()
+        if let t = termination {
+            lock.unlock()
+            body(t)
+        } else {
+            observers.append(body)
+            lock.unlock()
+        }
+    }
+
+    /// Runs `body` (a kill) under the lock, unless the process has ended: once reaped, its pid may be another's.
+    public func ifRunning(_ body: () -> Void) {
+        lock.lock()
+        defer { lock.unlock() }
+        if termination == nil { body() }
+    }
+
+    /// Records the end; the first delivery wins.
+    public func deliver(_ t: ChildProcess.Termination) {
+        lock.lock()
+        guard termination == nil else {
+            lock.unlock()
+            return
+        }
+        termination = t
+        let (w, o) = (waiters, observers)
+        waiters = []
+        observers = []
+        lock.unlock()
+        for body in o { body(t) }
+        for c in w { c.resume(returning: t) }
     }
 }
 

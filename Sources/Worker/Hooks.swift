@@ -66,22 +66,33 @@ final class DeferredWrite: Sendable {
     private enum Phase { case pending, writing, calledOff }
     private let phase = Mutex(Phase.pending)
     private let task = Mutex<Task<Void, Never>?>(nil)
+    private let write: @Sendable () async -> Void
+    fileprivate let due: ContinuousClock.Instant
 
-    init(after delay: Duration, _ write: @escaping @Sendable () async -> Void) {
-        let t = Task { [self] in
-            if delay > .zero { try? await Task.sleep(for: delay) }
-            if begin() { await write() }
-        }
-        task.withLock { $0 = t }
+    /// A write that starts now.
+    convenience init(now write: @escaping @Sendable () async -> Void) {
+        self.init(due: .now, write)
+        start()
     }
 
-    private func begin() -> Bool {
-        phase.withLock { p -> Bool in
+    fileprivate init(due: ContinuousClock.Instant, _ write: @escaping @Sendable () async -> Void) {
+        self.due = due
+        self.write = write
+    }
+
+    /// Starts the write unless it was called off or has started.
+    fileprivate func start() {
+        let go = phase.withLock { p -> Bool in
             guard p == .pending else { return false }
             p = .writing
             return true
         }
+        guard go else { return }
+        let t = Task { await write() }
+        task.withLock { $0 = t }
     }
+
+    fileprivate var isPending: Bool { phase.withLock { $0 == .pending } }
 
     /// Calls the write off if it has not begun (true: the caller must write it), else waits for it (false).
     func cancelUnlessStarted() async -> Bool {
@@ -90,12 +101,64 @@ final class DeferredWrite: Sendable {
             p = .calledOff
             return true
         }
-        let t = task.withLock { $0 }
-        if calledOff {
-            t?.cancel()
-            return true
+        if calledOff { return true }
+        // started: wait for the task that runs it (it is stored just after the phase changes)
+        while true {
+            if let t = task.withLock({ $0 }) {
+                await t.value
+                return false
+            }
+            await Task.yield()
         }
-        await t?.value
-        return false
+    }
+}
+
+/// Starts deferred writes when they fall due, from one timer loop for the whole worker. A sleeping task per
+/// write, as before, cost each task a timer armed and disarmed on libdispatch's manager thread and two extra
+/// pool wake-ups when the quick task called it off; here calling off is a flag, and the loop wakes only when the
+/// earliest pending write falls due (or when one is added to an empty schedule).
+final class DeferredWrites: Sendable {
+    private struct State {
+        var pending: [DeferredWrite] = []
+        var idle: AsyncStream<Void>.Continuation?
+    }
+    private let state = Mutex(State())
+    private let wake: AsyncStream<Void>
+
+    init() {
+        let (stream, cont) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        wake = stream
+        state.withLock { $0.idle = cont }
+    }
+
+    /// A write that starts after `delay` unless called off first (`run()` must be running).
+    func schedule(after delay: Duration, _ write: @escaping @Sendable () async -> Void) -> DeferredWrite {
+        let w = DeferredWrite(due: .now + delay, write)
+        let wasEmpty = state.withLock { s -> Bool in
+            s.pending.append(w)
+            return s.pending.count == 1
+        }
+        if wasEmpty { _ = state.withLock { $0.idle?.yield() } }
+        return w
+    }
+
+    /// Runs until cancelled: starts each pending write when it falls due; forgets those called off.
+    func run() async {
+        var woken = wake.makeAsyncIterator()
+        while !Task.isCancelled {
+            let now = ContinuousClock.now
+            let (due, next) = state.withLock { s -> ([DeferredWrite], ContinuousClock.Instant?) in
+                s.pending.removeAll { !$0.isPending }
+                let due = s.pending.filter { $0.due <= now }
+                s.pending.removeAll { $0.due <= now }
+                return (due, s.pending.map(\.due).min())
+            }
+            for w in due { w.start() }
+            if let next {
+                try? await Task.sleep(until: next, clock: .continuous)
+            } else {
+                _ = await woken.next()
+            }
+        }
     }
 }

@@ -14,8 +14,10 @@ public protocol RunningTask: Sendable {
     var pid: Int32 { get }
     /// Waits for the task to end.
     func wait() async -> ChildProcess.Termination
-    /// Signals the task's whole process group.
+    /// Signals the task's whole process group (not once it has ended: its pid may be reused).
     func signalGroup(_ signal: Int32)
+    /// Runs `body` as the task ends, on the thread that learns of it (at once if it has ended).
+    func onEnd(_ body: @escaping @Sendable (ChildProcess.Termination) -> Void)
 }
 
 extension ChildProcess: RunningTask {}

@@ -57,6 +57,8 @@ public final class WorkerRuntime: Sendable {
     }
 
     let state = Mutex(State())
+    /// Starts the deferred writes of attempts' starts (run by `run()`).
+    let deferredWrites = DeferredWrites()
     private let slotFreedStream: AsyncStream<Void>
     /// Tells this process's slot counts apart from an earlier process's under the same worker id.
     let incarnation = UUID().uuidString
@@ -97,6 +99,7 @@ public final class WorkerRuntime: Sendable {
             group.addTask { await self.heartbeatLoop() }
             group.addTask { await self.renewLoop() }
             group.addTask { await self.selfFenceLoop() }
+            group.addTask { await self.deferredWrites.run() }
             await claimLoop()
             await drainRunning()
             state.withLock { $0.phase = .stopped }
@@ -325,6 +328,27 @@ public final class WorkerRuntime: Sendable {
         reportReleasedIfIdle()
     }
 
+    /// The task's process is gone: free its slot — the claim loop takes the next job while this one's result is
+    /// recorded — and forget the pid, which the kernel may hand to another process from now on. Runs on the thread
+    /// that reaped the process, so the next claim does not wait for a pool thread first; and again, to no effect,
+    /// when the job's own path sees the end. Returns the slot.
+    private func processEnded(_ jobID: String) -> Slot? {
+        let (slot, changed, busy) = state.withLock { s -> (Slot?, Bool, Int) in
+            let changed = s.slots[jobID].map { !$0.finishing } ?? false
+            if changed {
+                s.slots[jobID]?.finishing = true
+                s.slots[jobID]?.process = nil
+                s.slotFreed?.yield()
+            }
+            return (s.slots[jobID], changed, s.running)
+        }
+        if changed {
+            observer.slotsBusy(busy, of: configuration.concurrency)
+            reportReleasedIfIdle()
+        }
+        return slot
+    }
+
     /// Claims up to `max` jobs (0: none) and, with them, tells the broker how many of this process's claimed jobs
     /// have freed their slot.
     private func claim(from queues: [String], max: Int) async throws -> [ClaimedJob] {
@@ -448,6 +472,7 @@ public final class WorkerRuntime: Sendable {
             }
             defer { for f in launched.cleanup { unlink(f) } }
             state.withLock { $0.slots[job.jobID]?.process = launched.process }
+            launched.process.onEnd { [self] _ in _ = processEnded(job.jobID) }
             log.info("task started", metadata: ["pid": .stringConvertible(launched.process.pid)])
             let startedRecord = ResultRecord(
                 taskId: task.id, state: .started,
@@ -474,12 +499,12 @@ public final class WorkerRuntime: Sendable {
             // not act on STARTED. Otherwise STARTED and the ledger's start are written now.
             let startWrite: DeferredWrite
             if startRecorder != nil && !claimRecorded {
-                startWrite = DeferredWrite(after: configuration.startRecordDelay, recordWholeStart)
+                startWrite = deferredWrites.schedule(after: configuration.startRecordDelay, recordWholeStart)
             } else {
-                startWrite = DeferredWrite(after: .zero) {
+                startWrite = DeferredWrite(now: {
                     _ = try? await self.results.store(startedRecord, fence: fence)
                     try? await self.ledger.started(job, taskID: task.id, pid: pid)
-                }
+                })
             }
 
             // 5. Wait, enforcing the message's soft and hard time limits.
@@ -487,16 +512,8 @@ public final class WorkerRuntime: Sendable {
             let termination = await waitWithLimits(launched.process, task: task, log: log)
             let ran = ContinuousClock.now - runStart
             let runSeconds = ran.inSeconds
-            // The process is gone: free the slot (the next task starts while this one's result is recorded) and
-            // forget the pid, which the kernel may hand to another process from now on.
-            let atExit = state.withLock { s -> Slot? in
-                s.slots[job.jobID]?.finishing = true
-                s.slots[job.jobID]?.process = nil
-                s.slotFreed?.yield()
-                return s.slots[job.jobID]
-            }
-            observer.slotsBusy(busy, of: configuration.concurrency)
-            reportReleasedIfIdle()
+            // (the slot was freed as the process was reaped: `processEnded`)
+            let atExit = processEnded(job.jobID)
             let doneAt = Date()
             // true: the start was never written (the task was quick); the end below writes both at once
             var startUnwritten = await startWrite.cancelUnlessStarted()
@@ -574,7 +591,9 @@ public final class WorkerRuntime: Sendable {
 
     /// Soft limit: SIGTERM to the task's process group; hard limit: SIGKILL.
     private func waitWithLimits(_ p: any RunningTask, task: CeleryTask, log: Logger) async -> ChildProcess.Termination {
-        await withTaskGroup(of: ChildProcess.Termination?.self) { group in
+        // no limits (Airflow sets none): no task group, whose child task would cost a pool wake-up per task
+        if (task.softTimeLimit ?? 0) <= 0 && (task.hardTimeLimit ?? 0) <= 0 { return await p.wait() }
+        return await withTaskGroup(of: ChildProcess.Termination?.self) { group in
             group.addTask { await p.wait() }
             if let soft = task.softTimeLimit, soft > 0 {
                 group.addTask {

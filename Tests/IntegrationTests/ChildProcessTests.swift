@@ -1,0 +1,75 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Worker
+
+/// The task process's end as the worker learns it: reaped as it happens (not when someone gets round to waiting),
+/// told to whoever registered on the reaping thread, never signalled after it is gone.
+@Suite("task processes")
+struct ChildProcessTests {
+    /// A zombie still has its /proc entry; a reaped process does not.
+    static func exists(_ pid: Int32) -> Bool { FileManager.default.fileExists(atPath: "/proc/\(pid)") }
+
+    @Test("a task process is reaped as it ends, before anyone waits; its end reaches onEnd and wait()")
+    func reapedAtOnce() async throws {
+        let p = try await ChildProcess.spawn(argv: ["/bin/sh", "-c", "exit 3"], environment: ["PATH": "/usr/bin:/bin"])
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(10)
+        while Self.exists(p.pid) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(!Self.exists(p.pid), "nobody waited yet, but the reaper should have reaped pid \(p.pid)")
+        let heard = Mutex<ChildProcess.Termination?>(nil)
+        p.onEnd { t in heard.withLock { $0 = t } }  // registered after the end: runs at once
+        #expect(heard.withLock { $0 } == .exited(3))
+        #expect(await p.wait() == .exited(3))
+        #expect(await p.wait() == .exited(3), "a second wait gets the same end")
+    }
+
+    @Test("a child its spawner reaps itself is left alone by the reaper")
+    func reapedBySpawner() async throws {
+        let p = try await ChildProcess.spawn(
+            argv: ["/bin/sh", "-c", "exit 4"], environment: ["PATH": "/usr/bin:/bin"], reapedBySpawner: true)
+        try await Task.sleep(for: .milliseconds(200))
+        var status: Int32 = 0
+        #expect(waitpid(p.pid, &status, 0) == p.pid, "the reaper must not have taken the spawner's child")
+        #expect(ChildProcess.termination(status) == .exited(4))
+    }
+
+    @Test("once a task has ended, nothing signals its pid (the kernel may have given it to another process)")
+    func noSignalAfterEnd() {
+        let end = ProcessEnd()
+        var before = false
+        end.ifRunning { before = true }
+        #expect(before)
+        end.deliver(.exited(0))
+        end.deliver(.exited(9))  // the first delivery wins
+        var after = false
+        end.ifRunning { after = true }
+        #expect(!after)
+        #expect(end.ended == .exited(0))
+    }
+
+    @Test("a deferred write starts when due unless called off first; calling off a started one waits for it")
+    func deferredWrites() async throws {
+        let writes = DeferredWrites()
+        let loop = Task { await writes.run() }
+        defer { loop.cancel() }
+        let done = Mutex<[String]>([])
+
+        let due = writes.schedule(after: .milliseconds(50)) { done.withLock { $0.append("due") } }
+        let calledOff = writes.schedule(after: .milliseconds(50)) { done.withLock { $0.append("called off") } }
+        #expect(await calledOff.cancelUnlessStarted(), "pending: the caller writes it instead")
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(10)
+        while !done.withLock({ $0.contains("due") }) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(await due.cancelUnlessStarted() == false, "already written: nothing left for the caller")
+        try await Task.sleep(for: .milliseconds(150))
+        #expect(done.withLock { $0 } == ["due"])
+
+        // the schedule went empty; a new write must still wake the loop
+        let later = writes.schedule(after: .milliseconds(10)) { done.withLock { $0.append("later") } }
+        while !done.withLock({ $0.contains("later") }) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(await later.cancelUnlessStarted() == false)
+        #expect(done.withLock { $0 } == ["due", "later"])
+    }
+}

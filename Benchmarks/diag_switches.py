@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Where a Tandem worker's context switches go, per thread kind, over the middle 60% of a run of no-op tasks.
+
+    .venv/celery56/bin/python Benchmarks/diag_switches.py --bin .build-static/release [--conc 2] [--tasks 5000]
+        [--noop glibc|bare] [--dispatcher-flags "--prefetch-limit 16"]
+
+Starts its own Redis and Postgres (bench.py's Servers, ports 6491/5491), publishes with Celery, starts the
+dispatcher and one worker, and prints tasks/s, context switches per task by thread name, the worker's and the
+machine's CPU per task, and Redis commands per task. A diagnostic for one change at a time (bench.py is the
+comparison with Celery); Benchmarks/run builds the no-ops it needs first.
+"""
+import argparse, collections, os, sys, time, types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--bin", required=True)
+ap.add_argument("--conc", type=int, default=2)
+ap.add_argument("--tasks", type=int, default=5000)
+ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
+ap.add_argument("--dispatcher-flags", default="")
+a = ap.parse_args()
+logdir = os.path.join(HERE, "results", "raw", "diag-" + time.strftime("%Y%m%d-%H%M%S"))
+os.makedirs(logdir, exist_ok=True)
+args = types.SimpleNamespace(bin=os.path.abspath(a.bin), noop_dir=os.path.join(HERE, "bin"),
+                             src=os.path.dirname(HERE), logdir=logdir, noop=a.noop)
+bench.SCRIPTS = os.path.join(args.src, "Sources", "TandemRedis", "Scripts")
+srv = bench.Servers(6491, 5491)
+srv.start()
+try:
+    pub = bench.Publisher(srv)
+    t = bench.Tandem(srv, args, logdir)
+    if a.dispatcher_flags:
+        flags, orig = a.dispatcher_flags.split(), t.extra_flags
+        t.extra_flags = lambda role, tag: orig(role, tag) + (flags if role == "dispatcher" else [])
+    srv.reset(t.db)
+    pub.publish(a.tasks)
+    c = srv.pg(t.db)
+    wpid = t.start(a.conc)["worker0"]
+
+    def switches():
+        out = collections.Counter()
+        for tid in os.listdir(f"/proc/{wpid}/task"):
+            try:
+                name = open(f"/proc/{wpid}/task/{tid}/comm").read().strip()
+                status = open(f"/proc/{wpid}/task/{tid}/status").read().splitlines()
+                out[(name, tid)] = sum(int(l.split()[1]) for l in status if "ctxt_switches" in l)
+            except OSError:
+                pass
+        return out
+
+    while t.success_count(c) < a.tasks * 0.2:
+        time.sleep(0.01)
+    r = srv.r()
+    stats0, cpu0, mach0, sw0 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
+    n0, t0 = t.success_count(c), time.time()
+    while t.success_count(c) < a.tasks * 0.8:
+        time.sleep(0.01)
+    stats1, cpu1, mach1, sw1 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
+    n = t.success_count(c) - n0
+    el = time.time() - t0
+    t.stop()
+    print(f"c={a.conc} {a.noop} no-op: {n} tasks in {el:.2f}s = {n / el:.0f}/s")
+    by = collections.Counter()
+    for key, v in sw1.items():
+        by[key[0]] += v - sw0.get(key, 0)
+    for name, v in by.most_common():
+        print(f"  {name:20s} {v / n:6.2f} context switches/task")
+    print(f"  total {sum(by.values()) / n:.2f}; worker CPU {(cpu1 - cpu0) * 1000 / n:.3f} ms/task; "
+          f"machine {(mach1 - mach0) * 1000 / n:.3f} ms/task")
+    for name in sorted(stats1):
+        calls = stats1[name]["calls"] - stats0.get(name, {}).get("calls", 0)
+        us = stats1[name]["usec"] - stats0.get(name, {}).get("usec", 0)
+        if calls:
+            print(f"  redis {name[8:]:18s} {calls / n:6.2f}/task {us / n:7.1f} µs/task")
+finally:
+    srv.stop()

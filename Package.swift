@@ -112,7 +112,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["Redis", "Postgres", "ClientSupport"], path: "Tests/TestSupport"),
         .testTarget(name: "CeleryWireTests", dependencies: ["CeleryWire"], resources: [.copy("vectors")]),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
-        .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "TestSupport"]),
+        .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "ClientSupport", "TestSupport"]),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "TestSupport"]

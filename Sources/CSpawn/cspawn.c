@@ -13,7 +13,37 @@
 #include <sys/syscall.h>
 #include <sys/epoll.h>
 #include <sys/wait.h>
+#include <dirent.h>
+#include <sched.h>
+#include <stdlib.h>
 #include <unistd.h>
+
+// the CPUs task processes run on, restored in the child before exec once the worker pinned its own threads
+static cpu_set_t child_cpus;
+static volatile int child_cpus_set = 0;
+
+int tandem_pin_threads(int cpu) {
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) return errno;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &allowed)) return EINVAL;
+    child_cpus = allowed;
+    child_cpus_set = 1;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    // every thread that exists now; threads created later inherit their creator's affinity
+    DIR *d = opendir("/proc/self/task");
+    if (d == NULL) return errno;
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        pid_t tid = (pid_t)atoi(e->d_name);
+        if (sched_setaffinity(tid, sizeof one, &one) != 0 && errno != ESRCH) rc = errno;
+    }
+    closedir(d);
+    return rc;
+}
 
 int tandem_spawn(const char *path, char *const argv[], char *const envp[], const char *output_path,
                  int death_signal, pid_t *pid_out) {
@@ -40,6 +70,7 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
             prctl(PR_SET_PDEATHSIG, death_signal);
             if (getppid() != parent) _exit(127);  // the worker died before prctl took effect
         }
+        if (child_cpus_set) sched_setaffinity(0, sizeof child_cpus, &child_cpus);
         int in = open("/dev/null", O_RDONLY);
         if (in >= 0 && in != 0) { dup2(in, 0); close(in); }
         if (output_path != NULL) {

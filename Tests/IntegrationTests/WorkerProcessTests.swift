@@ -117,6 +117,41 @@ struct WorkerProcessTests {
         #expect(try await waitForFinal([held])[held] == "SUCCESS")
     }
 
+    /// `Cpus_allowed_list` of a process or one of its threads ("0", "0-1", …).
+    static func allowedCPUs(_ path: String) -> String? {
+        guard let text = try? String(contentsOfFile: path + "/status", encoding: .utf8) else { return nil }
+        return text.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+            .map { $0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces) }
+    }
+
+    @Test("--pin-cpu: every worker thread on that CPU, its task processes on every CPU the worker was given; a CPU it cannot use is refused")
+    func pinnedWorkerThreads() async throws {
+        let mine = try #require(Self.allowedCPUs("/proc/self"))
+        try cluster.startDispatcher()
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--pin-cpu", "0"])
+        let held = try await submit(task: "hold", run: "p")
+        #expect(try await eventually(timeout: .seconds(30)) {
+            cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.p" }
+        }, "\(cluster.logs())")
+        let threads = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(w.pid)/task")
+        #expect(threads.count > 1)
+        for t in threads {
+            #expect(Self.allowedCPUs("/proc/\(w.pid)/task/\(t)") == "0", "worker thread \(t) is not pinned")
+        }
+        // the fake airflow logs "start KEY EXECUTOR_ID PID TIME"
+        let log = try String(contentsOfFile: cluster.fakeLog, encoding: .utf8)
+        let line = try #require(log.split(separator: "\n").first { $0.hasPrefix("start dag.hold.p ") })
+        let taskPID = try #require(Int32(line.split(separator: " ")[3]))
+        #expect(Self.allowedCPUs("/proc/\(taskPID)") == mine, "the task process must get every CPU back")
+        try cluster.release(dag: "dag", run: "p")
+        #expect(try await waitForFinal([held])[held] == "SUCCESS")
+
+        let bad = try cluster.startWorker(dc: "east", name: "east-bad", extra: ["--pin-cpu", "4096"])
+        let code = await bad.waitForExit(timeout: .seconds(20))
+        #expect(code == 64, "\(bad.log())")
+        #expect(bad.log().contains("--pin-cpu 4096: CPU 4096 is not one this process may run on"), "\(bad.log())")
+    }
+
     @Test("a negative prefetch is refused at start-up with the flag to fix")
     func negativePrefetchRefused() async throws {
         let d = try cluster.startDispatcher(extra: ["--prefetch-limit=-1"])

@@ -11,6 +11,12 @@
 int tandem_spawn(const char *path, char *const argv[], char *const envp[], const char *output_path,
                  int death_signal, pid_t *pid_out);
 
+/// Runs every thread of this process (and every thread it creates later) on CPU `cpu` alone, while task processes
+/// spawned from now on get back the CPUs the process had before — the worker's own threads then hand work to
+/// each other on one CPU instead of waking each other across CPUs. Returns 0, or an errno value (nothing
+/// changed: `cpu` not among the allowed CPUs, or the affinity could not be read).
+int tandem_pin_threads(int cpu);
+
 /// A pidfd for `pid` (readable once the process has ended), or -1 with errno set.
 int tandem_pidfd_open(pid_t pid);
 

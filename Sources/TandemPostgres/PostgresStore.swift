@@ -163,6 +163,17 @@ public final class PostgresStore: StoreOperationSink {
                 return (row?.int("written") ?? 0) > 0 ? .written : .keptSuccess
             })
         case .sequence(let ops):
+            // a quick task's whole attempt (its start was never written on its own): one statement that writes the
+            // final state at once — one row version each in tandem_tasks and celery_taskmeta instead of two
+            if ops.count == 2, case .began(let c, let pid, _) = ops[0], case .completed(let r, let f) = ops[1],
+                f.token == c.token, f.taskID == c.taskID, r.taskID == c.taskID
+            {
+                return ([ranAndEndedStatement(c, pid: pid, result: r, finish: f)], { results in
+                    let row = results.first?.rows.first
+                    if (row?.int("claimed") ?? 0) == 0 { return .fenced }
+                    return (row?.int("written") ?? 0) > 0 ? .written : .keptSuccess
+                })
+            }
             // every part runs (a fenced start makes the end refuse itself too); the outcome is as `apply`'s
             let parts = ops.map(pipelined)
             guard !parts.isEmpty, parts.allSatisfy({ $0 != nil }) else { return nil }
@@ -218,6 +229,65 @@ public final class PostgresStore: StoreOperationSink {
                 .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
                 .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
             ] + resultBinds(r)
+        )
+    }
+
+    /// A quick attempt from claim to end in one statement: what `beganStatement` then `completedStatement` write
+    /// together, minus the intermediate row versions (STARTED, and the ledger row without its end). Same events,
+    /// in the same order: `claimed`, `started`, the outcome — or, when a newer claim is on record, the two `fenced`
+    /// events the pair writes. Returns one row: `claimed` (0 = fenced) and `written` (0 = a SUCCESS was there).
+    static func ranAndEndedStatement(
+        _ c: StoreOperation.Claim, pid: Int32, result r: StoreOperation.ResultWrite, finish f: StoreOperation.Finish
+    ) -> Statement {
+        (
+            """
+            WITH claim AS (
+                INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
+                    dispatched_at, claimed_by, hostname, token, attempts, pid, started_at, finished_at, outcome,
+                    exit_status)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10, $11, $12, $13, now(),
+                        now(), $20, $21::integer)
+                ON CONFLICT (task_id) DO UPDATE
+                   SET job_id = excluded.job_id, ingress_queue = excluded.ingress_queue, queue = excluded.queue,
+                       datacenter = excluded.datacenter, dispatched_at = excluded.dispatched_at,
+                       claimed_by = excluded.claimed_by, hostname = excluded.hostname, token = excluded.token,
+                       attempts = excluded.attempts, pid = excluded.pid, started_at = excluded.started_at,
+                       finished_at = excluded.finished_at, outcome = excluded.outcome,
+                       exit_status = excluded.exit_status, updated_at = now()
+                 WHERE tandem_tasks.token < excluded.token
+                RETURNING task_id),
+            events AS (
+                INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
+                SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
+                  FROM (VALUES (1, 'claimed', $9::text, $14::text), (2, 'started', NULL, $15::text),
+                               (3, lower($20::text), NULL, $22::text))
+                       AS e(n, event, worker, detail)
+                 WHERE EXISTS (SELECT 1 FROM claim)
+                UNION ALL
+                SELECT $1::text, $2::text, e.event, e.worker, e.dc, $11::bigint, e.detail
+                  FROM (VALUES (1, 'fenced', $9::text, $7::text, 'a newer claim is already recorded'),
+                               (2, 'fenced', NULL, NULL,
+                                'late ' || $16::text || ' refused: the task was claimed again (token '
+                                    || coalesce((SELECT token::text FROM tandem_tasks WHERE task_id = $1), '?') || ')'))
+                       AS e(n, event, worker, dc, detail)
+                 WHERE NOT EXISTS (SELECT 1 FROM claim)),
+            result AS (
+                INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
+                SELECT nextval('task_id_sequence'), $1::text, $16::text, $17::bytea, $18::text,
+                       COALESCE($19::timestamptz, now()) AT TIME ZONE 'UTC'
+                  FROM claim
+                \(keepingSuccess)
+                RETURNING 1)
+            SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM result) AS written
+            """,
+            [
+                .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
+                .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
+                .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
+                .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
+            ] + resultBinds(r) + [
+                .text(f.outcome), f.exitStatus.map { .int(Int64($0)) } ?? .null, f.detail.map { .text($0) } ?? .null,
+            ]
         )
     }
 

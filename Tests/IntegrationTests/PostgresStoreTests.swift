@@ -166,6 +166,34 @@ struct PostgresStoreTests {
         #expect(after.events.map(\.event) == ["claimed", "started", "fenced"])
     }
 
+    @Test("a quick attempt in one statement: final state at once, the same history as start + end; stale refused; SUCCESS kept")
+    func ranAndEndedInOneStatement() async throws {
+        func quick(_ j: ClaimedJob, _ task: String, _ state: CeleryState, worker: String = "w1") async throws -> ResultWriteOutcome {
+            try await store.ranAndEnded(
+                j, facts: facts(task, worker: worker), pid: 55, started: .started(taskId: task, pid: 55, hostname: "h"),
+                result: ResultRecord(taskId: task, state: state), outcome: state.rawValue,
+                exitStatus: state == .success ? 0 : 1, detail: state == .success ? nil : "boom")
+        }
+        #expect(try await quick(job("41", token: 80), "t-quick", .failure) == .written)
+        #expect(try await store.state(taskID: "t-quick") == .failure)
+        var e = try #require(try await store.entry(taskID: "t-quick"))
+        #expect(e.token == 80 && e.outcome == "FAILURE" && e.exitStatus == 1 && e.startedAt != nil && e.finishedAt != nil)
+        #expect(e.events.map(\.event) == ["claimed", "started", "failure"])
+        #expect(e.events.last?.detail == "boom")
+        // a retry's quick attempt (newer token) replaces the FAILURE; a stale one is refused with both fenced events
+        #expect(try await quick(job("42", token: 81, attempts: 2), "t-quick", .success) == .written)
+        #expect(try await quick(job("40", token: 79), "t-quick", .failure, worker: "late") == .fenced)
+        #expect(try await store.state(taskID: "t-quick") == .success)
+        e = try #require(try await store.entry(taskID: "t-quick"))
+        #expect(e.token == 81 && e.outcome == "SUCCESS" && e.claimedBy == "w1")
+        #expect(e.events.map(\.event) == ["claimed", "started", "failure", "claimed", "started", "success", "fenced", "fenced"])
+        #expect(e.events.last?.detail?.contains("token 81") == true)
+
+        // the same attempt reporting again cannot turn a SUCCESS into a FAILURE
+        #expect(try await quick(job("43", token: 82, attempts: 3), "t-quick", .failure) == .keptSuccess)
+        #expect(try await store.state(taskID: "t-quick") == .success)
+    }
+
     @Test("the end of an attempt in one write: result and ledger together; kept SUCCESS; a stale attempt is refused")
     func endedInOneWrite() async throws {
         let j = job("31", token: 50)

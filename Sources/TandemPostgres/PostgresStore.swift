@@ -194,18 +194,7 @@ public final class PostgresStore: StoreOperationSink {
     static func beganStatement(_ c: StoreOperation.Claim, pid: Int32, started r: StoreOperation.ResultWrite) -> Statement {
         (
             """
-            WITH claim AS (
-                INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
-                    dispatched_at, claimed_by, hostname, token, attempts, pid, started_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10, $11, $12, $13, now())
-                ON CONFLICT (task_id) DO UPDATE
-                   SET job_id = excluded.job_id, ingress_queue = excluded.ingress_queue, queue = excluded.queue,
-                       datacenter = excluded.datacenter, dispatched_at = excluded.dispatched_at,
-                       claimed_by = excluded.claimed_by, hostname = excluded.hostname, token = excluded.token,
-                       attempts = excluded.attempts, pid = excluded.pid, started_at = excluded.started_at,
-                       finished_at = NULL, outcome = NULL, exit_status = NULL, updated_at = now()
-                 WHERE tandem_tasks.token < excluded.token
-                RETURNING task_id),
+            WITH \(claimCTE(ending: false)),
             events AS (
                 INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
                 SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
@@ -215,20 +204,10 @@ public final class PostgresStore: StoreOperationSink {
                 UNION ALL
                 SELECT $1::text, $2::text, 'fenced', $9::text, $7::text, $11::bigint, 'a newer claim is already recorded'
                  WHERE NOT EXISTS (SELECT 1 FROM claim)),
-            started AS (
-                INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
-                SELECT nextval('task_id_sequence'), $1::text, $16::text, $17::bytea, $18::text,
-                       COALESCE($19::timestamptz, now()) AT TIME ZONE 'UTC'
-                  FROM claim
-                \(keepingSuccess))
+            started AS (\(resultUpsert(from: "claim", first: 16)))
             SELECT count(*) AS claimed FROM claim
             """,
-            [
-                .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
-                .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
-                .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
-                .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
-            ] + resultBinds(r)
+            claimBinds(c, pid: pid) + resultBinds(r)
         )
     }
 
@@ -241,21 +220,7 @@ public final class PostgresStore: StoreOperationSink {
     ) -> Statement {
         (
             """
-            WITH claim AS (
-                INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
-                    dispatched_at, claimed_by, hostname, token, attempts, pid, started_at, finished_at, outcome,
-                    exit_status)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10, $11, $12, $13, now(),
-                        now(), $20, $21::integer)
-                ON CONFLICT (task_id) DO UPDATE
-                   SET job_id = excluded.job_id, ingress_queue = excluded.ingress_queue, queue = excluded.queue,
-                       datacenter = excluded.datacenter, dispatched_at = excluded.dispatched_at,
-                       claimed_by = excluded.claimed_by, hostname = excluded.hostname, token = excluded.token,
-                       attempts = excluded.attempts, pid = excluded.pid, started_at = excluded.started_at,
-                       finished_at = excluded.finished_at, outcome = excluded.outcome,
-                       exit_status = excluded.exit_status, updated_at = now()
-                 WHERE tandem_tasks.token < excluded.token
-                RETURNING task_id),
+            WITH \(claimCTE(ending: true)),
             events AS (
                 INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
                 SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
@@ -267,25 +232,13 @@ public final class PostgresStore: StoreOperationSink {
                 SELECT $1::text, $2::text, e.event, e.worker, e.dc, $11::bigint, e.detail
                   FROM (VALUES (1, 'fenced', $9::text, $7::text, 'a newer claim is already recorded'),
                                (2, 'fenced', NULL, NULL,
-                                'late ' || $16::text || ' refused: the task was claimed again (token '
-                                    || coalesce((SELECT token::text FROM tandem_tasks WHERE task_id = $1), '?') || ')'))
+                                \(lateRefusal(status: 16))))
                        AS e(n, event, worker, dc, detail)
                  WHERE NOT EXISTS (SELECT 1 FROM claim)),
-            result AS (
-                INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
-                SELECT nextval('task_id_sequence'), $1::text, $16::text, $17::bytea, $18::text,
-                       COALESCE($19::timestamptz, now()) AT TIME ZONE 'UTC'
-                  FROM claim
-                \(keepingSuccess)
-                RETURNING 1)
+            result AS (\(resultUpsert(from: "claim", first: 16)) RETURNING 1)
             SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM result) AS written
             """,
-            [
-                .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
-                .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
-                .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
-                .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
-            ] + resultBinds(r) + [
+            claimBinds(c, pid: pid) + resultBinds(r) + [
                 .text(f.outcome), f.exitStatus.map { .int(Int64($0)) } ?? .null, f.detail.map { .text($0) } ?? .null,
             ]
         )
@@ -305,20 +258,13 @@ public final class PostgresStore: StoreOperationSink {
                 SELECT 1 FROM fin
                 UNION ALL
                 SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM tandem_tasks WHERE task_id = $1)),
-            result AS (
-                INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
-                SELECT nextval('task_id_sequence'), $1::text, $2::text, $3::bytea, $4::text,
-                       COALESCE($5::timestamptz, now()) AT TIME ZONE 'UTC'
-                  FROM allowed
-                \(keepingSuccess)
-                RETURNING 1),
+            result AS (\(resultUpsert(from: "allowed", first: 2)) RETURNING 1),
             events AS (
                 INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
                 SELECT $1::text, $7::text, lower($9::text), NULL, $8::text, $6::bigint, $11::text FROM fin
                 UNION ALL
                 SELECT $1::text, $7::text, 'fenced', NULL, NULL, $6::bigint,
-                       'late ' || $2::text || ' refused: the task was claimed again (token '
-                           || coalesce((SELECT token::text FROM tandem_tasks WHERE task_id = $1), '?') || ')'
+                       \(lateRefusal(status: 2))
                  WHERE NOT EXISTS (SELECT 1 FROM allowed))
             SELECT (SELECT count(*) FROM allowed) AS allowed, (SELECT count(*) FROM result) AS written
             """,
@@ -327,6 +273,59 @@ public final class PostgresStore: StoreOperationSink {
                 f.exitStatus.map { .int(Int64($0)) } ?? .null, f.detail.map { .text($0) } ?? .null,
             ]
         )
+    }
+
+    /// `claim AS (…)`: an attempt's ledger row, written only over an older token (the row lock of the INSERT …
+    /// ON CONFLICT is the fencing check); it yields the task id when this claim is now the one on record. Binds
+    /// $1–$15 (`claimBinds`); `ending` records the attempt's end in the same row ($20 outcome, $21 exit status),
+    /// otherwise the end columns are cleared.
+    static func claimCTE(ending: Bool) -> String {
+        """
+        claim AS (
+            INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
+                dispatched_at, claimed_by, hostname, token, attempts, pid, started_at\(ending ? ", finished_at, outcome, exit_status" : ""))
+            VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10, $11, $12, $13,
+                    now()\(ending ? ", now(), $20, $21::integer" : ""))
+            ON CONFLICT (task_id) DO UPDATE
+               SET job_id = excluded.job_id, ingress_queue = excluded.ingress_queue, queue = excluded.queue,
+                   datacenter = excluded.datacenter, dispatched_at = excluded.dispatched_at,
+                   claimed_by = excluded.claimed_by, hostname = excluded.hostname, token = excluded.token,
+                   attempts = excluded.attempts, pid = excluded.pid, started_at = excluded.started_at,
+                   finished_at = excluded.finished_at, outcome = excluded.outcome, exit_status = excluded.exit_status,
+                   updated_at = now()
+             WHERE tandem_tasks.token < excluded.token
+            RETURNING task_id)
+        """
+    }
+
+    /// `claimCTE`'s binds $1–$15: the claim, the pid and the details of the `claimed` and `started` events.
+    static func claimBinds(_ c: StoreOperation.Claim, pid: Int32) -> [PostgresBind] {
+        [
+            .text(c.taskID), .text(c.jobID), .text(c.taskName), .text(c.kind), .text(c.ingressList),
+            .text(c.queue), .text(c.datacenter), .int(c.dispatchedAtMs), .text(c.workerID),
+            .text(c.hostname), .int(c.token), .int(Int64(c.attempts)), .int(Int64(pid)),
+            .text("attempt \(c.attempts) on \(c.hostname)"), .text("pid \(pid)"),
+        ]
+    }
+
+    /// Celery's result row for task $1, written once per row of `source` (none: nothing written), from
+    /// `resultBinds` at $`first` (status) to $`first + 3` (date_done); an existing SUCCESS is kept.
+    static func resultUpsert(from source: String, first: Int) -> String {
+        """
+        INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done)
+        SELECT nextval('task_id_sequence'), $1::text, $\(first)::text, $\(first + 1)::bytea, $\(first + 2)::text,
+               COALESCE($\(first + 3)::timestamptz, now()) AT TIME ZONE 'UTC'
+          FROM \(source)
+        \(keepingSuccess)
+        """
+    }
+
+    /// The detail of the `fenced` event of an end refused because task $1 was claimed again (status at $`status`).
+    static func lateRefusal(status: Int) -> String {
+        """
+        'late ' || $\(status)::text || ' refused: the task was claimed again (token '
+            || coalesce((SELECT token::text FROM tandem_tasks WHERE task_id = $1), '?') || ')'
+        """
     }
 
     /// How every write of a Celery result row meets an existing one: it replaces it, unless that row is a SUCCESS

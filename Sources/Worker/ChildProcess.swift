@@ -288,7 +288,7 @@ final class ChildReaper: @unchecked Sendable {
 /// `--pin-cpu`: the worker's own threads on one CPU, its task processes on every CPU it was allowed.
 public enum ThreadPinning {
     /// Pins every thread of the worker (and those it creates later) to `cpu`; task processes started afterwards
-    /// run on the CPUs the worker had before. Returns nil, or why it could not (nothing changed then).
+    /// run on the CPUs the worker had before. Returns nil, or why it could not (the worker must then not start).
     public static func pin(to cpu: Int) -> String? {
         let rc = tandem_pin_threads(Int32(cpu))
         if rc == 0 { return nil }

@@ -148,9 +148,13 @@ final class DeferredWrites: Sendable {
         while !Task.isCancelled {
             let now = ContinuousClock.now
             let (due, next) = state.withLock { s -> ([DeferredWrite], ContinuousClock.Instant?) in
-                s.pending.removeAll { !$0.isPending }
-                let due = s.pending.filter { $0.due <= now }
-                s.pending.removeAll { $0.due <= now }
+                // one pass: forget the called-off ones, take those that fell due
+                var due: [DeferredWrite] = []
+                s.pending.removeAll { w in
+                    guard w.isPending else { return true }
+                    if w.due <= now { due.append(w) }
+                    return w.due <= now
+                }
                 return (due, s.pending.map(\.due).min())
             }
             for w in due { w.start() }

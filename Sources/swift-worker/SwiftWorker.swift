@@ -84,7 +84,11 @@ struct SwiftWorker: AsyncParsableCommand {
     func run() async throws {
         bootstrapLogging(level: setting(logLevel, env: "TANDEM_LOG_LEVEL"), json: logJSON)
         let logger = Logger(label: "tandem.worker")
-        if let cpu = pinCPU ?? setting(nil, env: "TANDEM_PIN_CPU").flatMap({ Int($0) }) {
+        let pinEnv = setting(nil, env: "TANDEM_PIN_CPU")
+        if pinCPU == nil, let pinEnv, Int(pinEnv) == nil {
+            throw ValidationError("TANDEM_PIN_CPU=\(pinEnv) is not a CPU number — set it to one of 0..<\(ProcessInfo.processInfo.activeProcessorCount), or unset it")
+        }
+        if let cpu = pinCPU ?? pinEnv.flatMap({ Int($0) }) {
             if let problem = ThreadPinning.pin(to: cpu) {
                 throw ValidationError("--pin-cpu \(cpu): \(problem) — pass a CPU from `nproc`'s range, or leave the flag out")
             }

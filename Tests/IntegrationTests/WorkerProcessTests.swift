@@ -150,6 +150,13 @@ struct WorkerProcessTests {
         let code = await bad.waitForExit(timeout: .seconds(20))
         #expect(code == 64, "\(bad.log())")
         #expect(bad.log().contains("--pin-cpu 4096: CPU 4096 is not one this process may run on"), "\(bad.log())")
+
+        var env = cluster.environment
+        env["TANDEM_PIN_CPU"] = "first"
+        let typo = try TandemProcess(
+            "swift-worker", ["--dc", "east", "--worker-id", "east-typo"], environment: env, logDir: cluster.dir, name: "east-typo")
+        #expect(await typo.waitForExit(timeout: .seconds(20)) == 64, "\(typo.log())")
+        #expect(typo.log().contains("TANDEM_PIN_CPU=first is not a CPU number"), "\(typo.log())")
     }
 
     @Test("a negative prefetch is refused at start-up with the flag to fix")

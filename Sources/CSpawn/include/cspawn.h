@@ -13,8 +13,9 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
 
 /// Runs every thread of this process (and every thread it creates later) on CPU `cpu` alone, while task processes
 /// spawned from now on get back the CPUs the process had before — the worker's own threads then hand work to
-/// each other on one CPU instead of waking each other across CPUs. Returns 0, or an errno value (nothing
-/// changed: `cpu` not among the allowed CPUs, or the affinity could not be read).
+/// each other on one CPU instead of waking each other across CPUs. Returns 0, or an errno value: EINVAL (nothing
+/// changed) when `cpu` is not among the allowed CPUs; otherwise some threads may be pinned and the caller
+/// should not go on.
 int tandem_pin_threads(int cpu);
 
 /// A pidfd for `pid` (readable once the process has ended), or -1 with errno set.

@@ -2,7 +2,7 @@
 """Where a Tandem worker's context switches go, per thread kind, over the middle 60% of a run of no-op tasks.
 
     .venv/celery56/bin/python Benchmarks/diag_switches.py --bin .build-static/release [--conc 2] [--tasks 5000]
-        [--noop glibc|bare] [--dispatcher-flags "--prefetch-limit 16"]
+        [--noop glibc|bare] [--dispatcher-flags "--prefetch-limit 16"] [--worker-flags "--max-finishing 2"]
 
 Starts its own Redis and Postgres (bench.py's Servers, ports 6491/5491), publishes with Celery, starts the
 dispatcher and one worker, and prints tasks/s, context switches per task by thread name, the worker's and the
@@ -21,20 +21,27 @@ ap.add_argument("--conc", type=int, default=2)
 ap.add_argument("--tasks", type=int, default=5000)
 ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
 ap.add_argument("--dispatcher-flags", default="")
+ap.add_argument("--worker-flags", default="")
 a = ap.parse_args()
 logdir = os.path.join(HERE, "results", "raw", "diag-" + time.strftime("%Y%m%d-%H%M%S"))
 os.makedirs(logdir, exist_ok=True)
 args = types.SimpleNamespace(bin=os.path.abspath(a.bin), noop_dir=os.path.join(HERE, "bin"),
                              src=os.path.dirname(HERE), logdir=logdir, noop=a.noop)
 bench.SCRIPTS = os.path.join(args.src, "Sources", "TandemRedis", "Scripts")
+
+
+def tree_cpu(pid):
+    return sum(bench.cpu_of(p) for p in bench.tree(pid)) if pid else 0.0
+
+
 srv = bench.Servers(6491, 5491)
 srv.start()
 try:
     pub = bench.Publisher(srv)
     t = bench.Tandem(srv, args, logdir)
-    if a.dispatcher_flags:
-        flags, orig = a.dispatcher_flags.split(), t.extra_flags
-        t.extra_flags = lambda role, tag: orig(role, tag) + (flags if role == "dispatcher" else [])
+    if a.dispatcher_flags or a.worker_flags:
+        dflags, wflags, orig = a.dispatcher_flags.split(), a.worker_flags.split(), t.extra_flags
+        t.extra_flags = lambda role, tag: orig(role, tag) + (dflags if role == "dispatcher" else wflags)
     srv.reset(t.db)
     pub.publish(a.tasks)
     c = srv.pg(t.db)
@@ -55,10 +62,12 @@ try:
         time.sleep(0.01)
     r = srv.r()
     stats0, cpu0, mach0, sw0 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
+    pg0, pgcpu0 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))
     n0, t0 = t.success_count(c), time.time()
     while t.success_count(c) < a.tasks * 0.8:
         time.sleep(0.01)
     stats1, cpu1, mach1, sw1 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
+    pg1, pgcpu1 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))
     n = t.success_count(c) - n0
     el = time.time() - t0
     t.stop()
@@ -70,6 +79,8 @@ try:
         print(f"  {name:20s} {v / n:6.2f} context switches/task")
     print(f"  total {sum(by.values()) / n:.2f}; worker CPU {(cpu1 - cpu0) * 1000 / n:.3f} ms/task; "
           f"machine {(mach1 - mach0) * 1000 / n:.3f} ms/task")
+    print(f"  postgres: CPU {(pgcpu1 - pgcpu0) * 1000 / n:.3f} ms/task, "
+          + ", ".join(f"{k} {(pg1[k] - pg0[k]) / n:.2f}/task" for k in ("commits", "wal_sync", "wal_records")))
     for name in sorted(stats1):
         calls = stats1[name]["calls"] - stats0.get(name, {}).get("calls", 0)
         us = stats1[name]["usec"] - stats0.get(name, {}).get("usec", 0)

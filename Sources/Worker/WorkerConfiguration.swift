@@ -20,13 +20,22 @@ public struct WorkerConfiguration: Sendable {
     /// How long a task runs before its start is written on its own (STARTED, the ledger's start). A task that ends
     /// sooner has start and end written in one transaction. Airflow does not act on STARTED.
     public var startRecordDelay: Duration = .milliseconds(100)
+    /// Jobs whose process has ended and whose result and ack are still being written; past this many the worker
+    /// stops claiming until some are written (back-pressure from a slow Postgres: leases held by finished work
+    /// stay bounded). Not tied to `concurrency`: with few slots a limit of `concurrency` stopped claims whenever
+    /// one commit took longer than one task.
+    public var maxFinishing: Int
     /// Idle wait for work before polling again.
     public var idleWait: Duration = .milliseconds(500)
+
+    /// At least 16, and never fewer than the slots.
+    public static func defaultMaxFinishing(concurrency: Int) -> Int { max(16, concurrency) }
 
     public init(datacenter: String, queues: [String], concurrency: Int, workerID: String? = nil, hostname: String? = nil) {
         self.datacenter = datacenter
         self.queues = queues
         self.concurrency = concurrency
+        self.maxFinishing = Self.defaultMaxFinishing(concurrency: concurrency)
         let host = hostname ?? ProcessInfo.processInfo.hostName
         self.hostname = host
         self.workerID = workerID ?? "\(datacenter)@\(host):\(getpid())"

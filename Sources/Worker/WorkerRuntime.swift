@@ -10,7 +10,7 @@ import TandemCore
 /// A slot is free again as soon as its task's process has ended: recording the result and acking ("finishing")
 /// goes on beside the next task, still under the job's lease (renewed, fenced and acked as before). So a slot's
 /// path is claim → start → exit, not claim → start → exit → commit → ack; at most `concurrency` jobs finish at
-/// once, so a slow Postgres still holds the worker back instead of letting held leases pile up.
+/// once up to `maxFinishing`, so a slow Postgres still holds the worker back instead of letting held leases pile up.
 public final class WorkerRuntime: Sendable {
     public let configuration: WorkerConfiguration
     let broker: any Broker
@@ -167,7 +167,7 @@ public final class WorkerRuntime: Sendable {
             let (running, finishing) = state.withLock { ($0.running, $0.finishingCount) }
             let free = configuration.concurrency - running
             // back-pressure: when recording falls behind (a slow Postgres), stop taking work until it catches up
-            if free <= 0 || finishing >= configuration.concurrency {
+            if free <= 0 || finishing >= configuration.maxFinishing {
                 _ = await freed.next()
                 continue
             }

@@ -47,6 +47,10 @@ struct SwiftWorker: AsyncParsableCommand {
         name: .customLong("start-record-delay"),
         help: "Seconds a task runs before its STARTED state is written on its own; a task that ends sooner has its start and end written in one commit (default 0.1).")
     var startRecordDelay: Double = 0.1
+    @Option(
+        name: .customLong("max-finishing"),
+        help: "Ended tasks whose result and ack may be in flight at once; past this the worker stops claiming until Postgres catches up (default: the larger of 16 and --concurrency).")
+    var maxFinishing: Int?
     @Option(name: .customLong("airflow"), help: "The airflow executable for Airflow 2 commands (default: 'airflow' on PATH).")
     var airflowExecutable: String = "airflow"
     @Option(help: "Python interpreter with Airflow installed, for Airflow 3 workloads (env TANDEM_PYTHON; default python3).")
@@ -104,6 +108,9 @@ struct SwiftWorker: AsyncParsableCommand {
         let slots = concurrency
             ?? setting(nil, env: "AIRFLOW__CELERY__WORKER_CONCURRENCY").flatMap { Int($0) } ?? airflowCfg.workerConcurrency ?? 16
         guard slots > 0 else { throw ValidationError("--concurrency must be at least 1") }
+        if let maxFinishing, maxFinishing < 1 {
+            throw ValidationError("--max-finishing must be at least 1 (\(maxFinishing) would never claim); leave it out for the default")
+        }
         guard leaseTTL > renewEvery * 2 else {
             throw ValidationError("--lease-ttl (\(leaseTTL)s) must exceed twice --renew-every (\(renewEvery)s) so one missed renewal does not lose the lease")
         }
@@ -151,6 +158,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.shutdownGrace = .milliseconds(Int64(shutdownGrace * 1000))
             config.claimBatch = min(slots, 32)
             config.startRecordDelay = .milliseconds(Int64(max(0, startRecordDelay) * 1000))
+            if let maxFinishing { config.maxFinishing = maxFinishing }
             let pidbox = PidboxService(
                 configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
                 logger: logger)

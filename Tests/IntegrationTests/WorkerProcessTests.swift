@@ -281,6 +281,48 @@ struct WorkerProcessTests {
         #expect(s2[later] == "SUCCESS")
     }
 
+    @Test("a slow Postgres (result table locked): the worker stops claiming at --max-finishing, keeps its leases, and finishes everything once it catches up")
+    func slowPostgresStopsClaims() async throws {
+        try cluster.startDispatcher()
+        try cluster.startWorker(
+            dc: "east", name: "east-1",
+            extra: ["--concurrency", "2", "--max-finishing", "3", "--lease-ttl", "4", "--renew-every", "1"])
+        _ = try await eventually(timeout: .seconds(30)) {
+            (try? await pg.query("SELECT to_regclass('celery_taskmeta') IS NOT NULL AS ok"))?.rows.first?.string("ok") == "t"
+        }
+        // Postgres answers nothing that writes a result until this transaction ends (reads still work)
+        let locker = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "lock"))
+        _ = try await locker.query("BEGIN")
+        _ = try await locker.query("LOCK TABLE celery_taskmeta IN EXCLUSIVE MODE")
+        var ids: [String] = []
+        for i in 0..<20 { ids.append(try await submit(task: "ok", run: "slow\(i)")) }
+        let started = { cluster.taskEvents().filter { $0.event == "start" }.count }
+        let reached = try await eventually(timeout: .seconds(60)) { started() >= 3 }
+        #expect(reached, "\(cluster.logs())")
+        // longer than a lease: the jobs it holds stay its own (renewed, not reclaimed and re-run), and it claims no
+        // more than the 3 waiting to be written plus the 2 that were running when it stopped
+        try await Task.sleep(for: .seconds(6))
+        let whileSlow = started()
+        #expect(whileSlow >= 3 && whileSlow <= 5, "claimed past --max-finishing while Postgres was slow: \(whileSlow) started\n\(cluster.logs())")
+        #expect(try await states(ids).isEmpty)
+        _ = try await locker.query("COMMIT")
+        let s = try await waitForFinal(ids)
+        #expect(ids.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
+        let starts = cluster.taskEvents().filter { $0.event == "start" }
+        #expect(starts.count == 20, "each task runs once: \(starts.count) starts")
+        #expect(Set(starts.map(\.key)).count == 20)
+        #expect(!cluster.taskEvents().contains { $0.event == "DUPLICATE" })
+        locker.close()
+    }
+
+    @Test("--max-finishing below 1 is refused at start-up with what to pass")
+    func maxFinishingValidated() async throws {
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--max-finishing", "0"])
+        let code = await w.waitForExit(timeout: .seconds(30))
+        #expect(code == 64, "\(w.log())")
+        #expect(w.log().contains("--max-finishing must be at least 1"))
+    }
+
     @Test("a second SIGTERM stops running tasks and puts them back; another worker completes them")
     func secondSigtermPutsWorkBack() async throws {
         try cluster.startDispatcher()

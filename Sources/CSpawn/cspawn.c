@@ -52,7 +52,12 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
     pid_t parent = getpid();
     sigset_t all, old;
     sigfillset(&all);
-    // block signals so no handler of the worker runs in the child before exec
+    // block signals so no handler of the worker runs in the child before exec — except SIGCHLD while it has no
+    // handler: blocked, an earlier task's exit during this call is queued and wakes the thread that takes the
+    // process's signals; unblocked, the kernel discards it as it is sent (the reaper watches pidfds instead)
+    struct sigaction chld;
+    if (sigaction(SIGCHLD, NULL, &chld) == 0 && !(chld.sa_flags & SA_SIGINFO) && chld.sa_handler == SIG_DFL)
+        sigdelset(&all, SIGCHLD);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     pid_t pid = vfork();
     if (pid == 0) {

@@ -207,6 +207,14 @@ final class Spawner: @unchecked Sendable {
     }
 
     private func loop() {
+        // A task's exit sends SIGCHLD to the thread that forked it. Blocked here (threads inherit the pool's full
+        // mask), the kernel queued it for the one thread that takes signals, the main thread parked in
+        // sigsuspend, and woke that thread once per task for nothing. Unblocked, a SIGCHLD left at its default
+        // disposition is discarded as it is sent. (The reaper learns of exits from pidfds, not from the signal.)
+        var chld = sigset_t()
+        sigemptyset(&chld)
+        sigaddset(&chld, SIGCHLD)
+        pthread_sigmask(SIG_UNBLOCK, &chld, nil)
         while true {
             condition.lock()
             while work.isEmpty { condition.wait() }

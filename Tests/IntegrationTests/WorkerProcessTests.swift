@@ -315,6 +315,28 @@ struct WorkerProcessTests {
         locker.close()
     }
 
+    @Test("a task's exit wakes no thread of the worker but the reaper: its SIGCHLD is discarded as it is sent, not queued for the main thread")
+    func taskExitsDoNotWakeTheMainThread() async throws {
+        try cluster.startDispatcher()
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2"])
+        // the main thread parks in sigsuspend for the process's lifetime: each wake-up is one signal taken
+        func mainThreadWakeUps() -> Int? {
+            guard let text = try? String(contentsOfFile: "/proc/\(w.pid)/task/\(w.pid)/status", encoding: .utf8) else { return nil }
+            return text.split(separator: "\n").first { $0.hasPrefix("voluntary_ctxt_switches") }
+                .flatMap { Int($0.split(separator: "\t").last ?? "") }
+        }
+        let warm = try await submit(task: "ok", run: "warm")
+        _ = try await waitForFinal([warm])
+        let before = try #require(mainThreadWakeUps())
+        var ids: [String] = []
+        for i in 0..<30 { ids.append(try await submit(task: "ok", run: "chld\(i)")) }
+        let s = try await waitForFinal(ids)
+        #expect(ids.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
+        let after = try #require(mainThreadWakeUps())
+        // a queued SIGCHLD woke it once per task (30 here)
+        #expect(after - before <= 3, "the main thread woke \(after - before) times for 30 task exits")
+    }
+
     @Test("--max-finishing below 1 is refused at start-up with what to pass")
     func maxFinishingValidated() async throws {
         let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--max-finishing", "0"])

@@ -45,7 +45,8 @@ try:
     srv.reset(t.db)
     pub.publish(a.tasks)
     c = srv.pg(t.db)
-    wpid = t.start(a.conc)["worker0"]
+    roots = t.start(a.conc)
+    wpid, dpid = roots["worker0"], roots["dispatcher"]
 
     def switches():
         out = collections.Counter()
@@ -63,11 +64,13 @@ try:
     r = srv.r()
     stats0, cpu0, mach0, sw0 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
     pg0, pgcpu0 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))
+    other0 = (bench.cpu_of(dpid), bench.cpu_of(srv.pids().get("redis", 0)))
     n0, t0 = t.success_count(c), time.time()
     while t.success_count(c) < a.tasks * 0.8:
         time.sleep(0.01)
     stats1, cpu1, mach1, sw1 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
     pg1, pgcpu1 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))
+    other1 = (bench.cpu_of(dpid), bench.cpu_of(srv.pids().get("redis", 0)))
     n = t.success_count(c) - n0
     el = time.time() - t0
     t.stop()
@@ -79,6 +82,8 @@ try:
         print(f"  {name:20s} {v / n:6.2f} context switches/task")
     print(f"  total {sum(by.values()) / n:.2f}; worker CPU {(cpu1 - cpu0) * 1000 / n:.3f} ms/task; "
           f"machine {(mach1 - mach0) * 1000 / n:.3f} ms/task")
+    print(f"  dispatcher CPU {(other1[0] - other0[0]) * 1000 / n:.3f} ms/task; redis-server CPU "
+          f"{(other1[1] - other0[1]) * 1000 / n:.3f} ms/task")
     print(f"  postgres: CPU {(pgcpu1 - pgcpu0) * 1000 / n:.3f} ms/task, "
           + ", ".join(f"{k} {(pg1[k] - pg0[k]) / n:.2f}/task" for k in ("commits", "wal_sync", "wal_records")))
     for name in sorted(stats1):

@@ -16,7 +16,7 @@ public struct DispatcherConfiguration: Sendable {
     /// Most messages moved per script call.
     public var batch: Int = 500
     /// The most a datacenter queue may hold beyond its idle slots (as a multiple of its slots).
-    public var prefetchFactor: Int = 4
+    public var prefetchFactor: Int = 16
     /// Below that cap, a datacenter queue holds what its workers claim in this long (their claim rate times it):
     /// enough that a slot that frees finds its next job already there, while a job queued behind busy slots
     /// waits about this long, not a whole task, when another datacenter could run it. Slow tasks get no prefetch.

@@ -32,8 +32,8 @@ struct SwiftDispatcher: AsyncParsableCommand {
     var prefetchWindow: Double = 0.02
     @Option(
         name: .customLong("prefetch-limit"),
-        help: "Most a datacenter queue may hold beyond its idle slots, as a multiple of its slots (default 4).")
-    var prefetchLimit: Int = 4
+        help: "Most a datacenter queue may hold beyond its idle slots, as a multiple of its slots (default 16; the window is what normally sizes it).")
+    var prefetchLimit: Int = 16
     @Option(name: .customLong("id"), help: "Dispatcher id in the leader lease (default dispatcher@<host>:<pid>).")
     var dispatcherID: String?
     @Option(help: "Datacenter this dispatcher runs in (env TANDEM_DC; informational: every datacenter runs a standby).")

@@ -45,6 +45,8 @@ int tandem_pin_threads(int cpu) {
     return rc;
 }
 
+void tandem_name_thread(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+
 int tandem_spawn(const char *path, char *const argv[], char *const envp[], const char *output_path,
                  int death_signal, pid_t *pid_out) {
     int report[2];

@@ -215,6 +215,8 @@ final class Spawner: @unchecked Sendable {
         sigemptyset(&chld)
         sigaddset(&chld, SIGCHLD)
         pthread_sigmask(SIG_UNBLOCK, &chld, nil)
+        // the kernel's name for the thread (Foundation's `name` is not), so profiles and /proc tell it apart
+        tandem_name_thread("tandem-spawner")
         while true {
             condition.lock()
             while work.isEmpty { condition.wait() }
@@ -272,6 +274,7 @@ final class ChildReaper: @unchecked Sendable {
     }
 
     private func loop() {
+        tandem_name_thread("tandem-reaper")
         var ready = [Int32](repeating: -1, count: 64)
         while true {
             let n = tandem_epoll_wait(epoll, &ready, Int32(ready.count))

@@ -18,6 +18,9 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
 /// should not go on.
 int tandem_pin_threads(int cpu);
 
+/// Names the calling thread for the kernel (/proc, perf, top -H); at most 15 characters are kept.
+void tandem_name_thread(const char *name);
+
 /// A pidfd for `pid` (readable once the process has ended), or -1 with errno set.
 int tandem_pidfd_open(pid_t pid);
 

@@ -27,6 +27,16 @@ SCRIPTS = os.path.join(ROOT, "Sources", "TandemRedis", "Scripts")
 ARGV = ["airflow", "tasks", "run", "bench_dag", "noop", "RUN", "--local"]
 
 
+def diag_args(opts, prefix):
+    """What bench's System classes take, for a diagnostic script (diag_*.py) run from this tree with --bin and
+    --noop: logs go to results/raw/<prefix>-<time>/."""
+    import types
+    logdir = os.path.join(HERE, "results", "raw", prefix + "-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(logdir, exist_ok=True)
+    return types.SimpleNamespace(bin=os.path.abspath(opts.bin), noop_dir=os.path.join(HERE, "bin"), src=ROOT,
+                                 logdir=logdir, noop=opts.noop)
+
+
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 

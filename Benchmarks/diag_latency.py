@@ -11,8 +11,11 @@ worker's date_done use), so each task's path splits into: send_task until its LP
 the dispatcher's move; move until the worker's claim that returned the job; claim until date_done (the process
 ran); date_done until the ack. Prints the median and p90 of each step. A diagnostic, not the comparison with
 Celery (that is bench.py).
+
+DIAG_DUMP=1 also prints every command of the sixth task's window; DIAG_PERF_TRACE=FILE records the worker's
+system calls with `perf trace` meanwhile (perf slows the worker: read orders, not durations).
 """
-import argparse, datetime as dt, os, shlex, sys, threading, time, types
+import argparse, datetime as dt, hashlib, os, shlex, subprocess, sys, threading, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -25,11 +28,8 @@ ap.add_argument("--tasks", type=int, default=200)
 ap.add_argument("--rate", type=float, default=50)
 ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
 a = ap.parse_args()
-logdir = os.path.join(HERE, "results", "raw", "diaglat-" + time.strftime("%Y%m%d-%H%M%S"))
-os.makedirs(logdir, exist_ok=True)
-args = types.SimpleNamespace(bin=os.path.abspath(a.bin), noop_dir=os.path.join(HERE, "bin"),
-                             src=os.path.dirname(HERE), logdir=logdir, noop=a.noop)
-bench.SCRIPTS = os.path.join(args.src, "Sources", "TandemRedis", "Scripts")
+args = bench.diag_args(a, "diaglat")
+logdir = args.logdir
 EPOCH = dt.datetime(1970, 1, 1)
 
 
@@ -74,7 +74,6 @@ try:
     th.start()
     tracer = None
     if os.environ.get("DIAG_PERF_TRACE"):  # syscalls of the worker's threads, to a file
-        import subprocess
         tracer = subprocess.Popen(["perf", "trace", "-T", "-p", str(roots["worker0"]), "-o",
                                    os.environ["DIAG_PERF_TRACE"]], stderr=subprocess.DEVNULL)
         time.sleep(1)
@@ -110,7 +109,6 @@ try:
     for name in ("dispatch", "claim", "ack"):
         p = os.path.join(bench.SCRIPTS, name + ".lua")
         if os.path.exists(p):
-            import hashlib
             shas[hashlib.sha1(open(p, "rb").read()).hexdigest()] = name
     def script(words):
         if not words:

@@ -9,7 +9,7 @@ dispatcher and one worker, and prints tasks/s, context switches per task by thre
 machine's CPU per task, and Redis commands per task. A diagnostic for one change at a time (bench.py is the
 comparison with Celery); Benchmarks/run builds the no-ops it needs first.
 """
-import argparse, collections, os, sys, time, types
+import argparse, collections, os, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -23,11 +23,8 @@ ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
 ap.add_argument("--dispatcher-flags", default="")
 ap.add_argument("--worker-flags", default="")
 a = ap.parse_args()
-logdir = os.path.join(HERE, "results", "raw", "diag-" + time.strftime("%Y%m%d-%H%M%S"))
-os.makedirs(logdir, exist_ok=True)
-args = types.SimpleNamespace(bin=os.path.abspath(a.bin), noop_dir=os.path.join(HERE, "bin"),
-                             src=os.path.dirname(HERE), logdir=logdir, noop=a.noop)
-bench.SCRIPTS = os.path.join(args.src, "Sources", "TandemRedis", "Scripts")
+args = bench.diag_args(a, "diag")
+logdir = args.logdir
 
 
 def tree_cpu(pid):

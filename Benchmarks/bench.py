@@ -27,6 +27,16 @@ SCRIPTS = os.path.join(ROOT, "Sources", "TandemRedis", "Scripts")
 ARGV = ["airflow", "tasks", "run", "bench_dag", "noop", "RUN", "--local"]
 
 
+def diag_parser(tasks):
+    """The options every diagnostic script takes; each adds its own."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--conc", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=tasks)
+    ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
+    return ap
+
+
 def diag_args(opts, prefix):
     """What bench's System classes take, for a diagnostic script (diag_*.py) run from this tree with --bin and
     --noop: logs go to results/raw/<prefix>-<time>/."""

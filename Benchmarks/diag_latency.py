@@ -15,18 +15,14 @@ Celery (that is bench.py).
 DIAG_DUMP=1 also prints every command of the sixth task's window; DIAG_PERF_TRACE=FILE records the worker's
 system calls with `perf trace` meanwhile (perf slows the worker: read orders, not durations).
 """
-import argparse, datetime as dt, hashlib, os, shlex, subprocess, sys, threading, time
+import datetime as dt, hashlib, os, shlex, subprocess, sys, threading, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--bin", required=True)
-ap.add_argument("--conc", type=int, default=2)
-ap.add_argument("--tasks", type=int, default=200)
+ap = bench.diag_parser(tasks=200)
 ap.add_argument("--rate", type=float, default=50)
-ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
 a = ap.parse_args()
 args = bench.diag_args(a, "diaglat")
 logdir = args.logdir

@@ -9,17 +9,13 @@ dispatcher and one worker, and prints tasks/s, context switches per task by thre
 machine's CPU per task, and Redis commands per task. A diagnostic for one change at a time (bench.py is the
 comparison with Celery); Benchmarks/run builds the no-ops it needs first.
 """
-import argparse, collections, os, sys, time
+import collections, os, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--bin", required=True)
-ap.add_argument("--conc", type=int, default=2)
-ap.add_argument("--tasks", type=int, default=5000)
-ap.add_argument("--noop", default="glibc", choices=["glibc", "bare"])
+ap = bench.diag_parser(tasks=5000)
 ap.add_argument("--dispatcher-flags", default="")
 ap.add_argument("--worker-flags", default="")
 a = ap.parse_args()

@@ -196,7 +196,8 @@ public final class WorkerRuntime: Sendable {
                         $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt)
                         $0.claimedTotal += 1
                     }
-                    Task { await self.execute(job) }
+                    // runs here until its first wait (the spawn), instead of waiting for a pool thread to be woken
+                    Task.immediate { await self.execute(job) }
                 }
                 observer.slotsBusy(busy, of: configuration.concurrency)
             } catch {

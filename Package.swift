@@ -60,7 +60,7 @@ let package = Package(
         .target(
             name: "Setup",
             dependencies: [
-                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres",
+                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres", "CeleryWire",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

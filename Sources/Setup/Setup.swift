@@ -1,4 +1,5 @@
 import Dispatch
+import CeleryWire
 import Foundation
 import Logging
 import Postgres
@@ -118,7 +119,9 @@ public func bootstrapLogging(level: String?, json: Bool) {
     }
 }
 
-/// One JSON object per line on stderr, metadata as fields (task_id, dc, queue, attempt …).
+/// One JSON object per line on stderr, metadata as fields (task_id, dc, queue, attempt …), keys sorted.
+/// Written without Foundation's formatters: an `ISO8601DateFormatter` and `JSONSerialization` per line doubled the
+/// worker's CPU per task (diag_switches, c=2: 0.5 → 1.0–1.2 ms) and cut throughput by a third.
 public struct JSONLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     public var logLevel: Logger.Level = .info
@@ -132,17 +135,35 @@ public struct JSONLogHandler: LogHandler {
         level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String,
         function: String, line: UInt
     ) {
-        var fields = metadata.merging(extra ?? [:]) { $1 }.mapValues { "\($0)" }
-        fields["ts"] = ISO8601DateFormatter().string(from: Date())
+        FileHandle.standardError.write(Data(Self.line(
+            metadata: metadata.merging(extra ?? [:]) { $1 }, level: level, label: label, message: message.description)))
+    }
+
+    /// One log line, newline included: `ts` (UTC, seconds, as ISO 8601: 2026-11-26T07:58:24Z), `level`,
+    /// `logger`, `msg` and every metadata field, as JSON strings.
+    static func line(metadata: Logger.Metadata, level: Logger.Level, label: String, message: String, at now: time_t = time(nil))
+        -> [UInt8]
+    {
+        var fields = metadata.mapValues { "\($0)" }
+        fields["ts"] = utcTimestamp(now)
         fields["level"] = level.rawValue
         fields["logger"] = label
-        fields["msg"] = message.description
-        if let data = try? JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys]),
-            var s = String(data: data, encoding: .utf8)
-        {
-            s += "\n"
-            FileHandle.standardError.write(s.data(using: .utf8)!)
-        }
+        fields["msg"] = message
+        var out: [UInt8] = []
+        out.reserveCapacity(256)
+        JSONValue.object(JSONObject(fields.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }))
+            .write(to: &out)
+        out.append(UInt8(ascii: "\n"))
+        return out
+    }
+
+    static func utcTimestamp(_ now: time_t) -> String {
+        var t = now
+        var parts = tm()
+        gmtime_r(&t, &parts)
+        func two(_ n: Int32) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        return "\(parts.tm_year + 1900)-\(two(parts.tm_mon + 1))-\(two(parts.tm_mday))T"
+            + "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec))Z"
     }
 }
 

@@ -1,5 +1,5 @@
-import Dispatch
 import CeleryWire
+import Dispatch
 import Foundation
 import Logging
 import Postgres

@@ -9,8 +9,8 @@ import TandemCore
 ///
 /// A slot is free again as soon as its task's process has ended: recording the result and acking ("finishing")
 /// goes on beside the next task, still under the job's lease (renewed, fenced and acked as before). So a slot's
-/// path is claim → start → exit, not claim → start → exit → commit → ack; at most `concurrency` jobs finish at
-/// once up to `maxFinishing`, so a slow Postgres still holds the worker back instead of letting held leases pile up.
+/// path is claim → start → exit, not claim → start → exit → commit → ack; at most `maxFinishing` jobs finish at
+/// once, so a slow Postgres still holds the worker back instead of letting held leases pile up.
 public final class WorkerRuntime: Sendable {
     public let configuration: WorkerConfiguration
     let broker: any Broker

@@ -131,12 +131,11 @@ public struct JSONLogHandler: LogHandler {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
-    public func log(
-        level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String,
-        function: String, line: UInt
-    ) {
+    public func log(event: LogEvent) {
+        var fields = metadata.merging(event.metadata ?? [:]) { $1 }
+        if let error = event.error { fields["error"] = .string("\(error)") }
         FileHandle.standardError.write(Data(Self.line(
-            metadata: metadata.merging(extra ?? [:]) { $1 }, level: level, label: label, message: message.description)))
+            metadata: fields, level: event.level, label: label, message: event.message.description)))
     }
 
     /// One log line, newline included: `ts` (UTC, seconds, as ISO 8601: 2026-11-26T07:58:24Z), `level`,

@@ -207,7 +207,7 @@ public final class HTTPServer: @unchecked Sendable {
                 _ = inet_ntop(AF_INET6, &a, &buf, socklen_t(buf.count))
             }
         }
-        return String(cString: buf)
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     private func acceptLoop(_ fd: Int32) {

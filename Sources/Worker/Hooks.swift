@@ -63,9 +63,9 @@ public struct NoRevocations: RevocationSource {
 /// A write that starts after a delay unless called off first — the start of an attempt, which a quick task
 /// writes together with its end instead.
 final class DeferredWrite: Sendable {
-    private enum Phase { case pending, writing, calledOff }
+    /// Writing carries the task that writes, so whoever calls the write off too late can wait for it.
+    private enum Phase { case pending, writing(Task<Void, Never>), calledOff }
     private let phase = Mutex(Phase.pending)
-    private let task = Mutex<Task<Void, Never>?>(nil)
     private let write: @Sendable () async -> Void
     fileprivate let due: ContinuousClock.Instant
 
@@ -82,34 +82,28 @@ final class DeferredWrite: Sendable {
 
     /// Starts the write unless it was called off or has started.
     fileprivate func start() {
-        let go = phase.withLock { p -> Bool in
-            guard p == .pending else { return false }
-            p = .writing
-            return true
+        phase.withLock { p in
+            guard case .pending = p else { return }
+            p = .writing(Task { [write] in await write() })
         }
-        guard go else { return }
-        let t = Task { await write() }
-        task.withLock { $0 = t }
     }
 
-    fileprivate var isPending: Bool { phase.withLock { $0 == .pending } }
+    fileprivate var isPending: Bool { phase.withLock { if case .pending = $0 { true } else { false } } }
 
     /// Calls the write off if it has not begun (true: the caller must write it), else waits for it (false).
     func cancelUnlessStarted() async -> Bool {
-        let calledOff = phase.withLock { p -> Bool in
-            guard p == .pending else { return false }
-            p = .calledOff
-            return true
-        }
-        if calledOff { return true }
-        // started: wait for the task that runs it (it is stored just after the phase changes)
-        while true {
-            if let t = task.withLock({ $0 }) {
-                await t.value
-                return false
+        let started = phase.withLock { p -> Task<Void, Never>? in
+            switch p {
+            case .pending:
+                p = .calledOff
+                return nil
+            case .writing(let t): return t
+            case .calledOff: return nil
             }
-            await Task.yield()
         }
+        guard let started else { return true }
+        await started.value
+        return false
     }
 }
 
@@ -118,27 +112,23 @@ final class DeferredWrite: Sendable {
 /// pool wake-ups when the quick task called it off; here calling off is a flag, and the loop wakes only when the
 /// earliest pending write falls due (or when one is added to an empty schedule).
 final class DeferredWrites: Sendable {
-    private struct State {
-        var pending: [DeferredWrite] = []
-        var idle: AsyncStream<Void>.Continuation?
-    }
-    private let state = Mutex(State())
+    private let pending = Mutex<[DeferredWrite]>([])
     private let wake: AsyncStream<Void>
+    private let wakeUp: AsyncStream<Void>.Continuation
 
     init() {
-        let (stream, cont) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
-        wake = stream
-        state.withLock { $0.idle = cont }
+        (wake, wakeUp) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
     }
 
     /// A write that starts after `delay` unless called off first (`run()` must be running).
     func schedule(after delay: Duration, _ write: @escaping @Sendable () async -> Void) -> DeferredWrite {
         let w = DeferredWrite(due: .now + delay, write)
-        let wasEmpty = state.withLock { s -> Bool in
-            s.pending.append(w)
-            return s.pending.count == 1
+        let wasEmpty = pending.withLock { p -> Bool in
+            p.append(w)
+            return p.count == 1
         }
-        if wasEmpty { _ = state.withLock { $0.idle?.yield() } }
+        // the loop sleeps without a deadline only while nothing is pending
+        if wasEmpty { wakeUp.yield() }
         return w
     }
 
@@ -147,15 +137,15 @@ final class DeferredWrites: Sendable {
         var woken = wake.makeAsyncIterator()
         while !Task.isCancelled {
             let now = ContinuousClock.now
-            let (due, next) = state.withLock { s -> ([DeferredWrite], ContinuousClock.Instant?) in
+            let (due, next) = pending.withLock { p -> ([DeferredWrite], ContinuousClock.Instant?) in
                 // one pass: forget the called-off ones, take those that fell due
                 var due: [DeferredWrite] = []
-                s.pending.removeAll { w in
+                p.removeAll { w in
                     guard w.isPending else { return true }
                     if w.due <= now { due.append(w) }
                     return w.due <= now
                 }
-                return (due, s.pending.map(\.due).min())
+                return (due, p.map(\.due).min())
             }
             for w in due { w.start() }
             if let next {

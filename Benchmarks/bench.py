@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 
 import psycopg2
@@ -40,7 +41,6 @@ def diag_parser(tasks):
 def diag_args(opts, prefix):
     """What bench's System classes take, for a diagnostic script (diag_*.py) run from this tree with --bin and
     --noop: logs go to results/raw/<prefix>-<time>/."""
-    import types
     logdir = os.path.join(HERE, "results", "raw", prefix + "-" + time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(logdir, exist_ok=True)
     return types.SimpleNamespace(bin=os.path.abspath(opts.bin), noop_dir=os.path.join(HERE, "bin"), src=ROOT,

@@ -388,7 +388,10 @@ def cmd_race():
     # are still up (Celery's 16 pool children; Tandem's runner and its pooled children). Task processes are the
     # same Airflow code under both executors and dominate the peak; this is what each executor keeps.
     time.sleep(3)
-    settled = [PeakMemory.sample() for _ in range(4) if not time.sleep(0.5)]
+    settled = []
+    for _ in range(4):
+        time.sleep(0.5)
+        settled.append(PeakMemory.sample())
     at_rest = {role: round(min(s.get(role, 0) for s in settled), 1) for role in settled[-1]}
     cpu = {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
     run = api("GET", f"/dags/tandem_wide/dagRuns/{rid}")

@@ -45,6 +45,8 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         public var executionAPIServerURL: String?
         /// Modules to import before serving (nil: the runner's defaults for the installed Airflow).
         public var preload: [String]?
+        /// Seconds a pooled child may idle before it exits (nil: the runner's default, 60; 0: never).
+        public var poolIdle: Double?
         /// Extra runner arguments (tests: `--allow-test-kinds`).
         public var extraArguments: [String] = []
         /// How long a (re)start may take to import Airflow and say hello.
@@ -55,7 +57,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         public init(
             python: String, script: String, environment: [String: String] = ProcessInfo.processInfo.environment,
             workDirectory: String, taskOutput: String? = nil, executionAPIServerURL: String? = nil,
-            preload: [String]? = nil
+            preload: [String]? = nil, poolIdle: Double? = nil
         ) {
             self.python = python
             self.script = script
@@ -64,6 +66,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
             self.taskOutput = taskOutput
             self.executionAPIServerURL = executionAPIServerURL
             self.preload = preload
+            self.poolIdle = poolIdle
         }
     }
 
@@ -315,6 +318,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
 
         var argv = [options.python, options.script, "--connect", path]
         argv += options.extraArguments
+        if let idle = options.poolIdle { argv += ["--pool-idle", String(idle)] }
         if let pre = options.preload { argv += pre.isEmpty ? ["--no-preload"] : ["--preload", pre.joined(separator: ",")] }
         var env = options.environment
         if let url = options.executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }

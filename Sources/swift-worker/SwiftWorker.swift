@@ -73,6 +73,8 @@ struct SwiftWorker: AsyncParsableCommand {
     var runner: String?
     @Option(name: .customLong("runner-script"), help: "Path of tandem_runner.py (env TANDEM_RUNNER_SCRIPT; default: found next to the executable or in Workers/runner).")
     var runnerScript: String?
+    @Option(name: .customLong("runner-pool-idle"), help: "Seconds a pooled runner child (Airflow 3 workloads) may sit idle before it exits, freeing its memory; the next task forks a new one (env TANDEM_RUNNER_POOL_IDLE; default 60; 0: never).")
+    var runnerPoolIdle: Double?
     @Option(name: .customLong("log-port"), help: "Port serving task logs to Airflow's UI at /log/<path> (env TANDEM_LOG_PORT, airflow.cfg [logging] worker_log_server_port; default 8793; 0 disables).")
     var logPort: Int?
     @Option(name: .customLong("base-log-folder"), help: "Airflow's task log folder (env AIRFLOW__LOGGING__BASE_LOG_FOLDER; default $AIRFLOW_HOME/logs).")
@@ -121,6 +123,10 @@ struct SwiftWorker: AsyncParsableCommand {
         let script = setting(runnerScript, env: "TANDEM_RUNNER_SCRIPT") ?? Self.findRunnerScript()
         let mode = setting(runner, env: "TANDEM_RUNNER") ?? (pythonPath != nil && script != nil ? "fork" : "spawn")
         guard mode == "fork" || mode == "spawn" else { throw ValidationError("--runner must be 'fork' or 'spawn', not '\(mode)'") }
+        let poolIdle = runnerPoolIdle ?? setting(nil, env: "TANDEM_RUNNER_POOL_IDLE").flatMap { Double($0) }
+        if let poolIdle, !(poolIdle >= 0) {
+            throw ValidationError("--runner-pool-idle must be 0 (never retire) or a number of seconds, not \(poolIdle)")
+        }
         if mode == "fork" && script == nil {
             throw ValidationError("--runner fork needs tandem_runner.py: pass --runner-script PATH or set TANDEM_RUNNER_SCRIPT")
         }
@@ -140,7 +146,7 @@ struct SwiftWorker: AsyncParsableCommand {
                 let r = RunnerLauncher(
                     options: .init(
                         python: pythonPath ?? "python3", script: script!, workDirectory: dir, taskOutput: taskOutput,
-                        executionAPIServerURL: executionURL),
+                        executionAPIServerURL: executionURL, poolIdle: poolIdle),
                     logger: logger)
                 try r.start()
                 logger.info("tasks start by fork from the Airflow runner", metadata: ["airflow": .string(r.runner?.airflowVersion ?? "?")])

@@ -7,10 +7,10 @@ import Worker
 
 @Suite("fork runner", .serialized)
 struct RunnerTests {
-    static func launcher(output: String, preload: [String]? = []) throws -> RunnerLauncher {
+    static func launcher(output: String, preload: [String]? = [], poolIdle: Double? = nil) throws -> RunnerLauncher {
         var o = RunnerLauncher.Options(
             python: try AF.requirePython(), script: AF.runner, workDirectory: AF.tempDir("tandem-runner"),
-            taskOutput: output, preload: preload)
+            taskOutput: output, preload: preload, poolIdle: poolIdle)
         o.extraArguments = ["--allow-test-kinds"]
         o.startTimeout = .seconds(60)
         return RunnerLauncher(options: o, logger: AF.logger)
@@ -73,6 +73,34 @@ struct RunnerTests {
         let d = try await pooled(0, env: [:])
         #expect(await d.wait() == .exited(0))
         #expect(d.pid != c.pid, "the signalled child was replaced")
+    }
+
+    @Test("an idle pooled child exits after --pool-idle (freeing its memory); a busy one is left alone, and the next task gets a new child")
+    func idlePooledChildrenRetire() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out, poolIdle: 1)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        func pooled(_ seconds: Double) async throws -> RunnerTask {
+            try await l.launch(request: ["kind": "test-pooled-sleep", "seconds": .double(seconds), "exit": 0, "env": [:]])
+        }
+        // a task running three times the idle limit is not cut short, and its child serves the next task
+        let busy = try await pooled(3)
+        #expect(await busy.wait() == .exited(0))
+        let next = try await pooled(0)
+        #expect(await next.wait() == .exited(0))
+        #expect(next.pid == busy.pid, "a child that was busy, not idle, is kept")
+        // idle now: it exits on its own (the runner reaps it, so it does not linger as a zombie)
+        var gone = false
+        for _ in 0..<300 where !gone {  // up to 30 s; the limit is 1 s, the runner looks every second
+            try await Task.sleep(for: .milliseconds(100))
+            gone = kill(next.pid, 0) != 0
+        }
+        #expect(gone, "the idle pooled child \(next.pid) should have exited after 1 s idle")
+        let after = try await pooled(0)
+        #expect(await after.wait() == .exited(0))
+        #expect(after.pid != next.pid, "a new child serves the task after the idle one retired")
+        #expect(l.runner?.pid != nil && Self.alive(l.runner!.pid), "the runner itself stays")
     }
 
     @Test("a runner killed mid-task: the task dies with it, is reported failed, and the runner comes back")

@@ -345,6 +345,14 @@ struct WorkerProcessTests {
         #expect(w.log().contains("--max-finishing must be at least 1"))
     }
 
+    @Test("--runner-pool-idle refuses a negative number of seconds, naming the flag")
+    func runnerPoolIdleValidated() async throws {
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--runner-pool-idle=-1"])
+        let code = await w.waitForExit(timeout: .seconds(30))
+        #expect(code == 64, "\(w.log())")
+        #expect(w.log().contains("--runner-pool-idle must be 0"), "\(w.log())")
+    }
+
     @Test("a second SIGTERM stops running tasks and puts them back; another worker completes them")
     func secondSigtermPutsWorkBack() async throws {
         try cluster.startDispatcher()

@@ -335,6 +335,9 @@ DEFAULT_PRELOAD_2 = [
 
 # A pooled child runs this many tasks, then is replaced (bounds whatever a task run leaves behind in it).
 POOLED_TASKS_PER_CHILD = 100
+# A pooled child idle this long exits (--pool-idle): each holds tens of MiB of copied heap, and a worker that
+# waits (a standby datacenter, a quiet night) should not keep one per slot. The next task forks a fresh one.
+DEFAULT_POOL_IDLE_SECONDS = 60.0
 
 
 class Member:
@@ -345,11 +348,14 @@ class Member:
         self.rid: str | None = None
         self.served = 0
         self.buf = b""
+        self.idle_since = 0.0  # time.monotonic() when it last finished a task
 
 
 class Runner:
-    def __init__(self, sock: socket.socket, output: str | None, allow_test: bool = False):
+    def __init__(self, sock: socket.socket, output: str | None, allow_test: bool = False,
+                 pool_idle: float = DEFAULT_POOL_IDLE_SECONDS):
         self.allow_test = allow_test
+        self.pool_idle = pool_idle  # seconds; 0: pooled children never retire for being idle
         self.sock = sock
         self.output = output
         self.children: dict[int, str] = {}  # pid -> request id (fresh forks)
@@ -411,6 +417,18 @@ class Runner:
                         if line.strip():
                             self.handle(line)
             self.reap()
+            self.retire_idle()
+
+    def retire_idle(self) -> None:
+        """Lets pooled children idle for longer than `pool_idle` exit (EOF on their request pipe); reap() retires
+        them. `idle` is a stack (the last to finish serves next), so the longest idle sit at its bottom."""
+        if self.pool_idle <= 0:
+            return
+        now = time.monotonic()
+        while self.idle and now - self.idle[0].idle_since >= self.pool_idle:
+            member = self.idle.pop(0)
+            os.close(member.req_w)
+            member.req_w = -1
 
     def reap(self) -> None:
         while self.children or self.members:
@@ -542,6 +560,7 @@ class Runner:
                 os.close(member.req_w)  # EOF: it exits; reap() retires it
                 member.req_w = -1
             else:
+                member.idle_since = time.monotonic()
                 self.idle.append(member)
 
     def retire(self, member: Member) -> None:
@@ -657,6 +676,8 @@ def main() -> int:
     g.add_argument("--once-json-path", help="run one Airflow 3 workload from this file (spawn mode) and exit")
     p.add_argument("--preload", default=None, help="comma-separated modules to import before serving")
     p.add_argument("--no-preload", action="store_true", help="import nothing up front (tests)")
+    p.add_argument("--pool-idle", type=float, default=DEFAULT_POOL_IDLE_SECONDS, metavar="SECONDS",
+                   help="a pooled child idle this long exits; the next task forks a new one (0: never)")
     p.add_argument("--allow-test-kinds", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -703,7 +724,7 @@ def main() -> int:
                 _stderr(f"cannot connect to {args.connect}: {e.strerror}")
                 return 2
             time.sleep(0.1)
-    return Runner(sock, None, allow_test=args.allow_test_kinds).serve()
+    return Runner(sock, None, allow_test=args.allow_test_kinds, pool_idle=args.pool_idle).serve()
 
 
 if __name__ == "__main__":

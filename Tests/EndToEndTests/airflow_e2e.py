@@ -393,6 +393,17 @@ def cmd_race():
         time.sleep(0.5)
         settled.append(PeakMemory.sample())
     at_rest = {role: round(min(s.get(role, 0) for s in settled), 1) for role in settled[-1]}
+    # And once the executor has been idle for a while: Tandem's runner retires pooled children idle for
+    # --runner-pool-idle (60 s by default); Celery's prefork pool keeps its children. E2E_IDLE_SECONDS=0 skips it.
+    idle_wait = float(os.environ.get("E2E_IDLE_SECONDS", "65"))
+    idle = None
+    if idle_wait > 0:
+        time.sleep(idle_wait)
+        samples = []
+        for _ in range(4):
+            time.sleep(0.5)
+            samples.append(PeakMemory.sample())
+        idle = {role: round(min(s.get(role, 0) for s in samples), 1) for role in samples[-1]}
     cpu = {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
     run = api("GET", f"/dags/tandem_wide/dagRuns/{rid}")
     began, ended = parse(run.get("start_date")), parse(run.get("end_date"))
@@ -401,7 +412,8 @@ def cmd_race():
     lat = sorted(latencies("tandem_wide", rid))
     print("RESULT " + json.dumps({"label": ARGS.label, "run_state": st, "tasks_success": len(done),
                                   "wall_seconds": wall, "latency": stats(lat), "cpu_seconds": cpu, "peak_pss_mib": pss,
-                                  "pss_at_rest_mib": at_rest, "tandem_path": tandem_path("tandem_wide", rid)}), flush=True)
+                                  "pss_at_rest_mib": at_rest, "pss_idle_mib": idle, "idle_seconds": idle_wait,
+                                  "tandem_path": tandem_path("tandem_wide", rid)}), flush=True)
     return 0 if st == "success" and len(done) == 200 else 1
 
 

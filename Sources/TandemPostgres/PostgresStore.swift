@@ -70,6 +70,10 @@ public final class PostgresStore: StoreOperationSink {
                 ])
             return result.affectedRows == 1 ? .written : .keptSuccess
         case .claimed(let c):
+            // the same claim again (a retry after a reply was lost): already on record, nothing to add
+            if try !tx.query("SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2", [.text(c.taskID), .int(c.token)]).rows.isEmpty {
+                return .done
+            }
             let r = try tx.query(
                 """
                 INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
@@ -194,18 +198,18 @@ public final class PostgresStore: StoreOperationSink {
     static func beganStatement(_ c: StoreOperation.Claim, pid: Int32, started r: StoreOperation.ResultWrite) -> Statement {
         (
             """
-            WITH \(claimCTE(ending: false)),
+            WITH \(priorCTE), \(claimCTE(ending: false)),
             events AS (
                 INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
                 SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
                   FROM (VALUES (1, 'claimed', $9::text, $14::text), (2, 'started', NULL, $15::text))
                        AS e(n, event, worker, detail)
-                 WHERE EXISTS (SELECT 1 FROM claim)
+                 WHERE EXISTS (SELECT 1 FROM claim) AND NOT EXISTS (SELECT 1 FROM prior)
                 UNION ALL
                 SELECT $1::text, $2::text, 'fenced', $9::text, $7::text, $11::bigint, 'a newer claim is already recorded'
-                 WHERE NOT EXISTS (SELECT 1 FROM claim)),
+                 WHERE NOT EXISTS (SELECT 1 FROM claim) AND NOT EXISTS (SELECT 1 FROM prior)),
             started AS (\(resultUpsert(from: "claim", first: 16)))
-            SELECT count(*) AS claimed FROM claim
+            SELECT (EXISTS (SELECT 1 FROM claim) OR EXISTS (SELECT 1 FROM prior))::int AS claimed
             """,
             claimBinds(c, pid: pid) + resultBinds(r)
         )
@@ -220,23 +224,24 @@ public final class PostgresStore: StoreOperationSink {
     ) -> Statement {
         (
             """
-            WITH \(claimCTE(ending: true)),
+            WITH \(priorCTE), \(claimCTE(ending: true)),
             events AS (
                 INSERT INTO tandem_task_events (task_id, job_id, event, worker, datacenter, token, detail)
                 SELECT $1::text, $2::text, e.event, e.worker, $7::text, $11::bigint, e.detail
                   FROM (VALUES (1, 'claimed', $9::text, $14::text), (2, 'started', NULL, $15::text),
                                (3, lower($20::text), NULL, $22::text))
                        AS e(n, event, worker, detail)
-                 WHERE EXISTS (SELECT 1 FROM claim)
+                 WHERE EXISTS (SELECT 1 FROM claim) AND (e.n = 3 OR NOT EXISTS (SELECT 1 FROM prior))
                 UNION ALL
                 SELECT $1::text, $2::text, e.event, e.worker, e.dc, $11::bigint, e.detail
                   FROM (VALUES (1, 'fenced', $9::text, $7::text, 'a newer claim is already recorded'),
                                (2, 'fenced', NULL, NULL,
                                 \(lateRefusal(status: 16))))
                        AS e(n, event, worker, dc, detail)
-                 WHERE NOT EXISTS (SELECT 1 FROM claim)),
+                 WHERE NOT EXISTS (SELECT 1 FROM claim) AND NOT EXISTS (SELECT 1 FROM prior)),
             result AS (\(resultUpsert(from: "claim", first: 16)) RETURNING 1)
-            SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM result) AS written
+            SELECT (EXISTS (SELECT 1 FROM claim) OR EXISTS (SELECT 1 FROM prior))::int AS claimed,
+                   (SELECT count(*) FROM result) + (SELECT count(*) FROM prior WHERE ended) AS written
             """,
             claimBinds(c, pid: pid) + resultBinds(r) + [
                 .text(f.outcome), f.exitStatus.map { .int(Int64($0)) } ?? .null, f.detail.map { .text($0) } ?? .null,
@@ -276,7 +281,8 @@ public final class PostgresStore: StoreOperationSink {
     }
 
     /// `claim AS (…)`: an attempt's ledger row, written only over an older token (the row lock of the INSERT …
-    /// ON CONFLICT is the fencing check); it yields the task id when this claim is now the one on record. Binds
+    /// ON CONFLICT is the fencing check); it yields the task id when this claim is now the one on record, or when this
+    /// very claim is on record with no end yet (the same attempt again: its start written again, or its end added). Binds
     /// $1–$15 (`claimBinds`); `ending` records the attempt's end in the same row ($20 outcome, $21 exit status),
     /// otherwise the end columns are cleared.
     static func claimCTE(ending: Bool) -> String {
@@ -294,9 +300,18 @@ public final class PostgresStore: StoreOperationSink {
                    finished_at = excluded.finished_at, outcome = excluded.outcome, exit_status = excluded.exit_status,
                    updated_at = now()
              WHERE tandem_tasks.token < excluded.token
+                OR (tandem_tasks.token = excluded.token AND tandem_tasks.finished_at IS NULL)
             RETURNING task_id)
         """
     }
+
+    /// `prior AS (…)`: this attempt ($1, token $11) already on record — the same write applied again after its
+    /// reply was lost (the group committer's retry, the spool's replay). Read from the statement's snapshot, before
+    /// `claim` writes. Such a write is this attempt's, not a stale one: it is accepted, its start's events are not
+    /// written twice, and an end already on record is not written again (`ended`).
+    static let priorCTE = """
+        prior AS (SELECT finished_at IS NOT NULL AS ended FROM tandem_tasks WHERE task_id = $1 AND token = $11)
+        """
 
     /// `claimCTE`'s binds $1–$15: the claim, the pid and the details of the `claimed` and `started` events.
     static func claimBinds(_ c: StoreOperation.Claim, pid: Int32) -> [PostgresBind] {

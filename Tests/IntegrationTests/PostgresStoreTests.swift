@@ -194,6 +194,64 @@ struct PostgresStoreTests {
         #expect(try await store.state(taskID: "t-quick") == .success)
     }
 
+    /// A write whose commit landed but whose reply was lost (the connection dropped) is applied again: by the group
+    /// committer's write-by-write retry, or by the spool's replay. It is the same attempt (same fencing token), so it
+    /// must be accepted — a `.fenced` here made the worker kill a healthy task, or leave a finished one unacked to
+    /// be reclaimed and run again — and it must not write the attempt's history twice.
+    @Test("an attempt's own write applied twice (a retry after a lost reply) is accepted, not fenced, and not recorded twice")
+    func sameAttemptAppliedTwice() async throws {
+        // the start of an attempt
+        let a = job("51", token: 90)
+        let started = ResultRecord.started(taskId: "t-twice", pid: 12, hostname: "h")
+        #expect(try await store.began(a, facts: facts("t-twice"), pid: 12, started: started) == .done)
+        #expect(try await store.began(a, facts: facts("t-twice"), pid: 12, started: started) == .done)
+        var e = try #require(try await store.entry(taskID: "t-twice"))
+        #expect(e.token == 90 && e.startedAt != nil && e.finishedAt == nil)
+        #expect(e.events.map(\.event) == ["claimed", "started"])
+        #expect(try await store.ended(a, result: .success(taskId: "t-twice"), outcome: "SUCCESS", exitStatus: 0, detail: nil) == .written)
+        #expect(try await store.state(taskID: "t-twice") == .success)
+
+        // a quick attempt in one statement, applied twice (SUCCESS and FAILURE)
+        func quick(_ j: ClaimedJob, _ task: String, _ state: CeleryState) async throws -> ResultWriteOutcome {
+            try await store.ranAndEnded(
+                j, facts: facts(task), pid: 13, started: .started(taskId: task, pid: 13, hostname: "h"),
+                result: ResultRecord(taskId: task, state: state), outcome: state.rawValue,
+                exitStatus: state == .success ? 0 : 1, detail: state == .success ? nil : "boom")
+        }
+        for (task, state) in [("t-twice-ok", CeleryState.success), ("t-twice-failed", .failure)] {
+            let q = job("52-\(task)", token: 91)
+            #expect(try await quick(q, task, state) == .written)
+            #expect(try await quick(q, task, state) == .written, "\(task): the retry is the same attempt's write")
+            #expect(try await store.state(taskID: task) == state)
+            e = try #require(try await store.entry(taskID: task))
+            #expect(e.token == 91 && e.outcome == state.rawValue && e.finishedAt != nil)
+            #expect(e.events.map(\.event) == ["claimed", "started", state.rawValue.lowercased()], "\(task)")
+        }
+
+        // a quick attempt whose start landed although its writer saw an error: the end in one statement still
+        // writes the result and the end, and the start's events once
+        let b = job("53", token: 92)
+        _ = try await store.began(b, facts: facts("t-twice-started"), pid: 14, started: .started(taskId: "t-twice-started", pid: 14, hostname: "h"))
+        #expect(try await quick(b, "t-twice-started", .success) == .written)
+        #expect(try await store.state(taskID: "t-twice-started") == .success)
+        e = try #require(try await store.entry(taskID: "t-twice-started"))
+        #expect(e.outcome == "SUCCESS" && e.finishedAt != nil)
+        #expect(e.events.map(\.event) == ["claimed", "started", "success"])
+
+        // the claim alone (the ledger beside a Redis result backend)
+        let c = job("54", token: 93)
+        #expect(try await store.claimed(c, facts: facts("t-twice-claim")) == .done)
+        #expect(try await store.claimed(c, facts: facts("t-twice-claim")) == .done)
+        e = try #require(try await store.entry(taskID: "t-twice-claim"))
+        #expect(e.events.map(\.event) == ["claimed"])
+
+        // still fenced: an older attempt, after all of the above
+        #expect(try await quick(job("50", token: 89), "t-twice-ok", .failure) == .fenced)
+        #expect(try await store.began(job("50", token: 89), facts: facts("t-twice"), pid: 15, started: started) == .fenced)
+        #expect(try await store.claimed(job("50", token: 89), facts: facts("t-twice-claim")) == .fenced)
+        #expect(try await store.state(taskID: "t-twice-ok") == .success)
+    }
+
     @Test("the end of an attempt in one write: result and ledger together; kept SUCCESS; a stale attempt is refused")
     func endedInOneWrite() async throws {
         let j = job("31", token: 50)

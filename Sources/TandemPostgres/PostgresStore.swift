@@ -99,9 +99,18 @@ public final class PostgresStore: StoreOperationSink {
                 detail: ok ? "attempt \(c.attempts) on \(c.hostname)" : "a newer claim is already recorded")
             return ok ? .done : .fenced
         case .started(let e):
-            _ = try tx.query(
-                "UPDATE tandem_tasks SET started_at = now(), pid = $3, updated_at = now() WHERE task_id = $1 AND token = $2",
-                [.text(e.taskID), .int(e.token), .int(Int64(e.pid))])
+            let updated = try tx.query(
+                """
+                UPDATE tandem_tasks SET started_at = now(), pid = $3, updated_at = now()
+                 WHERE task_id = $1 AND token = $2 AND started_at IS NULL
+                """, [.text(e.taskID), .int(e.token), .int(Int64(e.pid))])
+            // this attempt's start already on record (the same write again): nothing to add
+            if updated.affectedRows == 0, try !tx.query(
+                "SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2 AND started_at IS NOT NULL",
+                [.text(e.taskID), .int(e.token)]).rows.isEmpty
+            {
+                return .done
+            }
             try insertEvent(
                 tx, taskID: e.taskID, jobID: e.jobID, event: "started", worker: nil, datacenter: e.datacenter,
                 token: e.token, detail: "pid \(e.pid)")
@@ -110,10 +119,16 @@ public final class PostgresStore: StoreOperationSink {
             let updated = try tx.query(
                 """
                 UPDATE tandem_tasks SET finished_at = now(), outcome = $3, exit_status = $4, updated_at = now()
-                 WHERE task_id = $1 AND token = $2
+                 WHERE task_id = $1 AND token = $2 AND finished_at IS NULL
                 """, [.text(f.taskID), .int(f.token), .text(f.outcome), f.exitStatus.map { .int(Int64($0)) } ?? .null])
-            // a stale attempt's end is not history (its refused result already recorded it as fenced)
-            guard updated.affectedRows == 1 else { return .fenced }
+            if updated.affectedRows == 0 {
+                // this attempt's end already on record (the same write again): done; otherwise a stale attempt,
+                // whose end is not history (its refused result already recorded it as fenced)
+                let again = try tx.query(
+                    "SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2 AND finished_at IS NOT NULL",
+                    [.text(f.taskID), .int(f.token)])
+                return again.rows.isEmpty ? .fenced : .done
+            }
             try insertEvent(
                 tx, taskID: f.taskID, jobID: f.jobID, event: f.outcome.lowercased(), worker: nil,
                 datacenter: f.datacenter, token: f.token, detail: f.detail)
@@ -252,15 +267,20 @@ public final class PostgresStore: StoreOperationSink {
     /// The end of an attempt: the ledger's end (only for the current token), the result (only when this attempt is
     /// current, or the task has no ledger row at all) and one event saying which happened. Returns one row:
     /// `allowed` (0 = refused, a newer claim holds the task) and `written` (0 = a SUCCESS was already there).
+    /// The same end applied again (`ended`: this attempt's end already on record, a retry after a lost reply)
+    /// is allowed but neither moves the ledger's end nor adds a second outcome event.
     static func completedStatement(_ r: StoreOperation.ResultWrite, _ f: StoreOperation.Finish) -> Statement {
         (
             """
-            WITH fin AS (
+            WITH ended AS (SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $6 AND finished_at IS NOT NULL),
+            fin AS (
                 UPDATE tandem_tasks SET finished_at = now(), outcome = $9, exit_status = $10::integer, updated_at = now()
-                 WHERE task_id = $1 AND token = $6
+                 WHERE task_id = $1 AND token = $6 AND finished_at IS NULL
                 RETURNING task_id),
             allowed AS (
                 SELECT 1 FROM fin
+                UNION ALL
+                SELECT 1 FROM ended
                 UNION ALL
                 SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM tandem_tasks WHERE task_id = $1)),
             result AS (\(resultUpsert(from: "allowed", first: 2)) RETURNING 1),

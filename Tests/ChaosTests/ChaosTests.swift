@@ -344,6 +344,56 @@ struct ChaosTests {
         #expect(spools.filter { $0.hasSuffix(".spool") }.isEmpty, "the spool must be flushed and removed: \(spools)")
     }
 
+    @Test("Postgres replies lost after their commits landed (connection cut): each write is applied again as the same attempt — SUCCESS once, run once, no false fencing")
+    func lostCommitReplies() async throws {
+        let h = try Harness()
+        let pgURL = try #require(URLComponents(string: h.cluster.postgresURL))
+        let proxy = try ReplyCuttingProxy(upstreamPort: try #require(pgURL.port))
+        defer { proxy.stop() }
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        // only the worker's results go through the proxy
+        h.cluster.extraEnvironment["AIRFLOW__CELERY__RESULT_BACKEND"] =
+            "db+postgresql+psycopg2://postgres@127.0.0.1:\(proxy.port)\(pgURL.path)"
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "2"])
+        try await Task.sleep(for: .seconds(2))
+        // a quick task (its start and end are one write): one cut; a task that outlives --start-record-delay
+        // (its start, then its end): a cut at its start, then the next reply cut as well (its end, or the spool's
+        // replay of its start); three of each
+        var ids: [String] = []
+        var cuts = 0
+        for (i, task) in ["ok", "sleep-0.4", "ok", "sleep-0.4", "ok", "sleep-0.4"].enumerated() {
+            for n in 0..<(task == "ok" ? 1 : 2) {
+                proxy.arm()
+                if n == 0 { ids += try await h.submit(1, task: task, prefix: "cut\(i)-") }
+                cuts += 1
+                let cut = try await eventually(timeout: .seconds(30)) { [cuts] in proxy.cuts == cuts }
+                #expect(cut, "the proxy never saw a reply to cut (round \(i)): \(h.cluster.logs())")
+            }
+        }
+        var report = ChaosReport(scenario: "postgres-reply-lost-after-commit")
+        try await h.settle(ids, &report)
+        // past the lease: a write wrongly refused as stale leaves its job unacked, and it would run again by now
+        try await Task.sleep(for: .seconds(6))
+        let starts = h.cluster.taskEvents().filter { $0.event == "start" && $0.key.contains(".cut") }.count
+        let fenced = try await h.pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE event = 'fenced'")
+        let history = try await h.pg.query(
+            """
+            SELECT task_id, string_agg(event, ',' ORDER BY id) AS events FROM tandem_task_events
+             WHERE task_id = ANY(string_to_array($1, ',')) GROUP BY task_id
+            """, [.text(ids.joined(separator: ","))])
+        report.notes.append("replies cut: \(proxy.cuts); task starts: \(starts); fenced events: \(fenced.rows.first?.int("n") ?? -1)")
+        report.publish()
+        #expect(proxy.cuts == cuts)
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(starts == ids.count, "every task runs once: \(h.cluster.taskEvents())")
+        #expect(fenced.rows.first?.int("n") == 0, "no write of a live attempt may be refused as stale: \(history.rows)")
+        for row in history.rows {
+            #expect(row.string("events") == "claimed,started,success", "one history per attempt: \(row)")
+        }
+        #expect(history.rows.count == ids.count)
+        #expect(report.ranTwiceConcurrently == 0)
+    }
+
     @Test("rolling restart of every worker under load (SIGTERM, replacement started): nothing lost, nothing doubled")
     func rollingRestart() async throws {
         let h = try Harness()

@@ -208,8 +208,14 @@ struct PostgresStoreTests {
         var e = try #require(try await store.entry(taskID: "t-twice"))
         #expect(e.token == 90 && e.startedAt != nil && e.finishedAt == nil)
         #expect(e.events.map(\.event) == ["claimed", "started"])
+        // its end, applied twice (the SUCCESS already there the second time)
         #expect(try await store.ended(a, result: .success(taskId: "t-twice"), outcome: "SUCCESS", exitStatus: 0, detail: nil) == .written)
+        let firstEnd = try #require(try await store.entry(taskID: "t-twice")).finishedAt
+        #expect(try await store.ended(a, result: .success(taskId: "t-twice"), outcome: "SUCCESS", exitStatus: 0, detail: nil) == .keptSuccess)
         #expect(try await store.state(taskID: "t-twice") == .success)
+        e = try #require(try await store.entry(taskID: "t-twice"))
+        #expect(e.events.map(\.event) == ["claimed", "started", "success"])
+        #expect(e.finishedAt == firstEnd, "the end on record stays the first one")
 
         // a quick attempt in one statement, applied twice (SUCCESS and FAILURE)
         func quick(_ j: ClaimedJob, _ task: String, _ state: CeleryState) async throws -> ResultWriteOutcome {
@@ -244,6 +250,10 @@ struct PostgresStoreTests {
         #expect(try await store.claimed(c, facts: facts("t-twice-claim")) == .done)
         e = try #require(try await store.entry(taskID: "t-twice-claim"))
         #expect(e.events.map(\.event) == ["claimed"])
+        for _ in 0..<2 { try await store.started(c, taskID: "t-twice-claim", pid: 16) }
+        for _ in 0..<2 { try await store.finished(c, taskID: "t-twice-claim", outcome: "FAILURE", exitStatus: 1, detail: "x") }
+        e = try #require(try await store.entry(taskID: "t-twice-claim"))
+        #expect(e.events.map(\.event) == ["claimed", "started", "failure"])
 
         // still fenced: an older attempt, after all of the above
         #expect(try await quick(job("50", token: 89), "t-twice-ok", .failure) == .fenced)

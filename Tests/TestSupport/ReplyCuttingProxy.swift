@@ -1,0 +1,170 @@
+import ClientSupport
+import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A TCP proxy on loopback in front of one Postgres that can lose a reply the way a cut connection does: once
+/// armed, it holds back everything the server sends until the next ReadyForQuery ('Z', the end of a query or
+/// pipeline: the server has committed), then drops it and closes both sides. The client sees its connection die
+/// without an answer although its write landed. One cut per `arm()`; otherwise bytes pass through untouched.
+public final class ReplyCuttingProxy: @unchecked Sendable {
+    /// The port clients connect to.
+    public private(set) var port = 0
+    private let upstreamPort: Int
+    private let listener: Int32
+    private let lock = NSLock()
+    private var armed = false
+    private var cutCount = 0
+    private var stopped = false
+    private var open: [Int32] = []
+
+    /// Listens on 127.0.0.1 (a free port) and forwards each connection to 127.0.0.1:`upstreamPort`.
+    public init(upstreamPort: Int) throws {
+        self.upstreamPort = upstreamPort
+        listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard listener >= 0, bound == 0, listen(listener, 16) == 0 else {
+            throw TestSupportError("the reply-cutting proxy cannot listen on 127.0.0.1: \(String(cString: strerror(errno)))")
+        }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) }
+        }
+        port = Int(UInt16(bigEndian: addr.sin_port))
+        Thread.detachNewThread { [self] in acceptLoop() }
+    }
+
+    /// The next server reply that ends with ReadyForQuery is dropped and its connection cut.
+    public func arm() { lock.withLock { armed = true } }
+
+    /// How many replies were dropped so far.
+    public var cuts: Int { lock.withLock { cutCount } }
+
+    /// Stops listening and closes every connection.
+    public func stop() {
+        let fds = lock.withLock { () -> [Int32] in
+            stopped = true
+            return open
+        }
+        shutdown(listener, Int32(SHUT_RDWR))
+        close(listener)
+        for fd in fds { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    private func acceptLoop() {
+        while true {
+            let client = accept(listener, nil, nil)
+            if client < 0 {
+                // a client that gave up before being accepted (ECONNABORTED) must not end the proxy
+                if lock.withLock({ stopped }) { return }
+                continue
+            }
+            let upstream = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            addr.sin_port = in_port_t(UInt16(upstreamPort).bigEndian)
+            let connected = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(upstream, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            let keep = lock.withLock { () -> Bool in
+                if stopped || connected != 0 { return false }
+                open += [client, upstream]
+                return true
+            }
+            guard keep else {
+                close(client)
+                close(upstream)
+                continue
+            }
+            // the second pump to end closes both sockets
+            let ends = Locked(0)
+            let finish: @Sendable () -> Void = { [self] in
+                guard ends.withLock({ $0 += 1; return $0 }) == 2 else { return }
+                lock.withLock { open.removeAll { $0 == client || $0 == upstream } }
+                close(client)
+                close(upstream)
+            }
+            Thread.detachNewThread { [self] in
+                pump(from: client, to: upstream, serverSide: false)
+                finish()
+            }
+            Thread.detachNewThread { [self] in
+                pump(from: upstream, to: client, serverSide: true)
+                finish()
+            }
+        }
+    }
+
+    /// Copies bytes one way until either side closes. The server side follows the protocol's messages: once the
+    /// connection is established (its start-up ended with a ReadyForQuery) and the proxy is armed, whole messages
+    /// are held back until the next ReadyForQuery, which ends the reply: then the reply is dropped and both
+    /// sockets are shut down. (A connection still starting up is never cut: that would test a failed connect.)
+    private func pump(from: Int32, to: Int32, serverSide: Bool) {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var scan: [UInt8] = []  // server bytes whose message boundaries are not yet known
+        var established = false
+        var sawMessage = false  // before the first message, single 'N'/'S' bytes answer SSL/GSS requests
+        var holding = false
+        defer {
+            shutdown(from, Int32(SHUT_RDWR))
+            shutdown(to, Int32(SHUT_RDWR))
+        }
+        while true {
+            let n = read(from, &buffer, buffer.count)
+            if n <= 0 { return }
+            let chunk = Array(buffer[0..<n])
+            if !serverSide {
+                if !writeAll(to, chunk) { return }
+                continue
+            }
+            if established && !holding && scan.isEmpty { holding = lock.withLock { armed } }
+            if !holding && !writeAll(to, chunk) { return }
+            scan += chunk
+            var i = 0
+            var endsReply = false
+            while i < scan.count {
+                if !sawMessage && (scan[i] == UInt8(ascii: "N") || scan[i] == UInt8(ascii: "S")) {
+                    i += 1
+                    continue
+                }
+                guard i + 5 <= scan.count else { break }
+                let len = Int(scan[i + 1]) << 24 | Int(scan[i + 2]) << 16 | Int(scan[i + 3]) << 8 | Int(scan[i + 4])
+                guard len >= 4, i + 1 + len <= scan.count else { break }
+                sawMessage = true
+                if scan[i] == UInt8(ascii: "Z") {
+                    if holding { endsReply = true }
+                    established = true
+                }
+                i += 1 + len
+            }
+            scan.removeFirst(i)
+            if endsReply {
+                lock.withLock {
+                    armed = false
+                    cutCount += 1
+                }
+                return  // the held reply is dropped; the defer cuts the connection
+            }
+        }
+    }
+
+    private func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        var off = 0
+        while off < bytes.count {
+            let w = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if w < 0 && errno == EINTR { continue }
+            if w <= 0 { return false }
+            off += w
+        }
+        return true
+    }
+}

@@ -19,6 +19,11 @@ public protocol Broker: Sendable {
     /// Finishes a job (token-checked).
     func ack(jobID: String, token: Int64) async throws -> FencedOutcome
 
+    /// Whether the job is still on the broker (queued, leased or dead-lettered; an acked job is gone). An ack retried
+    /// after its reply was lost is refused — the job is gone — although the first one landed; this tells the two
+    /// apart from a lease that another claim holds now.
+    func jobExists(jobID: String) async throws -> Bool
+
     /// Puts a claimed job back at the front of its queue (token-checked).
     func requeue(jobID: String, token: Int64, refundAttempt: Bool) async throws -> FencedOutcome
 

@@ -124,6 +124,10 @@ public final class RedisBroker: Broker {
         }
     }
 
+    public func jobExists(jobID: String) async throws -> Bool {
+        try await client.send(["EXISTS", Keys.job(jobID)]).int == 1
+    }
+
     public func requeue(jobID: String, token: Int64, refundAttempt: Bool) async throws -> FencedOutcome {
         let reply = try await move(
             BrokerScripts.requeue, keys: [Keys.leases], args: [jobID, String(token), refundAttempt ? "1" : "0"])

@@ -686,14 +686,23 @@ public final class WorkerRuntime: Sendable {
     }
 
     /// Acks, retrying through a broker outage for up to one lease period (after that the job is reclaimed anyway).
+    /// A retry refused because the job is gone, after an attempt whose reply was lost, is that attempt's ack having
+    /// landed — not a reclaimed lease (which leaves the job on the broker under a newer claim).
     private func ackWithRetry(_ job: ClaimedJob, log: Logger) async throws -> FencedOutcome {
         let clock = ContinuousClock()
         let deadline = clock.now + configuration.leaseTTL
         var wait = Duration.milliseconds(100)
+        var uncertain = false
         while true {
             do {
-                return try await broker.ack(jobID: job.jobID, token: job.token)
+                let outcome = try await broker.ack(jobID: job.jobID, token: job.token)
+                if outcome == .fenced, uncertain, try await !broker.jobExists(jobID: job.jobID) {
+                    log.notice("the ack's first reply was lost and the job is gone: that ack landed")
+                    return .done
+                }
+                return outcome
             } catch {
+                uncertain = true
                 if clock.now >= deadline { throw error }
                 log.error("cannot ack: \(error) — retrying in \(wait)")
                 try? await Task.sleep(for: wait)

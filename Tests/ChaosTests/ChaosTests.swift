@@ -394,6 +394,40 @@ struct ChaosTests {
         #expect(report.ranTwiceConcurrently == 0)
     }
 
+    @Test("Redis ack replies lost after the acks landed (connection cut): the retry finds the job gone and counts it done — no false fencing, nothing run twice")
+    func lostAckReplies() async throws {
+        let h = try Harness()
+        // the reply of an ack of one job; long renewals, so no renewal of one lease (the same reply) comes between
+        let proxy = try ReplyCuttingProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(reply: Array("*1\r\n:1\r\n".utf8)))
+        defer { proxy.stop() }
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        h.cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
+            h.cluster.redis.url.replacingOccurrences(of: ":\(h.cluster.redis.port)/", with: ":\(proxy.port)/")
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: ["--lease-ttl", "30", "--renew-every", "10", "--concurrency", "2"])
+        try await Task.sleep(for: .seconds(2))
+        var ids: [String] = []
+        for i in 0..<4 {
+            proxy.arm()
+            ids += try await h.submit(1, task: "ok", prefix: "ackcut\(i)-")
+            let cut = try await eventually(timeout: .seconds(30)) { proxy.cuts == i + 1 }
+            #expect(cut, "the proxy never saw an ack reply to cut (round \(i)): \(h.cluster.logs())")
+        }
+        var report = ChaosReport(scenario: "redis-ack-reply-lost")
+        try await h.settle(ids, &report)
+        let fenced = try await h.pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE event = 'fenced'")
+        let leased = try await h.redis.send(["ZCARD", "{tandem}:leases"]).int ?? -1
+        let starts = h.cluster.taskEvents().filter { $0.event == "start" && $0.key.contains(".ackcut") }.count
+        report.notes.append("ack replies cut: \(proxy.cuts); fenced events: \(fenced.rows.first?.int("n") ?? -1); leases left: \(leased)")
+        report.publish()
+        #expect(proxy.cuts == ids.count)
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(starts == ids.count, "every task runs once: \(h.cluster.taskEvents())")
+        #expect(fenced.rows.first?.int("n") == 0, "an ack that landed is not a reclaimed lease: \(h.cluster.logs())")
+        #expect(leased == 0, "every job acked")
+        #expect(h.cluster.logs().contains("that ack landed"), "the retried acks were recognised")
+        #expect(report.ranTwiceConcurrently == 0)
+    }
+
     @Test("rolling restart of every worker under load (SIGTERM, replacement started): nothing lost, nothing doubled")
     func rollingRestart() async throws {
         let h = try Harness()

@@ -5,14 +5,21 @@ import Foundation
     import Glibc
 #endif
 
-/// A TCP proxy on loopback in front of one Postgres that can lose a reply the way a cut connection does: once
-/// armed, it holds back everything the server sends until the next ReadyForQuery ('Z', the end of a query or
-/// pipeline: the server has committed), then drops it and closes both sides. The client sees its connection die
-/// without an answer although its write landed. One cut per `arm()`; otherwise bytes pass through untouched.
+/// A TCP proxy on loopback in front of one Postgres or Redis that can lose a reply the way a cut connection does:
+/// once armed, it drops the next reply and closes both sides, so the client sees its connection die without an
+/// answer although its write landed. Postgres: the reply that ends with the next ReadyForQuery ('Z', the end of a
+/// query or pipeline: the server has committed). Redis: the next reply that is exactly `reply` (e.g. `*1\r\n:1\r\n`,
+/// an ack of one job). One cut per `arm()`; otherwise bytes pass through untouched.
 public final class ReplyCuttingProxy: @unchecked Sendable {
+    /// Which server is behind the proxy, and so which reply is cut.
+    public enum Upstream: Sendable {
+        case postgres
+        case redis(reply: [UInt8])
+    }
     /// The port clients connect to.
     public private(set) var port = 0
     private let upstreamPort: Int
+    private let upstream: Upstream
     private let listener: Int32
     private let lock = NSLock()
     private var armed = false
@@ -21,8 +28,9 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
     private var open: [Int32] = []
 
     /// Listens on 127.0.0.1 (a free port) and forwards each connection to 127.0.0.1:`upstreamPort`.
-    public init(upstreamPort: Int) throws {
+    public init(upstreamPort: Int, upstream: Upstream = .postgres) throws {
         self.upstreamPort = upstreamPort
+        self.upstream = upstream
         listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
@@ -123,6 +131,18 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
             if n <= 0 { return }
             let chunk = Array(buffer[0..<n])
             if !serverSide {
+                if !writeAll(to, chunk) { return }
+                continue
+            }
+            if case .redis(let reply) = upstream {
+                // a small reply arrives in one read on loopback
+                let cut = chunk == reply && lock.withLock { () -> Bool in
+                    guard armed else { return false }
+                    armed = false
+                    cutCount += 1
+                    return true
+                }
+                if cut { return }
                 if !writeAll(to, chunk) { return }
                 continue
             }

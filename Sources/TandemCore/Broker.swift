@@ -51,9 +51,13 @@ public protocol Broker: Sendable {
 public struct SlotReport: Sendable, Hashable {
     public var incarnation: String
     public var released: Int
-    public init(incarnation: String, released: Int) {
+    /// Names the claim so that it can be retried after its reply was lost: the same id again answers the jobs the
+    /// first attempt took instead of taking more (nil: a claim that is not retried).
+    public var claimID: String?
+    public init(incarnation: String, released: Int, claimID: String? = nil) {
         self.incarnation = incarnation
         self.released = released
+        self.claimID = claimID
     }
 }
 

@@ -81,7 +81,7 @@ public final class RedisBroker: Broker {
             + [Keys.revoked, Keys.refillMarks, Keys.worker(workerID)]
         let reply = try await move(
             BrokerScripts.claim, keys: keys,
-            args: [workerID, String(leaseMs), String(max), String(slots.released), slots.incarnation])
+            args: [workerID, String(leaseMs), String(max), String(slots.released), slots.incarnation, slots.claimID ?? ""])
         let f = reply.array ?? []
         var jobs: [ClaimedJob] = []
         var i = 0

@@ -163,6 +163,10 @@ public final class WorkerRuntime: Sendable {
         var backoff = Duration.milliseconds(100)
         var rotation = 0
         var freed = slotFreedStream.makeAsyncIterator()
+        // a claim that failed may have taken jobs on the broker (its reply lost): the retry reuses its id, and the
+        // broker answers those jobs again
+        var claims = 0
+        var unanswered: String?
         while phase == .running {
             let (running, finishing) = state.withLock { ($0.running, $0.finishingCount) }
             let free = configuration.concurrency - running
@@ -178,7 +182,11 @@ public final class WorkerRuntime: Sendable {
             rotation &+= 1
             do {
                 let sentAt = ContinuousClock.now
-                let jobs = try await claim(from: order, max: min(free, configuration.claimBatch))
+                claims &+= 1
+                let claimID = unanswered ?? "\(incarnation)-\(claims)"
+                unanswered = claimID
+                let jobs = try await claim(from: order, max: min(free, configuration.claimBatch), claimID: claimID)
+                unanswered = nil
                 backoff = .milliseconds(100)
                 observer.brokerOK()
                 if jobs.isEmpty {
@@ -352,14 +360,15 @@ public final class WorkerRuntime: Sendable {
 
     /// Claims up to `max` jobs (0: none) and, with them, tells the broker how many of this process's claimed jobs
     /// have freed their slot.
-    private func claim(from queues: [String], max: Int) async throws -> [ClaimedJob] {
+    private func claim(from queues: [String], max: Int, claimID: String? = nil) async throws -> [ClaimedJob] {
         let released = state.withLock { s in
             s.reportedReleased = s.released
             return s.released
         }
         return try await broker.claim(
             workerID: configuration.workerID, datacenter: configuration.datacenter, queues: queues, max: max,
-            leaseMs: configuration.leaseTTL.inMilliseconds, slots: SlotReport(incarnation: incarnation, released: released))
+            leaseMs: configuration.leaseTTL.inMilliseconds,
+            slots: SlotReport(incarnation: incarnation, released: released, claimID: claimID))
     }
 
     /// While the claim loop waits for work, nothing else would tell the broker that a slot is free again: report

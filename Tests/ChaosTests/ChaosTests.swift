@@ -398,7 +398,7 @@ struct ChaosTests {
     func lostAckReplies() async throws {
         let h = try Harness()
         // the reply of an ack of one job; long renewals, so no renewal of one lease (the same reply) comes between
-        let proxy = try ReplyCuttingProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(reply: Array("*1\r\n:1\r\n".utf8)))
+        let proxy = try ReplyCuttingProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(replyPrefix: Array("*1\r\n:1\r\n".utf8)))
         defer { proxy.stop() }
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
         h.cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
@@ -425,6 +425,41 @@ struct ChaosTests {
         #expect(fenced.rows.first?.int("n") == 0, "an ack that landed is not a reclaimed lease: \(h.cluster.logs())")
         #expect(leased == 0, "every job acked")
         #expect(h.cluster.logs().contains("that ack landed"), "the retried acks were recognised")
+        #expect(report.ranTwiceConcurrently == 0)
+    }
+
+    @Test("Redis claim replies lost after the claims landed: the worker retries each claim under its id and runs the jobs at once — one attempt each, none waits out its lease")
+    func lostClaimReplies() async throws {
+        let h = try Harness()
+        // the reply of a claim of one job (9 fields and the revoke count)
+        let proxy = try ReplyCuttingProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(replyPrefix: Array("*10\r\n".utf8)))
+        defer { proxy.stop() }
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        h.cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
+            h.cluster.redis.url.replacingOccurrences(of: ":\(h.cluster.redis.port)/", with: ":\(proxy.port)/")
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: ["--lease-ttl", "30", "--renew-every", "10", "--concurrency", "2"])
+        try await Task.sleep(for: .seconds(2))
+        var ids: [String] = []
+        for i in 0..<3 {
+            proxy.arm()
+            ids += try await h.submit(1, task: "ok", prefix: "claimcut\(i)-")
+            let cut = try await eventually(timeout: .seconds(30)) { proxy.cuts == i + 1 }
+            #expect(cut, "the proxy never saw a claim reply to cut (round \(i)): \(h.cluster.logs())")
+        }
+        var report = ChaosReport(scenario: "redis-claim-reply-lost")
+        try await h.settle(ids, &report)
+        let attempts = try await h.pg.query(
+            "SELECT max(attempts) AS most, count(*) AS n FROM tandem_tasks WHERE task_id = ANY(string_to_array($1, ','))",
+            [.text(ids.joined(separator: ","))])
+        let most = attempts.rows.first?.int("most") ?? -1
+        let starts = h.cluster.taskEvents().filter { $0.event == "start" && $0.key.contains(".claimcut") }.count
+        report.notes.append("claim replies cut: \(proxy.cuts); most attempts of a task: \(most)")
+        report.publish()
+        #expect(proxy.cuts == ids.count)
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(most == 1, "a job whose claim reply was lost must run under that claim, not after its lease expired")
+        #expect(attempts.rows.first?.int("n") == Int64(ids.count))
+        #expect(starts == ids.count, "every task runs once: \(h.cluster.taskEvents())")
         #expect(report.ranTwiceConcurrently == 0)
     }
 

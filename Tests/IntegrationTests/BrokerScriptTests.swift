@@ -133,10 +133,14 @@ struct BrokerScriptTests {
         let j = try #require(try await broker.claim(workerID: "w1", datacenter: "east", queues: ["default"], max: 1, leaseMs: 1000).first)
         #expect(try await broker.ack(jobID: j.jobID, token: j.token - 1) == .fenced)
         #expect(try await broker.client.send(["EXISTS", Keys.job(j.jobID)]).int == 1)
+        #expect(try await broker.jobExists(jobID: j.jobID), "leased: still on the broker")
         #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .done)
         #expect(try await broker.client.send(["EXISTS", Keys.job(j.jobID)]).int == 0)
         #expect(try await broker.client.send(["ZCARD", Keys.leases]).int == 0)
+        // the same ack again (its first reply lost): refused, and the job is gone — how the worker tells that its
+        // first ack landed from a lease another claim holds (which keeps the job on the broker)
         #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .fenced)
+        #expect(try await !broker.jobExists(jobID: j.jobID))
     }
 
     @Test("a claim leaves a capacity token only once its queue is down to the dispatcher's refill mark")
@@ -271,6 +275,40 @@ struct BrokerScriptTests {
         #expect(try await !inspector.replay(jobID: dead[0]))
     }
 
+    @Test("a claim retried under its id (its reply lost) answers the same jobs, tokens and attempts, leases renewed, and takes no more")
+    func claimRetriedUnderItsID() async throws {
+        for _ in 0..<4 { _ = try await publish() }
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 4, epoch: nil)
+        func claim(_ id: String?, max: Int = 2, worker: String = "w", leaseMs: Int64 = 1000) async throws -> [ClaimedJob] {
+            try await broker.claim(
+                workerID: worker, datacenter: "east", queues: ["default"], max: max, leaseMs: leaseMs,
+                slots: SlotReport(incarnation: "p1", released: 0, claimID: id))
+        }
+        let first = try await claim("p1-1")
+        #expect(first.count == 2)
+        let again = try await claim("p1-1", max: 5, leaseMs: 60_000)
+        #expect(again.map(\.jobID) == first.map(\.jobID))
+        #expect(again.map(\.token) == first.map(\.token))
+        #expect(again.map(\.attempts) == [1, 1])
+        #expect(again.map(\.raw) == first.map(\.raw))
+        #expect(zip(again, first).allSatisfy { $0.leaseDeadlineMs > $1.leaseDeadlineMs }, "the retry renews the leases")
+        let leases = try await broker.client.send(["ZSCORE", Keys.leases, first[0].jobID]).int
+        #expect(leases == again[0].leaseDeadlineMs)
+        #expect(try await broker.client.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 2, "took no more")
+        #expect(try await broker.client.send(["HGET", Keys.worker("w"), "claimed"]).int == 2, "counted once")
+        // one of them acked meanwhile: a retry answers only the one still leased to this worker
+        #expect(try await broker.ack(jobID: first[0].jobID, token: first[0].token) == .done)
+        #expect(try await claim("p1-1").map(\.jobID) == [first[1].jobID])
+        // a new id claims afresh; another worker sending the same id claims for itself, nothing of this worker's
+        let next = try await claim("p1-2", max: 1)
+        #expect(next.count == 1 && !first.map(\.jobID).contains(next[0].jobID))
+        let other = try await claim("p1-2", max: 1, worker: "other")
+        #expect(other.count == 1 && other[0].jobID != next[0].jobID)
+        // no id: a claim that is never retried (the idle slot report) records nothing
+        #expect(try await claim(nil, max: 0).isEmpty)
+        #expect(try await claim("p1-2", max: 5).map(\.jobID) == next.map(\.jobID), "still the retry of p1-2")
+    }
+
     @Test("requeue and dead-letter are refused for a stale token")
     func requeueAndDeadLetterFencing() async throws {
         _ = try await publish()
@@ -281,6 +319,7 @@ struct BrokerScriptTests {
         #expect(try await broker.requeue(jobID: jobs[0].jobID, token: jobs[0].token, refundAttempt: true) == .done)
         #expect(try await broker.deadLetter(jobID: jobs[1].jobID, token: 0, reason: "x") == .fenced)
         #expect(try await broker.deadLetter(jobID: jobs[1].jobID, token: jobs[1].token, reason: "bad message") == .done)
+        #expect(try await broker.jobExists(jobID: jobs[1].jobID), "a dead letter stays on the broker")
         let h = try await BrokerInspector(client: broker.client).job(jobs[1].jobID)
         #expect(h["reason"] == "bad message")
         let back = try await broker.claim(workerID: "w2", datacenter: "east", queues: ["default"], max: 5, leaseMs: 10000)

@@ -8,13 +8,14 @@ import Foundation
 /// A TCP proxy on loopback in front of one Postgres or Redis that can lose a reply the way a cut connection does:
 /// once armed, it drops the next reply and closes both sides, so the client sees its connection die without an
 /// answer although its write landed. Postgres: the reply that ends with the next ReadyForQuery ('Z', the end of a
-/// query or pipeline: the server has committed). Redis: the next reply that is exactly `reply` (e.g. `*1\r\n:1\r\n`,
-/// an ack of one job). One cut per `arm()`; otherwise bytes pass through untouched.
+/// query or pipeline: the server has committed). Redis: the next reply that starts with `replyPrefix` (e.g.
+/// `*1\r\n:1\r\n`, an ack of one job; `*10\r\n`, a claim of one job). One cut per `arm()`; otherwise bytes pass
+/// through untouched.
 public final class ReplyCuttingProxy: @unchecked Sendable {
     /// Which server is behind the proxy, and so which reply is cut.
     public enum Upstream: Sendable {
         case postgres
-        case redis(reply: [UInt8])
+        case redis(replyPrefix: [UInt8])
     }
     /// The port clients connect to.
     public private(set) var port = 0
@@ -134,9 +135,9 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
                 if !writeAll(to, chunk) { return }
                 continue
             }
-            if case .redis(let reply) = upstream {
-                // a small reply arrives in one read on loopback
-                let cut = chunk == reply && lock.withLock { () -> Bool in
+            if case .redis(let prefix) = upstream {
+                // a reply arrives in one read on loopback (these are small)
+                let cut = chunk.starts(with: prefix) && lock.withLock { () -> Bool in
                     guard armed else { return false }
                     armed = false
                     cutCount += 1

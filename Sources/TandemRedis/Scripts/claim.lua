@@ -10,6 +10,9 @@
 --                                         by the worker); the dispatcher reads busy = claimed - released
 -- ARGV[1]   worker id   ARGV[2] lease duration (ms)   ARGV[3] max jobs to claim (0: only report `released`)
 -- ARGV[4]   released (jobs of this incarnation whose slot is free again)   ARGV[5] incarnation (per process)
+-- ARGV[6]   claim id ('' for none): the same id again is a retry of a claim whose reply was lost; it answers
+--           the jobs that claim took (still leased to this worker, under the same tokens, leases renewed)
+--           instead of taking more, so they run now rather than after their leases expire
 -- Result    flat array, 9 fields per claimed job:
 --           job id, fencing token, attempts (after this claim), raw message, ingress list, queue, dc,
 --           dispatched_ms, deadline_ms
@@ -49,6 +52,28 @@ elseif released > (tonumber(redis.call('HGET', wkey, 'released')) or 0) then
   redis.call('HSET', wkey, 'released', released)
   freed = true
 end
+local cid = ARGV[6] or ''
+if cid ~= '' then
+  local last = redis.call('HMGET', wkey, 'claim_id', 'claim_jobs')
+  if last[1] == cid then
+    for entry in string.gmatch(last[2] or '', '[^,]+') do
+      local jid, token = string.match(entry, '^(.*)=(%d+)$')
+      local job = p .. ':job:' .. jid
+      local f = redis.call('HMGET', job, 'owner', 'token', 'state', 'attempts', 'raw', 'ingress', 'queue', 'dc',
+        'dispatched_ms')
+      if f[1] == ARGV[1] and f[2] == token and f[3] == 'leased' then
+        redis.call('HSET', job, 'deadline_ms', deadline)
+        redis.call('ZADD', KEYS[1], deadline, jid)
+        for _, v in ipairs({jid, token, tonumber(f[4]), f[5], f[6], f[7], f[8], f[9], deadline}) do
+          out[#out + 1] = v
+        end
+      end
+    end
+    out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS - 2], now, '+inf')
+    return out
+  end
+end
+local taken = {}
 for i = 2, #KEYS - 3 do
   local before = n
   while n < max do
@@ -66,6 +91,7 @@ for i = 2, #KEYS - 3 do
         out[#out + 1] = v
       end
       n = n + 1
+      taken[n] = jid .. '=' .. token
     end
   end
   if (n > before or freed) and not wake then
@@ -73,7 +99,10 @@ for i = 2, #KEYS - 3 do
     wake = (not mark) or redis.call('LLEN', KEYS[i]) <= tonumber(mark)
   end
 end
-if n > 0 then redis.call('HINCRBY', wkey, 'claimed', n) end
+if n > 0 then
+  redis.call('HINCRBY', wkey, 'claimed', n)
+  if cid ~= '' then redis.call('HSET', wkey, 'claim_id', cid, 'claim_jobs', table.concat(taken, ',')) end
+end
 if wake then
   -- room appeared (jobs taken, or slots freed): wake a dispatcher that has work waiting and was out of room (one
   -- token is enough); only once the queue is down to its refill mark, so under a backlog the dispatcher wakes

@@ -93,6 +93,25 @@ struct ChaosTests {
             return ids
         }
 
+        /// A dispatcher on the real Redis and one worker (c=2, long renewals) whose broker connections go through
+        /// a proxy that drops replies starting with `replyPrefix`; then `rounds` times: arm, submit one quick task,
+        /// wait for the cut. Returns the proxy and the task ids.
+        func cutRedisReplies(_ replyPrefix: String, rounds: Int, prefix: String) async throws -> (ReplyCuttingProxy, [String]) {
+            let proxy = try ReplyCuttingProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: Array(replyPrefix.utf8)))
+            try cluster.startDispatcher(extra: ChaosTests.dispatcherFlags)
+            cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
+                cluster.redis.url.replacingOccurrences(of: ":\(cluster.redis.port)/", with: ":\(proxy.port)/")
+            try cluster.startWorker(dc: "east", name: "east-1", extra: ["--lease-ttl", "30", "--renew-every", "10", "--concurrency", "2"])
+            try await Task.sleep(for: .seconds(2))
+            var ids: [String] = []
+            for i in 0..<rounds {
+                proxy.arm()
+                ids += try await submit(1, task: "ok", prefix: "\(prefix)\(i)-")
+                let cut = try await eventually(timeout: .seconds(30)) { proxy.cuts == i + 1 }
+                #expect(cut, "the proxy never saw a reply to cut (round \(i)): \(cluster.logs())")
+            }
+            return (proxy, ids)
+        }
         func finalStates(_ ids: [String]) async throws -> [String: String] {
             let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta WHERE status IN ('SUCCESS', 'FAILURE')")
             let wanted = Set(ids)
@@ -398,20 +417,8 @@ struct ChaosTests {
     func lostAckReplies() async throws {
         let h = try Harness()
         // the reply of an ack of one job; long renewals, so no renewal of one lease (the same reply) comes between
-        let proxy = try ReplyCuttingProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(replyPrefix: Array("*1\r\n:1\r\n".utf8)))
+        let (proxy, ids) = try await h.cutRedisReplies("*1\r\n:1\r\n", rounds: 4, prefix: "ackcut")
         defer { proxy.stop() }
-        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
-        h.cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
-            h.cluster.redis.url.replacingOccurrences(of: ":\(h.cluster.redis.port)/", with: ":\(proxy.port)/")
-        try h.cluster.startWorker(dc: "east", name: "east-1", extra: ["--lease-ttl", "30", "--renew-every", "10", "--concurrency", "2"])
-        try await Task.sleep(for: .seconds(2))
-        var ids: [String] = []
-        for i in 0..<4 {
-            proxy.arm()
-            ids += try await h.submit(1, task: "ok", prefix: "ackcut\(i)-")
-            let cut = try await eventually(timeout: .seconds(30)) { proxy.cuts == i + 1 }
-            #expect(cut, "the proxy never saw an ack reply to cut (round \(i)): \(h.cluster.logs())")
-        }
         var report = ChaosReport(scenario: "redis-ack-reply-lost")
         try await h.settle(ids, &report)
         let fenced = try await h.pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE event = 'fenced'")
@@ -432,20 +439,8 @@ struct ChaosTests {
     func lostClaimReplies() async throws {
         let h = try Harness()
         // the reply of a claim of one job (9 fields and the revoke count)
-        let proxy = try ReplyCuttingProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(replyPrefix: Array("*10\r\n".utf8)))
+        let (proxy, ids) = try await h.cutRedisReplies("*10\r\n", rounds: 3, prefix: "claimcut")
         defer { proxy.stop() }
-        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
-        h.cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
-            h.cluster.redis.url.replacingOccurrences(of: ":\(h.cluster.redis.port)/", with: ":\(proxy.port)/")
-        try h.cluster.startWorker(dc: "east", name: "east-1", extra: ["--lease-ttl", "30", "--renew-every", "10", "--concurrency", "2"])
-        try await Task.sleep(for: .seconds(2))
-        var ids: [String] = []
-        for i in 0..<3 {
-            proxy.arm()
-            ids += try await h.submit(1, task: "ok", prefix: "claimcut\(i)-")
-            let cut = try await eventually(timeout: .seconds(30)) { proxy.cuts == i + 1 }
-            #expect(cut, "the proxy never saw a claim reply to cut (round \(i)): \(h.cluster.logs())")
-        }
         var report = ChaosReport(scenario: "redis-claim-reply-lost")
         try await h.settle(ids, &report)
         let attempts = try await h.pg.query(

@@ -751,7 +751,7 @@ public final class WorkerRuntime: Sendable {
             count("dead")
             observer.deadLettered(queue: job.queue, datacenter: job.datacenter)
         } catch {
-            log.error("could not dead-letter the message: \(error) — its lease will expire and it will be retried")
+            log.error("could not confirm the dead-letter: \(error) — if it did not land, the lease expires and the message is rejected again on its next claim (nothing runs either way)")
         }
     }
 }

@@ -70,10 +70,6 @@ public final class PostgresStore: StoreOperationSink {
                 ])
             return result.affectedRows == 1 ? .written : .keptSuccess
         case .claimed(let c):
-            // the same claim again (a retry after a reply was lost): already on record, nothing to add
-            if try !tx.query("SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2", [.text(c.taskID), .int(c.token)]).rows.isEmpty {
-                return .done
-            }
             let r = try tx.query(
                 """
                 INSERT INTO tandem_tasks (task_id, job_id, task_name, kind, ingress_queue, queue, datacenter,
@@ -93,6 +89,8 @@ public final class PostgresStore: StoreOperationSink {
                     .text(c.hostname), .int(c.token), .int(Int64(c.attempts)),
                 ])
             let ok = r.affectedRows == 1
+            // the same claim again (a retry after a reply was lost): already on record, nothing to add
+            if !ok, try attemptOnRecord(tx, taskID: c.taskID, token: c.token) { return .done }
             try insertEvent(
                 tx, taskID: c.taskID, jobID: c.jobID, event: ok ? "claimed" : "fenced", worker: c.workerID,
                 datacenter: c.datacenter, token: c.token,
@@ -105,10 +103,7 @@ public final class PostgresStore: StoreOperationSink {
                  WHERE task_id = $1 AND token = $2 AND started_at IS NULL
                 """, [.text(e.taskID), .int(e.token), .int(Int64(e.pid))])
             // this attempt's start already on record (the same write again): nothing to add
-            if updated.affectedRows == 0, try !tx.query(
-                "SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2 AND started_at IS NOT NULL",
-                [.text(e.taskID), .int(e.token)]).rows.isEmpty
-            {
+            if updated.affectedRows == 0, try attemptOnRecord(tx, taskID: e.taskID, token: e.token, where: "started_at IS NOT NULL") {
                 return .done
             }
             try insertEvent(
@@ -124,10 +119,7 @@ public final class PostgresStore: StoreOperationSink {
             if updated.affectedRows == 0 {
                 // this attempt's end already on record (the same write again): done; otherwise a stale attempt,
                 // whose end is not history (its refused result already recorded it as fenced)
-                let again = try tx.query(
-                    "SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2 AND finished_at IS NOT NULL",
-                    [.text(f.taskID), .int(f.token)])
-                return again.rows.isEmpty ? .fenced : .done
+                return try attemptOnRecord(tx, taskID: f.taskID, token: f.token, where: "finished_at IS NOT NULL") ? .done : .fenced
             }
             try insertEvent(
                 tx, taskID: f.taskID, jobID: f.jobID, event: f.outcome.lowercased(), worker: nil,
@@ -323,6 +315,16 @@ public final class PostgresStore: StoreOperationSink {
                 OR (tandem_tasks.token = excluded.token AND tandem_tasks.finished_at IS NULL)
             RETURNING task_id)
         """
+    }
+
+    /// Whether attempt `token` of `taskID` is on record (its row also meeting `condition`): a write refused for
+    /// that reason is the same attempt's write applied again, not a stale one. Asked only after a refusal.
+    static func attemptOnRecord(_ tx: PostgresTransaction, taskID: String, token: Int64, where condition: String = "TRUE")
+        throws -> Bool
+    {
+        try !tx.query(
+            "SELECT 1 FROM tandem_tasks WHERE task_id = $1 AND token = $2 AND \(condition)", [.text(taskID), .int(token)]
+        ).rows.isEmpty
     }
 
     /// `prior AS (…)`: this attempt ($1, token $11) already on record — the same write applied again after its

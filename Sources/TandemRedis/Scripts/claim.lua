@@ -39,6 +39,13 @@ local function nextToken()
   redis.call('SET', p .. ':fence', token)
   return token
 end
+-- One claimed job into the reply: its 9 fields, in the order the header gives.
+local function answer(jid, token, attempts)
+  local f = redis.call('HMGET', p .. ':job:' .. jid, 'raw', 'ingress', 'queue', 'dc', 'dispatched_ms')
+  for _, v in ipairs({jid, token, attempts, f[1], f[2], f[3], f[4], f[5], deadline}) do
+    out[#out + 1] = v
+  end
+end
 local wake = false
 -- Slot accounting for the dispatcher: counted here, in the step that takes the jobs, so a claim is never missed;
 -- a worker process that starts again under the same id starts from zero.
@@ -59,14 +66,11 @@ if cid ~= '' then
     for entry in string.gmatch(last[2] or '', '[^,]+') do
       local jid, token = string.match(entry, '^(.*)=(%d+)$')
       local job = p .. ':job:' .. jid
-      local f = redis.call('HMGET', job, 'owner', 'token', 'state', 'attempts', 'raw', 'ingress', 'queue', 'dc',
-        'dispatched_ms')
+      local f = redis.call('HMGET', job, 'owner', 'token', 'state', 'attempts')
       if f[1] == ARGV[1] and f[2] == token and f[3] == 'leased' then
         redis.call('HSET', job, 'deadline_ms', deadline)
         redis.call('ZADD', KEYS[1], deadline, jid)
-        for _, v in ipairs({jid, token, tonumber(f[4]), f[5], f[6], f[7], f[8], f[9], deadline}) do
-          out[#out + 1] = v
-        end
+        answer(jid, token, tonumber(f[4]))
       end
     end
     out[#out + 1] = redis.call('ZCOUNT', KEYS[#KEYS - 2], now, '+inf')
@@ -86,10 +90,7 @@ for i = 2, #KEYS - 3 do
       redis.call('HSET', job, 'owner', ARGV[1], 'token', token, 'deadline_ms', deadline,
         'claimed_ms', now, 'state', 'leased', 'claimed_from', KEYS[i])
       redis.call('ZADD', KEYS[1], deadline, jid)
-      local f = redis.call('HMGET', job, 'raw', 'ingress', 'queue', 'dc', 'dispatched_ms')
-      for _, v in ipairs({jid, token, attempts, f[1], f[2], f[3], f[4], f[5], deadline}) do
-        out[#out + 1] = v
-      end
+      answer(jid, token, attempts)
       n = n + 1
       taken[n] = jid .. '=' .. token
     end

@@ -33,21 +33,11 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
         self.upstreamPort = upstreamPort
         self.upstream = upstream
         listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = 0
-        let bound = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
+        let bound = withLoopbackAddress(port: 0) { bind(listener, $0, $1) }
         guard listener >= 0, bound == 0, listen(listener, 16) == 0 else {
             throw TestSupportError("the reply-cutting proxy cannot listen on 127.0.0.1: \(String(cString: strerror(errno)))")
         }
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &len) }
-        }
-        port = Int(UInt16(bigEndian: addr.sin_port))
+        port = boundPort(listener)
         Thread.detachNewThread { [self] in acceptLoop() }
     }
 
@@ -76,38 +66,32 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
                 if lock.withLock({ stopped }) { return }
                 continue
             }
-            let upstream = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var addr = sockaddr_in()
-            addr.sin_family = sa_family_t(AF_INET)
-            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-            addr.sin_port = in_port_t(UInt16(upstreamPort).bigEndian)
-            let connected = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(upstream, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
+            let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            let connected = withLoopbackAddress(port: upstreamPort) { connect(server, $0, $1) }
             let keep = lock.withLock { () -> Bool in
                 if stopped || connected != 0 { return false }
-                open += [client, upstream]
+                open += [client, server]
                 return true
             }
             guard keep else {
                 close(client)
-                close(upstream)
+                close(server)
                 continue
             }
             // the second pump to end closes both sockets
             let ends = Locked(0)
             let finish: @Sendable () -> Void = { [self] in
                 guard ends.withLock({ $0 += 1; return $0 }) == 2 else { return }
-                lock.withLock { open.removeAll { $0 == client || $0 == upstream } }
+                lock.withLock { open.removeAll { $0 == client || $0 == server } }
                 close(client)
-                close(upstream)
+                close(server)
             }
             Thread.detachNewThread { [self] in
-                pump(from: client, to: upstream, serverSide: false)
+                pump(from: client, to: server, serverSide: false)
                 finish()
             }
             Thread.detachNewThread { [self] in
-                pump(from: upstream, to: client, serverSide: true)
+                pump(from: server, to: client, serverSide: true)
                 finish()
             }
         }

@@ -350,6 +350,11 @@ class Member:
         self.buf = b""
         self.idle_since = 0.0  # time.monotonic() when it last finished a task
 
+    def dismiss(self) -> None:
+        """EOF on its request pipe: it exits after its current task (none, when idle); reap() retires it."""
+        os.close(self.req_w)
+        self.req_w = -1
+
 
 class Runner:
     def __init__(self, sock: socket.socket, output: str | None, allow_test: bool = False,
@@ -426,9 +431,7 @@ class Runner:
             return
         now = time.monotonic()
         while self.idle and now - self.idle[0].idle_since >= self.pool_idle:
-            member = self.idle.pop(0)
-            os.close(member.req_w)
-            member.req_w = -1
+            self.idle.pop(0).dismiss()
 
     def reap(self) -> None:
         while self.children or self.members:
@@ -557,8 +560,7 @@ class Runner:
             if rid is not None:
                 self.send({"event": "exit", "id": rid, "pid": member.pid, "status": int(line or b"1")})
             if member.served >= POOLED_TASKS_PER_CHILD:
-                os.close(member.req_w)  # EOF: it exits; reap() retires it
-                member.req_w = -1
+                member.dismiss()
             else:
                 member.idle_since = time.monotonic()
                 self.idle.append(member)

@@ -574,6 +574,63 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     return out
 
 
+def paced_send(pub, rate, n):
+    """Publishes n tasks at `rate` per second with Celery's client; returns (task id, UTC time taken just before
+    send_task) in publishing order. Latency is measured from that time, so the client's own cost counts for every
+    system alike."""
+    sent = []
+    t_start = time.time()
+    for i in range(n):
+        d = t_start + i / rate - time.time()
+        if d > 0:
+            time.sleep(d)
+        ts = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        sent.append((pub.send(i), ts))
+    return sent
+
+
+def quantiles(lat):
+    """p50, p99 and max of a list of milliseconds."""
+    lat = sorted(lat)
+    q = lambda p: lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))]
+    return {"p50": q(50), "p99": q(99), "max": lat[-1]}
+
+
+def floor_latency(srv, pub, args, rate, n):
+    """The floor under any executor (Benchmarks/floor.c): one consumer BRPOPs kombu's list, spawns and reaps the
+    no-op, and stamps the time — no dispatcher, lease, result or ack. Paced and measured as paced_latency is."""
+    srv.r().delete("default")
+    probe = [os.path.join(args.noop_dir, "floor"), "127.0.0.1", str(srv.rport), "default",
+             os.path.join(noop_path(args), "airflow"), "--times", str(n + 1)]
+    p = subprocess.Popen(probe, stdout=subprocess.PIPE, text=True)
+    pub.send(-1)  # warm-up, as for the executors
+    first = p.stdout.readline()
+    if not first:
+        p.kill()
+        raise RuntimeError("floor: the consumer ended before the warm-up message — see its stderr above")
+    time.sleep(0.5)
+    sent = paced_send(pub, rate, n)
+    done = [dt.datetime.fromtimestamp(float(line), dt.timezone.utc).replace(tzinfo=None) for line in p.stdout]
+    if p.wait() != 0 or len(done) != n:
+        raise RuntimeError(f"floor: {len(done)} of {n} paced messages consumed (exit {p.returncode})")
+    out = quantiles([(d - ts).total_seconds() * 1000 for (_, ts), d in zip(sent, done)])
+    log(f"  floor (BRPOP + spawn + wait) paced {rate}/s x{n}: p50 {out['p50']:.2f} ms, p99 {out['p99']:.2f} ms")
+    return out
+
+
+def floor_throughput(srv, pub, args, threads, k):
+    """The floor's throughput: `threads` consumers drain k preloaded messages, each spawning and reaping the no-op."""
+    srv.r().delete("default")
+    pub.preload(k)
+    probe = [os.path.join(args.noop_dir, "floor"), "127.0.0.1", str(srv.rport), "default",
+             os.path.join(noop_path(args), "airflow"), "--rate", str(threads)]
+    rate, count = subprocess.run(probe, check=True, capture_output=True, text=True).stdout.split()
+    if int(count) != k:
+        raise RuntimeError(f"floor: consumed {count} of {k} preloaded messages")
+    log(f"  floor (RPOP + spawn + wait) x{threads}: {float(rate):.0f} messages/s")
+    return float(rate)
+
+
 def paced_latency(srv, pub, system, conc, rate, n, workers=1):
     srv.reset(system.db)
     c = srv.pg(system.db)
@@ -584,7 +641,6 @@ def paced_latency(srv, pub, system, conc, rate, n, workers=1):
         system.stop()
         return {}
     time.sleep(0.5)
-    sent = {}
     # a reader polling every 5 ms, as Airflow's fetcher would (faster): when each SUCCESS became visible.
     # Independent of how each system stamps date_done (c9879a2 stamps whole seconds).
     seen, stop_poll = {}, threading.Event()
@@ -602,14 +658,7 @@ def paced_latency(srv, pub, system, conc, rate, n, workers=1):
 
     pt = threading.Thread(target=poller, daemon=True)
     pt.start()
-    t_start = time.time()
-    for i in range(n):
-        target = t_start + i / rate
-        d = target - time.time()
-        if d > 0:
-            time.sleep(d)
-        ts = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        sent[pub.send(i)] = ts
+    sent = dict(paced_send(pub, rate, n))
     wait_success(system, c, n + 1, timeout=120)
     time.sleep(0.05)
     stop_poll.set()
@@ -617,13 +666,12 @@ def paced_latency(srv, pub, system, conc, rate, n, workers=1):
     done = done_times(c)
     system.stop()
     c.close()
-    lat = sorted((done[t] - ts).total_seconds() * 1000 for t, ts in sent.items() if t in done)
+    lat = [(done[t] - ts).total_seconds() * 1000 for t, ts in sent.items() if t in done]
     if len(lat) < n:
         log(f"  only {len(lat)}/{n} finished")
-    q = lambda p: lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))]
-    out = {"p50": q(50), "p99": q(99), "max": lat[-1]}
-    lat = sorted((seen[t] - ts).total_seconds() * 1000 for t, ts in sent.items() if t in seen)
-    out.update({"vis_p50": q(50), "vis_p99": q(99), "vis_max": lat[-1]})
+    out = quantiles(lat)
+    vis = quantiles([(seen[t] - ts).total_seconds() * 1000 for t, ts in sent.items() if t in seen])
+    out.update({f"vis_{k}": v for k, v in vis.items()})
     log(f"  {system.name} c={conc} paced {rate}/s x{n}: p50 {out['p50']:.1f} ms, p99 {out['p99']:.1f} ms, "
         f"max {out['max']:.1f} ms (date_done); seen by a 5 ms poller: p50 {out['vis_p50']:.1f}, p99 {out['vis_p99']:.1f}")
     return out
@@ -812,12 +860,16 @@ def main():
                 for s in systems:
                     runs = [throughput(srv, pub, s, conc, args.tasks) for _ in range(args.reps)]
                     res[f"throughput/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
+                runs = [floor_throughput(srv, pub, args, conc, args.tasks) for _ in range(args.reps)]
+                res[f"throughput/floor/c{conc}"] = {"rate": med(runs), "runs": runs}
         if "latency" in only:
             for conc in concs:
                 for s in systems:
                     runs = [paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n) for _ in range(args.reps)]
                     runs = [r for r in runs if r]
                     res[f"latency/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
+            runs = [floor_latency(srv, pub, args, args.paced_rate, args.paced_n) for _ in range(args.reps)]
+            res["latency/floor"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
         if "dispatcher" in only:
             runs = [dispatcher_alone(srv, pub, args, args.dispatch_n) for _ in range(args.reps)]
             res["dispatcher"] = {"rate": med([r["rate"] for r in runs]),
@@ -968,6 +1020,27 @@ def print_table(res):
         print(f"spawn limit of the {noop} no-op (posix_spawn + wait): {sl['threads1']:.0f}/s on one thread, "
               f"{sl['threads2']:.0f}/s on two; half of it {sl['threads2'] / 2:.0f}/s; Tandem's best steady "
               f"throughput {best:.0f}/s = {best / sl['threads2']:.2f} of the limit")
+    if "latency/floor" in res:
+        # what no executor fed by Celery's client can beat here (Benchmarks/floor.c)
+        fl = res["latency/floor"]
+        print(f"floor (Celery's send_task, BRPOP, spawn + wait of the no-op; no executor): paced p50 {fl['p50']:.2f} ms, "
+              f"p99 {fl['p99']:.2f} ms")
+        for conc in (2, 16):
+            cel = res.get(f"latency/celery/c{conc}")
+            if cel:
+                print(f"  c={conc}: 1/5 of Celery's p50 / p99 is {cel['p50'] / 5:.2f} / {cel['p99'] / 5:.2f} ms; "
+                      f"the floor is {fl['p50'] / cel['p50']:.2f} / {fl['p99'] / cel['p99']:.2f} of Celery's, "
+                      f"Tandem {g(f'latency/tandem/c{conc}', 'p50') / cel['p50']:.2f} / "
+                      f"{g(f'latency/tandem/c{conc}', 'p99') / cel['p99']:.2f}")
+                tan = g(f"latency/tandem/c{conc}", "p50")
+                print(f"  c={conc}: added on top of the floor at p50 (p50 - floor p50): Celery {cel['p50'] - fl['p50']:.2f} ms, "
+                      f"Tandem {tan - fl['p50']:.2f} ms = {(tan - fl['p50']) / (cel['p50'] - fl['p50']):.2f}x")
+    for conc in (2, 16):
+        if f"throughput/floor/c{conc}" in res:
+            fr = g(f"throughput/floor/c{conc}", "rate")
+            print(f"floor throughput with {conc} consumers (RPOP, spawn + wait; nothing durable): {fr:.0f}/s = "
+                  f"{fr / g(f'throughput/celery/c{conc}', 'rate'):.2f}x Celery; Tandem reaches "
+                  f"{g(f'throughput/tandem/c{conc}', 'rate') / fr:.2f} of it")
     m = res["meta"]
     print(f"\nload average before {' '.join(m['loadavg_before'])}, after {' '.join(m.get('loadavg_after', []))}")
 

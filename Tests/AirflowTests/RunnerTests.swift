@@ -103,6 +103,40 @@ struct RunnerTests {
         #expect(l.runner?.pid != nil && Self.alive(l.runner!.pid), "the runner itself stays")
     }
 
+    /// The process's command line as `ps` shows it (its first argument).
+    static func title(of pid: Int32) -> String {
+        let bytes = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline"))) ?? Data()
+        return String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+    }
+
+    @Test("task processes can rename themselves in ps as Airflow's do (setproctitle), after the runner rewrote their environment")
+    func processTitles() async throws {
+        // setproctitle sets itself up on its first call; a pooled child rewrites its environment for every task and
+        // a fresh child adds the task's variables before that, which left it no room: every task process kept the
+        // runner's command line instead of "airflow worker -- <ti id>"
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        let pooled = try await l.launch(request: [
+            "kind": "test-pooled-sleep", "seconds": 30, "exit": 0, "env": ["X": "1"], "title": "airflow worker -- pooled-1",
+        ])
+        let fresh = try await l.launch(request: [
+            "kind": "test-sleep", "seconds": 30, "exit": 0, "env": ["X": "1"], "title": "airflow worker -- fresh-1",
+        ])
+        var titles: [String] = []
+        for _ in 0..<300 {  // up to 30 s for both children to start and rename themselves
+            titles = [Self.title(of: pooled.pid), Self.title(of: fresh.pid)]
+            if titles == ["airflow worker -- pooled-1", "airflow worker -- fresh-1"] { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(titles == ["airflow worker -- pooled-1", "airflow worker -- fresh-1"], "ps shows: \(titles)")
+        pooled.signalGroup(SIGKILL)
+        fresh.signalGroup(SIGKILL)
+        #expect(await pooled.wait() == .signalled(SIGKILL))
+        #expect(await fresh.wait() == .signalled(SIGKILL))
+    }
+
     @Test("a runner killed mid-task: the task dies with it, is reported failed, and the runner comes back")
     func runnerDeath() async throws {
         let out = AF.tempDir("tandem-runner-out") + "/out.log"

@@ -162,6 +162,29 @@ def watch_task_exit() -> bool:
     return True
 
 
+def keep_process_titles() -> None:
+    """Lets Airflow name its task processes in `ps` ("airflow worker -- <ti id>" in Airflow 3, "airflow task
+    runner: ..." in Airflow 2). setproctitle finds the memory it may overwrite (argv and the environment strings laid
+    out after it) on its first call; a pooled child rewrites its environment for every task, and a fresh child adds
+    the task's variables, before Airflow's first call, so it found no room and every task process kept the runner's
+    command line. Called once in the runner, while the environment is still as the kernel laid it out, the set-up
+    is done and inherited by every child."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(setproctitle.getproctitle())
+    except Exception:  # not installed (Airflow depends on it): titles stay as they are, nothing else changes
+        pass
+
+
+def _test_title(req: dict) -> None:
+    """The test kinds retitle their process as Airflow's task runner does, when asked to (Swift tests only)."""
+    if req.get("title"):
+        from setproctitle import setproctitle
+
+        setproctitle(str(req["title"]))
+
+
 def run_workload_json(data: str) -> int:
     """Runs one Airflow 3 workload in this process, exactly as the Celery provider's execute_workload does."""
     from pydantic import TypeAdapter
@@ -600,6 +623,7 @@ class Runner:
                     else:  # test-pooled-sleep (only with --allow-test-kinds)
                         print(f"test-pooled-sleep pid={os.getpid()} env={sorted(k for k in req.get('env') or {})} "
                               f"X={os.environ.get('X')}", flush=True)
+                        _test_title(req)
                         time.sleep(float(req.get("seconds", 0)))
                         code = int(req.get("exit", 0))
                     code = code if isinstance(code, int) and 0 <= code < 256 else EXIT_FAILURE
@@ -655,6 +679,7 @@ class Runner:
                 code = run_workload_json(req["workload"])
             elif req["kind"] == "test-sleep":  # only with --allow-test-kinds (the Swift tests)
                 print(f"test-sleep env={sorted(k for k in req.get('env') or {})}", flush=True)
+                _test_title(req)
                 time.sleep(float(req.get("seconds", 0)))
                 code = int(req.get("exit", 0))
             else:
@@ -712,6 +737,7 @@ def main() -> int:
     # Every child would otherwise pay for the runner's whole heap: the first garbage collection in a forked child
     # touches every object, so copy-on-write copies every page (measured: ~330 ms of CPU per task with Airflow 3
     # imported, 13 ms with the heap frozen). A Celery pool child pays that once; a fork per task must not.
+    keep_process_titles()
     gc.collect()
     gc.freeze()
     _stderr(f"ready in {time.monotonic() - started:.2f}s (airflow {_airflow_version() or 'not importable'})")

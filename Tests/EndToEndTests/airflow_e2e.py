@@ -319,13 +319,19 @@ class PeakMemory(threading.Thread):
 
     @staticmethod
     def sample():
-        """PSS (MiB) of every role's processes now."""
+        """PSS (MiB) of every role's processes now; also, under "<role>: airflow task processes", the part of it
+        that is Airflow's own task processes (retitled "airflow worker -- <ti id>" by Airflow's task runner): the
+        same code under either executor, so what no executor can save."""
         now = {}
         for pid, (role, _) in processes_by_role().items():
             try:
+                task = open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"airflow worker -- ")
                 for line in open(f"/proc/{pid}/smaps_rollup"):
                     if line.startswith("Pss:"):
-                        now[role] = now.get(role, 0) + int(line.split()[1]) / 1024
+                        mib = int(line.split()[1]) / 1024
+                        now[role] = now.get(role, 0) + mib
+                        if task:
+                            now[f"{role}: airflow task processes"] = now.get(f"{role}: airflow task processes", 0) + mib
                         break
             except OSError:
                 pass

@@ -574,10 +574,10 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     return out
 
 
-def paced_send(pub, rate, n):
+def paced_send(pub, rate, n, send_ms=None):
     """Publishes n tasks at `rate` per second with Celery's client; returns (task id, UTC time taken just before
     send_task) in publishing order. Latency is measured from that time, so the client's own cost counts for every
-    system alike."""
+    system alike. `send_ms`, a list, receives how long each send_task call took."""
     sent = []
     t_start = time.time()
     for i in range(n):
@@ -585,7 +585,10 @@ def paced_send(pub, rate, n):
         if d > 0:
             time.sleep(d)
         ts = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        t0 = time.perf_counter()
         sent.append((pub.send(i), ts))
+        if send_ms is not None:
+            send_ms.append((time.perf_counter() - t0) * 1000)
     return sent
 
 
@@ -609,12 +612,15 @@ def floor_latency(srv, pub, args, rate, n):
         p.kill()
         raise RuntimeError("floor: the consumer ended before the warm-up message — see its stderr above")
     time.sleep(0.5)
-    sent = paced_send(pub, rate, n)
+    send_ms = []
+    sent = paced_send(pub, rate, n, send_ms)
     done = [dt.datetime.fromtimestamp(float(line), dt.timezone.utc).replace(tzinfo=None) for line in p.stdout]
     if p.wait() != 0 or len(done) != n:
         raise RuntimeError(f"floor: {len(done)} of {n} paced messages consumed (exit {p.returncode})")
     out = quantiles([(d - ts).total_seconds() * 1000 for (_, ts), d in zip(sent, done)])
-    log(f"  floor (BRPOP + spawn + wait) paced {rate}/s x{n}: p50 {out['p50']:.2f} ms, p99 {out['p99']:.2f} ms")
+    out["send_task_p50"] = quantiles(send_ms)["p50"]
+    log(f"  floor (BRPOP + spawn + wait) paced {rate}/s x{n}: p50 {out['p50']:.2f} ms, p99 {out['p99']:.2f} ms; "
+        f"send_task alone p50 {out['send_task_p50']:.2f} ms")
     return out
 
 
@@ -1024,7 +1030,7 @@ def print_table(res):
         # what no executor fed by Celery's client can beat here (Benchmarks/floor.c)
         fl = res["latency/floor"]
         print(f"floor (Celery's send_task, BRPOP, spawn + wait of the no-op; no executor): paced p50 {fl['p50']:.2f} ms, "
-              f"p99 {fl['p99']:.2f} ms")
+              f"p99 {fl['p99']:.2f} ms" + (f"; send_task alone p50 {fl['send_task_p50']:.2f} ms" if "send_task_p50" in fl else ""))
         for conc in (2, 16):
             cel = res.get(f"latency/celery/c{conc}")
             if cel:

@@ -131,7 +131,7 @@ class Servers:
                 time.sleep(0.05)
         c = psycopg2.connect(host="127.0.0.1", port=self.pport, user="postgres", dbname="postgres")
         c.autocommit = True
-        for db in ("bench_celery", "bench_tandem"):
+        for db in ("bench_celery", "bench_tandem", "bench_floor"):
             c.cursor().execute(f"CREATE DATABASE {db}")
         c.close()
         log(f"servers: redis 127.0.0.1:{self.rport}, postgres 127.0.0.1:{self.pport} (fsync on) in {self.dir}")
@@ -624,16 +624,20 @@ def floor_latency(srv, pub, args, rate, n):
     return out
 
 
-def floor_throughput(srv, pub, args, threads, k):
-    """The floor's throughput: `threads` consumers drain k preloaded messages, each spawning and reaping the no-op."""
+def floor_throughput(srv, pub, args, threads, k, safe=False):
+    """The floor's throughput: `threads` consumers drain k preloaded messages, each spawning and reaping the no-op.
+    `safe`: also the least a crash-safe executor with durable results does (LMOVE into a processing list, one
+    group-committed multi-row INSERT per commit, then LREM; Benchmarks/floor.c)."""
     srv.r().delete("default")
     pub.preload(k)
+    mode = ["--safe", str(threads), srv.pg_url("bench_floor")] if safe else ["--rate", str(threads)]
     probe = [os.path.join(args.noop_dir, "floor"), "127.0.0.1", str(srv.rport), "default",
-             os.path.join(noop_path(args), "airflow"), "--rate", str(threads)]
+             os.path.join(noop_path(args), "airflow")] + mode
     rate, count = subprocess.run(probe, check=True, capture_output=True, text=True).stdout.split()
     if int(count) != k:
         raise RuntimeError(f"floor: consumed {count} of {k} preloaded messages")
-    log(f"  floor (RPOP + spawn + wait) x{threads}: {float(rate):.0f} messages/s")
+    what = "LMOVE + spawn + wait + group-committed result + ack" if safe else "RPOP + spawn + wait"
+    log(f"  floor ({what}) x{threads}: {float(rate):.0f} messages/s")
     return float(rate)
 
 
@@ -868,6 +872,8 @@ def main():
                     res[f"throughput/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
                 runs = [floor_throughput(srv, pub, args, conc, args.tasks) for _ in range(args.reps)]
                 res[f"throughput/floor/c{conc}"] = {"rate": med(runs), "runs": runs}
+                runs = [floor_throughput(srv, pub, args, conc, args.tasks, safe=True) for _ in range(args.reps)]
+                res[f"throughput/safe-floor/c{conc}"] = {"rate": med(runs), "runs": runs}
         if "latency" in only:
             for conc in concs:
                 for s in systems:
@@ -1047,6 +1053,12 @@ def print_table(res):
             print(f"floor throughput with {conc} consumers (RPOP, spawn + wait; nothing durable): {fr:.0f}/s = "
                   f"{fr / g(f'throughput/celery/c{conc}', 'rate'):.2f}x Celery; Tandem reaches "
                   f"{g(f'throughput/tandem/c{conc}', 'rate') / fr:.2f} of it")
+    for conc in (2, 16):
+        if f"throughput/safe-floor/c{conc}" in res:
+            fr, sl = g(f"throughput/safe-floor/c{conc}", "rate"), res.get("spawn_limit", {}).get("threads2", float("nan"))
+            print(f"safe floor with {conc} consumers (LMOVE, spawn + wait, group-committed result, then ack): {fr:.0f}/s "
+                  f"= {fr / g(f'throughput/celery/c{conc}', 'rate'):.2f}x Celery, {fr / sl:.2f} of the spawn limit; "
+                  f"Tandem reaches {g(f'throughput/tandem/c{conc}', 'rate') / fr:.2f} of it")
     m = res["meta"]
     print(f"\nload average before {' '.join(m['loadavg_before'])}, after {' '.join(m.get('loadavg_after', []))}")
 

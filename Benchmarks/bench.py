@@ -385,11 +385,11 @@ def spawn_limit(args, n=3000):
     """The machine's spawn limit with the no-op in use: posix_spawn + waitpid per second from 1 and 2 threads (the
     issue's "≈ 1,500 per core, ≈ 3,000 with both" was measured with some other no-op; this one is measured here,
     in the same run, with the binary the tasks run)."""
-    probe = os.path.join(args.noop_dir, "spawnlimit")
+    probe = os.path.join(args.noop_dir, "floor")
     binary = os.path.join(noop_path(args), "airflow")
     out = {}
     for threads in (1, 2):
-        runs = [float(subprocess.run([probe, binary, str(n // threads), str(threads)], check=True,
+        runs = [float(subprocess.run([probe, binary, "spawn", str(n // threads), str(threads)], check=True,
                                      capture_output=True, text=True).stdout) for _ in range(3)]
         out[f"threads{threads}"] = med(runs)
         out[f"threads{threads}_runs"] = runs
@@ -603,8 +603,8 @@ def floor_latency(srv, pub, args, rate, n):
     """The floor under any executor (Benchmarks/floor.c): one consumer BRPOPs kombu's list, spawns and reaps the
     no-op, and stamps the time — no dispatcher, lease, result or ack. Paced and measured as paced_latency is."""
     srv.r().delete("default")
-    probe = [os.path.join(args.noop_dir, "floor"), "127.0.0.1", str(srv.rport), "default",
-             os.path.join(noop_path(args), "airflow"), "--times", str(n + 1)]
+    probe = [os.path.join(args.noop_dir, "floor"), os.path.join(noop_path(args), "airflow"), "times", "127.0.0.1",
+             str(srv.rport), "default", str(n + 1)]
     p = subprocess.Popen(probe, stdout=subprocess.PIPE, text=True)
     pub.send(-1)  # warm-up, as for the executors
     first = p.stdout.readline()
@@ -630,9 +630,8 @@ def floor_throughput(srv, pub, args, threads, k, safe=False):
     group-committed multi-row INSERT per commit, then LREM; Benchmarks/floor.c)."""
     srv.r().delete("default")
     pub.preload(k)
-    mode = ["--safe", str(threads), srv.pg_url("bench_floor")] if safe else ["--rate", str(threads)]
-    probe = [os.path.join(args.noop_dir, "floor"), "127.0.0.1", str(srv.rport), "default",
-             os.path.join(noop_path(args), "airflow")] + mode
+    probe = [os.path.join(args.noop_dir, "floor"), os.path.join(noop_path(args), "airflow"), "safe" if safe else "rate",
+             "127.0.0.1", str(srv.rport), "default", str(threads)] + ([srv.pg_url("bench_floor")] if safe else [])
     rate, count = subprocess.run(probe, check=True, capture_output=True, text=True).stdout.split()
     if int(count) != k:
         raise RuntimeError(f"floor: consumed {count} of {k} preloaded messages")

@@ -1,18 +1,23 @@
-/* The floor under any executor fed by Celery's client: take the message off kombu's Redis list (BRPOP, as a Celery
- * worker does), posix_spawn the no-op `airflow`, wait for it — and nothing else: no dispatcher hop, no lease, no
- * result, no ack, no parsing. Whatever an executor adds (Tandem's or Celery's) comes on top of this, so a target
- * below this floor cannot be met by any executor on this machine and publish path.
+/* The machine's floors, measured with the same no-op `airflow` and the same Redis and Postgres as the executors.
  *
- *   floor HOST PORT LIST BINARY --times N     one consumer: after each of N messages, prints the wall-clock time
- *                                             (CLOCK_REALTIME, "sec.nsec") at which its process had been reaped
- *   floor HOST PORT LIST BINARY --rate T      T consumers, each on its own connection, until LIST is empty
- *                                             (preloaded); prints messages per second
- *   floor HOST PORT LIST BINARY --safe T PG   the same, doing the least an executor that loses nothing must: each
- *                                             consumer takes a message with LMOVE into its own processing list (a
- *                                             worker killed mid-task leaves it there, as kombu's visibility does),
- *                                             and one writer thread commits every result waiting (one multi-row
- *                                             INSERT per commit: group commit, synchronous_commit on) and only then
- *                                             acks them (LREM, pipelined). PG is a libpq connection string.
+ *   floor BINARY spawn N THREADS                   the spawn limit: posix_spawn + waitpid of BINARY, N times in each
+ *                                                  of THREADS threads; prints spawns per second (the issue's
+ *                                                  "≈ 1,500 per core", measured here in the same run)
+ *   floor BINARY times HOST PORT LIST N            the floor under any executor fed by Celery's client: one consumer
+ *                                                  takes each of N messages off kombu's list (BRPOP, as a Celery
+ *                                                  worker does), spawns and reaps BINARY, and prints the wall-clock
+ *                                                  time (CLOCK_REALTIME, "sec.nsec") it was reaped — no dispatcher
+ *                                                  hop, lease, result, ack or parsing. Whatever an executor adds comes
+ *                                                  on top, so a target below this cannot be met by any executor here.
+ *   floor BINARY rate HOST PORT LIST THREADS       the same as throughput: THREADS consumers (RPOP) drain the
+ *                                                  preloaded LIST; prints messages per second and the count
+ *   floor BINARY safe HOST PORT LIST THREADS PG    the least an executor that loses nothing and writes durable results
+ *                                                  must do: each consumer takes a message with LMOVE into its own
+ *                                                  processing list (a worker killed mid-task leaves it there, as
+ *                                                  kombu's visibility does), and one writer thread commits every
+ *                                                  result waiting (one multi-row INSERT per commit: group commit,
+ *                                                  synchronous_commit on) and only then acks them (LREM, pipelined).
+ *                                                  PG is a libpq connection string.
  *
  * Built by Benchmarks/run (gcc -O2 floor.c -lhiredis -lpq -pthread). */
 #include <hiredis/hiredis.h>
@@ -51,6 +56,25 @@ static void run_task(void) {
         fprintf(stderr, "floor: %s did not exit 0\n", bin);
         exit(1);
     }
+}
+
+static long spawns_per_thread;
+
+static void *spawn_loop(void *arg) {
+    (void)arg;
+    for (long i = 0; i < spawns_per_thread; i++) run_task();
+    return NULL;
+}
+
+/* Runs `body` on `threads` threads (each given its index) and returns the seconds until all had ended. */
+static double timed_threads(int threads, void *(*body)(void *)) {
+    pthread_t th[64];
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, body, (void *)(long)i);
+    for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    return (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
 }
 
 static void *drain(void *arg) {
@@ -162,6 +186,12 @@ static void *safe_write(void *arg) {
     return NULL;
 }
 
+/* Thread 0 writes; the others consume. */
+static void *safe_role(void *arg) {
+    long i = (long)arg;
+    return i == 0 ? safe_write(NULL) : safe_consume((void *)(i - 1));
+}
+
 static int run_safe(int threads) {
     PGconn *pg = PQconnectdb(pg_conninfo);
     if (PQstatus(pg) != CONNECTION_OK) { fprintf(stderr, "floor: cannot connect to Postgres: %s", PQerrorMessage(pg)); return 1; }
@@ -169,32 +199,37 @@ static int run_safe(int threads) {
                              "task_id TEXT UNIQUE, status TEXT, date_done TIMESTAMP)"), "CREATE TABLE");
     pg_or_die(pg, PQexec(pg, "TRUNCATE floor_results"), "TRUNCATE");
     PQfinish(pg);
-    pthread_t th[64], writer;
-    struct timespec a, b;
     consumers_left = threads;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    pthread_create(&writer, NULL, safe_write, NULL);
-    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, safe_consume, (void *)(long)i);
-    for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
-    pthread_join(writer, NULL);
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+    double s = timed_threads(threads + 1, safe_role);
     printf("%.1f %ld\n", done_total / s, done_total);
     return 0;
 }
 
+static int usage(void) {
+    fprintf(stderr, "usage: floor BINARY spawn N THREADS | times HOST PORT LIST N | rate HOST PORT LIST THREADS"
+                    " | safe HOST PORT LIST THREADS PGCONNINFO\n");
+    return 2;
+}
+
 int main(int argc, char **argv) {
-    int safe = argc == 8 && strcmp(argv[5], "--safe") == 0;
-    if (!safe && (argc != 7 || (strcmp(argv[5], "--times") != 0 && strcmp(argv[5], "--rate") != 0))) {
-        fprintf(stderr, "usage: floor HOST PORT LIST BINARY --times N | --rate THREADS | --safe THREADS PGCONNINFO\n");
-        return 2;
+    if (argc < 5) return usage();
+    bin = argv[1];
+    const char *mode = argv[2];
+    if (strcmp(mode, "spawn") == 0) {
+        if (argc != 5) return usage();
+        spawns_per_thread = atol(argv[3]);
+        int threads = atoi(argv[4]);
+        if (threads < 1 || threads > 64) { fprintf(stderr, "floor: THREADS must be 1..64\n"); return 2; }
+        printf("%.1f\n", spawns_per_thread * threads / timed_threads(threads, spawn_loop));
+        return 0;
     }
-    host = argv[1];
-    port = atoi(argv[2]);
-    list = argv[3];
-    bin = argv[4];
+    int safe = strcmp(mode, "safe") == 0;
+    if (argc != (safe ? 8 : 7) || (!safe && strcmp(mode, "times") != 0 && strcmp(mode, "rate") != 0)) return usage();
+    host = argv[3];
+    port = atoi(argv[4]);
+    list = argv[5];
     long n = atol(argv[6]);
-    if (strcmp(argv[5], "--times") == 0) {
+    if (strcmp(mode, "times") == 0) {
         redisContext *c = connect_or_die();
         setvbuf(stdout, NULL, _IOLBF, 0);
         for (long i = 0; i < n; i++) {
@@ -214,18 +249,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     int threads = (int)n;
-    if (threads < 1 || threads > 64) { fprintf(stderr, "floor: THREADS must be 1..64\n"); return 2; }
+    if (threads < 1 || threads > 63) { fprintf(stderr, "floor: THREADS must be 1..63\n"); return 2; }
     if (safe) {
         pg_conninfo = argv[7];
         return run_safe(threads);
     }
-    pthread_t th[64];
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, drain, NULL);
-    for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+    double s = timed_threads(threads, drain);
     printf("%.1f %ld\n", done_total / s, done_total);
     return 0;
 }

@@ -866,9 +866,16 @@ def main():
         systems = [Celery(srv, args, args.logdir), Tandem(srv, args, args.logdir)]
         if "throughput" in only:
             for conc in concs:
+                # repetitions alternate Celery, Tandem, Celery, ... so a host that slows down mid-run slows both;
+                # each repetition's pair also gives a ratio of its own (the median of those is printed too)
+                by = {s.name: [] for s in systems}
+                for _ in range(args.reps):
+                    for s in systems:
+                        by[s.name].append(throughput(srv, pub, s, conc, args.tasks))
                 for s in systems:
-                    runs = [throughput(srv, pub, s, conc, args.tasks) for _ in range(args.reps)]
+                    runs = by[s.name]
                     res[f"throughput/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
+                res[f"throughput/paired/c{conc}"] = {"ratio": med([t["rate"] / c["rate"] for c, t in zip(by["celery"], by["tandem"])])}
                 runs = [floor_throughput(srv, pub, args, conc, args.tasks) for _ in range(args.reps)]
                 res[f"throughput/floor/c{conc}"] = {"rate": med(runs), "runs": runs}
                 runs = [floor_throughput(srv, pub, args, conc, args.tasks, safe=True) for _ in range(args.reps)]
@@ -1025,6 +1032,10 @@ def print_table(res):
     if sc:
         print("server-side script cost by backlog: " + ", ".join(
             f"{k.split('/b')[-1]}: dispatch {res[k]['dispatch_us']:.1f} µs, claim {res[k]['claim_us']:.1f} µs" for k in sc))
+    for conc in (2, 16):
+        if f"throughput/paired/c{conc}" in res:
+            print(f"throughput c={conc}: median of the repetitions' own Tandem/Celery ratios (each pair run back to back): "
+                  f"{g(f'throughput/paired/c{conc}', 'ratio'):.2f}")
     if "spawn_limit" in res:
         sl, noop = res["spawn_limit"], res["meta"]["args"].get("noop", "glibc")
         best = max((g(f"throughput/tandem/c{c}", "rate") for c in (2, 16)), default=float("nan"))

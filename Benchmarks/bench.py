@@ -574,6 +574,35 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     return out
 
 
+class SuccessPoller(threading.Thread):
+    """A reader polling `table` every 5 ms, as Airflow's result fetcher would (faster), in the publishing process:
+    when each SUCCESS became visible. It also competes with the publisher for the GIL, as it does in every paced
+    run, so the floor runs one too (on its own, empty table) to publish under the same conditions."""
+
+    def __init__(self, srv, db, table):
+        super().__init__(daemon=True)
+        self.srv, self.db, self.table = srv, db, table
+        self.seen, self.stopping = {}, threading.Event()
+        self.start()
+
+    def run(self):
+        pc = self.srv.pg(self.db)
+        cur = pc.cursor()
+        while not self.stopping.is_set():
+            cur.execute(f"SELECT task_id FROM {self.table} WHERE status = 'SUCCESS'")
+            now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+            for (t,) in cur.fetchall():
+                self.seen.setdefault(t, now)
+            time.sleep(0.005)
+        pc.close()
+
+    def stop(self):
+        """Stops polling; returns {task id: when first seen}."""
+        self.stopping.set()
+        self.join()
+        return self.seen
+
+
 def paced_send(pub, rate, n, send_ms=None):
     """Publishes n tasks at `rate` per second with Celery's client; returns (task id, UTC time taken just before
     send_task) in publishing order. Latency is measured from that time, so the client's own cost counts for every
@@ -612,8 +641,14 @@ def floor_latency(srv, pub, args, rate, n):
         p.kill()
         raise RuntimeError("floor: the consumer ended before the warm-up message — see its stderr above")
     time.sleep(0.5)
+    c = srv.pg("bench_floor")
+    c.cursor().execute("CREATE TABLE IF NOT EXISTS floor_results (id BIGSERIAL PRIMARY KEY, task_id TEXT UNIQUE, "
+                       "status TEXT, date_done TIMESTAMP)")
+    c.close()
+    poller = SuccessPoller(srv, "bench_floor", "floor_results")
     send_ms = []
     sent = paced_send(pub, rate, n, send_ms)
+    poller.stop()
     done = [dt.datetime.fromtimestamp(float(line), dt.timezone.utc).replace(tzinfo=None) for line in p.stdout]
     if p.wait() != 0 or len(done) != n:
         raise RuntimeError(f"floor: {len(done)} of {n} paced messages consumed (exit {p.returncode})")
@@ -650,28 +685,12 @@ def paced_latency(srv, pub, system, conc, rate, n, workers=1):
         system.stop()
         return {}
     time.sleep(0.5)
-    # a reader polling every 5 ms, as Airflow's fetcher would (faster): when each SUCCESS became visible.
     # Independent of how each system stamps date_done (c9879a2 stamps whole seconds).
-    seen, stop_poll = {}, threading.Event()
-
-    def poller():
-        pc = srv.pg(system.db)
-        cur = pc.cursor()
-        while not stop_poll.is_set():
-            cur.execute("SELECT task_id FROM celery_taskmeta WHERE status = 'SUCCESS'")
-            now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-            for (t,) in cur.fetchall():
-                seen.setdefault(t, now)
-            time.sleep(0.005)
-        pc.close()
-
-    pt = threading.Thread(target=poller, daemon=True)
-    pt.start()
+    poller = SuccessPoller(srv, system.db, "celery_taskmeta")
     sent = dict(paced_send(pub, rate, n))
     wait_success(system, c, n + 1, timeout=120)
     time.sleep(0.05)
-    stop_poll.set()
-    pt.join()
+    seen = poller.stop()
     done = done_times(c)
     system.stop()
     c.close()
@@ -882,9 +901,13 @@ def main():
                 res[f"throughput/safe-floor/c{conc}"] = {"rate": med(runs), "runs": runs}
         if "latency" in only:
             for conc in concs:
+                # interleaved like the throughput repetitions
+                by = {s.name: [] for s in systems}
+                for _ in range(args.reps):
+                    for s in systems:
+                        by[s.name].append(paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n))
                 for s in systems:
-                    runs = [paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n) for _ in range(args.reps)]
-                    runs = [r for r in runs if r]
+                    runs = [r for r in by[s.name] if r]
                     res[f"latency/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
             runs = [floor_latency(srv, pub, args, args.paced_rate, args.paced_n) for _ in range(args.reps)]
             res["latency/floor"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}

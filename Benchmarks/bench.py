@@ -134,6 +134,11 @@ class Servers:
         for db in ("bench_celery", "bench_tandem", "bench_floor"):
             c.cursor().execute(f"CREATE DATABASE {db}")
         c.close()
+        # the safe floor's results (Benchmarks/floor.c writes them; the latency floor's poller reads the table)
+        c = self.pg("bench_floor")
+        c.cursor().execute("CREATE TABLE floor_results (id BIGSERIAL PRIMARY KEY, task_id TEXT UNIQUE, status TEXT, "
+                           "date_done TIMESTAMP)")
+        c.close()
         log(f"servers: redis 127.0.0.1:{self.rport}, postgres 127.0.0.1:{self.pport} (fsync on) in {self.dir}")
 
     def stop(self):
@@ -641,10 +646,6 @@ def floor_latency(srv, pub, args, rate, n):
         p.kill()
         raise RuntimeError("floor: the consumer ended before the warm-up message — see its stderr above")
     time.sleep(0.5)
-    c = srv.pg("bench_floor")
-    c.cursor().execute("CREATE TABLE IF NOT EXISTS floor_results (id BIGSERIAL PRIMARY KEY, task_id TEXT UNIQUE, "
-                       "status TEXT, date_done TIMESTAMP)")
-    c.close()
     poller = SuccessPoller(srv, "bench_floor", "floor_results")
     send_ms = []
     sent = paced_send(pub, rate, n, send_ms)
@@ -823,6 +824,16 @@ def profile(srv, pub, args, conc, k, tool):
 
 
 # ---------------------------------------------------------------------------------------------- main
+def interleaved(systems, reps, run):
+    """{system name: [run(system) per repetition]}, the repetitions alternating Celery, Tandem, Celery, ... so a host
+    that slows down mid-run slows both."""
+    by = {s.name: [] for s in systems}
+    for _ in range(reps):
+        for s in systems:
+            by[s.name].append(run(s))
+    return by
+
+
 def med(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")
@@ -885,12 +896,8 @@ def main():
         systems = [Celery(srv, args, args.logdir), Tandem(srv, args, args.logdir)]
         if "throughput" in only:
             for conc in concs:
-                # repetitions alternate Celery, Tandem, Celery, ... so a host that slows down mid-run slows both;
                 # each repetition's pair also gives a ratio of its own (the median of those is printed too)
-                by = {s.name: [] for s in systems}
-                for _ in range(args.reps):
-                    for s in systems:
-                        by[s.name].append(throughput(srv, pub, s, conc, args.tasks))
+                by = interleaved(systems, args.reps, lambda s: throughput(srv, pub, s, conc, args.tasks))
                 for s in systems:
                     runs = by[s.name]
                     res[f"throughput/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
@@ -901,11 +908,7 @@ def main():
                 res[f"throughput/safe-floor/c{conc}"] = {"rate": med(runs), "runs": runs}
         if "latency" in only:
             for conc in concs:
-                # interleaved like the throughput repetitions
-                by = {s.name: [] for s in systems}
-                for _ in range(args.reps):
-                    for s in systems:
-                        by[s.name].append(paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n))
+                by = interleaved(systems, args.reps, lambda s: paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n))
                 for s in systems:
                     runs = [r for r in by[s.name] if r]
                     res[f"latency/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}

@@ -46,6 +46,17 @@ static redisContext *connect_or_die(void) {
     return c;
 }
 
+static const char *pg_conninfo;
+
+static PGconn *pg_connect_or_die(void) {
+    PGconn *pg = PQconnectdb(pg_conninfo);
+    if (PQstatus(pg) != CONNECTION_OK) {
+        fprintf(stderr, "floor: cannot connect to Postgres: %s", PQerrorMessage(pg));
+        exit(1);
+    }
+    return pg;
+}
+
 /* Runs the no-op as a task would be run; exits the program if it does not exit 0. */
 static void run_task(void) {
     char *argv[] = {(char *)bin, "tasks", "run", "dag", "task", "run_id", NULL};
@@ -103,13 +114,17 @@ static struct done_msg *pending;
 static size_t pending_n, pending_cap;
 static int consumers_left;
 static pthread_cond_t pending_cond = PTHREAD_COND_INITIALIZER;
-static const char *pg_conninfo;
+
+/* A consumer's processing list: where its message waits until the writer has committed the result and acked it. */
+static void processing_key(char *buf, size_t size, int consumer) {
+    snprintf(buf, size, "floor:processing:%d", consumer);
+}
 
 static void *safe_consume(void *arg) {
     int me = (int)(long)arg;
     redisContext *c = connect_or_die();
     char processing[64];
-    snprintf(processing, sizeof processing, "floor:processing:%d", me);
+    processing_key(processing, sizeof processing, me);
     for (long seq = 0;; seq++) {
         redisReply *r = redisCommand(c, "LMOVE %s %s RIGHT LEFT", list, processing);
         if (r == NULL) { fprintf(stderr, "floor: Redis connection lost: %s\n", c->errstr); exit(1); }
@@ -146,8 +161,7 @@ static void pg_or_die(PGconn *pg, PGresult *res, const char *what) {
 /* Commits every waiting result in one transaction, then acks them; until the consumers are done and none wait. */
 static void *safe_write(void *arg) {
     (void)arg;
-    PGconn *pg = PQconnectdb(pg_conninfo);
-    if (PQstatus(pg) != CONNECTION_OK) { fprintf(stderr, "floor: cannot connect to Postgres: %s", PQerrorMessage(pg)); exit(1); }
+    PGconn *pg = pg_connect_or_die();
     redisContext *c = connect_or_die();
     size_t sql_cap = 1 << 16;
     char *sql = malloc(sql_cap);
@@ -168,7 +182,7 @@ static void *safe_write(void *arg) {
         pg_or_die(pg, PQexec(pg, sql), "INSERT of results");  /* one statement: its own transaction, one commit */
         for (size_t i = 0; i < n; i++) {
             char processing[64];
-            snprintf(processing, sizeof processing, "floor:processing:%d", batch[i].consumer);
+            processing_key(processing, sizeof processing, batch[i].consumer);
             redisAppendCommand(c, "LREM %s 1 %b", processing, batch[i].body, batch[i].len);
         }
         for (size_t i = 0; i < n; i++) {
@@ -193,11 +207,9 @@ static void *safe_role(void *arg) {
 }
 
 static int run_safe(int threads) {
-    PGconn *pg = PQconnectdb(pg_conninfo);
-    if (PQstatus(pg) != CONNECTION_OK) { fprintf(stderr, "floor: cannot connect to Postgres: %s", PQerrorMessage(pg)); return 1; }
-    pg_or_die(pg, PQexec(pg, "CREATE TABLE IF NOT EXISTS floor_results (id BIGSERIAL PRIMARY KEY, "
-                             "task_id TEXT UNIQUE, status TEXT, date_done TIMESTAMP)"), "CREATE TABLE");
-    pg_or_die(pg, PQexec(pg, "TRUNCATE floor_results"), "TRUNCATE");
+    PGconn *pg = pg_connect_or_die();
+    /* floor_results is created by Benchmarks/bench.py with its database */
+    pg_or_die(pg, PQexec(pg, "TRUNCATE floor_results"), "TRUNCATE of floor_results (does it exist?)");
     PQfinish(pg);
     consumers_left = threads;
     double s = timed_threads(threads + 1, safe_role);

@@ -12,9 +12,11 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/wait.h>
 #include <dirent.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -129,10 +131,26 @@ int tandem_epoll_add(int epfd, int fd) {
 
 int tandem_epoll_del(int epfd, int fd) { return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL); }
 
-int tandem_epoll_wait(int epfd, int *fds, int max) {
+int tandem_epoll_wait(int epfd, int *fds, int max, int timeout_ms) {
     struct epoll_event evs[64];
     if (max > 64) max = 64;
-    int n = epoll_wait(epfd, evs, max, -1);
+    int n = epoll_wait(epfd, evs, max, timeout_ms);
     for (int i = 0; i < n; i++) fds[i] = evs[i].data.fd;
     return n;
 }
+
+int tandem_eventfd_create(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+void tandem_eventfd_signal(int fd) {
+    uint64_t one = 1;
+    (void)!write(fd, &one, sizeof one);
+}
+
+void tandem_eventfd_drain(int fd) {
+    uint64_t n;
+    (void)!read(fd, &n, sizeof n);
+}
+
+static __thread int on_loop_thread = 0;
+void tandem_mark_loop_thread(void) { on_loop_thread = 1; }
+int tandem_on_loop_thread(void) { return on_loop_thread; }

@@ -9,7 +9,7 @@ import Synchronization
 /// sends reach the whole task tree and signals sent to the worker never reach the task.
 public final class ChildProcess: Sendable {
     public let pid: pid_t
-    /// Delivered by the reaper thread, which watches the child from the moment it exists (or, for a child its
+    /// Delivered by the worker loop, which watches the child from the moment it exists (or, for a child its
     /// spawner reaps itself, from the first `wait()`).
     let end: ProcessEnd
     private let watched: Mutex<Bool>
@@ -54,11 +54,12 @@ public final class ChildProcess: Sendable {
     ) async throws -> ChildProcess {
         let job = try prepare(argv: argv, environment: environment, output: output)
         let end = ProcessEnd()
-        // The spawner thread hands the child to the reaper at once, so its end is seen as soon as it comes rather
-        // than once a pool thread gets round to waiting (for a short task, that wait was most of its life).
-        let result = await Spawner.shared.run { () -> (Int32, pid_t) in
+        // The loop watches the child from the moment it exists, so its end is seen as soon as it comes rather than
+        // once someone gets round to waiting (for a short task, that wait was most of its life). Called on the
+        // loop (the worker's own path), the fork runs right here.
+        let result = await WorkerLoop.shared.run { () -> (Int32, pid_t) in
             let r = job.fork()
-            if r.0 == 0 && !reapedBySpawner { ChildReaper.shared.watch(r.1) { end.deliver($0) } }
+            if r.0 == 0 && !reapedBySpawner { WorkerLoop.shared.watch(r.1) { end.deliver($0) } }
             return r
         }
         guard result.0 == 0 else {
@@ -104,18 +105,18 @@ public final class ChildProcess: Sendable {
         return nil
     }
 
-    /// Waits for the child to end, without blocking a thread of the Swift concurrency pool: one reaper thread
-    /// watches every child's pidfd with epoll (a thread per child cost a fifth of the worker's CPU).
+    /// Waits for the child to end, without blocking a thread: the worker loop watches every child's pidfd with
+    /// epoll (a thread per child cost a fifth of the worker's CPU).
     public func wait() async -> Termination {
         let watch = watched.withLock { w in
             defer { w = true }
             return !w
         }
-        if watch { ChildReaper.shared.watch(pid) { [end] in end.deliver($0) } }
+        if watch { WorkerLoop.shared.watch(pid) { [end] in end.deliver($0) } }
         return await end.wait()
     }
 
-    /// Runs `body` on the reaper thread as the child is reaped (at once if it already was).
+    /// Runs `body` on the worker loop as the child is reaped (at once if it already was).
     public func onEnd(_ body: @escaping @Sendable (Termination) -> Void) { end.onEnd(body) }
 
     static func termination(_ status: Int32) -> Termination {
@@ -129,7 +130,7 @@ public final class ChildProcess: Sendable {
     }
 }
 
-/// A task process's end, delivered once — by the reaper thread, or by a runner's exit report — to whoever waits
+/// A task process's end, delivered once — by the worker loop, or by a runner's exit report — to whoever waits
 /// for it and to whatever asked to hear of it on the delivering thread.
 public final class ProcessEnd: @unchecked Sendable {
     private let lock = NSLock()
@@ -189,110 +190,6 @@ public final class ProcessEnd: @unchecked Sendable {
         lock.unlock()
         for body in o { body(t) }
         for c in w { c.resume(returning: t) }
-    }
-}
-
-/// One thread that lives as long as the worker and does every fork. Linux sends a child's parent-death signal
-/// when the thread that forked it exits, so forking from pool threads (which come and go) would kill healthy
-/// tasks.
-final class Spawner: @unchecked Sendable {
-    static let shared = Spawner()
-    private let condition = NSCondition()
-    private var work: [() -> Void] = []
-
-    private init() {
-        let t = Thread { [unowned self] in self.loop() }
-        t.name = "tandem-spawner"
-        t.start()
-    }
-
-    private func loop() {
-        // A task's exit sends SIGCHLD to the thread that forked it. Blocked here (threads inherit the pool's full
-        // mask), the kernel queued it for the one thread that takes signals, the main thread parked in
-        // sigsuspend, and woke that thread once per task for nothing. Unblocked, a SIGCHLD left at its default
-        // disposition is discarded as it is sent. (The reaper learns of exits from pidfds, not from the signal.)
-        var chld = sigset_t()
-        sigemptyset(&chld)
-        sigaddset(&chld, SIGCHLD)
-        pthread_sigmask(SIG_UNBLOCK, &chld, nil)
-        // the kernel's name for the thread (Foundation's `name` is not), so profiles and /proc tell it apart
-        tandem_name_thread("tandem-spawner")
-        while true {
-            condition.lock()
-            while work.isEmpty { condition.wait() }
-            let job = work.removeFirst()
-            condition.unlock()
-            job()
-        }
-    }
-
-    /// Runs `body` on the spawner thread; the calling task suspends (no pool thread blocks) until it is done.
-    func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { (cont: CheckedContinuation<T, Never>) in
-            condition.lock()
-            work.append { cont.resume(returning: body()) }
-            condition.signal()
-            condition.unlock()
-        }
-    }
-}
-
-/// One thread that reaps every task process: it waits in epoll on each child's pidfd and reaps exactly that pid
-/// (never waitpid(-1), so children other code waits for are left alone).
-final class ChildReaper: @unchecked Sendable {
-    static let shared = ChildReaper()
-    private let epoll: Int32
-    private let lock = NSLock()
-    private var waiting: [Int32: (pid: pid_t, done: @Sendable (ChildProcess.Termination) -> Void)] = [:]
-
-    private init() {
-        epoll = tandem_epoll_create()
-        let t = Thread { [unowned self] in self.loop() }
-        t.name = "tandem-reaper"
-        t.start()
-    }
-
-    func watch(_ pid: pid_t, _ done: @escaping @Sendable (ChildProcess.Termination) -> Void) {
-        let fd = tandem_pidfd_open(pid)
-        guard fd >= 0, epoll >= 0 else {
-            // no pidfd (old kernel): wait on a thread of its own
-            let t = Thread {
-                var status: Int32 = 0
-                while waitpid(pid, &status, 0) == -1 {
-                    if errno != EINTR { return done(.exited(-1)) }
-                }
-                done(ChildProcess.termination(status))
-            }
-            t.stackSize = 64 * 1024
-            t.start()
-            return
-        }
-        lock.lock()
-        waiting[fd] = (pid, done)
-        lock.unlock()
-        tandem_epoll_add(epoll, fd)
-    }
-
-    private func loop() {
-        tandem_name_thread("tandem-reaper")
-        var ready = [Int32](repeating: -1, count: 64)
-        while true {
-            let n = tandem_epoll_wait(epoll, &ready, Int32(ready.count))
-            if n < 0 { continue }  // EINTR
-            for i in 0..<Int(n) {
-                let fd = ready[i]
-                lock.lock()
-                let entry = waiting.removeValue(forKey: fd)
-                lock.unlock()
-                tandem_epoll_del(epoll, fd)
-                close(fd)
-                guard let entry else { continue }
-                var status: Int32 = 0
-                var r: pid_t
-                repeat { r = waitpid(entry.pid, &status, 0) } while r == -1 && errno == EINTR
-                entry.done(r == entry.pid ? ChildProcess.termination(status) : .exited(-1))
-            }
-        }
     }
 }
 

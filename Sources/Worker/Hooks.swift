@@ -84,7 +84,8 @@ final class DeferredWrite: Sendable {
     fileprivate func start() {
         phase.withLock { p in
             guard case .pending = p else { return }
-            p = .writing(Task { [write] in await write() })
+            // on the worker loop, with the rest of the job's path (its Postgres reply resumes there)
+            p = .writing(Task(executorPreference: WorkerLoop.shared) { [write] in await write() })
         }
     }
 

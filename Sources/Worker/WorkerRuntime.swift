@@ -99,8 +99,10 @@ public final class WorkerRuntime: Sendable {
             group.addTask { await self.heartbeatLoop() }
             group.addTask { await self.renewLoop() }
             group.addTask { await self.selfFenceLoop() }
-            group.addTask { await self.deferredWrites.run() }
-            await claimLoop()
+            group.addTask(executorPreference: WorkerLoop.shared) { await self.deferredWrites.run() }
+            // the claim loop and every job's path run on the worker loop's thread, which also forks and reaps
+            // the tasks' processes: a task's start and end cross no other thread (WorkerLoop)
+            await withTaskExecutorPreference(WorkerLoop.shared) { await claimLoop() }
             await drainRunning()
             state.withLock { $0.phase = .stopped }
             _ = try? await broker.heartbeat(status(), ttlSeconds: 60)
@@ -204,8 +206,8 @@ public final class WorkerRuntime: Sendable {
                         $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt)
                         $0.claimedTotal += 1
                     }
-                    // runs here until its first wait (the spawn), instead of waiting for a pool thread to be woken
-                    Task.immediate { await self.execute(job) }
+                    // runs here until its first wait, instead of waiting for the loop to come round to it
+                    Task.immediate(executorPreference: WorkerLoop.shared) { await self.execute(job) }
                 }
                 observer.slotsBusy(busy, of: configuration.concurrency)
             } catch {
@@ -338,9 +340,9 @@ public final class WorkerRuntime: Sendable {
     }
 
     /// The task's process is gone: free its slot — the claim loop takes the next job while this one's result is
-    /// recorded — and forget the pid, which the kernel may hand to another process from now on. Runs on the thread
-    /// that reaped the process, so the next claim does not wait for a pool thread first; and again, to no effect,
-    /// when the job's own path sees the end. Returns the slot.
+    /// recorded — and forget the pid, which the kernel may hand to another process from now on. Runs as the
+    /// process is reaped (on the worker loop; a runner's task: on the thread that hears of its exit); and again,
+    /// to no effect, when the job's own path sees the end. Returns the slot.
     private func processEnded(_ jobID: String) -> Slot? {
         let (slot, changed, busy) = state.withLock { s -> (Slot?, Bool, Int) in
             let changed = s.slots[jobID].map { !$0.finishing } ?? false

@@ -17,7 +17,7 @@ struct ChildProcessTests {
         let clock = ContinuousClock()
         let deadline = clock.now + .seconds(10)
         while Self.exists(p.pid) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
-        #expect(!Self.exists(p.pid), "nobody waited yet, but the reaper should have reaped pid \(p.pid)")
+        #expect(!Self.exists(p.pid), "nobody waited yet, but the worker loop should have reaped pid \(p.pid)")
         let heard = Mutex<ChildProcess.Termination?>(nil)
         p.onEnd { t in heard.withLock { $0 = t } }  // registered after the end: runs at once
         #expect(heard.withLock { $0 } == .exited(3))
@@ -25,14 +25,52 @@ struct ChildProcessTests {
         #expect(await p.wait() == .exited(3), "a second wait gets the same end")
     }
 
-    @Test("a child its spawner reaps itself is left alone by the reaper")
+    @Test("a child its spawner reaps itself is left alone by the worker loop")
     func reapedBySpawner() async throws {
         let p = try await ChildProcess.spawn(
             argv: ["/bin/sh", "-c", "exit 4"], environment: ["PATH": "/usr/bin:/bin"], reapedBySpawner: true)
         try await Task.sleep(for: .milliseconds(200))
         var status: Int32 = 0
-        #expect(waitpid(p.pid, &status, 0) == p.pid, "the reaper must not have taken the spawner's child")
+        #expect(waitpid(p.pid, &status, 0) == p.pid, "the worker loop must not have taken the spawner's child")
         #expect(ChildProcess.termination(status) == .exited(4))
+    }
+
+    @Test("a job's path preferring the worker loop forks, waits and resumes on the loop's thread; the end is heard there")
+    func pathStaysOnTheLoop() async throws {
+        try await withTaskExecutorPreference(WorkerLoop.shared) {
+            #expect(WorkerLoop.isCurrent, "a task preferring the loop runs on its thread")
+            let p = try await ChildProcess.spawn(argv: ["/bin/sh", "-c", "exit 5"], environment: ["PATH": "/usr/bin:/bin"])
+            #expect(WorkerLoop.isCurrent, "the fork ran inline: the path resumed on the loop")
+            let heardOnLoop = Mutex<Bool?>(nil)
+            p.onEnd { _ in heardOnLoop.withLock { $0 = WorkerLoop.isCurrent } }
+            #expect(await p.wait() == .exited(5))
+            #expect(WorkerLoop.isCurrent, "the wait resumed on the loop")
+            #expect(heardOnLoop.withLock { $0 } == true, "the end is delivered by the loop that reaped it")
+        }
+        #expect(await WorkerLoop.shared.run { WorkerLoop.isCurrent }, "run hands its body to the loop")
+    }
+
+    @Test("work handed to the loop from many threads at once all runs (no lost wake-up), between reaping children")
+    func noLostWakeUps() async throws {
+        final class Count: Sendable { let value = Mutex(0) }
+        let ran = Count()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for t in 0..<8 {
+                group.addTask {
+                    for i in 0..<500 {
+                        _ = await WorkerLoop.shared.run { ran.value.withLock { $0 += 1 } }
+                        if i % 100 == 0 {
+                            // children end while work keeps arriving: both are served
+                            let p = try await ChildProcess.spawn(
+                                argv: ["/bin/sh", "-c", "exit \(t)"], environment: ["PATH": "/usr/bin:/bin"])
+                            #expect(await p.wait() == .exited(Int32(t)))
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(ran.value.withLock { $0 } == 4000)
     }
 
     @Test("once a task has ended, nothing signals its pid (the kernel may have given it to another process)")

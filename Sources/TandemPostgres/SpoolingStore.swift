@@ -2,6 +2,7 @@ import CeleryWire
 import Foundation
 import Logging
 import Postgres
+import Synchronization
 import TandemCore
 
 #if canImport(Glibc)
@@ -20,8 +21,11 @@ public final class SpoolingStore: StoreOperationSink {
     final class State: @unchecked Sendable {
         /// The spool being written, while Postgres is (or recently was) unreachable. All writes go there until
         /// the flusher has replayed it completely, so one task's writes never overtake each other.
-        var active: SpoolFile?
+        var active: SpoolFile? { didSet { spooling.withLock { $0 = active != nil } } }
         var flushing = false
+        /// `active != nil`, readable from any thread: while nothing is spooled (nearly always), a write goes
+        /// straight to Postgres instead of first visiting the spool's thread to learn that.
+        let spooling = Mutex(false)
     }
     /// Touched only on `disk`: a serial queue of its own, so the appends (each an fsync) never block a thread
     /// of the Swift concurrency pool and stay in order.
@@ -79,7 +83,10 @@ public final class SpoolingStore: StoreOperationSink {
     }
 
     private func appendIfSpooling(_ op: StoreOperation) async throws -> StoreOutcome? {
-        try await onDisk { s in
+        // a spool that starts just after this look is the same race as one that starts just after the append
+        // below found none: this write was already on its way to Postgres
+        guard state.spooling.withLock({ $0 }) else { return nil }
+        return try await onDisk { s in
             guard let active = s.active else { return nil }
             try active.append(op)
             return .spooled

@@ -33,6 +33,20 @@ struct PidboxTests {
             print(json.dumps(app.control.inspect(timeout=1.0, destination=["celery@nowhere"]).ping()))
         """
 
+    /// Redis drops what is published before a subscription exists: wait until the service's is in place (a fixed
+    /// pause was too short once in a loaded full-suite run and the revokes were never seen).
+    static func waitSubscribed(_ config: RedisConfiguration) async throws {
+        let c = RedisClient(configuration: config, logger: AF.logger)
+        defer { c.close() }
+        let channel = PidboxMessage.channel(db: config.database)
+        for _ in 0..<1500 {
+            let r = try await c.send(["PUBSUB", "NUMSUB", channel])
+            if let n = r.array?.last?.int, n > 0 { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        Issue.record("the pidbox service never subscribed to \(channel)")
+    }
+
     @Test("revoke with terminate from app.control: recorded durably, running task signalled, a late worker honours it")
     func revoke() async throws {
         let redis = try await offPool { try RedisServer.start() }
@@ -42,7 +56,7 @@ struct PidboxTests {
         let signals = Signals()
         svc.start { id, sig in signals.add(id, sig) }
         defer { svc.stop() }
-        try await Task.sleep(for: .milliseconds(300))  // subscribed
+        try await Self.waitSubscribed(config)
         let out = try await offPoolRun(Self.client, args: [redis.url, "revoke", "task-running", "task-queued"])
         #expect(out.status == 0, "\(out.stderr)")
         // both broadcasts handled (up to 20 s on a loaded machine; it usually takes milliseconds)
@@ -69,10 +83,11 @@ struct PidboxTests {
     func ping() async throws {
         let redis = try await offPool { try RedisServer.start() }
         defer { redis.stop() }
-        let svc = PidboxService(configuration: try RedisConfiguration(url: redis.url), nodeName: "tandem@test-east", logger: AF.logger)
+        let config = try RedisConfiguration(url: redis.url)
+        let svc = PidboxService(configuration: config, nodeName: "tandem@test-east", logger: AF.logger)
         svc.start { _, _ in }
         defer { svc.stop() }
-        try await Task.sleep(for: .milliseconds(300))
+        try await Self.waitSubscribed(config)
         let p = try await offPoolRun(Self.client, args: [redis.url, "ping"])
         #expect(p.status == 0, "\(p.stderr)")
         #expect(p.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == #"[{"tandem@test-east": {"ok": "pong"}}]"#)

@@ -383,7 +383,8 @@ public final class WorkerRuntime: Sendable {
             return true
         }
         guard go else { return }
-        Task {
+        // on the loop, where every claim of this worker is made (a broker may make them inline)
+        Task(executorPreference: WorkerLoop.shared) { [self] in
             while true {
                 do {
                     _ = try await claim(from: configuration.queues, max: 0)

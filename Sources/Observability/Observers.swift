@@ -70,6 +70,7 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
     let redisErrors: Counter
     let postgresErrors: Counter
     let busy: Gauge
+    let loopStall: Gauge
     let slots: Gauge
 
     public init(registry: MetricsRegistry = MetricsRegistry(), datacenter: String, workerID: String, slots total: Int,
@@ -89,11 +90,15 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
         redisErrors = r.counter("tandem_redis_errors_total", help: "Failed Redis operations.")
         postgresErrors = r.counter("tandem_postgres_errors_total", help: "Failed Postgres operations.")
         busy = r.gauge("tandem_worker_slots_busy", help: "Task slots in use.")
+        loopStall = r.gauge(
+            "tandem_worker_loop_stall_seconds",
+            help: "How long the worker loop (which starts, reaps and records every task) has left a probe waiting; about 0 while it keeps up.")
         slots = r.gauge("tandem_worker_slots", help: "Task slots (concurrency).")
         let info = r.gauge("tandem_worker_info", help: "This worker's datacenter and id (always 1).", labels: ["dc", "worker"])
         info.set([datacenter, workerID], 1)
         slots.set(Double(total))
         busy.set(0)
+        loopStall.set(0)
         for c in [renewals, refusals, redisErrors, postgresErrors] { c.touch() }
         claimed.touch([datacenter])
         r.gauge("tandem_process_start_time_seconds", help: "Start time of the process (Unix seconds).")
@@ -141,6 +146,8 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
     }
 
     public func storeError() { postgresErrors.inc() }
+
+    public func loopStalled(seconds: Double) { loopStall.set(seconds) }
 
     public func slotsBusy(_ busy: Int, of total: Int) {
         self.busy.set(Double(busy))

@@ -22,6 +22,8 @@ public protocol WorkerObserver: Sendable {
     func storeError()
     /// Busy slots changed.
     func slotsBusy(_ busy: Int, of total: Int)
+    /// How long the worker loop has left a probe waiting (0 while it keeps up; see `WorkerLoop.probe`).
+    func loopStalled(seconds: Double)
 }
 
 extension WorkerObserver {
@@ -34,6 +36,7 @@ extension WorkerObserver {
     public func brokerError() {}
     public func storeError() {}
     public func slotsBusy(_ busy: Int, of total: Int) {}
+    public func loopStalled(seconds: Double) {}
 }
 
 /// An observer that records nothing.

@@ -25,6 +25,8 @@ public struct WorkerConfiguration: Sendable {
     /// stay bounded). Not tied to `concurrency`: with few slots a limit of `concurrency` stopped claims whenever
     /// one commit took longer than one task.
     public var maxFinishing: Int
+    /// A worker loop held up this long is reported (log error, `tandem_worker_loop_stall_seconds`).
+    public var loopStallWarning: Duration = .seconds(5)
     /// Idle wait for work before polling again.
     public var idleWait: Duration = .milliseconds(500)
 

@@ -35,6 +35,8 @@ public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
     /// The loop is (about to be) blocked in epoll: whoever queues work next must wake it.
     private var parked = false
     private var children: [Int32: (pid: pid_t, done: @Sendable (ChildProcess.Termination) -> Void)] = [:]
+    /// When the probe now waiting in the queue was queued (nil: none waiting).
+    private var probeQueuedAt: ContinuousClock.Instant?
 
     private init() {
         epoll = tandem_epoll_create()
@@ -70,6 +72,31 @@ public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
         parked = false
         lock.unlock()
         if wake { tandem_eventfd_signal(wakeFD) }
+    }
+
+    // MARK: - Stall watch
+
+    /// Queues a no-op on the loop unless one is still waiting; `stalled` says how long it has waited. Called from
+    /// the pool: a loop held up (a blocked write to a full log pipe, a stuck call) starts and reaps nothing.
+    func probe() {
+        lock.lock()
+        let queue = probeQueuedAt == nil
+        if queue { probeQueuedAt = .now }
+        lock.unlock()
+        if queue {
+            push(.call { [self] in
+                lock.lock()
+                probeQueuedAt = nil
+                lock.unlock()
+            })
+        }
+    }
+
+    /// How long the waiting probe has waited: about zero while the loop keeps up.
+    var stalled: Duration {
+        lock.lock()
+        defer { lock.unlock() }
+        return probeQueuedAt.map { .now - $0 } ?? .zero
     }
 
     // MARK: - As the reaper

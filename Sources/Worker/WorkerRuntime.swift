@@ -99,6 +99,7 @@ public final class WorkerRuntime: Sendable {
             group.addTask { await self.heartbeatLoop() }
             group.addTask { await self.renewLoop() }
             group.addTask { await self.selfFenceLoop() }
+            group.addTask { await self.loopWatch() }
             group.addTask(executorPreference: WorkerLoop.shared) { await self.deferredWrites.run() }
             // the claim loop and every job's path run on the worker loop's thread, which also forks and reaps
             // the tasks' processes: a task's start and end cross no other thread (WorkerLoop)
@@ -310,6 +311,28 @@ public final class WorkerRuntime: Sendable {
                 logger.error(
                     "could not renew the lease on job \(jobID) before it expires; stopping its task so it cannot run twice (another worker will retry it)")
                 proc?.signalGroup(SIGKILL)
+            }
+        }
+    }
+
+    /// Every task starts, ends and is recorded through the worker loop; held up, it leaves tasks unstarted and
+    /// finished tasks unreaped and unrecorded (their leases are still renewed, and self-fencing still acts, from
+    /// the pool). Says so, once per stall, and reports it as a metric.
+    private func loopWatch() async {
+        var warned = false
+        while !Task.isCancelled {
+            WorkerLoop.shared.probe()
+            try? await Task.sleep(for: .seconds(1))
+            let stalled = WorkerLoop.shared.stalled
+            observer.loopStalled(seconds: stalled.inSeconds)
+            if stalled >= configuration.loopStallWarning, !warned {
+                warned = true
+                count("loop_stalled")
+                logger.error(
+                    "the worker loop has not run for \(stalled): no task starts, ends or is recorded meanwhile — is the worker's log output blocked (a full pipe, a stopped reader)? A stack dump (gdb -p \(getpid()), thread 'tandem-loop') shows where it waits")
+            } else if warned, stalled < configuration.loopStallWarning / 5 {
+                warned = false
+                logger.notice("the worker loop runs again")
             }
         }
     }

@@ -73,6 +73,37 @@ struct ChildProcessTests {
         #expect(ran.value.withLock { $0 } == 4000)
     }
 
+    @Test("a held-up worker loop shows in `stalled` for as long as it is held, and goes back to zero once it runs")
+    func stallWatch() async throws {
+        final class Flags: Sendable {
+            let holding = Mutex(false)
+            let release = Mutex(false)
+        }
+        let flags = Flags()
+        // hold the loop the way a blocked log write would: a call that does not return until released
+        let hold = Task.detached {
+            await WorkerLoop.shared.run {
+                flags.holding.withLock { $0 = true }
+                while !flags.release.withLock({ $0 }) { usleep(1000) }
+            }
+        }
+        while !flags.holding.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(5)) }
+        WorkerLoop.shared.probe()
+        try await Task.sleep(for: .milliseconds(300))
+        // the probe cannot have run: the loop is held
+        #expect(WorkerLoop.shared.stalled >= .milliseconds(300))
+        WorkerLoop.shared.probe()  // one probe at a time: this one does not restart the clock
+        #expect(WorkerLoop.shared.stalled >= .milliseconds(300))
+        flags.release.withLock { $0 = true }
+        await hold.value
+        var answered = false
+        for _ in 0..<1000 where !answered {
+            answered = WorkerLoop.shared.stalled == .zero
+            if !answered { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(answered, "the probe runs once the loop is free")
+    }
+
     @Test("once a task has ended, nothing signals its pid (the kernel may have given it to another process)")
     func noSignalAfterEnd() {
         let end = ProcessEnd()

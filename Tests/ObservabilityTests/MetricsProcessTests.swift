@@ -77,6 +77,9 @@ struct MetricsProcessTests {
         #expect(sample(w, "tandem_jobs_claimed_total", ["dc": "east"]) == Double(n + 3))
         #expect(sample(w, "tandem_worker_slots_busy") == 1, "the held task is still running")
         #expect(sample(w, "tandem_worker_phase", ["phase": "running"]) == 1)
+        // the loop that starts and reaps every task keeps up (the worker's warning threshold is 5 s)
+        let stall = sample(w, "tandem_worker_loop_stall_seconds")
+        #expect(stall != nil && stall! < 5, "loop stall gauge: \(String(describing: stall))")
         #expect(sample(w, "tandem_redis_errors_total") == 0)
         // the broker's two connections (commands, blocking waits) and the Postgres one; none reopened
         #expect((sample(w, "tandem_redis_connects") ?? 0) >= 2)

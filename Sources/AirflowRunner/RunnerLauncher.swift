@@ -92,9 +92,18 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
     private var starts = 0
     private var supervisor: Thread?
 
-    private final class PendingStart {
+    /// A launch waiting for the runner's answer. Touched under `cond`.
+    private final class PendingStart: @unchecked Sendable {
         var task: RunnerTask?
         var error: String?
+        /// The suspended launch; resumed once, by whichever comes first: the answer, the runner's death or stop,
+        /// or the launch timeout.
+        var waiter: CheckedContinuation<Void, Never>?
+        /// Takes the waiter, to be resumed once `cond` is released.
+        func takeWaiter() -> CheckedContinuation<Void, Never>? {
+            defer { waiter = nil }
+            return waiter
+        }
     }
 
     public init(options: Options, logger: Logger) {
@@ -135,8 +144,10 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         stopped = true
         let f = fd
         let pid = info?.pid
+        let waiters = pending.values.compactMap { $0.takeWaiter() }
         cond.broadcast()
         cond.unlock()
+        for w in waiters { w.resume() }
         if let pid { kill(pid, SIGTERM) }
         if f >= 0 { shutdown(f, Int32(SHUT_RDWR)) }
     }
@@ -205,6 +216,14 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         }
         let clock = ContinuousClock()
         let deadline = clock.now + options.launchTimeout
+        // the answer resumes this launch from the thread that reads the runner's socket (no polling: a poll every
+        // 500 µs cost each start a timer and two thread wake-ups per poll); this timer only bounds the wait
+        let timeout = Task { [cond, launchTimeout = options.launchTimeout] in
+            try? await Task.sleep(for: launchTimeout)
+            if Task.isCancelled { return }
+            cond.withLock { p.takeWaiter() }?.resume()
+        }
+        defer { timeout.cancel() }
         while true {
             let state: (RunnerTask?, String?, Bool) = cond.withLock {
                 (p.task, p.error, generation != gen || stopped)
@@ -225,8 +244,14 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
                 cond.withLock { pending[rid] = nil }
                 throw RunnerError("the Airflow runner did not start the task within \(options.launchTimeout)")
             }
-            // a fork takes about a millisecond: poll briefly rather than park a pool thread
-            try? await Task.sleep(for: .microseconds(500))
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let settled = cond.withLock {
+                    let settled = p.task != nil || p.error != nil || generation != gen || stopped
+                    if !settled { p.waiter = c }
+                    return settled
+                }
+                if settled { c.resume() }
+            }
         }
     }
 
@@ -376,8 +401,10 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         let orphans = running
         running = [:]
         for p in pending.values where p.task == nil && p.error == nil { p.error = "the runner died" }
+        let waiters = pending.values.compactMap { $0.takeWaiter() }
         cond.broadcast()
         cond.unlock()
+        for w in waiters { w.resume() }
         kill(proc.pid, SIGKILL)
         var st: Int32 = 0
         while waitpid(proc.pid, &st, 0) == -1 && errno == EINTR {}
@@ -452,13 +479,17 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
             let t = RunnerTask(pid: Int32(msg["pid"]?.int ?? 0))
             running[rid] = t
             pending[rid]?.task = t
+            let w = pending[rid]?.takeWaiter()
             cond.broadcast()
             cond.unlock()
+            w?.resume()
         case "error":
             cond.lock()
             pending[rid]?.error = msg["message"]?.string ?? "unknown error"
+            let w = pending[rid]?.takeWaiter()
             cond.broadcast()
             cond.unlock()
+            w?.resume()
         case "exit":
             let t: ChildProcess.Termination =
                 if let s = msg["signal"]?.int { .signalled(Int32(s)) } else { .exited(Int32(msg["status"]?.int ?? -1)) }

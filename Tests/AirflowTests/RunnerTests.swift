@@ -155,6 +155,61 @@ struct RunnerTests {
         #expect(l.startCount == 2)
     }
 
+    @Test("a launch waiting for the runner's answer ends when the runner dies, when the launch times out, and when the launcher stops")
+    func waitingLaunchEnds() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        // a runner that is alive but does not answer: stopped with SIGSTOP while the launch waits
+        func frozen(_ l: RunnerLauncher) -> Int32 {
+            let pid = l.runner!.pid
+            kill(pid, SIGSTOP)
+            return pid
+        }
+        func message(_ body: () async throws -> RunnerTask) async -> String {
+            do {
+                _ = try await body()
+                return "started"
+            } catch {
+                return "\(error)"
+            }
+        }
+
+        // 1. the runner dies while the launch waits: the launch fails at once, not after its timeout
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        let pid = frozen(l)
+        async let died = message { try await Self.sleepTask(l, seconds: 0) }
+        try await Task.sleep(for: .milliseconds(200))
+        kill(pid, SIGKILL)
+        let diedMessage = await died
+        #expect(diedMessage.contains("died"), "\(diedMessage)")
+        l.stop()
+
+        // 2. a runner that never answers: the launch gives up after launchTimeout
+        var o = RunnerLauncher.Options(
+            python: try AF.requirePython(), script: AF.runner, workDirectory: AF.tempDir("tandem-runner"),
+            taskOutput: out, preload: [])
+        o.extraArguments = ["--allow-test-kinds"]
+        o.startTimeout = .seconds(60)
+        o.launchTimeout = .milliseconds(300)
+        let slow = RunnerLauncher(options: o, logger: AF.logger)
+        try await offPool { try slow.start() }
+        let slowPID = frozen(slow)
+        #expect(await message { try await Self.sleepTask(slow, seconds: 0) }.contains("did not start the task within"))
+        kill(slowPID, SIGCONT)
+        slow.stop()
+
+        // 3. the launcher is stopped while a launch waits
+        let stopping = try Self.launcher(output: out)
+        try await offPool { try stopping.start() }
+        let stoppingPID = frozen(stopping)
+        async let stopped = message { try await Self.sleepTask(stopping, seconds: 0) }
+        try await Task.sleep(for: .milliseconds(200))
+        stopping.stop()
+        kill(stoppingPID, SIGCONT)
+        let stoppedMessage = await stopped
+        #expect(stoppedMessage.contains("task not started"), "\(stoppedMessage)")
+    }
+
     @Test("Airflow imported once: a real Airflow 3.3 runner refuses bad workloads without leaking the token")
     func realAirflow() async throws {
         let out = AF.tempDir("tandem-runner-out") + "/out.log"

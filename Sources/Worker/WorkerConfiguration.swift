@@ -25,6 +25,10 @@ public struct WorkerConfiguration: Sendable {
     /// stay bounded). Not tied to `concurrency`: with few slots a limit of `concurrency` stopped claims whenever
     /// one commit took longer than one task.
     public var maxFinishing: Int
+    /// Jobs claimed ahead while every slot is busy, held (lease renewed, not started) until a slot frees, so the
+    /// next task starts without waiting for a claim's round trip. 0 (default): claim only for free slots, and
+    /// leave queued work in the datacenter's queue for any of its workers (SPEC §8). Given back at shutdown.
+    public var claimAhead: Int = 0
     /// A worker loop held up this long is reported (log error, `tandem_worker_loop_stall_seconds`).
     public var loopStallWarning: Duration = .seconds(5)
     /// Idle wait for work before polling again.

@@ -35,6 +35,8 @@ public final class WorkerRuntime: Sendable {
         var stoppedForShutdown = false
         /// The task's process has ended; its result and ack are being recorded. The slot is free for the next task.
         var finishing = false
+        /// Claimed ahead (`claimAhead`): leased and renewed, not started until a slot frees.
+        var waiting = false
         /// When the last request that extended the lease was SENT (the claim, then each renewal). The lease on
         /// Redis runs at least until this + TTL, so a worker that cannot renew stops its task before then.
         var leaseConfirmedAt: ContinuousClock.Instant
@@ -42,13 +44,15 @@ public final class WorkerRuntime: Sendable {
 
     struct State {
         var slots: [String: Slot] = [:]
-        var running: Int { slots.values.count { !$0.finishing } }
+        var running: Int { slots.values.count { !$0.finishing && !$0.waiting } }
+        var waiting: Int { slots.values.count(where: \.waiting) }
         var finishingCount: Int { slots.values.count(where: \.finishing) }
         var phase: WorkerStatus.State = .running
         var slotFreed: AsyncStream<Void>.Continuation?
         /// Jobs this process has claimed; those no longer `running` have freed their slot (what claims report).
         var claimedTotal = 0
-        var released: Int { claimedTotal - running }
+        /// (A job held ahead has not freed a slot: the dispatcher counts it busy, as it does a running one.)
+        var released: Int { claimedTotal - running - waiting }
         /// The claim loop is blocked waiting for work: a freed slot is not reported by a claim until it wakes.
         var idleWaiting = false
         var reportingReleases = false
@@ -104,6 +108,7 @@ public final class WorkerRuntime: Sendable {
             // the claim loop and every job's path run on the worker loop's thread, which also forks and reaps
             // the tasks' processes: a task's start and end cross no other thread (WorkerLoop)
             await withTaskExecutorPreference(WorkerLoop.shared) { await claimLoop() }
+            await giveBackWaiting()
             await drainRunning()
             state.withLock { $0.phase = .stopped }
             _ = try? await broker.heartbeat(status(), ttlSeconds: 60)
@@ -172,9 +177,17 @@ public final class WorkerRuntime: Sendable {
         var unanswered: String?
         while phase == .running {
             let (running, finishing) = state.withLock { ($0.running, $0.finishingCount) }
-            let free = configuration.concurrency - running
+            var free = configuration.concurrency - running
             // back-pressure: when recording falls behind (a slow Postgres), stop taking work until it catches up
-            if free <= 0 || finishing >= configuration.maxFinishing {
+            if finishing >= configuration.maxFinishing {
+                _ = await freed.next()
+                continue
+            }
+            // jobs held ahead start first, without a round trip
+            free -= startWaiting(max: free)
+            let heldAhead = state.withLock { $0.waiting }
+            let want = max(0, free) + max(0, configuration.claimAhead - heldAhead)
+            if want <= 0 {
                 _ = await freed.next()
                 continue
             }
@@ -188,10 +201,15 @@ public final class WorkerRuntime: Sendable {
                 claims &+= 1
                 let claimID = unanswered ?? "\(incarnation)-\(claims)"
                 unanswered = claimID
-                let jobs = try await claim(from: order, max: min(free, configuration.claimBatch), claimID: claimID)
+                let jobs = try await claim(from: order, max: min(want, configuration.claimBatch), claimID: claimID)
                 unanswered = nil
                 backoff = .milliseconds(100)
                 observer.brokerOK()
+                if jobs.isEmpty && free <= 0 {
+                    // only claiming ahead, and nothing queued: wait for a slot, not for work
+                    _ = await freed.next()
+                    continue
+                }
                 if jobs.isEmpty {
                     // a slot freed while blocked here is reported at once (reportReleasedIfIdle), so the
                     // dispatcher can send work to it
@@ -203,12 +221,15 @@ public final class WorkerRuntime: Sendable {
                 }
                 observer.claimed(count: jobs.count, datacenter: configuration.datacenter)
                 for job in jobs {
+                    let ahead = free <= 0
                     state.withLock {
-                        $0.slots[job.jobID] = Slot(job: job, leaseConfirmedAt: sentAt)
+                        $0.slots[job.jobID] = Slot(job: job, waiting: ahead, leaseConfirmedAt: sentAt)
                         $0.claimedTotal += 1
                     }
-                    // runs here until its first wait, instead of waiting for the loop to come round to it
-                    Task.immediate(executorPreference: WorkerLoop.shared) { await self.execute(job) }
+                    if !ahead {
+                        free -= 1
+                        startJob(job)
+                    }
                 }
                 observer.slotsBusy(busy, of: configuration.concurrency)
             } catch {
@@ -217,6 +238,38 @@ public final class WorkerRuntime: Sendable {
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(5))
             }
+        }
+    }
+
+    private func startJob(_ job: ClaimedJob) {
+        // runs here until its first wait, instead of waiting for the loop to come round to it
+        Task.immediate(executorPreference: WorkerLoop.shared) { await self.execute(job) }
+    }
+
+    /// Starts up to `max` jobs held ahead, oldest claim first; returns how many.
+    private func startWaiting(max: Int) -> Int {
+        guard max > 0 else { return 0 }
+        let jobs = state.withLock { s -> [ClaimedJob] in
+            let picked = s.slots.values.filter(\.waiting).sorted { $0.leaseConfirmedAt < $1.leaseConfirmedAt }
+                .prefix(max).map(\.job)
+            for j in picked { s.slots[j.jobID]?.waiting = false }
+            return picked
+        }
+        for j in jobs { startJob(j) }
+        return jobs.count
+    }
+
+    /// At shutdown: jobs held ahead were never started; they go back to the front of their queue at once (their
+    /// attempt refunded) instead of waiting out their leases.
+    private func giveBackWaiting() async {
+        let jobs = state.withLock { s in s.slots.values.filter(\.waiting).map(\.job) }
+        for job in jobs {
+            do {
+                try await giveBack(job, refund: true, log: logger)
+            } catch {
+                logger.error("could not put job \(job.jobID) (claimed ahead, not started) back: \(error) — it runs elsewhere once its lease expires")
+            }
+            state.withLock { _ = $0.slots.removeValue(forKey: job.jobID) }
         }
     }
 

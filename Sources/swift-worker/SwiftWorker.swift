@@ -51,6 +51,10 @@ struct SwiftWorker: AsyncParsableCommand {
         name: .customLong("max-finishing"),
         help: "Ended tasks whose result and ack may be in flight at once; past this the worker stops claiming until Postgres catches up (default: the larger of 16 and --concurrency).")
     var maxFinishing: Int?
+    @Option(
+        name: .customLong("claim-ahead"),
+        help: "Jobs to claim and hold while every slot is busy, so the next task starts without a round trip to Redis (env TANDEM_CLAIM_AHEAD; default 0: queued work stays in the datacenter's queue for any of its workers).")
+    var claimAhead: Int?
     @Option(name: .customLong("airflow"), help: "The airflow executable for Airflow 2 commands (default: 'airflow' on PATH).")
     var airflowExecutable: String = "airflow"
     @Option(help: "Python interpreter with Airflow installed, for Airflow 3 workloads (env TANDEM_PYTHON; default python3).")
@@ -110,6 +114,10 @@ struct SwiftWorker: AsyncParsableCommand {
         let slots = concurrency
             ?? setting(nil, env: "AIRFLOW__CELERY__WORKER_CONCURRENCY").flatMap { Int($0) } ?? airflowCfg.workerConcurrency ?? 16
         guard slots > 0 else { throw ValidationError("--concurrency must be at least 1") }
+        let ahead = claimAhead ?? ProcessInfo.processInfo.environment["TANDEM_CLAIM_AHEAD"].flatMap { Int($0) } ?? 0
+        guard ahead >= 0 else {
+            throw ValidationError("--claim-ahead must be 0 or more (\(ahead) given); 0 claims only for free slots")
+        }
         if let maxFinishing, maxFinishing < 1 {
             throw ValidationError("--max-finishing must be at least 1 (\(maxFinishing) would never claim); leave it out for the default")
         }
@@ -165,6 +173,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.claimBatch = min(slots, 32)
             config.startRecordDelay = .milliseconds(Int64(max(0, startRecordDelay) * 1000))
             if let maxFinishing { config.maxFinishing = maxFinishing }
+            config.claimAhead = ahead
             let pidbox = PidboxService(
                 configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
                 logger: logger)

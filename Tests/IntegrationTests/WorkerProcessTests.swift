@@ -370,6 +370,61 @@ struct WorkerProcessTests {
         #expect(woke < 200, "the pool's threads switched \(woke) times for 200 tasks")
     }
 
+    @Test("--claim-ahead 1: with its one slot busy the worker holds one more job, unstarted; at SIGTERM that job goes back to the front of its queue at once (not after its lease); each task runs once")
+    func claimAheadGivesBackAtShutdown() async throws {
+        // both jobs straight into east's queue (no dispatcher: a slow task gets no prefetch, so the dispatcher would
+        // keep the second in the ingress list, out of reach of any claim)
+        let held = try await submit(task: "hold", run: "ah")
+        let next = try await submit(task: "ok", run: "ah")
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        let eastQueue = Keys.queue(datacenter: "east", queue: "default")
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1", "--claim-ahead", "1"])
+        // one running (the hold), one leased to the worker but not started
+        let holding = try await eventually(timeout: .seconds(30)) {
+            let leases = try await redis.send(["ZCARD", Keys.leases]).int
+            return cluster.taskEvents().contains { $0.event == "start" } && leases == 2
+        }
+        #expect(holding, "\(cluster.logs())")
+        #expect(try await redis.send(["LLEN", eastQueue]).int == 0)
+        #expect(cluster.taskEvents().filter { $0.event == "start" }.count == 1, "the job claimed ahead must not start while the slot is busy")
+        w.signal(SIGTERM)
+        // given back while the held task still runs
+        let givenBack = try await eventually(timeout: .seconds(30)) { try await redis.send(["LLEN", eastQueue]).int == 1 }
+        #expect(givenBack, "\(cluster.logs())")
+        #expect(try await states([held])[held] == "STARTED")
+        try cluster.release(dag: "dag", run: "ah")
+        #expect(await w.waitForExit(timeout: .seconds(30)) == 0, "\(w.log())")
+        try cluster.startWorker(dc: "east", name: "east-2")
+        let s = try await waitForFinal([held, next])
+        #expect(s[held] == "SUCCESS" && s[next] == "SUCCESS", "\(s)\n\(cluster.logs())")
+        let starts = cluster.taskEvents().filter { $0.event == "start" }
+        #expect(starts.count == 2, "each task runs once: \(starts.map(\.key))")
+        #expect(!cluster.taskEvents().contains { $0.event == "DUPLICATE" })
+    }
+
+    @Test("--claim-ahead 1 under a backlog: every task runs once and succeeds")
+    func claimAheadBacklog() async throws {
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2", "--claim-ahead", "1", "--airflow", "/bin/true"])
+        var ids: [String] = []
+        for i in 0..<100 { ids.append(try await submit(task: "ok", run: "b\(i)")) }
+        let s = try await waitForFinal(ids)
+        #expect(ids.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
+        // one attempt each: nothing held ahead was lost or claimed twice
+        let attempts = try await pg.query("SELECT max(attempts) AS a, count(*) AS n FROM tandem_tasks")
+        #expect(attempts.rows.first?.int("a") == 1 && attempts.rows.first?.int("n") == 100)
+    }
+
+    @Test("--claim-ahead below 0 is refused at start-up, naming the flag")
+    func claimAheadValidated() async throws {
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--claim-ahead=-1"])
+        let code = await w.waitForExit(timeout: .seconds(30))
+        #expect(code == 64, "\(w.log())")
+        #expect(w.log().contains("--claim-ahead must be 0 or more"), "\(w.log())")
+    }
+
     @Test("--max-finishing below 1 is refused at start-up with what to pass")
     func maxFinishingValidated() async throws {
         let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--max-finishing", "0"])

@@ -417,28 +417,23 @@ struct WorkerProcessTests {
         #expect(attempts.rows.first?.int("a") == 1 && attempts.rows.first?.int("n") == 100)
     }
 
-    @Test("--claim-ahead below 0 is refused at start-up, naming the flag")
-    func claimAheadValidated() async throws {
-        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--claim-ahead=-1"])
-        let code = await w.waitForExit(timeout: .seconds(30))
-        #expect(code == 64, "\(w.log())")
-        #expect(w.log().contains("--claim-ahead must be 0 or more"), "\(w.log())")
+    /// A flag value the worker must refuse, and what its message must say.
+    struct BadFlag: Sendable, CustomTestStringConvertible {
+        var args: [String]
+        var message: String
+        var testDescription: String { args.joined(separator: " ") }
     }
 
-    @Test("--max-finishing below 1 is refused at start-up with what to pass")
-    func maxFinishingValidated() async throws {
-        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--max-finishing", "0"])
+    @Test("a bad flag value is refused at start-up (exit 64) with a message naming the flag and what to pass", arguments: [
+        BadFlag(args: ["--claim-ahead=-1"], message: "--claim-ahead must be 0 or more"),
+        BadFlag(args: ["--max-finishing", "0"], message: "--max-finishing must be at least 1"),
+        BadFlag(args: ["--runner-pool-idle=-1"], message: "--runner-pool-idle must be 0"),
+    ])
+    func badFlagRefused(_ flag: BadFlag) async throws {
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: flag.args)
         let code = await w.waitForExit(timeout: .seconds(30))
         #expect(code == 64, "\(w.log())")
-        #expect(w.log().contains("--max-finishing must be at least 1"))
-    }
-
-    @Test("--runner-pool-idle refuses a negative number of seconds, naming the flag")
-    func runnerPoolIdleValidated() async throws {
-        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--runner-pool-idle=-1"])
-        let code = await w.waitForExit(timeout: .seconds(30))
-        #expect(code == 64, "\(w.log())")
-        #expect(w.log().contains("--runner-pool-idle must be 0"), "\(w.log())")
+        #expect(w.log().contains(flag.message), "\(w.log())")
     }
 
     @Test("a second SIGTERM stops running tasks and puts them back; another worker completes them")

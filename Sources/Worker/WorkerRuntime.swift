@@ -183,10 +183,13 @@ public final class WorkerRuntime: Sendable {
                 _ = await freed.next()
                 continue
             }
-            // jobs held ahead start first, without a round trip
-            free -= startWaiting(max: free)
-            let heldAhead = state.withLock { $0.waiting }
-            let want = max(0, free) + max(0, configuration.claimAhead - heldAhead)
+            var want = max(0, free)
+            if configuration.claimAhead > 0 {
+                // jobs held ahead start first, without a round trip; then top the held ones up
+                let (started, held) = startWaiting(max: free)
+                free -= started
+                want = max(0, free) + max(0, configuration.claimAhead - held)
+            }
             if want <= 0 {
                 _ = await freed.next()
                 continue
@@ -246,17 +249,17 @@ public final class WorkerRuntime: Sendable {
         Task.immediate(executorPreference: WorkerLoop.shared) { await self.execute(job) }
     }
 
-    /// Starts up to `max` jobs held ahead, oldest claim first; returns how many.
-    private func startWaiting(max: Int) -> Int {
-        guard max > 0 else { return 0 }
-        let jobs = state.withLock { s -> [ClaimedJob] in
-            let picked = s.slots.values.filter(\.waiting).sorted { $0.leaseConfirmedAt < $1.leaseConfirmedAt }
-                .prefix(max).map(\.job)
+    /// Starts up to `max` jobs held ahead, oldest claim first; returns how many it started and how many are
+    /// still held.
+    private func startWaiting(max: Int) -> (started: Int, held: Int) {
+        let (jobs, held) = state.withLock { s -> ([ClaimedJob], Int) in
+            let waiting = s.slots.values.filter(\.waiting).sorted { $0.leaseConfirmedAt < $1.leaseConfirmedAt }
+            let picked = waiting.prefix(Swift.max(0, max)).map(\.job)
             for j in picked { s.slots[j.jobID]?.waiting = false }
-            return picked
+            return (picked, waiting.count - picked.count)
         }
         for j in jobs { startJob(j) }
-        return jobs.count
+        return (jobs.count, held)
     }
 
     /// At shutdown: jobs held ahead were never started; they go back to the front of their queue at once (their
@@ -459,7 +462,7 @@ public final class WorkerRuntime: Sendable {
             return true
         }
         guard go else { return }
-        // on the loop, where every claim of this worker is made (a broker may make them inline)
+        // on the loop, where every other claim of this worker is made
         Task(executorPreference: WorkerLoop.shared) { [self] in
             while true {
                 do {

@@ -114,7 +114,7 @@ struct SwiftWorker: AsyncParsableCommand {
         let slots = concurrency
             ?? setting(nil, env: "AIRFLOW__CELERY__WORKER_CONCURRENCY").flatMap { Int($0) } ?? airflowCfg.workerConcurrency ?? 16
         guard slots > 0 else { throw ValidationError("--concurrency must be at least 1") }
-        let ahead = claimAhead ?? ProcessInfo.processInfo.environment["TANDEM_CLAIM_AHEAD"].flatMap { Int($0) } ?? 0
+        let ahead = try Self.number(claimAhead, env: "TANDEM_CLAIM_AHEAD") ?? 0
         guard ahead >= 0 else {
             throw ValidationError("--claim-ahead must be 0 or more (\(ahead) given); 0 claims only for free slots")
         }
@@ -131,7 +131,7 @@ struct SwiftWorker: AsyncParsableCommand {
         let script = setting(runnerScript, env: "TANDEM_RUNNER_SCRIPT") ?? Self.findRunnerScript()
         let mode = setting(runner, env: "TANDEM_RUNNER") ?? (pythonPath != nil && script != nil ? "fork" : "spawn")
         guard mode == "fork" || mode == "spawn" else { throw ValidationError("--runner must be 'fork' or 'spawn', not '\(mode)'") }
-        let poolIdle = runnerPoolIdle ?? setting(nil, env: "TANDEM_RUNNER_POOL_IDLE").flatMap { Double($0) }
+        let poolIdle = try Self.number(runnerPoolIdle, env: "TANDEM_RUNNER_POOL_IDLE")
         if let poolIdle, !(poolIdle >= 0) {
             throw ValidationError("--runner-pool-idle must be 0 (never retire) or a number of seconds, not \(poolIdle)")
         }
@@ -229,6 +229,15 @@ struct SwiftWorker: AsyncParsableCommand {
     }
 
     /// tandem_runner.py next to the executable (packaged), or in the source tree the executable was built in.
+    /// A number from its flag, else from its environment variable; a variable set to something that is not a
+    /// number is refused (it used to be ignored, leaving the default in force without a word).
+    static func number<T: LosslessStringConvertible>(_ flag: T?, env: String) throws -> T? {
+        if let flag { return flag }
+        guard let raw = setting(nil, env: env) else { return nil }
+        guard let value = T(raw) else { throw ValidationError("\(env)=\(raw) is not a number: set a number or unset it") }
+        return value
+    }
+
     static func findRunnerScript() -> String? {
         let exe = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         var candidates = [

@@ -419,17 +419,21 @@ struct WorkerProcessTests {
 
     /// A flag value the worker must refuse, and what its message must say.
     struct BadFlag: Sendable, CustomTestStringConvertible {
-        var args: [String]
+        var args: [String] = []
+        var env: [String: String] = [:]
         var message: String
-        var testDescription: String { args.joined(separator: " ") }
+        var testDescription: String { (env.map { "\($0.key)=\($0.value)" }.sorted() + args).joined(separator: " ") }
     }
 
-    @Test("a bad flag value is refused at start-up (exit 64) with a message naming the flag and what to pass", arguments: [
+    @Test("a bad flag or environment value is refused at start-up (exit 64) with a message naming it and what to pass", arguments: [
         BadFlag(args: ["--claim-ahead=-1"], message: "--claim-ahead must be 0 or more"),
+        BadFlag(env: ["TANDEM_CLAIM_AHEAD": "one"], message: "TANDEM_CLAIM_AHEAD=one is not a number"),
         BadFlag(args: ["--max-finishing", "0"], message: "--max-finishing must be at least 1"),
         BadFlag(args: ["--runner-pool-idle=-1"], message: "--runner-pool-idle must be 0"),
+        BadFlag(env: ["TANDEM_RUNNER_POOL_IDLE": "1m"], message: "TANDEM_RUNNER_POOL_IDLE=1m is not a number"),
     ])
     func badFlagRefused(_ flag: BadFlag) async throws {
+        cluster.extraEnvironment.merge(flag.env) { $1 }
         let w = try cluster.startWorker(dc: "east", name: "east-1", extra: flag.args)
         let code = await w.waitForExit(timeout: .seconds(30))
         #expect(code == 64, "\(w.log())")

@@ -117,6 +117,8 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
     public var runner: RunnerInfo? { cond.lock(); defer { cond.unlock() }; return info }
     /// How many times the runner has been started (1 + restarts).
     public var startCount: Int { cond.lock(); defer { cond.unlock() }; return starts }
+    /// Launches sent to the runner and waiting for its answer.
+    public var launchesWaiting: Int { cond.lock(); defer { cond.unlock() }; return pending.count }
     /// Tasks the runner is running now.
     public var runningCount: Int { cond.lock(); defer { cond.unlock() }; return running.count }
 
@@ -198,6 +200,9 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         var request = request
         request["op"] = "run"
         guard await waitReadyAsync(timeout: options.startTimeout) else {
+            if cond.withLock({ stopped }) {
+                throw RunnerError("the Airflow runner was stopped (the worker is shutting down); task not started")
+            }
             throw RunnerError("the Airflow runner is not running (restarting failed for \(options.startTimeout)); task not started")
         }
         let p = PendingStart()
@@ -225,16 +230,22 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         }
         defer { timeout.cancel() }
         while true {
-            let state: (RunnerTask?, String?, Bool) = cond.withLock {
-                (p.task, p.error, generation != gen || stopped)
+            let state: (RunnerTask?, String?, Bool, Bool) = cond.withLock {
+                (p.task, p.error, generation != gen, stopped)
             }
             if let t = state.0 {
                 cond.withLock { pending[rid] = nil }
                 return t
             }
+            // stop() shuts the runner's socket, so its reader may also record "the runner died": stopping is
+            // checked first, so that a worker shutting down says so rather than blaming the runner
+            if state.3 {
+                cond.withLock { pending[rid] = nil }
+                throw RunnerError("the Airflow runner was stopped (the worker is shutting down); task not started")
+            }
             if let e = state.1 {
                 cond.withLock { pending[rid] = nil }
-                throw RunnerError("the Airflow runner could not start the task: \(e)")
+                throw RunnerError("the Airflow runner could not start the task: \(e); task not started")
             }
             if state.2 {
                 cond.withLock { pending[rid] = nil }

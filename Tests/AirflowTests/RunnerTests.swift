@@ -155,6 +155,17 @@ struct RunnerTests {
         #expect(l.startCount == 2)
     }
 
+    /// Waits until a launch has been sent to the runner and waits for its answer (a fixed sleep was too short
+    /// on a loaded CI machine).
+    static func untilWaiting(_ l: RunnerLauncher) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(30)
+        while l.launchesWaiting == 0 {
+            guard clock.now < deadline else { throw RunnerError("no launch reached the runner within 30 s") }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
     @Test("a launch waiting for the runner's answer ends when the runner dies, when the launch times out, and when the launcher stops")
     func waitingLaunchEnds() async throws {
         let out = AF.tempDir("tandem-runner-out") + "/out.log"
@@ -178,7 +189,7 @@ struct RunnerTests {
         try await offPool { try l.start() }
         let pid = frozen(l)
         async let died = message { try await Self.sleepTask(l, seconds: 0) }
-        try await Task.sleep(for: .milliseconds(200))
+        try await Self.untilWaiting(l)
         kill(pid, SIGKILL)
         let diedMessage = await died
         #expect(diedMessage.contains("died"), "\(diedMessage)")
@@ -203,11 +214,13 @@ struct RunnerTests {
         try await offPool { try stopping.start() }
         let stoppingPID = frozen(stopping)
         async let stopped = message { try await Self.sleepTask(stopping, seconds: 0) }
-        try await Task.sleep(for: .milliseconds(200))
+        try await Self.untilWaiting(stopping)
         stopping.stop()
         kill(stoppingPID, SIGCONT)
         let stoppedMessage = await stopped
-        #expect(stoppedMessage.contains("task not started"), "\(stoppedMessage)")
+        // stop() also closes the runner's socket, so its reader sees the runner gone: the launch must still say
+        // the worker is stopping (seen once on CI as "the runner died")
+        #expect(stoppedMessage.contains("shutting down") && stoppedMessage.contains("task not started"), "\(stoppedMessage)")
     }
 
     @Test("Airflow imported once: a real Airflow 3.3 runner refuses bad workloads without leaking the token")

@@ -18,6 +18,7 @@ import bench  # noqa: E402
 ap = bench.diag_parser(tasks=5000)
 ap.add_argument("--dispatcher-flags", default="")
 ap.add_argument("--worker-flags", default="")
+ap.add_argument("--perf", default="", help="perf record the worker over the window into this file (perf report -i FILE)")
 a = ap.parse_args()
 args = bench.diag_args(a, "diag")
 logdir = args.logdir
@@ -59,6 +60,11 @@ try:
     pg0, pgcpu0 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))
     other0 = (bench.cpu_of(dpid), bench.cpu_of(srv.pids().get("redis", 0)))
     n0, t0 = t.success_count(c), time.time()
+    prof = None
+    if a.perf:
+        import subprocess
+        prof = subprocess.Popen(["perf", "record", "-q", "-F", "4000", "-g", "-o", a.perf, "-p", str(wpid)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while t.success_count(c) < a.tasks * 0.8:
         time.sleep(0.01)
     stats1, cpu1, mach1, sw1 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
@@ -66,6 +72,10 @@ try:
     other1 = (bench.cpu_of(dpid), bench.cpu_of(srv.pids().get("redis", 0)))
     n = t.success_count(c) - n0
     el = time.time() - t0
+    if prof:
+        import signal
+        prof.send_signal(signal.SIGINT)
+        prof.wait()
     t.stop()
     print(f"c={a.conc} {a.noop} no-op: {n} tasks in {el:.2f}s = {n / el:.0f}/s")
     by = collections.Counter()

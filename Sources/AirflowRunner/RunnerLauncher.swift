@@ -90,6 +90,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
     private var pending: [String: PendingStart] = [:]
     private var running: [String: RunnerTask] = [:]
     private var starts = 0
+    private var lateStartsKilled = 0
     private var supervisor: Thread?
 
     /// A launch waiting for the runner's answer. Touched under `cond`.
@@ -117,6 +118,8 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
     public var runner: RunnerInfo? { cond.lock(); defer { cond.unlock() }; return info }
     /// How many times the runner has been started (1 + restarts).
     public var startCount: Int { cond.lock(); defer { cond.unlock() }; return starts }
+    /// Tasks the runner started after their launch had given up, killed at once.
+    public var lateStarts: Int { cond.lock(); defer { cond.unlock() }; return lateStartsKilled }
     /// Launches sent to the runner and waiting for its answer.
     public var launchesWaiting: Int { cond.lock(); defer { cond.unlock() }; return pending.count }
     /// Tasks the runner is running now.
@@ -486,11 +489,20 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
                 metadata: ["pid": "\(i.pid)", "airflow": .string(i.airflowVersion), "python": .string(i.pythonVersion)])
         case "started":
             cond.lock()
-            // registered before the reply is read, so an exit that follows at once is never missed
             let t = RunnerTask(pid: Int32(msg["pid"]?.int ?? 0))
+            guard let p = pending[rid] else {
+                // its launch gave up (timed out, or the worker is stopping) and the task was reported as not
+                // started: it must not run unseen beside whatever runs it next
+                lateStartsKilled += 1
+                cond.unlock()
+                if t.pid > 0 { kill(-t.pid, SIGKILL) }  // the task leads its own process group
+                logger.error("the Airflow runner started task \(rid) (pid \(t.pid)) after its launch gave up; killed it")
+                return
+            }
+            // registered before the reply is read, so an exit that follows at once is never missed
             running[rid] = t
-            pending[rid]?.task = t
-            let w = pending[rid]?.takeWaiter()
+            p.task = t
+            let w = p.takeWaiter()
             cond.broadcast()
             cond.unlock()
             w?.resume()

@@ -155,6 +155,18 @@ struct RunnerTests {
         #expect(l.startCount == 2)
     }
 
+    /// The processes whose parent is `pid`.
+    static func children(of pid: Int32) -> [Int32] {
+        let all = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return all.compactMap(Int32.init).filter { child in
+            guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8),
+                let close = stat.lastIndex(of: ")")
+            else { return false }
+            let fields = stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
+            return fields.count > 1 && Int32(fields[1]) == pid
+        }
+    }
+
     /// Waits until a launch has been sent to the runner and waits for its answer (a fixed sleep was too short
     /// on a loaded CI machine).
     static func untilWaiting(_ l: RunnerLauncher) async throws {
@@ -205,8 +217,12 @@ struct RunnerTests {
         let slow = RunnerLauncher(options: o, logger: AF.logger)
         try await offPool { try slow.start() }
         let slowPID = frozen(slow)
-        #expect(await message { try await Self.sleepTask(slow, seconds: 0) }.contains("did not start the task within"))
+        #expect(await message { try await Self.sleepTask(slow, seconds: 30) }.contains("did not start the task within"))
+        // … and when the runner wakes up and starts it after all, the task is killed, not left running unseen
         kill(slowPID, SIGCONT)
+        #expect(try await eventually(timeout: .seconds(30)) { slow.lateStarts == 1 }, "the late start was not seen")
+        let gone = try await eventually(timeout: .seconds(10)) { Self.children(of: slowPID).allSatisfy { !Self.alive($0) } }
+        #expect(gone, "the task started after its launch gave up must be killed (it sleeps 30 s)")
         slow.stop()
 
         // 3. the launcher is stopped while a launch waits

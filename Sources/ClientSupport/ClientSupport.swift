@@ -132,7 +132,12 @@ public final class Combiner<Item: Sendable, Outcome: Sendable>: Sendable {
             s.pending.removeFirst(batch.count)
             return batch
         }
-        var results = await send(lane, [own] + others.map(\.item))
+        // a plain loop, not `map(\.item)`: in this unspecialized generic the key path was built at run time on
+        // every batch (1.3% of a worker's samples at c=2)
+        var items = [own]
+        items.reserveCapacity(others.count + 1)
+        for w in others { items.append(w.item) }
+        var results = await send(lane, items)
         while results.count < others.count + 1 {
             results.append(.failure(CombinerError(message: "a batch returned fewer results than it was sent items")))
         }

@@ -149,9 +149,15 @@ struct ChaosTests {
         }
     }
 
-    @Test("site loss: kill -9 every east worker and the east dispatcher mid-run; west completes everything")
-    func siteLoss() async throws {
-        try await siteLossScenario(name: "site-loss", worker: Self.workerFlags, dispatcher: Self.dispatcherFlags)
+    /// Every scenario run with `--claim-ahead` too: a held job (claimed, renewed, not started) must be reclaimed
+    /// with its datacenter's running ones, and given back by a worker told to stop.
+    static let claimAhead = [0, 2]
+
+    @Test("site loss: kill -9 every east worker and the east dispatcher mid-run; west completes everything", arguments: claimAhead)
+    func siteLoss(claimAhead: Int) async throws {
+        try await siteLossScenario(
+            name: claimAhead == 0 ? "site-loss" : "site-loss-claim-ahead-\(claimAhead)",
+            worker: Self.workerFlags + ["--claim-ahead", "\(claimAhead)"], dispatcher: Self.dispatcherFlags)
     }
 
     @Test("site loss with production timings (lease 30 s, renew 10 s, loss after 15 s): drain well inside Airflow 3's 600 s token life")
@@ -458,13 +464,14 @@ struct ChaosTests {
         #expect(report.ranTwiceConcurrently == 0)
     }
 
-    @Test("rolling restart of every worker under load (SIGTERM, replacement started): nothing lost, nothing doubled")
-    func rollingRestart() async throws {
+    @Test("rolling restart of every worker under load (SIGTERM, replacement started): nothing lost, nothing doubled", arguments: claimAhead)
+    func rollingRestart(claimAhead: Int) async throws {
         let h = try Harness()
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        let flags = Self.workerFlags + ["--concurrency", "3", "--claim-ahead", "\(claimAhead)"]
         var workers: [TandemProcess] = []
         for (i, dc) in ["east", "east", "west", "west"].enumerated() {
-            workers.append(try h.cluster.startWorker(dc: dc, name: "\(dc)-\(i)", extra: Self.workerFlags + ["--concurrency", "3"]))
+            workers.append(try h.cluster.startWorker(dc: dc, name: "\(dc)-\(i)", extra: flags))
         }
         try await Task.sleep(for: .seconds(2))
         var ids = try await h.submit(30, task: "sleep-1", prefix: "roll")
@@ -474,12 +481,20 @@ struct ChaosTests {
             let code = await w.waitForExit(timeout: .seconds(40))
             #expect(code == 0, "\(w.log())")
             let dc = i < 2 ? "east" : "west"
-            try h.cluster.startWorker(dc: dc, name: "\(dc)-\(i)-new", extra: Self.workerFlags + ["--concurrency", "3"])
+            try h.cluster.startWorker(dc: dc, name: "\(dc)-\(i)-new", extra: flags)
         }
-        var report = ChaosReport(scenario: "rolling-restart")
+        var report = ChaosReport(scenario: claimAhead == 0 ? "rolling-restart" : "rolling-restart-claim-ahead-\(claimAhead)")
         try await h.settle(ids, &report)
         let starts = h.cluster.taskEvents().filter { $0.event == "start" }.count
         report.notes.append("\(starts) task start(s) for \(ids.count) task(s)")
+        // jobs a stopping worker held (claimed ahead, not started) and gave back
+        let givenBack = workers.map { $0.log().components(separatedBy: "put back on the queue for another worker").count - 1 }
+            .reduce(0, +)
+        report.notes.append("\(givenBack) held job(s) given back")
+        // with --claim-ahead how many are held at each stop depends on timing (the dispatcher keeps little queued
+        // beyond idle slots; 1 in each of the runs seen): WorkerProcessTests.claimAheadGivesBackAtShutdown covers
+        // the give-back itself, this the invariants with the flag on
+        if claimAhead == 0 { #expect(givenBack == 0, "without --claim-ahead a graceful stop gives nothing back") }
         report.publish()
         #expect(report.lost == 0 && report.completed == ids.count)
         #expect(report.ranTwiceConcurrently == 0)

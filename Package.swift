@@ -138,7 +138,7 @@ let package = Package(
             name: "AirflowTests",
             dependencies: [
                 "AirflowRunner", "LogServer", "Pidbox", "AirflowConfig", "HTTPServer", "Worker", "CeleryWire", "Redis",
-                "TestSupport", .product(name: "Logging", package: "swift-log"),
+                "Postgres", "TestSupport", .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(

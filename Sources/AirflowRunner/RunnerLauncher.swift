@@ -204,9 +204,9 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         request["op"] = "run"
         guard await waitReadyAsync(timeout: options.startTimeout) else {
             if cond.withLock({ stopped }) {
-                throw RunnerError("the Airflow runner was stopped (the worker is shutting down); task not started")
+                throw TaskNotStarted("the Airflow runner was stopped (the worker is shutting down); task not started")
             }
-            throw RunnerError("the Airflow runner is not running (restarting failed for \(options.startTimeout)); task not started")
+            throw TaskNotStarted("the Airflow runner is not running (restarting failed for \(options.startTimeout)); task not started")
         }
         let p = PendingStart()
         let (rid, gen, f): (String, Int, Int32) = cond.withLock {
@@ -220,7 +220,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         line.append(0x0A)
         if !send(f, line) {
             cond.withLock { pending[rid] = nil }
-            throw RunnerError("cannot send the task to the Airflow runner (it just died?); task not started")
+            throw TaskNotStarted("cannot send the task to the Airflow runner (it just died?); task not started")
         }
         let clock = ContinuousClock()
         let deadline = clock.now + options.launchTimeout
@@ -244,7 +244,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
             // checked first, so that a worker shutting down says so rather than blaming the runner
             if state.3 {
                 cond.withLock { pending[rid] = nil }
-                throw RunnerError("the Airflow runner was stopped (the worker is shutting down); task not started")
+                throw TaskNotStarted("the Airflow runner was stopped (the worker is shutting down); task not started")
             }
             if let e = state.1 {
                 cond.withLock { pending[rid] = nil }
@@ -252,7 +252,7 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
             }
             if state.2 {
                 cond.withLock { pending[rid] = nil }
-                throw RunnerError("the Airflow runner died before starting the task; task not started")
+                throw TaskNotStarted("the Airflow runner died before starting the task; task not started")
             }
             if clock.now >= deadline {
                 cond.withLock { pending[rid] = nil }
@@ -414,7 +414,6 @@ public final class RunnerLauncher: TaskLauncher, @unchecked Sendable {
         generation += 1
         let orphans = running
         running = [:]
-        for p in pending.values where p.task == nil && p.error == nil { p.error = "the runner died" }
         let waiters = pending.values.compactMap { $0.takeWaiter() }
         cond.broadcast()
         cond.unlock()

@@ -22,6 +22,13 @@ public protocol RunningTask: Sendable {
 
 extension ChildProcess: RunningTask {}
 
+/// A launch that failed before the task had a process, for a reason outside the task (the Airflow runner died or
+/// was restarting, or the worker is stopping): the worker puts the job back instead of recording FAILURE.
+public struct TaskNotStarted: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
 /// A started task and what to clean up after it.
 public struct LaunchedTask: Sendable {
     public var process: any RunningTask

@@ -29,6 +29,9 @@ public struct WorkerConfiguration: Sendable {
     /// next task starts without waiting for a claim's round trip. 0 (default): claim only for free slots, and
     /// leave queued work in the datacenter's queue for any of its workers (SPEC §8). Given back at shutdown.
     public var claimAhead: Int = 0
+    /// Attempts a job gets when its task could not be started for a reason outside it (the runner died before
+    /// starting it): put back before this attempt, FAILURE at it — a workload that kills the runner must end.
+    public var launchAttempts: Int = 3
     /// A worker loop held up this long is reported (log error, `tandem_worker_loop_stall_seconds`).
     public var loopStallWarning: Duration = .seconds(5)
     /// Idle wait for work before polling again.

@@ -557,6 +557,12 @@ public final class WorkerRuntime: Sendable {
             let launched: LaunchedTask
             do {
                 launched = try await launcher.launch(payload, taskID: task.id)
+            } catch let notStarted as TaskNotStarted where job.attempts < configuration.launchAttempts || phase != .running {
+                // the runner died or is restarting, or this worker is stopping: not the task's failure, so it gets
+                // another try (anywhere in the datacenter); the attempt counts unless the worker is stopping
+                log.warning("task did not start (\(notStarted)); putting it back for another try (attempt \(job.attempts) of \(configuration.launchAttempts))")
+                try await giveBack(job, refund: phase != .running, log: log, why: "\(notStarted)")
+                return
             } catch {
                 log.error("task could not start: \(error)")
                 try await record(job, task: task, state: .failure, exit: nil, detail: "\(error)", fence: fence, runSeconds: 0, log: log)
@@ -802,13 +808,13 @@ public final class WorkerRuntime: Sendable {
         }
     }
 
-    private func giveBack(_ job: ClaimedJob, refund: Bool, log: Logger) async throws {
+    private func giveBack(_ job: ClaimedJob, refund: Bool, log: Logger, why: String = "worker shutting down") async throws {
         let r = try await broker.requeue(jobID: job.jobID, token: job.token, refundAttempt: refund)
         if let taskID = state.withLock({ $0.slots[job.jobID]?.taskID }) {
             try? await ledger.event(
                 taskID: taskID, jobID: job.jobID, event: r == .done ? "requeued" : "fenced",
                 worker: configuration.workerID, datacenter: configuration.datacenter, token: job.token,
-                detail: r == .done ? "worker shutting down; put back at the front of its queue" : "requeue refused: lease reclaimed")
+                detail: r == .done ? "\(why); put back at the front of its queue" : "requeue refused: lease reclaimed")
         }
         log.info(r == .done ? "put back on the queue for another worker" : "could not put back: lease already reclaimed")
         count("requeued")

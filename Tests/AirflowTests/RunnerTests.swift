@@ -1,6 +1,9 @@
 import AirflowRunner
 import CeleryWire
 import Foundation
+import Logging
+import Postgres
+import Redis
 import Testing
 import TestSupport
 import Worker
@@ -237,6 +240,106 @@ struct RunnerTests {
         // stop() also closes the runner's socket, so its reader sees the runner gone: the launch must still say
         // the worker is stopping (seen once on CI as "the runner died")
         #expect(stoppedMessage.contains("shutting down") && stoppedMessage.contains("task not started"), "\(stoppedMessage)")
+    }
+
+    /// Bytes waiting unread in the sockets of process `pid` (`ss`: the Recv-Q of its unix sockets).
+    static func unreadSocketBytes(of pid: Int32) -> Int {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/ss")
+        p.arguments = ["-xnp"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        guard (try? p.run()) != nil else { return 0 }
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return text.split(separator: "\n").filter { $0.contains("pid=\(pid),") }
+            .compactMap { line in line.split(separator: " ", omittingEmptySubsequences: true).dropFirst(2).first.flatMap { Int($0) } }
+            .reduce(0, +)
+    }
+
+    @Test("a real worker whose runner dies before starting a claimed task puts the job back: it runs on its next attempt, not FAILURE")
+    func runnerDeathBeforeStartGivesBack() async throws {
+        let python = try AF.requirePython()
+        let cluster = try Cluster()
+        let redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        let pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "t"))
+        cluster.extraEnvironment["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://127.0.0.1:9/execution/"
+        try cluster.startDispatcher()
+        let worker = try cluster.startWorker(
+            dc: "east", name: "east-1",
+            extra: ["--runner", "fork", "--python", python, "--runner-script", AF.runner, "--concurrency", "1"])
+        let ready = try await eventually(timeout: .seconds(60)) { worker.log().contains("Airflow runner ready") }
+        #expect(ready, "\(cluster.logs())")
+        guard let runner = Self.children(of: worker.pid).first(where: {
+            ((try? String(contentsOfFile: "/proc/\($0)/cmdline", encoding: .utf8)) ?? "").contains("tandem_runner")
+        }) else {
+            Issue.record("no runner process under the worker: \(cluster.logs())")
+            return
+        }
+        // the runner freezes; the worker claims a task and sends it to the runner, which never reads it
+        kill(runner, SIGSTOP)
+        let id = UUID().uuidString.lowercased()
+        let m = CeleryPublisher.message(taskName: "execute_workload", id: id, args: [.string(Self.workload(task: "t"))])
+        _ = try await redis.send(["LPUSH", m.list, m.element])
+        let sent = try await eventually(timeout: .seconds(30)) { Self.unreadSocketBytes(of: runner) > 0 }
+        #expect(sent, "the launch never reached the frozen runner's socket: \(cluster.logs())")
+        // … and dies before it ever answers
+        kill(runner, SIGKILL)
+        let retried = try await eventually(timeout: .seconds(60)) {
+            let attempts = try? await pg.query("SELECT attempts FROM tandem_tasks WHERE task_id = $1", [.text(id)])
+            return (attempts?.rows.first?.int("attempts") ?? 0) >= 2
+        }
+        #expect(retried, "the task never got its second attempt: \(cluster.logs())")
+        let events = try await pg.query(
+            "SELECT event, detail FROM tandem_task_events WHERE task_id = $1 ORDER BY id", [.text(id)])
+        let requeued = events.rows.filter { $0.string("event") == "requeued" }
+        #expect(requeued.count == 1, "\(events.rows.map { ($0.string("event") ?? "", $0.string("detail") ?? "") })")
+        #expect(requeued.first?.string("detail")?.contains("died before starting the task") == true)
+        #expect(worker.log().contains("putting it back for another try (attempt 1 of 3)"), "\(worker.log())")
+        #expect(!worker.log().contains("task could not start"), "the first attempt must not be recorded as failed")
+    }
+
+    @Test("a runner that dies on every task it is sent: the job is put back twice, then FAILURE at its third attempt (it must end)")
+    func runnerDeathEveryTimeEndsInFailure() async throws {
+        let python = try AF.requirePython()
+        let cluster = try Cluster()
+        let redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        let pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "t"))
+        let runs = AF.tempDir("tandem-fake-runner") + "/runs.log"
+        cluster.extraEnvironment["TANDEM_FAKE_RUNNER_LOG"] = runs
+        cluster.extraEnvironment["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://127.0.0.1:9/execution/"
+        try cluster.startDispatcher()
+        let worker = try cluster.startWorker(
+            dc: "east", name: "east-1",
+            extra: ["--runner", "fork", "--python", python, "--runner-script", Repo.root + "/Tests/Fixtures/bin/runner-dies-on-run",
+                "--concurrency", "1"])
+        let id = UUID().uuidString.lowercased()
+        let m = CeleryPublisher.message(taskName: "execute_workload", id: id, args: [.string(Self.workload(task: "t"))])
+        _ = try await redis.send(["LPUSH", m.list, m.element])
+        let failed = try await eventually(timeout: .seconds(90)) {
+            let r = try? await pg.query("SELECT status FROM celery_taskmeta WHERE task_id = $1", [.text(id)])
+            return r?.rows.first?.string("status") == "FAILURE"
+        }
+        #expect(failed, "\(cluster.logs())")
+        let sent = ((try? String(contentsOfFile: runs, encoding: .utf8)) ?? "").split(separator: "\n")
+        #expect(sent.count == 3, "one launch per attempt: \(sent)")
+        let events = try await pg.query(
+            "SELECT event, detail FROM tandem_task_events WHERE task_id = $1 AND event = 'requeued'", [.text(id)])
+        #expect(events.rows.count == 2)
+        #expect(events.rows.allSatisfy { $0.string("detail")?.contains("died before starting the task") == true })
+        let log = worker.log()
+        #expect(log.contains("(attempt 1 of 3)") && log.contains("(attempt 2 of 3)") && !log.contains("(attempt 3 of 3)"), "\(log)")
+        #expect(log.contains("task could not start"), "the third attempt is recorded as failed: \(log)")
+        #expect(try await redis.send(["ZCARD", "{tandem}:leases"]).int == 0, "the failed job was acked")
+    }
+
+    static func workload(task: String) -> String {
+        """
+        {"type": "ExecuteTask", "token": "header.payload.sig", "dag_rel_path": "d.py", "bundle_info": {"name": "dags-folder"}, \
+        "log_path": "d/t.log", "ti": {"id": "\(UUID().uuidString.lowercased())", "dag_id": "d", "task_id": "\(task)", \
+        "run_id": "r", "try_number": 1, "map_index": -1, "queue": "default", "pool_slots": 1, "priority_weight": 1}}
+        """
     }
 
     @Test("Airflow imported once: a real Airflow 3.3 runner refuses bad workloads without leaking the token")

@@ -37,6 +37,8 @@ public final class WorkerRuntime: Sendable {
         var finishing = false
         /// Claimed ahead (`claimAhead`): leased and renewed, not started until a slot frees.
         var waiting = false
+        /// When it was claimed ahead (given back once held past `claimAheadHoldLimit`).
+        var heldSince: ContinuousClock.Instant?
         /// When the last request that extended the lease was SENT (the claim, then each renewal). The lease on
         /// Redis runs at least until this + TTL, so a worker that cannot renew stops its task before then.
         var leaseConfirmedAt: ContinuousClock.Instant
@@ -58,6 +60,13 @@ public final class WorkerRuntime: Sendable {
         var reportingReleases = false
         /// `released` as last sent with a claim.
         var reportedReleased = 0
+        /// How long this worker's recent tasks ran (seconds, a moving average; nil before the first): claiming
+        /// ahead pays only while a held job waits no longer than that for a slot.
+        var recentRunSeconds: Double?
+
+        mutating func noteRun(_ seconds: Double) {
+            recentRunSeconds = recentRunSeconds.map { 0.75 * $0 + 0.25 * seconds } ?? seconds
+        }
     }
 
     let state = Mutex(State())
@@ -104,6 +113,7 @@ public final class WorkerRuntime: Sendable {
             group.addTask { await self.renewLoop() }
             group.addTask { await self.selfFenceLoop() }
             group.addTask { await self.loopWatch() }
+            if configuration.claimAhead > 0 { group.addTask { await self.heldJobWatch() } }
             group.addTask(executorPreference: WorkerLoop.shared) { await self.deferredWrites.run() }
             // the claim loop and every job's path run on the worker loop's thread, which also forks and reaps
             // the tasks' processes: a task's start and end cross no other thread (WorkerLoop)
@@ -185,10 +195,16 @@ public final class WorkerRuntime: Sendable {
             }
             var want = max(0, free)
             if configuration.claimAhead > 0 {
-                // jobs held ahead start first, without a round trip; then top the held ones up
+                // jobs held ahead start first, without a round trip; then top the held ones up — only while this
+                // worker's tasks are short: behind long ones a held job would wait while other workers sit idle
                 let (started, held) = startWaiting(max: free)
                 free -= started
-                want = max(0, free) + max(0, configuration.claimAhead - held)
+                let recent = state.withLock { $0.recentRunSeconds }
+                if let recent, recent < configuration.claimAheadMaxRun.inSeconds {
+                    want = max(0, free) + max(0, configuration.claimAhead - held)
+                } else {
+                    want = max(0, free)
+                }
             }
             if want <= 0 {
                 _ = await freed.next()
@@ -226,7 +242,7 @@ public final class WorkerRuntime: Sendable {
                 for job in jobs {
                     let ahead = free <= 0
                     state.withLock {
-                        $0.slots[job.jobID] = Slot(job: job, waiting: ahead, leaseConfirmedAt: sentAt)
+                        $0.slots[job.jobID] = Slot(job: job, waiting: ahead, heldSince: ahead ? sentAt : nil, leaseConfirmedAt: sentAt)
                         $0.claimedTotal += 1
                     }
                     if !ahead {
@@ -374,6 +390,35 @@ public final class WorkerRuntime: Sendable {
     /// Every task starts, ends and is recorded through the worker loop; held up, it leaves tasks unstarted and
     /// finished tasks unreaped and unrecorded (their leases are still renewed, and self-fencing still acts, from
     /// the pool). Says so, once per stall, and reports it as a metric.
+    /// A job held ahead that a slot has not taken within `claimAheadHoldLimit` (tasks turned long) goes back to the
+    /// front of its queue, attempt refunded, where any worker of the datacenter can take it; claiming ahead then
+    /// stops until this worker's tasks are short again.
+    private func heldJobWatch() async {
+        let limit = configuration.claimAheadHoldLimit
+        while !Task.isCancelled && phase == .running {
+            try? await Task.sleep(for: min(limit / 4, .milliseconds(500)))
+            let now = ContinuousClock.now
+            let stale = state.withLock { s -> [ClaimedJob] in
+                let jobs = s.slots.values.filter { $0.waiting && $0.heldSince.map { now - $0 >= limit } ?? false }.map { $0.job }
+                guard !jobs.isEmpty else { return [] }
+                // tasks turned long: no more claiming ahead until recent ones are short again
+                s.recentRunSeconds = max(s.recentRunSeconds ?? 0, configuration.claimAheadMaxRun.inSeconds)
+                // out of the slots before anything else can start them (the claim loop starts held jobs too)
+                for j in jobs { s.slots.removeValue(forKey: j.jobID) }
+                return jobs
+            }
+            for job in stale {
+                logger.info("job \(job.jobID) held ahead for \(limit) behind running tasks; putting it back for any worker")
+                do {
+                    try await giveBack(job, refund: true, log: logger, why: "held \(limit) behind running tasks")
+                } catch {
+                    logger.error("could not put job \(job.jobID) (claimed ahead, not started) back: \(error) — it runs elsewhere once its lease expires")
+                }
+                count("held_given_back")
+            }
+        }
+    }
+
     private func loopWatch() async {
         var warned = false
         while !Task.isCancelled {
@@ -610,6 +655,7 @@ public final class WorkerRuntime: Sendable {
             let termination = await waitWithLimits(launched.process, task: task, log: log)
             let ran = ContinuousClock.now - runStart
             let runSeconds = ran.inSeconds
+            state.withLock { $0.noteRun(runSeconds) }
             // (the slot was freed as the process was reaped: `processEnded`)
             let atExit = processEnded(job.jobID)
             let doneAt = Date()

@@ -55,6 +55,10 @@ struct SwiftWorker: AsyncParsableCommand {
         name: .customLong("claim-ahead"),
         help: "Jobs to claim and hold while every slot is busy, so the next task starts without a round trip to Redis (env TANDEM_CLAIM_AHEAD; default 0: queued work stays in the datacenter's queue for any of its workers).")
     var claimAhead: Int?
+    @Option(
+        name: .customLong("claim-ahead-max-run"),
+        help: "Claim ahead only while this worker's recent tasks ran shorter than this many milliseconds; a job held longer than 2 s goes back to its queue (env TANDEM_CLAIM_AHEAD_MAX_RUN_MS; default 50).")
+    var claimAheadMaxRun: Double?
     @Option(name: .customLong("airflow"), help: "The airflow executable for Airflow 2 commands (default: 'airflow' on PATH).")
     var airflowExecutable: String = "airflow"
     @Option(help: "Python interpreter with Airflow installed, for Airflow 3 workloads (env TANDEM_PYTHON; default python3).")
@@ -118,6 +122,10 @@ struct SwiftWorker: AsyncParsableCommand {
         guard ahead >= 0 else {
             throw ValidationError("--claim-ahead must be 0 or more (\(ahead) given); 0 claims only for free slots")
         }
+        let aheadMaxRun = try Self.number(claimAheadMaxRun, env: "TANDEM_CLAIM_AHEAD_MAX_RUN_MS") ?? 50
+        guard aheadMaxRun > 0 else {
+            throw ValidationError("--claim-ahead-max-run must be more than 0 ms (\(aheadMaxRun) given); --claim-ahead 0 turns claiming ahead off")
+        }
         if let maxFinishing, maxFinishing < 1 {
             throw ValidationError("--max-finishing must be at least 1 (\(maxFinishing) would never claim); leave it out for the default")
         }
@@ -174,6 +182,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.startRecordDelay = .milliseconds(Int64(max(0, startRecordDelay) * 1000))
             if let maxFinishing { config.maxFinishing = maxFinishing }
             config.claimAhead = ahead
+            config.claimAheadMaxRun = .milliseconds(aheadMaxRun)
             let pidbox = PidboxService(
                 configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
                 logger: logger)

@@ -374,21 +374,21 @@ struct WorkerProcessTests {
     func claimAheadGivesBackAtShutdown() async throws {
         // both jobs straight into east's queue (no dispatcher: a slow task gets no prefetch, so the dispatcher would
         // keep the second in the ingress list, out of reach of any claim)
-        let held = try await submit(task: "hold", run: "ah")
-        let next = try await submit(task: "ok", run: "ah")
         let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
         defer { broker.close() }
+        let w = try await startClaimingAhead(broker)
+        let held = try await submit(task: "hold", run: "ah")
+        let next = try await submit(task: "ok", run: "ah")
         #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
         let eastQueue = Keys.queue(datacenter: "east", queue: "default")
-        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1", "--claim-ahead", "1"])
         // one running (the hold), one leased to the worker but not started
         let holding = try await eventually(timeout: .seconds(30)) {
             let leases = try await redis.send(["ZCARD", Keys.leases]).int
-            return cluster.taskEvents().contains { $0.event == "start" } && leases == 2
+            return cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.ah" } && leases == 2
         }
         #expect(holding, "\(cluster.logs())")
         #expect(try await redis.send(["LLEN", eastQueue]).int == 0)
-        #expect(cluster.taskEvents().filter { $0.event == "start" }.count == 1, "the job claimed ahead must not start while the slot is busy")
+        #expect(cluster.taskEvents().filter { $0.event == "start" && $0.key.hasSuffix(".ah") }.count == 1, "the job claimed ahead must not start while the slot is busy")
         w.signal(SIGTERM)
         // given back while the held task still runs
         let givenBack = try await eventually(timeout: .seconds(30)) { try await redis.send(["LLEN", eastQueue]).int == 1 }
@@ -399,9 +399,74 @@ struct WorkerProcessTests {
         try cluster.startWorker(dc: "east", name: "east-2")
         let s = try await waitForFinal([held, next])
         #expect(s[held] == "SUCCESS" && s[next] == "SUCCESS", "\(s)\n\(cluster.logs())")
-        let starts = cluster.taskEvents().filter { $0.event == "start" }
+        let starts = cluster.taskEvents().filter { $0.event == "start" && $0.key.hasSuffix(".ah") }
         #expect(starts.count == 2, "each task runs once: \(starts.map(\.key))")
         #expect(!cluster.taskEvents().contains { $0.event == "DUPLICATE" })
+    }
+
+    /// A c=1 worker with `--claim-ahead 1` that has run one quick task (claiming ahead starts once the worker
+    /// has seen its tasks run shorter than --claim-ahead-max-run; the stand-in airflow takes ~0.1 s, hence 60 s).
+    func startClaimingAhead(_ broker: RedisBroker) async throws -> TandemProcess {
+        let warm = try await submit(task: "ok", run: "warm")
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
+        let w = try cluster.startWorker(
+            dc: "east", name: "east-1", extra: ["--concurrency", "1", "--claim-ahead", "1", "--claim-ahead-max-run", "60000"])
+        let s = try await waitForFinal([warm])
+        #expect(s[warm] == "SUCCESS", "\(cluster.logs())")
+        return w
+    }
+
+    @Test("--claim-ahead: a job held behind a task that turned out long goes back to its queue after 2 s, and another worker runs it while that task still runs")
+    func claimAheadHoldLimit() async throws {
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        let w = try await startClaimingAhead(broker)
+        let long = try await submit(task: "hold", run: "hl")
+        let next = try await submit(task: "ok", run: "hl")
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        let eastQueue = Keys.queue(datacenter: "east", queue: "default")
+        let holding = try await eventually(timeout: .seconds(30)) {
+            try await redis.send(["ZCARD", Keys.leases]).int == 2 && cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.hl" }
+        }
+        #expect(holding, "\(cluster.logs())")
+        // the hold limit (2 s) puts it back for any worker …
+        let givenBack = try await eventually(timeout: .seconds(30)) { try await redis.send(["LLEN", eastQueue]).int == 1 }
+        #expect(givenBack, "\(cluster.logs())")
+        #expect(w.log().contains("held ahead for"), "\(w.log())")
+        // … and the worker, its tasks now long, does not claim it ahead again
+        try await Task.sleep(for: .seconds(1))
+        #expect(try await redis.send(["LLEN", eastQueue]).int == 1, "re-claimed ahead behind a long task: \(w.log())")
+        try cluster.startWorker(dc: "east", name: "east-2", extra: ["--concurrency", "1"])
+        let first = try await waitForFinal([next])
+        #expect(first[next] == "SUCCESS", "\(cluster.logs())")
+        #expect(try await states([long])[long] == "STARTED", "the long task still runs")
+        try cluster.release(dag: "dag", run: "hl")
+        let s = try await waitForFinal([long, next])
+        #expect(s[long] == "SUCCESS")
+        let attempts = try await pg.query("SELECT max(attempts) AS a FROM tandem_tasks")
+        #expect(attempts.rows.first?.int("a") == 1, "a held job given back keeps its attempt (refunded)")
+        #expect(cluster.taskEvents().filter { $0.event == "start" }.count == 3, "each task runs once")
+    }
+
+    @Test("--claim-ahead: a worker whose tasks run longer than --claim-ahead-max-run (default 50 ms) claims only for free slots")
+    func claimAheadOnlyWhileTasksAreShort() async throws {
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        let warm = try await submit(task: "sleep-0.2", run: "long")
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1", "--claim-ahead", "1"])
+        #expect(try await waitForFinal([warm])[warm] == "SUCCESS", "\(cluster.logs())")
+        _ = try await submit(task: "hold", run: "short")
+        _ = try await submit(task: "ok", run: "short")
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        let started = try await eventually(timeout: .seconds(30)) {
+            cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.short" }
+        }
+        #expect(started, "\(cluster.logs())")
+        try await Task.sleep(for: .seconds(1))
+        #expect(try await redis.send(["ZCARD", Keys.leases]).int == 1, "nothing held ahead behind a task after 0.2 s ones")
+        #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 1)
+        try cluster.release(dag: "dag", run: "short")
     }
 
     @Test("--claim-ahead 1 under a backlog: every task runs once and succeeds")
@@ -427,6 +492,7 @@ struct WorkerProcessTests {
 
     @Test("a bad flag or environment value is refused at start-up (exit 64) with a message naming it and what to pass", arguments: [
         BadFlag(args: ["--claim-ahead=-1"], message: "--claim-ahead must be 0 or more"),
+        BadFlag(args: ["--claim-ahead-max-run", "0"], message: "--claim-ahead-max-run must be more than 0 ms"),
         BadFlag(env: ["TANDEM_CLAIM_AHEAD": "one"], message: "TANDEM_CLAIM_AHEAD=one is not a number"),
         BadFlag(args: ["--max-finishing", "0"], message: "--max-finishing must be at least 1"),
         BadFlag(args: ["--runner-pool-idle=-1"], message: "--runner-pool-idle must be 0"),

@@ -28,7 +28,7 @@ public struct WorkerConfiguration: Sendable {
     /// Jobs claimed ahead while every slot is busy, held (lease renewed, not started) until a slot frees, so the
     /// next task starts without waiting for a claim's round trip. 0 (default): claim only for free slots, and
     /// leave queued work in the datacenter's queue for any of its workers (SPEC §8). Given back at shutdown.
-    public var claimAhead: Int = 0
+    public var claimAhead: Int = 1
     /// Claim ahead only while this worker's recent tasks ran shorter than this (a held job waits for a slot).
     public var claimAheadMaxRun: Duration = .milliseconds(50)
     /// A job held ahead longer than this (its slot's task turned out long) is given back to its queue.

@@ -258,17 +258,26 @@ struct RunnerTests {
             .reduce(0, +)
     }
 
-    @Test("a real worker whose runner dies before starting a claimed task puts the job back: it runs on its next attempt, not FAILURE")
-    func runnerDeathBeforeStartGivesBack() async throws {
+    /// Real Redis and Postgres, a dispatcher and one c=1 east worker whose fork runner is `script` (no Execution API
+    /// answers: these tests are about starting tasks, not running them).
+    static func forkRunnerCluster(script: String, environment: [String: String] = [:]) throws
+        -> (Cluster, RedisClient, PostgresClient, TandemProcess)
+    {
         let python = try AF.requirePython()
         let cluster = try Cluster()
         let redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
         let pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "t"))
-        cluster.extraEnvironment["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://127.0.0.1:9/execution/"
+        cluster.extraEnvironment = environment.merging(["AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:9/execution/"]) { $1 }
         try cluster.startDispatcher()
         let worker = try cluster.startWorker(
             dc: "east", name: "east-1",
-            extra: ["--runner", "fork", "--python", python, "--runner-script", AF.runner, "--concurrency", "1"])
+            extra: ["--runner", "fork", "--python", python, "--runner-script", script, "--concurrency", "1"])
+        return (cluster, redis, pg, worker)
+    }
+
+    @Test("a real worker whose runner dies before starting a claimed task puts the job back: it runs on its next attempt, not FAILURE")
+    func runnerDeathBeforeStartGivesBack() async throws {
+        let (cluster, redis, pg, worker) = try Self.forkRunnerCluster(script: AF.runner)
         let ready = try await eventually(timeout: .seconds(60)) { worker.log().contains("Airflow runner ready") }
         #expect(ready, "\(cluster.logs())")
         guard let runner = Self.children(of: worker.pid).first(where: {
@@ -302,18 +311,9 @@ struct RunnerTests {
 
     @Test("a runner that dies on every task it is sent: the job is put back twice, then FAILURE at its third attempt (it must end)")
     func runnerDeathEveryTimeEndsInFailure() async throws {
-        let python = try AF.requirePython()
-        let cluster = try Cluster()
-        let redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
-        let pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "t"))
         let runs = AF.tempDir("tandem-fake-runner") + "/runs.log"
-        cluster.extraEnvironment["TANDEM_FAKE_RUNNER_LOG"] = runs
-        cluster.extraEnvironment["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://127.0.0.1:9/execution/"
-        try cluster.startDispatcher()
-        let worker = try cluster.startWorker(
-            dc: "east", name: "east-1",
-            extra: ["--runner", "fork", "--python", python, "--runner-script", Repo.root + "/Tests/Fixtures/bin/runner-dies-on-run",
-                "--concurrency", "1"])
+        let (cluster, redis, pg, worker) = try Self.forkRunnerCluster(
+            script: Repo.root + "/Tests/Fixtures/bin/runner-dies-on-run", environment: ["TANDEM_FAKE_RUNNER_LOG": runs])
         let id = UUID().uuidString.lowercased()
         let m = CeleryPublisher.message(taskName: "execute_workload", id: id, args: [.string(Self.workload(task: "t"))])
         _ = try await redis.send(["LPUSH", m.list, m.element])

@@ -26,8 +26,9 @@ public struct WorkerConfiguration: Sendable {
     /// one commit took longer than one task.
     public var maxFinishing: Int
     /// Jobs claimed ahead while every slot is busy, held (lease renewed, not started) until a slot frees, so the
-    /// next task starts without waiting for a claim's round trip. 0 (default): claim only for free slots, and
-    /// leave queued work in the datacenter's queue for any of its workers (SPEC §8). Given back at shutdown.
+    /// next task starts without waiting for a claim's round trip; only while tasks are short (`claimAheadMaxRun`).
+    /// 0: claim only for free slots, leaving queued work for any worker of the datacenter (SPEC §8). Given back at
+    /// shutdown and after `claimAheadHoldLimit`.
     public var claimAhead: Int = 1
     /// Claim ahead only while this worker's recent tasks ran shorter than this (a held job waits for a slot).
     public var claimAheadMaxRun: Duration = .milliseconds(50)

@@ -35,10 +35,10 @@ public final class WorkerRuntime: Sendable {
         var stoppedForShutdown = false
         /// The task's process has ended; its result and ack are being recorded. The slot is free for the next task.
         var finishing = false
-        /// Claimed ahead (`claimAhead`): leased and renewed, not started until a slot frees.
-        var waiting = false
-        /// When it was claimed ahead (given back once held past `claimAheadHoldLimit`).
+        /// When it was claimed ahead (`claimAhead`): leased and renewed, not started until a slot frees; given
+        /// back once held past `claimAheadHoldLimit`. nil once started (or never held).
         var heldSince: ContinuousClock.Instant?
+        var waiting: Bool { heldSince != nil }
         /// When the last request that extended the lease was SENT (the claim, then each renewal). The lease on
         /// Redis runs at least until this + TTL, so a worker that cannot renew stops its task before then.
         var leaseConfirmedAt: ContinuousClock.Instant
@@ -66,6 +66,14 @@ public final class WorkerRuntime: Sendable {
 
         mutating func noteRun(_ seconds: Double) {
             recentRunSeconds = recentRunSeconds.map { 0.75 * $0 + 0.25 * seconds } ?? seconds
+        }
+
+        /// Takes the held jobs whose hold began at an instant `matching` accepts out of the slots, so nothing else
+        /// (the claim loop starts held jobs too) can start them while they are given back.
+        mutating func takeHeld(_ matching: (ContinuousClock.Instant) -> Bool) -> [ClaimedJob] {
+            let jobs = slots.values.compactMap { s in s.heldSince.flatMap { matching($0) ? s.job : nil } }
+            for j in jobs { slots.removeValue(forKey: j.jobID) }
+            return jobs
         }
     }
 
@@ -199,11 +207,9 @@ public final class WorkerRuntime: Sendable {
                 // worker's tasks are short: behind long ones a held job would wait while other workers sit idle
                 let (started, held) = startWaiting(max: free)
                 free -= started
-                let recent = state.withLock { $0.recentRunSeconds }
-                if let recent, recent < configuration.claimAheadMaxRun.inSeconds {
-                    want = max(0, free) + max(0, configuration.claimAhead - held)
-                } else {
-                    want = max(0, free)
+                want = max(0, free)
+                if let recent = state.withLock({ $0.recentRunSeconds }), recent < configuration.claimAheadMaxRun.inSeconds {
+                    want += max(0, configuration.claimAhead - held)
                 }
             }
             if want <= 0 {
@@ -242,7 +248,7 @@ public final class WorkerRuntime: Sendable {
                 for job in jobs {
                     let ahead = free <= 0
                     state.withLock {
-                        $0.slots[job.jobID] = Slot(job: job, waiting: ahead, heldSince: ahead ? sentAt : nil, leaseConfirmedAt: sentAt)
+                        $0.slots[job.jobID] = Slot(job: job, heldSince: ahead ? sentAt : nil, leaseConfirmedAt: sentAt)
                         $0.claimedTotal += 1
                     }
                     if !ahead {
@@ -269,9 +275,9 @@ public final class WorkerRuntime: Sendable {
     /// still held.
     private func startWaiting(max: Int) -> (started: Int, held: Int) {
         let (jobs, held) = state.withLock { s -> ([ClaimedJob], Int) in
-            let waiting = s.slots.values.filter(\.waiting).sorted { $0.leaseConfirmedAt < $1.leaseConfirmedAt }
+            let waiting = s.slots.values.filter(\.waiting).sorted { $0.heldSince! < $1.heldSince! }
             let picked = waiting.prefix(Swift.max(0, max)).map(\.job)
-            for j in picked { s.slots[j.jobID]?.waiting = false }
+            for j in picked { s.slots[j.jobID]?.heldSince = nil }
             return (picked, waiting.count - picked.count)
         }
         for j in jobs { startJob(j) }
@@ -281,14 +287,19 @@ public final class WorkerRuntime: Sendable {
     /// At shutdown: jobs held ahead were never started; they go back to the front of their queue at once (their
     /// attempt refunded) instead of waiting out their leases.
     private func giveBackWaiting() async {
-        let jobs = state.withLock { s in s.slots.values.filter(\.waiting).map(\.job) }
+        let jobs = state.withLock { s in s.takeHeld { _ in true } }
+        await giveBackHeld(jobs, why: "worker shutting down")
+    }
+
+    /// Puts jobs that were held ahead (never started; already out of the slots) back at the front of their queue,
+    /// attempt refunded.
+    private func giveBackHeld(_ jobs: [ClaimedJob], why: String) async {
         for job in jobs {
             do {
-                try await giveBack(job, refund: true, log: logger)
+                try await giveBack(job, refund: true, log: logger, why: why)
             } catch {
                 logger.error("could not put job \(job.jobID) (claimed ahead, not started) back: \(error) — it runs elsewhere once its lease expires")
             }
-            state.withLock { _ = $0.slots.removeValue(forKey: job.jobID) }
         }
     }
 
@@ -387,9 +398,6 @@ public final class WorkerRuntime: Sendable {
         }
     }
 
-    /// Every task starts, ends and is recorded through the worker loop; held up, it leaves tasks unstarted and
-    /// finished tasks unreaped and unrecorded (their leases are still renewed, and self-fencing still acts, from
-    /// the pool). Says so, once per stall, and reports it as a metric.
     /// A job held ahead that a slot has not taken within `claimAheadHoldLimit` (tasks turned long) goes back to the
     /// front of its queue, attempt refunded, where any worker of the datacenter can take it; claiming ahead then
     /// stops until this worker's tasks are short again.
@@ -399,26 +407,22 @@ public final class WorkerRuntime: Sendable {
             try? await Task.sleep(for: min(limit / 4, .milliseconds(500)))
             let now = ContinuousClock.now
             let stale = state.withLock { s -> [ClaimedJob] in
-                let jobs = s.slots.values.filter { $0.waiting && $0.heldSince.map { now - $0 >= limit } ?? false }.map { $0.job }
-                guard !jobs.isEmpty else { return [] }
+                let jobs = s.takeHeld { now - $0 >= limit }
                 // tasks turned long: no more claiming ahead until recent ones are short again
-                s.recentRunSeconds = max(s.recentRunSeconds ?? 0, configuration.claimAheadMaxRun.inSeconds)
-                // out of the slots before anything else can start them (the claim loop starts held jobs too)
-                for j in jobs { s.slots.removeValue(forKey: j.jobID) }
+                if !jobs.isEmpty { s.recentRunSeconds = max(s.recentRunSeconds ?? 0, configuration.claimAheadMaxRun.inSeconds) }
                 return jobs
             }
             for job in stale {
                 logger.info("job \(job.jobID) held ahead for \(limit) behind running tasks; putting it back for any worker")
-                do {
-                    try await giveBack(job, refund: true, log: logger, why: "held \(limit) behind running tasks")
-                } catch {
-                    logger.error("could not put job \(job.jobID) (claimed ahead, not started) back: \(error) — it runs elsewhere once its lease expires")
-                }
                 count("held_given_back")
             }
+            await giveBackHeld(stale, why: "held \(limit) behind running tasks")
         }
     }
 
+    /// Every task starts, ends and is recorded through the worker loop; held up, it leaves tasks unstarted and
+    /// finished tasks unreaped and unrecorded (their leases are still renewed, and self-fencing still acts, from
+    /// the pool). Says so, once per stall, and reports it as a metric.
     private func loopWatch() async {
         var warned = false
         while !Task.isCancelled {

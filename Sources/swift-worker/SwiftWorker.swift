@@ -237,7 +237,6 @@ struct SwiftWorker: AsyncParsableCommand {
         }
     }
 
-    /// tandem_runner.py next to the executable (packaged), or in the source tree the executable was built in.
     /// A number from its flag, else from its environment variable; a variable set to something that is not a
     /// number is refused (it used to be ignored, leaving the default in force without a word).
     static func number<T: LosslessStringConvertible>(_ flag: T?, env: String) throws -> T? {
@@ -247,6 +246,7 @@ struct SwiftWorker: AsyncParsableCommand {
         return value
     }
 
+    /// tandem_runner.py next to the executable (packaged), or in the source tree the executable was built in.
     static func findRunnerScript() -> String? {
         let exe = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         var candidates = [

@@ -10,21 +10,29 @@ import Worker
 
 @Suite("fork runner", .serialized)
 struct RunnerTests {
-    static func launcher(output: String, preload: [String]? = [], poolIdle: Double? = nil) throws -> RunnerLauncher {
+    static func launcher(
+        output: String, preload: [String]? = [], poolIdle: Double? = nil, launchTimeout: Duration? = nil
+    ) throws -> RunnerLauncher {
         var o = RunnerLauncher.Options(
             python: try AF.requirePython(), script: AF.runner, workDirectory: AF.tempDir("tandem-runner"),
             taskOutput: output, preload: preload, poolIdle: poolIdle)
         o.extraArguments = ["--allow-test-kinds"]
         o.startTimeout = .seconds(60)
+        if let launchTimeout { o.launchTimeout = launchTimeout }
         return RunnerLauncher(options: o, logger: AF.logger)
+    }
+
+    /// The fields of /proc/PID/stat after the command name: state, ppid, … (nil once the process is gone).
+    static func statFields(_ pid: Int32) -> [Substring]? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return nil }
+        return stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
     }
 
     /// Running, not a zombie left for init to reap.
     static func alive(_ pid: Int32) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-            let close = stat.lastIndex(of: ")")
-        else { return false }
-        let state = stat[stat.index(close, offsetBy: 2)]
+        guard let state = statFields(pid)?.first else { return false }
         return state != "Z" && state != "X"
     }
 
@@ -162,23 +170,16 @@ struct RunnerTests {
     static func children(of pid: Int32) -> [Int32] {
         let all = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return all.compactMap(Int32.init).filter { child in
-            guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8),
-                let close = stat.lastIndex(of: ")")
-            else { return false }
-            let fields = stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
-            return fields.count > 1 && Int32(fields[1]) == pid
+            guard let fields = statFields(child), fields.count > 1 else { return false }
+            return Int32(fields[1]) == pid
         }
     }
 
     /// Waits until a launch has been sent to the runner and waits for its answer (a fixed sleep was too short
     /// on a loaded CI machine).
     static func untilWaiting(_ l: RunnerLauncher) async throws {
-        let clock = ContinuousClock()
-        let deadline = clock.now + .seconds(30)
-        while l.launchesWaiting == 0 {
-            guard clock.now < deadline else { throw RunnerError("no launch reached the runner within 30 s") }
-            try await Task.sleep(for: .milliseconds(10))
-        }
+        try #require(try await eventually(timeout: .seconds(30), every: .milliseconds(10)) { l.launchesWaiting > 0 },
+            "no launch reached the runner within 30 s")
     }
 
     @Test("a launch waiting for the runner's answer ends when the runner dies, when the launch times out, and when the launcher stops")
@@ -211,13 +212,7 @@ struct RunnerTests {
         l.stop()
 
         // 2. a runner that never answers: the launch gives up after launchTimeout
-        var o = RunnerLauncher.Options(
-            python: try AF.requirePython(), script: AF.runner, workDirectory: AF.tempDir("tandem-runner"),
-            taskOutput: out, preload: [])
-        o.extraArguments = ["--allow-test-kinds"]
-        o.startTimeout = .seconds(60)
-        o.launchTimeout = .milliseconds(300)
-        let slow = RunnerLauncher(options: o, logger: AF.logger)
+        let slow = try Self.launcher(output: out, launchTimeout: .milliseconds(300))
         try await offPool { try slow.start() }
         let slowPID = frozen(slow)
         #expect(await message { try await Self.sleepTask(slow, seconds: 30) }.contains("did not start the task within"))

@@ -53,7 +53,7 @@ public final class PidboxService: RevocationSource, @unchecked Sendable {
         let stream = subscriber.subscribe(channels: [channel])
         let t = Task { [self] in
             do {
-                for try await (_, raw) in stream { await self.handle(raw) }
+                for try await m in stream { await self.handle(m.message, receivedAt: m.receivedAt) }
             } catch {
                 logger.error("pidbox subscription ended: \(error)")
             }
@@ -84,8 +84,10 @@ public final class PidboxService: RevocationSource, @unchecked Sendable {
         return handled[method] ?? 0
     }
 
-    /// Handles one raw pidbox payload.
-    public func handle(_ raw: [UInt8]) async {
+    /// Handles one raw pidbox payload. `receivedAt`: when it came off the wire — Celery's broadcasts expire a
+    /// second after they are sent, and a message that arrived in time is not dropped because the one before it
+    /// took long to handle (a slow Redis under load once lost the second of two revokes that way).
+    public func handle(_ raw: [UInt8], receivedAt: Date = Date()) async {
         let msg: PidboxMessage
         let body: JSONValue
         do {
@@ -95,7 +97,7 @@ public final class PidboxService: RevocationSource, @unchecked Sendable {
             logger.warning("ignoring an unreadable pidbox message: \(error)")
             return
         }
-        if let exp = msg.expires, Date().timeIntervalSince1970 > exp { return }
+        if let exp = msg.expires, receivedAt.timeIntervalSince1970 > exp { return }
         guard msg.isFor(node: nodeName) else { return }
         // counted once handled (revoke recorded, reply sent), so "handled" means the effect is visible
         defer { count(msg.method) }

@@ -26,10 +26,13 @@ public final class RedisSubscriber: Sendable {
         self.children = children
     }
 
+    /// A message as it came off the wire.
+    public typealias Message = (channel: String, message: [UInt8], receivedAt: Date)
+
     /// Subscribes to `channels` and yields every message published on them until the stream is dropped or
     /// `close()` is called. Messages published while reconnecting are lost (pub/sub has no history).
-    public func subscribe(channels: [String]) -> AsyncThrowingStream<(channel: String, message: [UInt8]), Error> {
-        let (stream, continuation) = AsyncThrowingStream<(channel: String, message: [UInt8]), Error>.makeStream()
+    public func subscribe(channels: [String]) -> AsyncThrowingStream<RedisSubscriber.Message, Error> {
+        let (stream, continuation) = AsyncThrowingStream<RedisSubscriber.Message, Error>.makeStream()
         let worker = Worker(configuration: configuration, channels: channels, logger: logger, continuation: continuation)
         let accepted = workers.withLock { state -> Bool in
             if state.closed { return false }
@@ -66,12 +69,12 @@ public final class RedisSubscriber: Sendable {
         let configuration: RedisConfiguration
         let channels: [String]
         let logger: Logger
-        let continuation: AsyncThrowingStream<(channel: String, message: [UInt8]), Error>.Continuation
+        let continuation: AsyncThrowingStream<RedisSubscriber.Message, Error>.Continuation
         /// Stop flag and the socket of the live connection (so `stop` can wake a blocked read).
         let control = Locked<(stopped: Bool, fd: Int32?)>((false, nil))
 
         init(configuration: RedisConfiguration, channels: [String], logger: Logger,
-             continuation: AsyncThrowingStream<(channel: String, message: [UInt8]), Error>.Continuation) {
+             continuation: AsyncThrowingStream<RedisSubscriber.Message, Error>.Continuation) {
             self.configuration = configuration
             self.channels = channels
             self.logger = logger
@@ -106,7 +109,7 @@ public final class RedisSubscriber: Sendable {
                         let reply = try conn.readReply(during: subscribe, timeout: nil)
                         guard let parts = reply.array, parts.count == 3, parts[0].string == "message",
                               let channel = parts[1].string, let payload = parts[2].bytes else { continue }
-                        continuation.yield((channel: channel, message: payload))
+                        continuation.yield((channel: channel, message: payload, receivedAt: Date()))
                     }
                 } catch {
                     if stopped { break }

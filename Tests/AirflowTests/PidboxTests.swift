@@ -79,6 +79,33 @@ struct PidboxTests {
         #expect(score > now + 86_000_000 && score <= now + 86_400_000, "expires in 24 h")
     }
 
+    /// Celery's broadcasts expire a second after they are sent. Whether one is stale is judged by when it came off
+    /// the wire, not by when its turn to be handled came (behind a slow earlier message).
+    @Test("a revoke that arrived in time is honoured even when handled after its expiry; one that arrived late is not")
+    func expiryIsJudgedOnArrival() async throws {
+        let redis = try await offPool { try RedisServer.start() }
+        defer { redis.stop() }
+        let config = try RedisConfiguration(url: redis.url)
+        let tap = RedisSubscriber(configuration: config, logger: AF.logger)
+        defer { tap.close() }
+        var messages = tap.subscribe(channels: [PidboxMessage.channel(db: config.database)]).makeAsyncIterator()
+        try await Self.waitSubscribed(config)
+        let out = try await offPoolRun(Self.client, args: [redis.url, "revoke", "task-a", "task-b"])
+        #expect(out.status == 0, "\(out.stderr)")
+        guard let first = try await messages.next() else { Issue.record("no broadcast seen"); return }
+        let expires = try #require(try PidboxMessage.decode(first.message).expires)
+        // wait until the broadcast has expired
+        while Date().timeIntervalSince1970 <= expires { try await Task.sleep(for: .milliseconds(50)) }
+
+        let svc = PidboxService(configuration: config, nodeName: "tandem@test-east", logger: AF.logger)
+        await svc.handle(first.message)  // as if it came off the wire only now: stale
+        #expect(svc.handledCount("revoke") == 0)
+        #expect(!(await svc.isRevoked("task-a")))
+        await svc.handle(first.message, receivedAt: first.receivedAt)  // it came in time
+        #expect(svc.handledCount("revoke") == 1)
+        #expect(await svc.isRevoked("task-a"))
+    }
+
     @Test("app.control.ping() and inspect().ping() see the worker")
     func ping() async throws {
         let redis = try await offPool { try RedisServer.start() }

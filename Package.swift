@@ -47,7 +47,7 @@ let package = Package(
         .target(
             name: "Worker",
             dependencies: [
-                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire", "CSpawn",
+                "TandemCore", "TandemRedis", "TandemPostgres", "CeleryWire", "CSpawn", "ClientSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -60,7 +60,7 @@ let package = Package(
         .target(
             name: "Setup",
             dependencies: [
-                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres", "CeleryWire",
+                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres", "CeleryWire", "ClientSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -112,7 +112,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["Redis", "Postgres", "ClientSupport"], path: "Tests/TestSupport"),
         .testTarget(name: "CeleryWireTests", dependencies: ["CeleryWire"], resources: [.copy("vectors")]),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
-        .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "ClientSupport", "TestSupport"]),
+        .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "ClientSupport", "TestSupport", "Worker"]),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "TestSupport"]

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -19,6 +20,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 // the CPUs task processes run on, restored in the child before exec once the worker pinned its own threads
 static cpu_set_t child_cpus;
@@ -89,6 +94,15 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
             dup2(out, 2);
             if (out > 2) close(out);
         }
+        // nothing but stdin/out/err reaches the task: without this every task process held the worker's Redis
+        // sockets and its HTTP listener (hiredis opens sockets without close-on-exec), so a long task kept the
+        // worker's port bound after the worker died. Marked close-on-exec rather than closed: `report` must stay
+        // open until the exec.
+        if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
+            struct rlimit lim;
+            int top = getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < 65536 ? (int)lim.rlim_cur : 65536;
+            for (int fd = 3; fd < top; fd++) fcntl(fd, F_SETFD, FD_CLOEXEC);
+        }
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
@@ -130,6 +144,11 @@ int tandem_epoll_add(int epfd, int fd) {
 }
 
 int tandem_epoll_del(int epfd, int fd) { return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL); }
+
+int tandem_epoll_want_write(int epfd, int fd, int on) {
+    struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.fd = fd};
+    return epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev);
+}
 
 int tandem_epoll_wait(int epfd, int *fds, int max, int timeout_ms) {
     struct epoll_event evs[64];

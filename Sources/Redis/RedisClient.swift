@@ -3,9 +3,10 @@ import ClientSupport
 import Foundation
 import Logging
 
-/// A Redis connection whose blocking hiredis calls run on its own serial queue, never on the Swift
-/// concurrency pool. Commands connect lazily; after an I/O error the next call reconnects (with backoff).
-/// Concurrent callers are served in order on the one connection.
+/// A Redis connection. Given an `IOLoop`, the loop drives its socket (`LoopDrivenRedis`: no thread of its own,
+/// several calls in flight at once); otherwise its blocking hiredis calls run on its own serial queue, never on
+/// the Swift concurrency pool, and concurrent callers are served in order. Either way commands connect lazily
+/// and after an I/O error the next call reconnects (with backoff).
 public final class RedisClient: Sendable {
     /// What this client connects to.
     public let configuration: RedisConfiguration
@@ -13,6 +14,7 @@ public final class RedisClient: Sendable {
     private let queue: DispatchQueue
     private let core: Core
     private let state = Locked(SharedState())
+    private let driven: LoopDrivenRedis?
 
     private struct SharedState {
         var connected = false
@@ -29,14 +31,30 @@ public final class RedisClient: Sendable {
         var backoff = Backoff()
     }
 
-    /// Makes a client; nothing connects until `connect()` or the first command.
-    public init(configuration: RedisConfiguration, label: String = "redis", logger: Logger) {
+    /// Makes a client; nothing connects until `connect()` or the first command. With `loop`, the loop drives the
+    /// connection.
+    public init(configuration: RedisConfiguration, label: String = "redis", logger: Logger, loop: (any IOLoop)? = nil) {
         self.configuration = configuration
         var logger = logger
         logger[metadataKey: RedisLogKey.label] = "\(label)"
         self.logger = logger
         self.queue = DispatchQueue(label: "tandem.redis.\(label)")
         self.core = Core()
+        guard let loop else {
+            driven = nil
+            return
+        }
+        let state = self.state
+        driven = LoopDrivenRedis(
+            loop: loop, configuration: configuration, label: label, logger: logger,
+            hooks: .init(
+                connected: {
+                    ConnectionStats.redisConnects.withLock { $0 += 1 }
+                    state.withLock { $0.connected = true }
+                },
+                lost: { state.withLock { $0.connected = false } },
+                isClosed: { state.current.closed },
+                takeMasterSwitch: { state.withLock { s in defer { s.masterSwitched = false }; return s.masterSwitched } }))
     }
 
     /// True while a connection is open and has not failed.
@@ -44,6 +62,10 @@ public final class RedisClient: Sendable {
 
     /// Connects now so a bad URL, a dead server or a wrong password is reported at startup.
     public func connect() async throws(RedisError) {
+        if let driven {
+            _ = try await driven.exchange([])
+            return
+        }
         _ = try await run { core throws(RedisError) in _ = try self.connection(core) }
     }
 
@@ -54,52 +76,48 @@ public final class RedisClient: Sendable {
 
     /// Sends one binary-safe command; an error reply throws `.server` (`.noScript` for NOSCRIPT).
     public func send(bytes args: [[UInt8]]) async throws(RedisError) -> RedisValue {
-        try await run { core throws(RedisError) in
-            let reply = try self.execute(core, args)
-            if case .error(let e) = reply { throw self.serverError(e, args: args) }
-            return reply
-        }
+        let reply = try await exchange([args])[0]
+        if case .error(let e) = reply { throw serverError(e, args: args) }
+        return reply
     }
 
     /// Writes all commands in one go and reads one reply per command; error replies stay in the array.
     public func pipeline(_ commands: [[String]]) async throws(RedisError) -> [RedisValue] {
-        let encoded = commands.map(\.argBytes)
-        return try await run { core throws(RedisError) in try self.executePipeline(core, encoded) }
+        try await exchange(commands.map(\.argBytes))
     }
 
     /// Runs a script by SHA; if the server does not have it, loads it and retries once.
     public func eval(_ script: RedisScript, keys: [String], args: [String]) async throws(RedisError) -> RedisValue {
-        try await run { core throws(RedisError) in
-            let call = Self.evalArgs(script, keys: keys, args: args)
-            var reply = try self.execute(core, call)
-            if case .error(let e) = reply, e.hasPrefix("NOSCRIPT") {
-                try self.load(core, [script])
-                reply = try self.execute(core, call)
-            }
-            if case .error(let e) = reply { throw self.serverError(e, args: call, script: script) }
-            return reply
-        }
+        let reply = try await evalPipeline([(script, keys: keys, args: args)])[0]
+        if case .error(let e) = reply { throw serverError(e, args: [], script: script) }
+        return reply
     }
 
     /// Runs several scripts in one pipeline (e.g. lease renewals); NOSCRIPT ones are loaded and re-run once.
     /// Other error replies stay in the array as `.error`.
     public func evalPipeline(_ calls: [(RedisScript, keys: [String], args: [String])]) async throws(RedisError) -> [RedisValue] {
         let encoded = calls.map { Self.evalArgs($0.0, keys: $0.keys, args: $0.args) }
-        let scripts = calls.map(\.0)
-        return try await run { core throws(RedisError) in
-            var replies = try self.executePipeline(core, encoded)
-            let missing = replies.indices.filter {
-                if case .error(let e) = replies[$0] { return e.hasPrefix("NOSCRIPT") }
-                return false
-            }
-            if missing.isEmpty { return replies }
-            var seen = Set<String>()
-            let toLoad = missing.map { scripts[$0] }.filter { seen.insert($0.sha1).inserted }
-            try self.load(core, toLoad)
-            let again = try self.executePipeline(core, missing.map { encoded[$0] })
-            for (i, index) in missing.enumerated() { replies[index] = again[i] }
+        var replies = try await exchange(encoded)
+        let missing = replies.indices.filter {
+            if case .error(let e) = replies[$0] { return e.hasPrefix("NOSCRIPT") }
+            return false
+        }
+        if missing.isEmpty { return replies }
+        var seen = Set<String>()
+        try await load(missing.map { calls[$0].0 }.filter { seen.insert($0.sha1).inserted })
+        let again = try await exchange(missing.map { encoded[$0] })
+        for (i, index) in missing.enumerated() { replies[index] = again[i] }
+        return replies
+    }
+
+    /// Sends the commands in one write and returns one reply per command, error replies included.
+    private func exchange(_ commands: [[[UInt8]]]) async throws(RedisError) -> [RedisValue] {
+        if let driven {
+            let replies = try await driven.exchange(commands)
+            startWatcherIfNeeded()  // (returns at once unless Sentinel is followed and no watcher runs yet)
             return replies
         }
+        return try await run { core throws(RedisError) in try self.executePipeline(core, commands) }
     }
 
     /// The server's clock (`TIME`); Tandem's one clock for leases and heartbeats.
@@ -119,6 +137,7 @@ public final class RedisClient: Sendable {
         }
         guard !wasClosed else { return }
         stopWatcher()
+        driven?.close()
         let core = self.core
         queue.async { core.connection = nil }
     }
@@ -233,18 +252,6 @@ public final class RedisClient: Sendable {
         ])
     }
 
-    private func execute(_ core: Core, _ args: [[UInt8]]) throws(RedisError) -> RedisValue {
-        let conn = try connection(core)
-        do {
-            let reply = try conn.command(args, timeout: configuration.commandTimeout)
-            dropIfReadOnly(core, reply)
-            return reply
-        } catch {
-            broken(core, error)
-            throw error
-        }
-    }
-
     private func executePipeline(_ core: Core, _ commands: [[[UInt8]]]) throws(RedisError) -> [RedisValue] {
         if commands.isEmpty { return [] }
         let conn = try connection(core)
@@ -269,8 +276,8 @@ public final class RedisClient: Sendable {
         }
     }
 
-    private func load(_ core: Core, _ scripts: [RedisScript]) throws(RedisError) {
-        let replies = try executePipeline(core, scripts.map { ["SCRIPT", "LOAD", $0.source].argBytes })
+    private func load(_ scripts: [RedisScript]) async throws(RedisError) {
+        let replies = try await exchange(scripts.map { ["SCRIPT", "LOAD", $0.source].argBytes })
         for (script, reply) in zip(scripts, replies) {
             if case .error(let e) = reply {
                 throw RedisError(code: .server,

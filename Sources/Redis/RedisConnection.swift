@@ -47,6 +47,8 @@ final class RedisConnection {
             )
         }
         if unixPath == nil { _ = redisEnableKeepAlive(raw) }
+        // hiredis opens its sockets without close-on-exec: no task process the worker starts may hold one
+        _ = fcntl(tandem_redis_fd(raw), F_SETFD, FD_CLOEXEC)
         return RedisConnection(ctx: raw, location: location)
     }
 
@@ -75,6 +77,43 @@ final class RedisConnection {
             replies.append(try readReply(during: args, timeout: timeout))
         }
         return replies
+    }
+
+    // MARK: Non-blocking use (a connection an `IOLoop` drives; see LoopDrivenRedis)
+
+    /// From now on reads and writes never block; use only `append`, `flush`, `readAvailable` and `nextReply`.
+    func makeNonBlocking() throws(RedisError) {
+        if tandem_redis_make_nonblocking(ctx) != 0 {
+            let cause = String(cString: strerror(tandem_errno()))
+            throw RedisError(code: .io, message: "cannot make the connection to Redis at \(location) non-blocking: \(cause)", underlying: cause)
+        }
+    }
+
+    /// Queues one command in the output buffer (nothing is sent yet).
+    func append(_ args: [[UInt8]]) throws(RedisError) {
+        let rc = Self.withArgv(args) { argc, argv, lens in redisAppendCommandArgv(ctx, argc, argv, lens) }
+        if rc != REDIS_OK { throw failure(during: args, timeout: nil) }
+    }
+
+    /// Writes what the socket takes of the output buffer (one write); true once it is all written.
+    func flush(during args: [[UInt8]]) throws(RedisError) -> Bool {
+        var done: Int32 = 0
+        if redisBufferWrite(ctx, &done) != REDIS_OK { throw failure(during: args, timeout: nil) }
+        return done != 0
+    }
+
+    /// Reads what has arrived (one read; the loop calls again while the socket stays readable).
+    func readAvailable(during args: [[UInt8]]) throws(RedisError) {
+        if redisBufferRead(ctx) != REDIS_OK { throw failure(during: args, timeout: nil) }
+    }
+
+    /// The next complete reply read so far, or nil.
+    func nextReply(during args: [[UInt8]]) throws(RedisError) -> RedisValue? {
+        var out: UnsafeMutableRawPointer?
+        if redisGetReplyFromReader(ctx, &out) != REDIS_OK { throw failure(during: args, timeout: nil) }
+        guard let out else { return nil }
+        defer { freeReplyObject(out) }
+        return Self.convert(out.assumingMemoryBound(to: redisReply.self))
     }
 
     /// Reads the next reply (for pub/sub or pipelines).

@@ -17,6 +17,10 @@ public final class RedisBroker: Broker {
     static let moverConnections = 4
     private let movers: [RedisClient]
     private let nextMover = Mutex(0)
+    /// Given the worker's loop: claims and acks, which that loop makes, are written and answered on it (one
+    /// connection, calls pipelined, no thread woken per call). Renewals and the rest stay on the movers, so they
+    /// go on while the loop is held up.
+    private let onLoop: RedisClient?
     /// Acks waiting for the call in flight to return (see `ack`).
     private let acks = Combiner<(String, Int64), FencedOutcome>(lanes: 1, maxBatch: 256)
 
@@ -26,8 +30,13 @@ public final class RedisBroker: Broker {
     public let replicaTimeoutMs: Int
     let logger: Logger
 
-    public init(configuration: RedisConfiguration, logger: Logger, replicaAcks: Int = 0, replicaTimeoutMs: Int = 500) {
+    public init(
+        configuration: RedisConfiguration, logger: Logger, replicaAcks: Int = 0, replicaTimeoutMs: Int = 500,
+        loop: (any IOLoop)? = nil
+    ) {
         client = RedisClient(configuration: configuration, label: "broker", logger: logger)
+        // (with replica acks, WAIT would hold up every call pipelined behind it: those keep a connection each)
+        onLoop = loop.flatMap { replicaAcks > 0 ? nil : RedisClient(configuration: configuration, label: "broker-loop", logger: logger, loop: $0) }
         waiter = RedisClient(configuration: configuration, label: "broker-wait", logger: logger)
         movers = [client] + (1..<Self.moverConnections).map {
             RedisClient(configuration: configuration, label: "broker-\($0)", logger: logger)
@@ -38,12 +47,11 @@ public final class RedisBroker: Broker {
     }
 
     /// Runs a script that moves work, then (with `replicaAcks`) waits for replicas to hold the move.
-    private func move(_ script: RedisScript, keys: [String], args: [String]) async throws -> RedisValue {
-        let i = nextMover.withLock { n -> Int in
+    private func move(_ script: RedisScript, keys: [String], args: [String], on chosen: RedisClient? = nil) async throws -> RedisValue {
+        let client = chosen ?? movers[nextMover.withLock { n -> Int in
             n = (n + 1) % movers.count
             return n
-        }
-        let client = movers[i]
+        }]
         let reply = try await client.eval(script, keys: keys, args: args)
         if replicaAcks > 0 {
             // WAIT counts this connection's writes: it must follow the move on the same connection
@@ -59,11 +67,13 @@ public final class RedisBroker: Broker {
     public func connect() async throws {
         try await client.connect()
         for m in movers.dropFirst() { try? await m.connect() }
+        try await onLoop?.connect()
         try? await waiter.connect()
     }
 
     public func close() {
         for m in movers { m.close() }
+        onLoop?.close()
         waiter.close()
     }
 
@@ -81,7 +91,8 @@ public final class RedisBroker: Broker {
             + [Keys.revoked, Keys.refillMarks, Keys.worker(workerID)]
         let reply = try await move(
             BrokerScripts.claim, keys: keys,
-            args: [workerID, String(leaseMs), String(max), String(slots.released), slots.incarnation, slots.claimID ?? ""])
+            args: [workerID, String(leaseMs), String(max), String(slots.released), slots.incarnation, slots.claimID ?? ""],
+            on: onLoop)
         let f = reply.array ?? []
         var jobs: [ClaimedJob] = []
         var i = 0
@@ -115,7 +126,7 @@ public final class RedisBroker: Broker {
         try await acks.submit((jobID, token)) { _, batch in
             do {
                 let reply = try await move(
-                    BrokerScripts.ack, keys: [Keys.leases], args: batch.flatMap { [$0.0, String($0.1)] })
+                    BrokerScripts.ack, keys: [Keys.leases], args: batch.flatMap { [$0.0, String($0.1)] }, on: onLoop)
                 let done = reply.array ?? []
                 return batch.indices.map { .success($0 < done.count && done[$0].int == 1 ? .done : .fenced) }
             } catch {

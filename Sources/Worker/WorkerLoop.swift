@@ -2,6 +2,7 @@
     import Glibc
 #endif
 import CSpawn
+import ClientSupport
 import Foundation
 
 /// The worker's core: one thread that lives as long as the process and does three jobs that used to be three
@@ -16,10 +17,13 @@ import Foundation
 /// resuming) happen on this thread without waking another one: at concurrency 2 the spawner, reaper and pool
 /// hand-offs were about half of the worker's ~20 context switches per task (Benchmarks/diag_switches.py).
 ///
-/// Only short, non-blocking work may run here: Redis and Postgres calls go to their connections' own threads
-/// and come back as jobs; the lease and self-fencing loops stay on the shared pool, so they still act if this
-/// thread is ever held up.
-public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
+/// It is also the `IOLoop` that drives the broker's Redis socket: claims and acks are written and answered here,
+/// with no connection thread woken per call.
+///
+/// Only short, non-blocking work may run here: Postgres calls go to their connections' own threads and come back
+/// as jobs, Redis connections are opened on a thread of their own; the lease and self-fencing loops stay on the
+/// shared pool, so they still act if this thread is ever held up.
+public final class WorkerLoop: TaskExecutor, IOLoop, @unchecked Sendable {
     public static let shared = WorkerLoop()
 
     private enum Work {
@@ -37,6 +41,8 @@ public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
     private var children: [Int32: (pid: pid_t, done: @Sendable (ChildProcess.Termination) -> Void)] = [:]
     /// When the probe now waiting in the queue was queued (nil: none waiting).
     private var probeQueuedAt: ContinuousClock.Instant?
+    /// Sockets driven here (`IOLoop`); touched only on the loop's thread.
+    private var sources: [Int32: any IOSource] = [:]
 
     private init() {
         epoll = tandem_epoll_create()
@@ -72,6 +78,41 @@ public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
         parked = false
         lock.unlock()
         if wake { tandem_eventfd_signal(wakeFD) }
+    }
+
+    // MARK: - As an IOLoop
+
+    public var inLoop: Bool { Self.isCurrent }
+
+    public func execute(_ body: @escaping @Sendable () -> Void) { push(.call(body)) }
+
+    public func register(_ fd: Int32, _ source: any IOSource) {
+        precondition(Self.isCurrent, "IOLoop.register off the loop")
+        sources[fd] = source
+        tandem_epoll_add(epoll, fd)
+    }
+
+    public func unregister(_ fd: Int32) {
+        precondition(Self.isCurrent, "IOLoop.unregister off the loop")
+        if sources.removeValue(forKey: fd) != nil { tandem_epoll_del(epoll, fd) }
+    }
+
+    public func setWantsWrite(_ fd: Int32, _ on: Bool) {
+        if sources[fd] != nil { tandem_epoll_want_write(epoll, fd, on ? 1 : 0) }
+    }
+
+    /// Expires what has passed its deadline; returns how long epoll may sleep (-1: until an fd is ready).
+    private func expireSources() -> Int32 {
+        var next: ContinuousClock.Instant?
+        let now = ContinuousClock.now
+        for source in sources.values {
+            guard let d = source.deadline else { continue }
+            if d <= now { source.expire(now: now) }
+            if let d = source.deadline { next = next.map { min($0, d) } ?? d }
+        }
+        guard let next else { return -1 }
+        let ms = (next - now).inMilliseconds
+        return Int32(clamping: max(1, ms + 1))
     }
 
     // MARK: - Stall watch
@@ -160,7 +201,8 @@ public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
             if idle { parked = true }
             lock.unlock()
             // ended children first (their slots free up for the claim loop); only a look when work is waiting
-            let n = tandem_epoll_wait(epoll, &ready, Int32(ready.count), idle ? -1 : 0)
+            let sleep = sources.isEmpty ? -1 : expireSources()
+            let n = tandem_epoll_wait(epoll, &ready, Int32(ready.count), idle ? sleep : 0)
             if idle {
                 // awake: what the reaping below queues needs no wake-up write
                 lock.lock()
@@ -168,7 +210,13 @@ public final class WorkerLoop: TaskExecutor, @unchecked Sendable {
                 lock.unlock()
             }
             for i in 0..<max(0, Int(n)) {
-                if ready[i] == wakeFD { tandem_eventfd_drain(wakeFD) } else { reap(ready[i]) }
+                if ready[i] == wakeFD {
+                    tandem_eventfd_drain(wakeFD)
+                } else if let source = sources[ready[i]] {
+                    source.ready()
+                } else {
+                    reap(ready[i])
+                }
             }
             for work in batch {
                 switch work {

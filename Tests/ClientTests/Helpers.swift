@@ -1,14 +1,24 @@
 import Foundation
 import Logging
 import Redis
+import Testing
+import Worker
 
 let quietLogger = Logger(label: "client-tests", factory: { _ in SwiftLogNoOpLogHandler() })
 
-func redisClient(_ url: String, database: Int? = nil, commandTimeout: Duration? = .seconds(10)) throws -> RedisClient {
+/// How a test's Redis client does its I/O: on a connection thread of its own, or on the worker's loop (an IOLoop).
+enum Driver: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case thread, loop
+    var testDescription: String { rawValue }
+}
+
+func redisClient(
+    _ url: String, database: Int? = nil, commandTimeout: Duration? = .seconds(10), driver: Driver = .thread
+) throws -> RedisClient {
     var config = try RedisConfiguration(url: url)
     if let database { config.database = database }
     config.commandTimeout = commandTimeout
-    return RedisClient(configuration: config, logger: quietLogger)
+    return RedisClient(configuration: config, logger: quietLogger, loop: driver == .loop ? WorkerLoop.shared : nil)
 }
 
 /// Polls `body` until it returns true or `timeout` passes.

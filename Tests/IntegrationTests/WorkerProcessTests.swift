@@ -229,6 +229,17 @@ struct WorkerProcessTests {
         #expect(sameTx.rows.first?.string("same") == "t")
     }
 
+    @Test("a task process inherits none of the worker's sockets (Redis connections, HTTP listener): only stdin, stdout and stderr reach it")
+    func noSocketLeaksIntoTasks() async throws {
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1")
+        let id = try await submit(task: "no-sockets", run: "fds")
+        let s = try await waitForFinal([id])
+        let log = (try? String(contentsOfFile: cluster.fakeLog, encoding: .utf8)) ?? ""
+        #expect(s[id] == "SUCCESS", "\(log)")
+        #expect(!log.contains("inherited-sockets"), "\(log)")
+    }
+
     @Test("kill -9 of a worker mid-run: its tasks are reclaimed after the lease and complete once, never twice at once")
     func killNineLosesNothing() async throws {
         try cluster.startDispatcher(extra: ["--dc-loss-after", "3"])

@@ -29,6 +29,8 @@ int tandem_pidfd_open(pid_t pid);
 int tandem_epoll_create(void);
 int tandem_epoll_add(int epfd, int fd);
 int tandem_epoll_del(int epfd, int fd);
+/// Watch an added `fd` for writability too (`on` = 1), or for readability alone again (0).
+int tandem_epoll_want_write(int epfd, int fd, int on);
 /// `timeout_ms` as epoll_wait's: -1 waits until an fd is ready, 0 only looks.
 int tandem_epoll_wait(int epfd, int *fds, int max, int timeout_ms);
 

@@ -93,27 +93,48 @@ public final class Combiner<Item: Sendable, Outcome: Sendable>: Sendable {
     private struct State {
         var pending: [Waiting] = []
         var idleLanes: [Int]
+        /// When the batch now in flight on each busy lane was sent.
+        var sentAt: [Int: ContinuousClock.Instant] = [:]
+
+        /// An idle lane for a new batch — unless `joinYoungerThan` is set and a batch in flight was sent less
+        /// than that long ago: then the request waits to ride the next batch on that lane instead.
+        mutating func takeLane(joinYoungerThan: Duration?) -> Int? {
+            if let young = joinYoungerThan, !sentAt.isEmpty {
+                let now = ContinuousClock.now
+                if sentAt.values.contains(where: { now - $0 < young }) { return nil }
+            }
+            guard let lane = idleLanes.popLast() else { return nil }
+            sentAt[lane] = .now
+            return lane
+        }
     }
     private let state: Locked<State>
     private let maxBatch: Int
+    private let spillAfter: Duration?
 
-    /// - Parameter lanes: batches in flight at once (one per connection).
-    public init(lanes: Int, maxBatch: Int) {
+    /// - Parameters:
+    ///   - lanes: batches in flight at once (one per connection).
+    ///   - spillAfter: nil: a request takes any idle lane. Set: while a batch sent less than this long ago is in
+    ///     flight, requests wait for its lane instead (fewer, larger batches: a Postgres commit each); only a
+    ///     slower batch (a far or busy server) lets them open another lane.
+    public init(lanes: Int, maxBatch: Int, spillAfter: Duration? = nil) {
         precondition(lanes > 0 && maxBatch > 0)
         state = Locked(State(idleLanes: Array((0..<lanes).reversed())))
         self.maxBatch = maxBatch
+        self.spillAfter = spillAfter
     }
 
     /// Sends `item` in a batch and returns its result; `send` sends a batch if this request is the one to send it.
     public func submit(_ item: Item, send: Send) async throws -> Outcome {
-        // Invariant: requests wait only while every lane is busy, so a free lane means nobody is waiting.
+        // Invariant: a request waits only while a lane is busy, and every lane that finishes a batch hands itself
+        // to the first waiting request, so nobody waits with no batch in flight.
         let turn: Turn
-        if let lane = state.withLock({ $0.idleLanes.popLast() }) {
+        if let lane = state.withLock({ $0.takeLane(joinYoungerThan: spillAfter) }) {
             turn = .lead(lane)
         } else {
             turn = await withCheckedContinuation { (c: CheckedContinuation<Turn, Never>) in
                 let lane = state.withLock { s -> Int? in
-                    if let l = s.idleLanes.popLast() { return l }
+                    if let l = s.takeLane(joinYoungerThan: spillAfter) { return l }
                     s.pending.append(Waiting(item: item, waiter: c))
                     return nil
                 }
@@ -146,8 +167,10 @@ public final class Combiner<Item: Sendable, Outcome: Sendable>: Sendable {
         let next = state.withLock { s -> Waiting? in
             if s.pending.isEmpty {
                 s.idleLanes.append(lane)
+                s.sentAt[lane] = nil
                 return nil
             }
+            s.sentAt[lane] = .now
             return s.pending.removeFirst()
         }
         next?.waiter.resume(returning: .lead(lane))

@@ -62,6 +62,43 @@ struct CombinerTests {
         #expect(s.batches.allSatisfy { $0.count <= 16 }, "no batch above maxBatch")
     }
 
+    @Test("spillAfter: requests ride the next batch of a lane whose batch is young; a batch held past it lets them open another lane")
+    func spillOnlyPastSlowBatches() async throws {
+        // a sender whose first batch is held until released (a slow commit)
+        final class Held: Sendable {
+            let released = Mutex(false)
+            let batches = Mutex<[(lane: Int, items: [Int])]>([])
+            func send(lane: Int, items: [Int]) async -> [Result<Int, any Error>] {
+                let first = batches.withLock { b in b.append((lane, items)); return b.count == 1 }
+                while first, !released.withLock({ $0 }) { try? await Task.sleep(for: .milliseconds(5)) }
+                return items.map { .success($0) }
+            }
+        }
+        func run(spillAfter: Duration) async throws -> (secondWhileFirstHeld: Bool, batches: [(lane: Int, items: [Int])]) {
+            let combiner = Combiner<Int, Int>(lanes: 2, maxBatch: 16, spillAfter: spillAfter)
+            let held = Held()
+            let first = Task { try await combiner.submit(1) { await held.send(lane: $0, items: $1) } }
+            while held.batches.withLock({ $0.isEmpty }) { try await Task.sleep(for: .milliseconds(5)) }
+            try await Task.sleep(for: .milliseconds(100))  // the first batch is now 100 ms old
+            let second = Task { try await combiner.submit(2) { await held.send(lane: $0, items: $1) } }
+            // the second is answered on its own lane, or it waits for the first's lane: give it time to show which
+            var answered = false
+            for _ in 0..<40 where !answered {
+                try await Task.sleep(for: .milliseconds(10))
+                answered = held.batches.withLock { $0.count } >= 2
+            }
+            held.released.withLock { $0 = true }
+            _ = try await (first.value, second.value)
+            return (answered, held.batches.withLock { $0 })
+        }
+        let young = try await run(spillAfter: .seconds(60))
+        #expect(!young.secondWhileFirstHeld, "the first batch was young: the second waits for its lane")
+        #expect(young.batches.map(\.lane) == [young.batches[0].lane, young.batches[0].lane], "one lane carried both")
+        let slow = try await run(spillAfter: .milliseconds(20))
+        #expect(slow.secondWhileFirstHeld, "the first batch was past spillAfter: the second went on another lane")
+        #expect(Set(slow.batches.map(\.lane)).count == 2)
+    }
+
     @Test("a lone request goes at once, alone; a batch that answers short fails the unanswered with a reason")
     func loneAndShort() async throws {
         let combiner = Combiner<Int, Int>(lanes: 1, maxBatch: 8)

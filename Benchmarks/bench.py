@@ -879,7 +879,12 @@ def main():
 
     distance = "distance" in only
     if distance and args.netns:
-        netns_up(args.delay_ms)
+        try:
+            netns_up(args.delay_ms)
+        except subprocess.CalledProcessError as e:
+            netns_down()  # leave no half-made namespace or veth behind
+            sys.exit(f"cannot set up the network namespace for 'distance' ({e}); if tc said the qdisc kind is "
+                     "unknown, this kernel has no sch_netem: run without --netns (a userspace delay proxy)")
     srv = Servers(args.redis_port, args.pg_port, extra_ip=HOST_IP if distance and args.netns else None)
     srv.start()
     if args.sync_commit_off:

@@ -43,12 +43,16 @@ try:
     wpid, dpid = roots["worker0"], roots["dispatcher"]
 
     def switches():
-        out = collections.Counter()
+        """(thread name, tid) -> (context switches, CPU seconds) so far."""
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
         for tid in os.listdir(f"/proc/{wpid}/task"):
             try:
                 name = open(f"/proc/{wpid}/task/{tid}/comm").read().strip()
                 status = open(f"/proc/{wpid}/task/{tid}/status").read().splitlines()
-                out[(name, tid)] = sum(int(l.split()[1]) for l in status if "ctxt_switches" in l)
+                stat = open(f"/proc/{wpid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                out[(name, tid)] = (sum(int(l.split()[1]) for l in status if "ctxt_switches" in l),
+                                    (int(stat[11]) + int(stat[12])) / tick)
             except OSError:
                 pass
         return out
@@ -78,11 +82,14 @@ try:
         prof.wait()
     t.stop()
     print(f"c={a.conc} {a.noop} no-op: {n} tasks in {el:.2f}s = {n / el:.0f}/s")
-    by = collections.Counter()
-    for key, v in sw1.items():
-        by[key[0]] += v - sw0.get(key, 0)
+    by, busy = collections.Counter(), collections.Counter()
+    for key, (v, cpu) in sw1.items():
+        v0, c0 = sw0.get(key, (0, 0.0))
+        by[key[0]] += v - v0
+        busy[key[0]] += cpu - c0
     for name, v in by.most_common():
-        print(f"  {name:20s} {v / n:6.2f} context switches/task")
+        # busy: the share of the window those threads were on a CPU (a single thread near 100% is a bottleneck)
+        print(f"  {name:20s} {v / n:6.2f} context switches/task, busy {100 * busy[name] / el:5.1f}%")
     print(f"  total {sum(by.values()) / n:.2f}; worker CPU {(cpu1 - cpu0) * 1000 / n:.3f} ms/task; "
           f"machine {(mach1 - mach0) * 1000 / n:.3f} ms/task")
     print(f"  dispatcher CPU {(other1[0] - other0[0]) * 1000 / n:.3f} ms/task; redis-server CPU "

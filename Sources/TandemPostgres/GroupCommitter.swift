@@ -1,4 +1,5 @@
 import ClientSupport
+import Foundation
 import Postgres
 
 /// Group commit: writes from concurrently running tasks share one transaction (and one WAL flush) instead of one
@@ -15,7 +16,8 @@ final class GroupCommitter: Sendable {
     /// out longer than this: on loopback a commit takes well under it, so at concurrency 2 commits per task fell
     /// from 1.1 to 0.5 (Postgres CPU per task -25%, Benchmarks/diag_switches.py) instead of each write taking its
     /// own connection; a slow commit (a far server, a lock) lets the next writes open another connection.
-    static let spillAfter = Duration.milliseconds(5)
+    static let spillAfter = Duration.milliseconds(
+        Int64(ProcessInfo.processInfo.environment["TANDEM_GROUP_COMMIT_SPILL_MS"].flatMap(Int.init) ?? 5))
 
     init(clients: [PostgresClient], maxBatch: Int = 64) {
         precondition(!clients.isEmpty)

@@ -18,6 +18,8 @@ import bench  # noqa: E402
 ap = bench.diag_parser(tasks=5000)
 ap.add_argument("--dispatcher-flags", default="")
 ap.add_argument("--worker-flags", default="")
+ap.add_argument("--far-ms", type=float, default=0,
+                help="put Redis and Postgres behind delayproxy.py, this many ms each way (RTT = 2x)")
 ap.add_argument("--perf", default="", help="perf record the worker over the window into this file (perf report -i FILE)")
 a = ap.parse_args()
 args = bench.diag_args(a, "diag")
@@ -30,6 +32,14 @@ def tree_cpu(pid):
 
 srv = bench.Servers(6491, 5491)
 srv.start()
+proxy = None
+if a.far_ms:
+    import subprocess
+    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "delayproxy.py"),
+                              str(srv.rport + 2000), str(srv.rport), str(a.far_ms),
+                              str(srv.pport + 2000), str(srv.pport), str(a.far_ms)],
+                             stdout=subprocess.PIPE, start_new_session=True)
+    proxy.stdout.readline()
 try:
     pub = bench.Publisher(srv)
     t = bench.Tandem(srv, args, logdir)
@@ -39,7 +49,7 @@ try:
     srv.reset(t.db)
     pub.publish(a.tasks)
     c = srv.pg(t.db)
-    roots = t.start(a.conc)
+    roots = t.start(a.conc, port_offset=2000 if proxy else 0)
     wpid, dpid = roots["worker0"], roots["dispatcher"]
 
     def switches():
@@ -102,4 +112,6 @@ try:
         if calls:
             print(f"  redis {name[8:]:18s} {calls / n:6.2f}/task {us / n:7.1f} µs/task")
 finally:
+    if proxy:
+        proxy.terminate()
     srv.stop()

@@ -82,7 +82,8 @@ struct ExecutorctlTests {
         #expect(both, "\(cluster.logs())")
 
         let ok = try await submit(task: "ok", run: "r1")
-        try await submit(task: "sleep-30", run: "long")
+        // runs until released at the end: a sleep ran out before `watch` in a loaded full-suite run
+        try await submit(task: "hold", run: "long")
         _ = try await redis.send(["LPUSH", "default", "not a kombu envelope"])
 
         // task: the ledger's view, plain and JSON; unknown → 1
@@ -193,6 +194,7 @@ struct ExecutorctlTests {
         let wj = try #require(try await ctl("watch", "--json", "--count", "1").json() as? [String: Any])
         #expect((wj["datacenters"] as? [[String: Any]])?.count == 2)
         #expect(wj["leases"] as? Int == 1)
+        try cluster.release(dag: "dag", run: "long")
     }
 
     @Test("error paths: unreachable Redis or Postgres → exit 2 with one line; bad usage → 64")

@@ -47,6 +47,20 @@ def diag_args(opts, prefix):
                                  logdir=logdir, noop=opts.noop)
 
 
+PROXY_PORT_OFFSET = 2000
+
+
+def start_delay_proxy(srv, delay_ms):
+    """delayproxy.py in front of `srv`'s Redis and Postgres, on their ports + PROXY_PORT_OFFSET, `delay_ms` each
+    way; returns once it listens (terminate() it when done)."""
+    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "delayproxy.py"),
+                              str(srv.rport + PROXY_PORT_OFFSET), str(srv.rport), str(delay_ms),
+                              str(srv.pport + PROXY_PORT_OFFSET), str(srv.pport), str(delay_ms)],
+                             stdout=subprocess.PIPE, start_new_session=True)
+    proxy.stdout.readline()
+    return proxy
+
+
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
@@ -951,12 +965,8 @@ def main():
                 far = {"netns": NETNS, "host": HOST_IP}
             else:
                 # userspace delay proxy in front of Redis and Postgres (no netem in this kernel)
-                proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "delayproxy.py"),
-                                          str(srv.rport + 2000), str(srv.rport), str(args.delay_ms),
-                                          str(srv.pport + 2000), str(srv.pport), str(args.delay_ms)],
-                                         stdout=subprocess.PIPE, start_new_session=True)
-                proxy.stdout.readline()
-                far = {"port_offset": 2000}
+                proxy = start_delay_proxy(srv, args.delay_ms)
+                far = {"port_offset": PROXY_PORT_OFFSET}
                 r2 = redislib.Redis(host="127.0.0.1", port=srv.rport + 2000)
                 r2.ping()
                 ts = []

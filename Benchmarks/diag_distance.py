@@ -10,7 +10,7 @@ With --env-a/--env-b (or --bin-b), each round runs the worker once with each set
 two builds of behaviour can be compared on the same host minute. bench.py's `distance` is the comparison with
 Celery.
 """
-import os, subprocess, sys, time
+import os, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -27,11 +27,7 @@ args = bench.diag_args(a, "diag-distance")
 
 srv = bench.Servers(6493, 5493)
 srv.start()
-proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "delayproxy.py"),
-                          str(srv.rport + 2000), str(srv.rport), str(a.delay_ms),
-                          str(srv.pport + 2000), str(srv.pport), str(a.delay_ms)],
-                         stdout=subprocess.PIPE, start_new_session=True)
-proxy.stdout.readline()
+proxy = bench.start_delay_proxy(srv, a.delay_ms)
 try:
     pub = bench.Publisher(srv)
     ab = a.env_b or a.bin_b
@@ -43,7 +39,7 @@ try:
             os.environ.update(dict(kv.split("=", 1) for kv in env.split()))
             args.bin = binary
             t = bench.Tandem(srv, args, args.logdir)
-            far = {} if name == "loopback" else {"port_offset": 2000}
+            far = {} if name == "loopback" else {"port_offset": bench.PROXY_PORT_OFFSET}
             out = bench.throughput(srv, pub, t, a.conc, a.tasks, **far)
             os.environ.clear()
             os.environ.update(saved)

@@ -34,12 +34,7 @@ srv = bench.Servers(6491, 5491)
 srv.start()
 proxy = None
 if a.far_ms:
-    import subprocess
-    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "delayproxy.py"),
-                              str(srv.rport + 2000), str(srv.rport), str(a.far_ms),
-                              str(srv.pport + 2000), str(srv.pport), str(a.far_ms)],
-                             stdout=subprocess.PIPE, start_new_session=True)
-    proxy.stdout.readline()
+    proxy = bench.start_delay_proxy(srv, a.far_ms)
 try:
     pub = bench.Publisher(srv)
     t = bench.Tandem(srv, args, logdir)
@@ -49,7 +44,7 @@ try:
     srv.reset(t.db)
     pub.publish(a.tasks)
     c = srv.pg(t.db)
-    roots = t.start(a.conc, port_offset=2000 if proxy else 0)
+    roots = t.start(a.conc, port_offset=bench.PROXY_PORT_OFFSET if proxy else 0)
     wpid, dpid = roots["worker0"], roots["dispatcher"]
 
     def switches():

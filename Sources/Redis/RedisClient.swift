@@ -142,7 +142,12 @@ public final class RedisClient: Sendable {
         queue.async { core.connection = nil }
     }
 
-    deinit { stopWatcher() }
+    deinit {
+        stopWatcher()
+        // a loop-driven connection is held by its loop until dropped: without this an unclosed client's socket
+        // would stay open and registered for the life of the process
+        driven?.close()
+    }
 
     private func stopWatcher() {
         let (watcher, task) = state.withLock { s in

@@ -277,6 +277,23 @@ struct RedisClientTests {
         #expect(after?.code == .closed)
     }
 
+    /// A loop-driven client dropped without `close()` does not leave its socket open and registered with the loop.
+    @Test func droppedLoopClientClosesItsConnection() async throws {
+        let server = try await startRedis()
+        let observer = try redisClient(server.url)
+        defer { observer.close() }
+        func connections() async throws -> Int {
+            (try await observer.send(["CLIENT", "LIST"]).string ?? "").split(separator: "\n").count
+        }
+        let before = try await connections()
+        do {
+            let client = try redisClient(server.url, driver: .loop)
+            #expect(try await client.send(["PING"]) == .simpleString("PONG"))
+            #expect(try await connections() == before + 1)
+        }
+        #expect(try await eventually(.seconds(10)) { try await connections() == before })
+    }
+
     @Test(arguments: Driver.allCases) func unixSocket(driver: Driver) async throws {
         let dir = NSTemporaryDirectory() + "tandem-sock-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

@@ -50,6 +50,8 @@ final class LoopDrivenRedis: IOSource, @unchecked Sendable {
     /// Sent, in order; those before `head` are answered.
     private var inFlight: [Request] = []
     private var head = 0
+    /// The call whose replies come next.
+    private var awaiting: Request? { head < inFlight.count ? inFlight[head] : nil }
     private var writePending = false
     /// No new requests on this connection (READONLY, a new master): it is dropped once its answers are in.
     private var retiring = false
@@ -126,9 +128,8 @@ final class LoopDrivenRedis: IOSource, @unchecked Sendable {
         guard let connection else { return }
         do {
             if writePending { try flush(connection, during: inFlight.last?.commands[0] ?? []) }
-            let current = head < inFlight.count ? inFlight[head].current : []
-            try connection.readAvailable(during: current)
-            while let reply = try connection.nextReply(during: head < inFlight.count ? inFlight[head].current : []) {
+            try connection.readAvailable(during: awaiting?.current ?? [])
+            while let reply = try connection.nextReply(during: awaiting?.current ?? []) {
                 try deliver(reply)
             }
         } catch {
@@ -163,11 +164,11 @@ final class LoopDrivenRedis: IOSource, @unchecked Sendable {
         answered.done(.success(answered.replies))
     }
 
-    var deadline: ContinuousClock.Instant? { head < inFlight.count ? inFlight[head].deadline : nil }
+    var deadline: ContinuousClock.Instant? { awaiting?.deadline }
 
     func expire(now: ContinuousClock.Instant) {
-        guard head < inFlight.count, let d = inFlight[head].deadline, d <= now else { return }
-        let name = inFlight[head].current.first.map { String(decoding: $0, as: UTF8.self).uppercased() } ?? "command"
+        guard let late = awaiting, let d = late.deadline, d <= now else { return }
+        let name = late.current.first.map { String(decoding: $0, as: UTF8.self).uppercased() } ?? "command"
         let limit = configuration.commandTimeout.map { " within \($0.shortDescription)" } ?? ""
         broken(RedisError(
             code: .timeout,

@@ -42,8 +42,7 @@ public struct WorkerConfiguration: Sendable {
     /// Idle wait for work before polling again.
     public var idleWait: Duration = .milliseconds(500)
 
-    /// At least 16, and never fewer than the slots.
-    /// Enough for the results and acks of ~20 ms of tasks far from the servers: at 2.5 ms RTT a task's finishing
+    /// At least 64, and four per slot. Enough for the results and acks of ~20 ms of tasks far from the servers: at 2.5 ms RTT a task's finishing
     /// takes two or three round trips (its batch's commit, the ack), and with 16 at c=16 the worker stopped claiming
     /// on back-pressure alone (857 tasks/s; 1,043–1,137 with 64; Benchmarks/diag_switches.py --far-ms 1).
     public static func defaultMaxFinishing(concurrency: Int) -> Int { max(64, 4 * concurrency) }

@@ -150,7 +150,7 @@ struct SwiftWorker: AsyncParsableCommand {
         do {
             // claims and acks on the worker loop's own epoll (TANDEM_BROKER_ON_LOOP=0: a connection thread, as
             // before; kept for comparing the two in Benchmarks/diag_switches.py)
-            let onLoop = ProcessInfo.processInfo.environment["TANDEM_BROKER_ON_LOOP"] != "0"
+            let onLoop = setting(nil, env: "TANDEM_BROKER_ON_LOOP") != "0"
             let b = try await openBroker(
                 url: brokerURL, masterName: master, logger: logger, loop: onLoop ? WorkerLoop.shared : nil)
             let stores = try await openStores(

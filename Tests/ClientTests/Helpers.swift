@@ -21,6 +21,14 @@ func redisClient(
     return RedisClient(configuration: config, logger: quietLogger, loop: driver == .loop ? WorkerLoop.shared : nil)
 }
 
+/// The RedisError `call` threw, or nil when it succeeded.
+func redisError(_ call: () async throws -> Void) async -> RedisError? {
+    do {
+        try await call()
+        return nil
+    } catch { return error as? RedisError }
+}
+
 /// Polls `body` until it returns true or `timeout` passes.
 func eventually(_ timeout: Duration = .seconds(20), every: Duration = .milliseconds(100),
                 _ body: () async throws -> Bool) async throws -> Bool {

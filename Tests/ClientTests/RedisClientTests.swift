@@ -237,12 +237,7 @@ struct RedisClientTests {
         server.kill(signal: SIGSTOP)
         let errors = await withTaskGroup(of: RedisError?.self) { group in
             for i in 0..<8 {
-                group.addTask {
-                    do {
-                        _ = try await client.send(["INCR", "n\(i)"])
-                        return nil
-                    } catch { return error as? RedisError }
-                }
+                group.addTask { await redisError { _ = try await client.send(["INCR", "n\(i)"]) } }
             }
             var all: [RedisError?] = []
             for await e in group { all.append(e) }
@@ -263,12 +258,7 @@ struct RedisClientTests {
         try await client.connect()
         server.kill(signal: SIGSTOP)
         defer { server.kill(signal: SIGCONT) }
-        let call = Task { () -> RedisError? in
-            do {
-                _ = try await client.send(["PING"])
-                return nil
-            } catch { return error as? RedisError }
-        }
+        let call = Task { await redisError { _ = try await client.send(["PING"]) } }
         try await Task.sleep(for: .milliseconds(100))  // the PING is on the wire
         client.close()
         let error = await call.value

@@ -41,6 +41,10 @@ def diag_parser(tasks):
 def diag_args(opts, prefix):
     """What bench's System classes take, for a diagnostic script (diag_*.py) run from this tree with --bin and
     --noop: logs go to results/raw/<prefix>-<time>/."""
+    noop = os.path.join(HERE, "bin", opts.noop, "airflow")
+    if not os.access(noop, os.X_OK):
+        # without it every task fails with "airflow not found" and the script would wait for SUCCESS forever
+        sys.exit(f"{noop} is missing: run `Benchmarks/run --help` once, which builds the no-ops (needs gcc)")
     logdir = os.path.join(HERE, "results", "raw", prefix + "-" + time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(logdir, exist_ok=True)
     return types.SimpleNamespace(bin=os.path.abspath(opts.bin), noop_dir=os.path.join(HERE, "bin"), src=ROOT,

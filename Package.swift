@@ -127,7 +127,7 @@ let package = Package(
             name: "ObservabilityTests",
             dependencies: [
                 "Observability", "HTTPServer", "Setup", "Worker", "Dispatcher", "TandemCore", "CeleryWire", "Redis",
-                "TestSupport", .product(name: "Logging", package: "swift-log"),
+                "TandemRedis", "TestSupport", .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(

@@ -72,6 +72,8 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
     let busy: Gauge
     let loopStall: Gauge
     let slots: Gauge
+    let claimedAhead: Gauge
+    let aheadGivenBack: Counter
 
     public init(registry: MetricsRegistry = MetricsRegistry(), datacenter: String, workerID: String, slots total: Int,
         broker: BrokerHealth = BrokerHealth())
@@ -94,23 +96,32 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
             "tandem_worker_loop_stall_seconds",
             help: "How long the worker loop (which starts, reaps and records every task) has left a probe waiting; about 0 while it keeps up.")
         slots = r.gauge("tandem_worker_slots", help: "Task slots (concurrency).")
+        claimedAhead = r.gauge(
+            "tandem_worker_jobs_claimed_ahead",
+            help: "Jobs claimed ahead of a free slot (--claim-ahead): leased to this worker, not started yet.")
+        aheadGivenBack = r.counter(
+            "tandem_worker_claimed_ahead_given_back_total",
+            help: "Jobs claimed ahead that waited past the hold limit (2 s) for a slot and went back to the front of their queue for any worker.")
         let info = r.gauge("tandem_worker_info", help: "This worker's datacenter and id (always 1).", labels: ["dc", "worker"])
         info.set([datacenter, workerID], 1)
         slots.set(Double(total))
         busy.set(0)
         loopStall.set(0)
-        for c in [renewals, refusals, redisErrors, postgresErrors] { c.touch() }
+        claimedAhead.set(0)
+        for c in [renewals, refusals, redisErrors, postgresErrors, aheadGivenBack] { c.touch() }
         claimed.touch([datacenter])
         r.gauge("tandem_process_start_time_seconds", help: "Start time of the process (Unix seconds).")
             .set(Date().timeIntervalSince1970.rounded())
         registerConnectionStats(r)
     }
 
-    /// Reads busy slots and the phase from the runtime at every scrape (the hooks report busy only when a slot frees).
+    /// Reads busy slots, jobs claimed ahead and the phase from the runtime at every scrape (the hooks report busy only
+    /// when a slot frees).
     public func collect(from runtime: WorkerRuntime) {
         let phaseGauge = registry.gauge("tandem_worker_phase", help: "1 for the worker's phase (running, draining, stopped).", labels: ["phase"])
-        registry.onCollect { [busy] in
+        registry.onCollect { [busy, claimedAhead] in
             busy.set(Double(runtime.busy))
+            claimedAhead.set(Double(runtime.claimedAhead))
             let p = runtime.phase
             phaseGauge.replace(Dictionary(uniqueKeysWithValues: [WorkerStatus.State.running, .draining, .stopped].map {
                 ([$0.rawValue], $0 == p ? 1.0 : 0.0)
@@ -148,6 +159,7 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
     public func storeError() { postgresErrors.inc() }
 
     public func loopStalled(seconds: Double) { loopStall.set(seconds) }
+    public func claimedAheadGivenBack(count: Int) { aheadGivenBack.inc(by: Double(count)) }
 
     public func slotsBusy(_ busy: Int, of total: Int) {
         self.busy.set(Double(busy))

@@ -24,6 +24,8 @@ public protocol WorkerObserver: Sendable {
     func slotsBusy(_ busy: Int, of total: Int)
     /// How long the worker loop has left a probe waiting (0 while it keeps up; see `WorkerLoop.probe`).
     func loopStalled(seconds: Double)
+    /// Jobs claimed ahead waited past the hold limit for a slot and went back to the front of their queue.
+    func claimedAheadGivenBack(count: Int)
 }
 
 extension WorkerObserver {
@@ -37,6 +39,7 @@ extension WorkerObserver {
     public func storeError() {}
     public func slotsBusy(_ busy: Int, of total: Int) {}
     public func loopStalled(seconds: Double) {}
+    public func claimedAheadGivenBack(count: Int) {}
 }
 
 /// An observer that records nothing.

@@ -171,6 +171,8 @@ public final class WorkerRuntime: Sendable {
     public var busy: Int { state.withLock { $0.running } }
     /// Jobs this worker holds a lease on: running, plus those whose result is being recorded.
     public var held: Int { state.withLock { $0.slots.count } }
+    /// Jobs claimed ahead of a free slot (`--claim-ahead`), leased to this worker but not started yet.
+    public var claimedAhead: Int { state.withLock { $0.slots.values.filter(\.waiting).count } }
 
     func status() -> WorkerStatus {
         state.withLock { s in
@@ -416,6 +418,7 @@ public final class WorkerRuntime: Sendable {
                 logger.info("job \(job.jobID) held ahead for \(limit) behind running tasks; putting it back for any worker")
                 count("held_given_back")
             }
+            if !stale.isEmpty { observer.claimedAheadGivenBack(count: stale.count) }
             await giveBackHeld(stale, why: "held \(limit) behind running tasks")
         }
     }

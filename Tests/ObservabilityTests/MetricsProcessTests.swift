@@ -2,6 +2,7 @@ import CeleryWire
 import Foundation
 import Logging
 import Redis
+import TandemRedis
 import Testing
 import TestSupport
 
@@ -120,6 +121,46 @@ struct MetricsProcessTests {
             #expect(l["dc"] == "east" && l["queue"] == "default" && l["attempt"] == "1" && l["job"] != nil, "\(l)")
             #expect(l["level"] != nil && l["msg"] != nil && l["ts"] != nil && l["worker"] == "east-1")
         }
+    }
+
+    @Test("--claim-ahead: a job held behind a long task shows in tandem_worker_jobs_claimed_ahead, and its give-back after the hold limit in tandem_worker_claimed_ahead_given_back_total")
+    func claimedAheadGaugeAndGiveBacks() async throws {
+        let wport = freeLoopbackPort()
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        // no dispatcher: it would not prefetch behind a slow task, so jobs go straight into east's queue
+        let warm = try await submit(task: "ok", run: "warm")
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
+        // claiming ahead starts once the worker has seen its tasks run shorter than --claim-ahead-max-run
+        try cluster.startWorker(
+            dc: "east", name: "east-1",
+            extra: ["--concurrency", "1", "--claim-ahead", "1", "--claim-ahead-max-run", "60000", "--metrics-port", String(wport)])
+        let warmed = try await eventually(timeout: .seconds(30)) {
+            guard let m = try? await get(port: wport, "/metrics").body else { return false }  // not listening yet
+            return total(m, "tandem_tasks_total", where: ["outcome": "SUCCESS"]) == 1
+        }
+        #expect(warmed, "\(cluster.logs()) \(warm)")
+        let before = try await scrape(wport)
+        #expect(sample(before, "tandem_worker_jobs_claimed_ahead") == 0)
+        #expect(sample(before, "tandem_worker_claimed_ahead_given_back_total") == 0)
+
+        try await submit(task: "hold", run: "ahead")
+        try await submit(task: "ok", run: "ahead")
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        // the hold runs and the ok waits, claimed ahead, until the 2 s hold limit gives it back
+        let heldAhead = try await eventually(timeout: .seconds(30)) {
+            let m = try await scrape(wport)
+            return sample(m, "tandem_worker_slots_busy") == 1 && sample(m, "tandem_worker_jobs_claimed_ahead") == 1
+        }
+        #expect(heldAhead, "\(cluster.logs())")
+        let givenBack = try await eventually(timeout: .seconds(30)) {
+            let m = try await scrape(wport)
+            return sample(m, "tandem_worker_claimed_ahead_given_back_total") == 1
+                && sample(m, "tandem_worker_jobs_claimed_ahead") == 0
+        }
+        #expect(givenBack, "\(cluster.logs())")
+        #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 1, "back in its queue")
+        try cluster.release(dag: "dag", run: "ahead")
     }
 
     @Test("/readyz answers 503 with a reason once Redis is gone; /healthz stays 200")

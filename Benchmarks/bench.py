@@ -52,6 +52,8 @@ def diag_args(opts, prefix):
 
 
 PROXY_PORT_OFFSET = 2000
+# the backlog scenario's concurrency; a backlog no larger than this runs all at once and has no steady rate
+BACKLOG_SLOTS = 16
 
 
 def start_delay_proxy(srv, delay_ms):
@@ -952,11 +954,11 @@ def main():
                         srv.reset(s.db)
                         pub.preload(b)
                         c = srv.pg(s.db)
-                        s.start(16)
+                        s.start(BACKLOG_SLOTS)
                         wait_success(s, c, k, timeout=300)
-                        # fewer tasks than the 16 slots run side by side: first-to-last date_done is then their
-                        # spread (a group commit lands them together), not a rate — reported as nan
-                        rate = first_last_rate(c, k) if k > 16 else float("nan")
+                        # no more tasks than slots run side by side: first-to-last date_done is then their spread
+                        # (a group commit lands them together), not a rate — reported as nan
+                        rate = first_last_rate(c, k) if k > BACKLOG_SLOTS else float("nan")
                         s.stop()
                         c.close()
                         log(f"  {s.name} backlog {b}: first {k} done at {rate:.1f} tasks/s")

@@ -41,7 +41,7 @@ fig.savefig(os.path.join(out, "throughput.png"), dpi=90)
 bs = sorted(int(k.split("/b")[-1]) for k in res if k.startswith("scripts/b"))
 if bs:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    rated = [b for b in bs if b > 16]  # fewer tasks than the 16 slots have no steady rate (bench.py reports nan)
+    rated = [b for b in bs if b > 16]  # no more tasks than bench.py's BACKLOG_SLOTS (16): no steady rate (it reports nan)
     for sysname, color in (("celery", "tab:green"), ("tandem", "tab:blue")):
         a1.plot(rated, [res.get(f"backlog/{sysname}/b{b}", {}).get("rate") for b in rated], "o-", color=color, label=sysname)
     a1.set_xscale("log")

@@ -326,7 +326,9 @@ struct RunnerTests {
         let log = worker.log()
         #expect(log.contains("(attempt 1 of 3)") && log.contains("(attempt 2 of 3)") && !log.contains("(attempt 3 of 3)"), "\(log)")
         #expect(log.contains("task could not start"), "the third attempt is recorded as failed: \(log)")
-        #expect(try await redis.send(["ZCARD", "{tandem}:leases"]).int == 0, "the failed job was acked")
+        // the ack follows the durable FAILURE (result first, then the lease goes), so it may land a moment later
+        let acked = try await eventually(timeout: .seconds(20)) { try await redis.send(["ZCARD", "{tandem}:leases"]).int == 0 }
+        #expect(acked, "the failed job was never acked: \(worker.log())")
     }
 
     static func workload(task: String) -> String {

@@ -94,8 +94,8 @@ struct ChaosTests {
         }
 
         /// A dispatcher on the real Redis and one worker (c=2, long renewals) whose broker connections go through
-        /// a proxy that drops replies starting with `replyPrefix`; then `rounds` times: arm, submit one quick task,
-        /// wait for the cut. Returns the proxy and the task ids.
+        /// a proxy that drops replies starting with `replyPrefix`; then, until `rounds` replies were cut: arm, submit
+        /// one quick task, wait for it to finish. Returns the proxy and the task ids.
         func cutRedisReplies(_ replyPrefix: String, rounds: Int, prefix: String) async throws -> (ReplyCuttingProxy, [String]) {
             let proxy = try ReplyCuttingProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: Array(replyPrefix.utf8)))
             try cluster.startDispatcher(extra: ChaosTests.dispatcherFlags)
@@ -104,12 +104,23 @@ struct ChaosTests {
             try cluster.startWorker(dc: "east", name: "east-1", extra: ["--lease-ttl", "30", "--renew-every", "10", "--concurrency", "2"])
             try await Task.sleep(for: .seconds(2))
             var ids: [String] = []
-            for i in 0..<rounds {
+            // one task per round until `rounds` replies were cut: a reply that shares a read with another (the
+            // worker pipelines its calls; it happens under load) does not start with the prefix and passes, and
+            // that round's task simply finishes — another round follows, up to twice as many as asked for
+            var round = 0
+            while proxy.cuts < rounds && round < 2 * rounds {
+                let before = proxy.cuts
                 proxy.arm()
-                ids += try await submit(1, task: "ok", prefix: "\(prefix)\(i)-")
-                let cut = try await eventually(timeout: .seconds(30)) { proxy.cuts == i + 1 }
-                #expect(cut, "the proxy never saw a reply to cut (round \(i)): \(cluster.logs())")
+                let id = try await submit(1, task: "ok", prefix: "\(prefix)\(round)-")
+                ids += id
+                round += 1
+                _ = try await eventually(timeout: .seconds(30)) {
+                    if proxy.cuts > before { return true }
+                    return try await finalStates(id).count == 1
+                }
+                _ = try await eventually(timeout: .seconds(30)) { (try await finalStates(id).count) == 1 }
             }
+            #expect(proxy.cuts == rounds, "the proxy cut \(proxy.cuts) of \(rounds) replies in \(round) round(s): \(cluster.logs())")
             return (proxy, ids)
         }
         func finalStates(_ ids: [String]) async throws -> [String: String] {
@@ -433,11 +444,13 @@ struct ChaosTests {
         var report = ChaosReport(scenario: "redis-ack-reply-lost")
         try await h.settle(ids, &report)
         let fenced = try await h.pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE event = 'fenced'")
+        // (a renewal of one lease has the same reply as an ack of one job, so a cut may also hit one; its retry
+        // renews again and the lease goes with the ack)
+        _ = try await eventually(timeout: .seconds(20)) { try await h.redis.send(["ZCARD", "{tandem}:leases"]).int == 0 }
         let leased = try await h.redis.send(["ZCARD", "{tandem}:leases"]).int ?? -1
         let starts = h.cluster.taskEvents().filter { $0.event == "start" && $0.key.contains(".ackcut") }.count
         report.notes.append("ack replies cut: \(proxy.cuts); fenced events: \(fenced.rows.first?.int("n") ?? -1); leases left: \(leased)")
         report.publish()
-        #expect(proxy.cuts == ids.count)
         #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
         #expect(starts == ids.count, "every task runs once: \(h.cluster.taskEvents())")
         #expect(fenced.rows.first?.int("n") == 0, "an ack that landed is not a reclaimed lease: \(h.cluster.logs())")
@@ -461,7 +474,6 @@ struct ChaosTests {
         let starts = h.cluster.taskEvents().filter { $0.event == "start" && $0.key.contains(".claimcut") }.count
         report.notes.append("claim replies cut: \(proxy.cuts); most attempts of a task: \(most)")
         report.publish()
-        #expect(proxy.cuts == ids.count)
         #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
         #expect(most == 1, "a job whose claim reply was lost must run under that claim, not after its lease expired")
         #expect(attempts.rows.first?.int("n") == Int64(ids.count))

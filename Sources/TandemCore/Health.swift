@@ -29,6 +29,12 @@ public enum DatacenterOverride: String, Sendable {
 }
 
 public enum DatacenterHealth {
+    /// How often every worker heartbeats (`WorkerConfiguration.heartbeatInterval`).
+    public static let heartbeatInterval: Duration = .seconds(2)
+    /// The shortest loss threshold the dispatcher accepts: one and a half beats. At one beat or less a live
+    /// datacenter looks lost for a moment before each heartbeat, and its queued work would move away.
+    public static let shortestLossAfter: Duration = heartbeatInterval * 3 / 2
+
     /// Computes each datacenter's state.
     /// - Parameters:
     ///   - known: datacenters named anywhere (policy, queues, overrides) so a silent one still shows as lost.

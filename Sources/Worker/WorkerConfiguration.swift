@@ -1,4 +1,5 @@
 import Foundation
+import TandemCore
 
 /// Everything a worker needs to know; `swift-worker` fills it from flags, then the environment, then defaults.
 public struct WorkerConfiguration: Sendable {
@@ -10,7 +11,7 @@ public struct WorkerConfiguration: Sendable {
     /// Lease length; a lease not renewed for this long may be reclaimed by another datacenter's dispatcher.
     public var leaseTTL: Duration = .seconds(30)
     public var renewInterval: Duration = .seconds(10)
-    public var heartbeatInterval: Duration = .seconds(2)
+    public var heartbeatInterval: Duration = DatacenterHealth.heartbeatInterval
     /// How long SIGTERM waits for running tasks before they are stopped and put back.
     public var shutdownGrace: Duration = .seconds(60)
     /// After SIGTERM to a task's process group, how long before SIGKILL.

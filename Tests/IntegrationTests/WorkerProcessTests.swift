@@ -167,6 +167,18 @@ struct WorkerProcessTests {
         #expect(d.log().contains("--prefetch-window and --prefetch-limit cannot be negative"), "\(d.log())")
     }
 
+    @Test("a loss threshold under a heartbeat and a half is refused at start-up, saying the least to use")
+    func lossThresholdBelowTheHeartbeatRefused() async throws {
+        let d = try cluster.startDispatcher(extra: ["--dc-loss-after", "2"])
+        let code = await d.waitForExit(timeout: .seconds(20))
+        #expect(code == 64, "\(d.log())")
+        #expect(d.log().contains("--dc-loss-after 2 is too short: workers heartbeat every 2 s"), "\(d.log())")
+        #expect(d.log().contains("Use at least 3"), "\(d.log())")
+        let ok = try cluster.startDispatcher(extra: ["--dc-loss-after", "3", "--id", "d-3"])
+        let leading = try await eventually(timeout: .seconds(20)) { ok.log().contains("leading with epoch") }
+        #expect(leading, "3 s (the least) is accepted: \(ok.log())")
+    }
+
     @Test("a job already queued behind a datacenter's busy slot moves to the other datacenter's idle slot")
     func queuedJobsMoveToIdleSlots() async throws {
         var dispatcher = try cluster.startDispatcher()
@@ -601,7 +613,7 @@ struct WorkerProcessTests {
         let policy = cluster.dir + "/policy.yaml"
         try "queues: {reports: {pin: east, fallback: west}, audit: {pin: east}, default: {spread: [east, west]}}\n"
             .write(toFile: policy, atomically: true, encoding: .utf8)
-        try cluster.startDispatcher(extra: ["--policy", policy, "--dc-loss-after", "2", "--leader-lease", "2"])
+        try cluster.startDispatcher(extra: ["--policy", policy, "--dc-loss-after", "3", "--leader-lease", "2"])
         let flags = ["--queues", "default,reports,audit", "--lease-ttl", "4", "--renew-every", "1"]
         let east = try cluster.startWorker(dc: "east", name: "east-1", extra: flags)
         try cluster.startWorker(dc: "west", name: "west-1", extra: flags)
@@ -620,7 +632,12 @@ struct WorkerProcessTests {
 
         // east lost: reports falls back to west; audit (no fallback) waits in its ingress list
         east.signal(SIGKILL)
-        try await Task.sleep(for: .seconds(4))
+        let inspector = BrokerInspector(client: redis)
+        let eastLost = try await eventually(timeout: .seconds(30)) {
+            try await inspector.datacenters(lossAfterMs: 3000).first { $0.name == "east" }?.status == .lost
+        }
+        #expect(eastLost, "\(cluster.logs())")
+        try await Task.sleep(for: .seconds(1))  // the dispatcher's own look at the heartbeats comes within a second
         var r2: [String] = [], a2: [String] = []
         for i in 0..<3 { r2.append(try await submit(task: "ok", run: "r2-\(i)", queue: "reports")) }
         for i in 0..<2 { a2.append(try await submit(task: "ok", run: "a2-\(i)", queue: "audit")) }
@@ -641,7 +658,6 @@ struct WorkerProcessTests {
         #expect(try await dcs(r3) == ["east"], "pin with fallback hands back once its datacenter is alive")
 
         // maintenance: dc drain east — new default work goes to west only; restore brings east back
-        let inspector = BrokerInspector(client: redis)
         try await inspector.setOverride("east", .drain)
         try await Task.sleep(for: .seconds(1))
         var d: [String] = []

@@ -51,7 +51,7 @@ struct InteropTests {
         #expect(starts.map(\.key).sorted() == ["interop.fail.cmd-fail", "interop.ok.cmd-ok"], "\(events)")
         #expect(Set(starts.map(\.executorID)) == [ids[0], ids[1]])
         // Airflow 3: the stand-in ran each workload once, called exactly as execute_workload must be.
-        try env.expectWorkloadsRan(["interop.ok.wl-ok", "interop.fail.wl-fail"], token: token)
+        try await env.expectWorkloadsRan(["interop.ok.wl-ok", "interop.fail.wl-fail"], token: token)
     }
 
     @Test(
@@ -125,7 +125,7 @@ struct InteropTests {
         #expect(states == [ids[0]: "SUCCESS", ids[1]: "FAILURE", ids[2]: "SUCCESS"],
             "\(states)\n\(env.fakeLog())\n\(env.cluster.logs())")
         try await env.expectRecorded(ids: ids, states: states)
-        try env.expectWorkloadsRan(["interop.ok.prov-ok", "interop.fail.prov-fail", "interop.ok.send-ok"], token: token)
+        try await env.expectWorkloadsRan(["interop.ok.prov-ok", "interop.fail.prov-fail", "interop.ok.send-ok"], token: token)
 
         // The scheduler's read-back: CeleryExecutor().bulk_state_fetcher.get_many, then update_task_state.
         var asked = published.map { p -> [String: Any] in
@@ -439,8 +439,12 @@ final class InteropCluster: @unchecked Sendable {
                 let ttl = try await results.send(["TTL", key]).int ?? -2
                 #expect(ttl > 0, "results expire like Celery's (SETEX): TTL \(ttl)", sourceLocation: sourceLocation)
             }
-            let l = try await pg.query(
-                "SELECT datacenter, attempts, outcome FROM tandem_tasks WHERE task_id = $1", [.text(id)])
+            // with the Redis backend the result is stored first and the ledger's end follows in Postgres
+            let ledgerSQL = "SELECT datacenter, attempts, outcome FROM tandem_tasks WHERE task_id = $1"
+            _ = try await eventually(timeout: .seconds(20)) {
+                try await pg.query(ledgerSQL, [.text(id)]).rows.first?.string("outcome") != nil
+            }
+            let l = try await pg.query(ledgerSQL, [.text(id)])
             let row = try #require(l.rows.first, "no ledger row for \(id)", sourceLocation: sourceLocation)
             #expect(row.string("datacenter") == "east", sourceLocation: sourceLocation)
             #expect(row.int("attempts") == 1, sourceLocation: sourceLocation)
@@ -450,7 +454,9 @@ final class InteropCluster: @unchecked Sendable {
 
     /// The Airflow 3 stand-in ran exactly these workloads (dag.task.run), each once, with no failed check; the
     /// JWT never reached the worker's log; no workload file (it holds the JWT) is left behind.
-    func expectWorkloadsRan(_ keys: [String], token: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    func expectWorkloadsRan(_ keys: [String], token: String, sourceLocation: SourceLocation = #_sourceLocation)
+        async throws
+    {
         let events = cluster.taskEvents()
         #expect(!events.contains { $0.event == "BADCALL" }, "the worker called python wrongly:\n\(fakeLog())",
             sourceLocation: sourceLocation)
@@ -458,8 +464,13 @@ final class InteropCluster: @unchecked Sendable {
             sourceLocation: sourceLocation)
         #expect(!cluster.logs().contains(token), "the workload token leaked into a Tandem log",
             sourceLocation: sourceLocation)
-        let left = (try? FileManager.default.contentsOfDirectory(atPath: workDir)) ?? []
-        #expect(left.filter { $0.hasPrefix("workload-") }.isEmpty, "workload files left behind: \(left)",
+        // a spawned task's workload file is removed after its result and ack, so it may outlive the result briefly
+        let workloadFiles = {
+            ((try? FileManager.default.contentsOfDirectory(atPath: self.workDir)) ?? []).filter { $0.hasPrefix("workload-") }
+        }
+        _ = try await eventually(timeout: .seconds(20)) { workloadFiles().isEmpty }
+        let left = workloadFiles()
+        #expect(left.isEmpty, "workload files left behind: \(left)",
             sourceLocation: sourceLocation)
     }
 }

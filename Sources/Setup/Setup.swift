@@ -179,10 +179,14 @@ public final class SignalHandlers: @unchecked Sendable {
         for sig in [SIGTERM, SIGINT] {
             signal(sig, SIG_IGN)
             let src = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-            src.setEventHandler { [unowned self] in
+            src.setEventHandler { [unowned self, src] in  // (src keeps itself alive: one per signal, for the process lifetime)
+                // signals that arrive before the handler runs are coalesced into one call; `data` counts them, so
+                // two quick SIGTERMs are still a second SIGTERM
+                let count = max(1, Int(src.data))
                 if sig == SIGTERM && self.terms == 0 {
-                    self.terms += 1
+                    self.terms += count
                     graceful()
+                    if count > 1 { immediate() }
                 } else {
                     immediate()
                 }

@@ -25,10 +25,10 @@ struct PidboxTests {
             app.control.revoke(sys.argv[3], terminate=True, signal="SIGKILL")
             app.control.revoke(sys.argv[4])
             print("sent")
-        elif cmd == "ping":
-            print(json.dumps(app.control.ping(timeout=2.0)))
+        elif cmd == "ping":  # limit=1: back on the one reply; the long timeout is for a busy machine
+            print(json.dumps(app.control.ping(timeout=15.0, limit=1)))
         elif cmd == "inspect":
-            print(json.dumps(app.control.inspect(timeout=2.0).ping()))
+            print(json.dumps(app.control.inspect(timeout=15.0, limit=1).ping()))
         elif cmd == "inspect-other":
             print(json.dumps(app.control.inspect(timeout=1.0, destination=["celery@nowhere"]).ping()))
         """

@@ -185,7 +185,12 @@ struct ExecutorctlTests {
         let ran = try await eventually(timeout: .seconds(30)) { try await ctl("task", sid[0]).out.contains("SUCCESS") }
         #expect(ran, "\(cluster.logs())")
 
-        // watch: frames one after another without a terminal; --json one object per frame
+        // watch: frames one after another without a terminal; --json one object per frame (first, r2's ack —
+        // which follows its SUCCESS — has landed, leaving the held task's lease alone)
+        let oneLease = try await eventually(timeout: .seconds(20)) {
+            (try await ctl("watch", "--json", "--count", "1").json() as? [String: Any])?["leases"] as? Int == 1
+        }
+        #expect(oneLease, "\(cluster.logs())")
         let watch = try await ctl("watch", "--count", "2", "--interval", "0.2")
         #expect(watch.code == 0, "\(watch)")
         #expect(watch.out.components(separatedBy: "tandem watch").count == 3, "two frames:\n\(watch)")

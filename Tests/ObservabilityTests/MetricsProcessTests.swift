@@ -65,6 +65,9 @@ struct MetricsProcessTests {
             return total(t, "tandem_tasks_total", where: ["outcome": "SUCCESS"]) == Double(n)
                 && total(t, "tandem_tasks_total", where: ["outcome": "FAILURE"]) >= 1
                 && total(t, "tandem_dead_letters_total") == 1
+                // the held task is claimed last (after the junk frees a slot), and a task's histograms follow its count
+                && sample(t, "tandem_worker_slots_busy") == 1
+                && sample(t, "tandem_task_queue_wait_seconds_count", ["dc": "east", "queue": "default"]) == Double(n + 1)
         }
         #expect(done, "\(cluster.logs())")
         let w = try await scrape(wport)
@@ -159,7 +162,11 @@ struct MetricsProcessTests {
                 && sample(m, "tandem_worker_jobs_claimed_ahead") == 0
         }
         #expect(givenBack, "\(cluster.logs())")
-        #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 1, "back in its queue")
+        // the counter moves as the give-back starts; the job reaches its queue a round trip later
+        let backInQueue = try await eventually(timeout: .seconds(20)) {
+            try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 1
+        }
+        #expect(backInQueue, "the held job was never back in its queue: \(cluster.logs())")
         try cluster.release(dag: "dag", run: "ahead")
     }
 

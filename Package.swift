@@ -132,7 +132,9 @@ let package = Package(
         ),
         .testTarget(
             name: "ExecutorctlTests",
-            dependencies: ["CeleryWire", "Redis", "Postgres", "TestSupport", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "CeleryWire", "Redis", "Postgres", "TandemRedis", "TestSupport", .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "AirflowTests",

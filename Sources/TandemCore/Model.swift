@@ -72,14 +72,17 @@ public struct WorkerStatus: Sendable, Hashable {
     public var queues: [String]
     public var hostname: String
     public var pid: Int32
+    /// Jobs with a started task (running, or ended with its result being recorded).
     public var runningJobs: [String]
+    /// Jobs claimed ahead of a free slot (`--claim-ahead`): leased to this worker, not started yet.
+    public var aheadJobs: [String]
     public var state: State
     /// Redis time of the last heartbeat (ms); filled in when read back.
     public var lastSeenMs: Int64
 
     public init(
         workerID: String, datacenter: String, slots: Int, busy: Int, queues: [String], hostname: String,
-        pid: Int32, runningJobs: [String], state: State, lastSeenMs: Int64 = 0
+        pid: Int32, runningJobs: [String], aheadJobs: [String] = [], state: State, lastSeenMs: Int64 = 0
     ) {
         self.workerID = workerID
         self.datacenter = datacenter
@@ -89,6 +92,7 @@ public struct WorkerStatus: Sendable, Hashable {
         self.hostname = hostname
         self.pid = pid
         self.runningJobs = runningJobs
+        self.aheadJobs = aheadJobs
         self.state = state
         self.lastSeenMs = lastSeenMs
     }

@@ -26,6 +26,7 @@ public struct BrokerInspector: Sendable {
                     queues: (h["queues"] ?? "").split(separator: ",").map(String.init),
                     hostname: h["hostname"] ?? "", pid: Int32(h["pid"] ?? "") ?? 0,
                     runningJobs: (h["running"] ?? "").split(separator: ",").map(String.init),
+                    aheadJobs: (h["ahead"] ?? "").split(separator: ",").map(String.init),
                     state: WorkerStatus.State(rawValue: h["state"] ?? "") ?? .running, lastSeenMs: seen))
         }
         return out

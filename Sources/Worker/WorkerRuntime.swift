@@ -179,7 +179,9 @@ public final class WorkerRuntime: Sendable {
             WorkerStatus(
                 workerID: configuration.workerID, datacenter: configuration.datacenter,
                 slots: configuration.concurrency, busy: s.running, queues: configuration.queues,
-                hostname: configuration.hostname, pid: getpid(), runningJobs: Array(s.slots.keys), state: s.phase)
+                hostname: configuration.hostname, pid: getpid(),
+                runningJobs: s.slots.filter { !$0.value.waiting }.map(\.key),
+                aheadJobs: s.slots.filter { $0.value.waiting }.map(\.key), state: s.phase)
         }
     }
 

@@ -87,7 +87,7 @@ struct Queues: AsyncParsableCommand {
 }
 
 struct Workers: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, last heartbeat.")
+    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, jobs claimed ahead (leased, not started), last heartbeat.")
     @OptionGroup var common: Common
     func run() async throws {
         try await common.withInspector { i in
@@ -97,16 +97,20 @@ struct Workers: AsyncParsableCommand {
             printJSON(ws.map {
                 ["worker": $0.workerID, "datacenter": $0.datacenter, "slots": $0.slots, "busy": $0.busy,
                  "queues": $0.queues, "hostname": $0.hostname, "pid": Int($0.pid), "state": $0.state.rawValue,
-                 "last_heartbeat_ms_ago": now - $0.lastSeenMs, "running_jobs": $0.runningJobs] as [String: Any]
+                 "last_heartbeat_ms_ago": now - $0.lastSeenMs, "running_jobs": $0.runningJobs,
+                 "claimed_ahead_jobs": $0.aheadJobs] as [String: Any]
             })
         } else {
             printTable(
-                ["WORKER", "DATACENTER", "BUSY/SLOTS", "QUEUES", "STATE", "LAST HEARTBEAT"],
-                ws.map { [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"] }
+                ["WORKER", "DATACENTER", "BUSY/SLOTS", "AHEAD", "QUEUES", "STATE", "LAST HEARTBEAT"],
+                ws.map {
+                    [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", String($0.aheadJobs.count),
+                     $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"]
+                }
             ) { row, col, text in
-                if col == 4 { return Style.state(text) }
+                if col == 5 { return Style.state(text) }
                 // silent past the default loss threshold: probably dead
-                if col == 5 && now - ws[row].lastSeenMs > 15_000 { return Style.red }
+                if col == 6 && now - ws[row].lastSeenMs > 15_000 { return Style.red }
                 return nil
             }
         }

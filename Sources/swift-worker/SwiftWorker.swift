@@ -57,8 +57,12 @@ struct SwiftWorker: AsyncParsableCommand {
     var claimAhead: Int?
     @Option(
         name: .customLong("claim-ahead-max-run"),
-        help: "Claim ahead only while this worker's recent tasks ran shorter than this many milliseconds; a job held longer than 2 s goes back to its queue (env TANDEM_CLAIM_AHEAD_MAX_RUN_MS; default 50).")
+        help: "Claim ahead only while this worker's recent tasks ran shorter than this many milliseconds (env TANDEM_CLAIM_AHEAD_MAX_RUN_MS; default 50).")
     var claimAheadMaxRun: Double?
+    @Option(
+        name: .customLong("claim-ahead-hold"),
+        help: "Seconds a job claimed ahead may wait for a slot (its slot's task turned out long) before it goes back to the front of its queue for any worker (env TANDEM_CLAIM_AHEAD_HOLD; default 2).")
+    var claimAheadHold: Double?
     @Option(name: .customLong("airflow"), help: "The airflow executable for Airflow 2 commands (default: 'airflow' on PATH).")
     var airflowExecutable: String = "airflow"
     @Option(help: "Python interpreter with Airflow installed, for Airflow 3 workloads (env TANDEM_PYTHON; default python3).")
@@ -126,6 +130,10 @@ struct SwiftWorker: AsyncParsableCommand {
         guard aheadMaxRun > 0 else {
             throw ValidationError("--claim-ahead-max-run must be more than 0 ms (\(aheadMaxRun) given); --claim-ahead 0 turns claiming ahead off")
         }
+        let aheadHold = try Self.number(claimAheadHold, env: "TANDEM_CLAIM_AHEAD_HOLD") ?? 2
+        guard aheadHold > 0 else {
+            throw ValidationError("--claim-ahead-hold must be more than 0 seconds (\(aheadHold) given); --claim-ahead 0 turns claiming ahead off")
+        }
         if let maxFinishing, maxFinishing < 1 {
             throw ValidationError("--max-finishing must be at least 1 (\(maxFinishing) would never claim); leave it out for the default")
         }
@@ -187,6 +195,7 @@ struct SwiftWorker: AsyncParsableCommand {
             if let maxFinishing { config.maxFinishing = maxFinishing }
             config.claimAhead = ahead
             config.claimAheadMaxRun = .milliseconds(aheadMaxRun)
+            config.claimAheadHoldLimit = .milliseconds(Int64(aheadHold * 1000))
             let pidbox = PidboxService(
                 configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
                 logger: logger)

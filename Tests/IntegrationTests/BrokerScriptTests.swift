@@ -351,11 +351,12 @@ struct BrokerScriptTests {
     func heartbeat() async throws {
         let s = WorkerStatus(
             workerID: "east@h:1", datacenter: "east", slots: 8, busy: 3, queues: ["default", "reports"], hostname: "h",
-            pid: 1, runningJobs: ["1", "2", "3"], state: .running)
+            pid: 1, runningJobs: ["1", "2", "3"], aheadJobs: ["4"], state: .running)
         let now = try await broker.heartbeat(s, ttlSeconds: 60)
         let ws = try await BrokerInspector(client: broker.client).workers()
         #expect(ws.count == 1)
         #expect(ws[0].lastSeenMs == now)
+        #expect(ws[0].runningJobs == ["1", "2", "3"] && ws[0].aheadJobs == ["4"])
         #expect(ws[0].busy == 3 && ws[0].slots == 8 && ws[0].queues == ["default", "reports"])
         let dcs = try await BrokerInspector(client: broker.client).datacenters(lossAfterMs: 15000, known: ["west"])
         #expect(dcs.map(\.name) == ["east", "west"])

@@ -411,7 +411,8 @@ struct WorkerProcessTests {
 
     @Test("--claim-ahead 1: with its one slot busy the worker holds one more job, unstarted; at SIGTERM that job goes back to the front of its queue at once (not after its lease); each task runs once")
     func claimAheadGivesBackAtShutdown() async throws {
-        let (w, held, next) = try await holdOneBehindALongTask(run: "ah")
+        // a long hold limit: what gives the job back here must be the SIGTERM, however slow the machine
+        let (w, held, next) = try await holdOneBehindALongTask(run: "ah", holdLimit: 60)
         let eastQueue = Keys.queue(datacenter: "east", queue: "default")
         #expect(try await redis.send(["LLEN", eastQueue]).int == 0)
         #expect(cluster.taskEvents().filter { $0.event == "start" && $0.key.hasSuffix(".ah") }.count == 1, "the job claimed ahead must not start while the slot is busy")
@@ -438,13 +439,15 @@ struct WorkerProcessTests {
     /// a `hold` task running and an `ok` task claimed ahead behind it. Jobs go straight into east's queue (no
     /// dispatcher: a slow task gets no prefetch, so the dispatcher would keep the second in the ingress list).
     /// Returns the worker and the two task ids.
-    func holdOneBehindALongTask(run: String) async throws -> (TandemProcess, hold: String, next: String) {
+    func holdOneBehindALongTask(run: String, holdLimit: Int? = nil) async throws -> (TandemProcess, hold: String, next: String) {
         let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
         defer { broker.close() }
         let warm = try await submit(task: "ok", run: "warm")
         #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
         let w = try cluster.startWorker(
-            dc: "east", name: "east-1", extra: ["--concurrency", "1", "--claim-ahead", "1", "--claim-ahead-max-run", "60000"])
+            dc: "east", name: "east-1",
+            extra: ["--concurrency", "1", "--claim-ahead", "1", "--claim-ahead-max-run", "60000"]
+                + (holdLimit.map { ["--claim-ahead-hold", String($0)] } ?? []))
         #expect(try await waitForFinal([warm])[warm] == "SUCCESS", "\(cluster.logs())")
         let hold = try await submit(task: "hold", run: run)
         let next = try await submit(task: "ok", run: run)
@@ -526,6 +529,8 @@ struct WorkerProcessTests {
     @Test("a bad flag or environment value is refused at start-up (exit 64) with a message naming it and what to pass", arguments: [
         BadFlag(args: ["--claim-ahead=-1"], message: "--claim-ahead must be 0 or more"),
         BadFlag(args: ["--claim-ahead-max-run", "0"], message: "--claim-ahead-max-run must be more than 0 ms"),
+        BadFlag(args: ["--claim-ahead-hold", "0"], message: "--claim-ahead-hold must be more than 0 seconds"),
+        BadFlag(env: ["TANDEM_CLAIM_AHEAD_HOLD": "2s"], message: "TANDEM_CLAIM_AHEAD_HOLD=2s is not a number"),
         BadFlag(env: ["TANDEM_CLAIM_AHEAD": "one"], message: "TANDEM_CLAIM_AHEAD=one is not a number"),
         BadFlag(args: ["--max-finishing", "0"], message: "--max-finishing must be at least 1"),
         BadFlag(args: ["--runner-pool-idle=-1"], message: "--runner-pool-idle must be 0"),

@@ -1,4 +1,3 @@
-import CeleryWire
 import Foundation
 import Logging
 import Postgres
@@ -63,14 +62,7 @@ struct ChaosTests {
 
         func submit(_ n: Int, task: String, prefix: String) async throws -> [String] {
             var ids: [String] = []
-            for i in 0..<n {
-                let id = UUID().uuidString.lowercased()
-                let m = CeleryPublisher.message(
-                    taskName: "execute_command", id: id,
-                    args: [.array(["airflow", "tasks", "run", "chaos", .string(task), .string("\(prefix)\(i)"), "--local"])])
-                _ = try await redis.send(["LPUSH", m.list, m.element])
-                ids.append(id)
-            }
+            for i in 0..<n { ids.append(try await publishAirflowCommand(redis, dag: "chaos", task: task, run: "\(prefix)\(i)")) }
             return ids
         }
 
@@ -79,15 +71,7 @@ struct ChaosTests {
         func submit(_ n: Int, task: String, prefix: String, via client: RedisClient) async throws -> [String] {
             var ids: [String] = []
             for i in 0..<n {
-                let id = UUID().uuidString.lowercased()
-                let m = CeleryPublisher.message(
-                    taskName: "execute_command", id: id,
-                    args: [.array(["airflow", "tasks", "run", "chaos", .string(task), .string("\(prefix)\(i)"), "--local"])])
-                while true {
-                    if (try? await client.send(["LPUSH", m.list, m.element])) != nil { break }
-                    try await Task.sleep(for: .milliseconds(100))
-                }
-                ids.append(id)
+                ids.append(try await publishAirflowCommand(client, dag: "chaos", task: task, run: "\(prefix)\(i)", retrying: true))
                 try await Task.sleep(for: .milliseconds(50))
             }
             return ids

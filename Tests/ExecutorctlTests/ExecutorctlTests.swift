@@ -1,4 +1,3 @@
-import CeleryWire
 import Foundation
 import Logging
 import Redis
@@ -62,12 +61,7 @@ struct ExecutorctlTests {
 
     @discardableResult
     func submit(task: String, run: String) async throws -> String {
-        let id = UUID().uuidString.lowercased()
-        let m = CeleryPublisher.message(
-            taskName: "execute_command", id: id,
-            args: [.array(["airflow", "tasks", "run", "dag", .string(task), .string(run), "--local"])], queue: "default")
-        _ = try await redis.send(["LPUSH", m.list, m.element])
-        return id
+        try await publishAirflowCommand(redis, task: task, run: run)
     }
 
     @Test("every command against a running two-datacenter cluster: tables, --json, confirmations, dc and dlq changes, watch")

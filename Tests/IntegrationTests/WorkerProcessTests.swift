@@ -27,13 +27,7 @@ struct WorkerProcessTests {
     func submit(task: String, run: String, dag: String = "dag", queue: String = "default", soft: Double? = nil,
         hard: Double? = nil) async throws -> String
     {
-        let id = UUID().uuidString.lowercased()
-        let m = CeleryPublisher.message(
-            taskName: "execute_command", id: id,
-            args: [.array(["airflow", "tasks", "run", .string(dag), .string(task), .string(run), "--local"])],
-            queue: queue, timeLimit: (hard: hard, soft: soft))
-        _ = try await redis.send(["LPUSH", m.list, m.element])
-        return id
+        try await publishAirflowCommand(redis, dag: dag, task: task, run: run, queue: queue, soft: soft, hard: hard)
     }
 
     /// celery_taskmeta status by task id (absent: not written yet).

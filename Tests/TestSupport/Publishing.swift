@@ -1,0 +1,28 @@
+import CeleryWire
+import Foundation
+import Redis
+
+/// Publishes `airflow tasks run DAG TASK RUN --local` the way Airflow 2's stock CeleryExecutor does (kombu's LPUSH
+/// of an `execute_command` message onto the queue's list); returns the new task id. With `retrying`, each LPUSH is
+/// retried until the broker acknowledges it, as a publisher does through a failover.
+@discardableResult
+public func publishAirflowCommand(
+    _ redis: RedisClient, dag: String = "dag", task: String, run: String, queue: String = "default",
+    soft: Double? = nil, hard: Double? = nil, retrying: Bool = false
+) async throws -> String {
+    let id = UUID().uuidString.lowercased()
+    let m = CeleryPublisher.message(
+        taskName: "execute_command", id: id,
+        args: [.array(["airflow", "tasks", "run", .string(dag), .string(task), .string(run), "--local"])],
+        queue: queue, timeLimit: (hard: hard, soft: soft))
+    while true {
+        do {
+            _ = try await redis.send(["LPUSH", m.list, m.element])
+            return id
+        } catch {
+            // (a catch-where on this typed-throws call crashed swift-frontend 6.3.1's SILGen)
+            if !retrying { throw error }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+}

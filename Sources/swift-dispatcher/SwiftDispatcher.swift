@@ -55,6 +55,9 @@ struct SwiftDispatcher: AsyncParsableCommand {
         }
         let seconds = { (d: Duration) in String(format: "%g", Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18) }
         let shortest = DatacenterHealth.shortestLossAfter
+        guard dcLossAfter.isFinite, leaderLease.isFinite, prefetchWindow.isFinite else {
+            throw ValidationError("--dc-loss-after, --leader-lease and --prefetch-window take a number of seconds")
+        }
         guard Duration.milliseconds(Int64(dcLossAfter * 1000)) >= shortest else {
             throw ValidationError(
                 "--dc-loss-after \(String(format: "%g", dcLossAfter)) is too short: workers heartbeat every "

@@ -168,6 +168,9 @@ struct WorkerProcessTests {
         #expect(code == 64, "\(d.log())")
         #expect(d.log().contains("--dc-loss-after 2 is too short: workers heartbeat every 2 s"), "\(d.log())")
         #expect(d.log().contains("Use at least 3"), "\(d.log())")
+        let nan = try cluster.startDispatcher(name: "dispatcher-nan", extra: ["--dc-loss-after", "nan"])
+        #expect(await nan.waitForExit(timeout: .seconds(20)) == 64, "\(nan.log())")
+        #expect(nan.log().contains("--dc-loss-after, --leader-lease and --prefetch-window take a number of seconds"), "\(nan.log())")
         let ok = try cluster.startDispatcher(extra: ["--dc-loss-after", "3", "--id", "d-3"])
         let leading = try await eventually(timeout: .seconds(20)) { ok.log().contains("leading with epoch") }
         #expect(leading, "3 s (the least) is accepted: \(ok.log())")

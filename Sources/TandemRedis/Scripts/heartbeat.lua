@@ -5,7 +5,7 @@
 -- ARGV[1]   worker id   ARGV[2] dc   ARGV[3] slots total   ARGV[4] slots busy   ARGV[5] queues (comma-separated)
 -- ARGV[6]   hostname    ARGV[7] pid  ARGV[8] running job ids (comma-separated)   ARGV[9] state (running|draining|stopped)
 -- ARGV[10]  TTL of the worker hash in seconds (a worker gone for that long disappears from listings)
--- ARGV[11]  job ids claimed ahead, leased but not started (comma-separated)
+-- ARGV[11]  job ids claimed ahead, leased but not started (comma-separated; absent from workers before session 12)
 -- Result    Redis TIME in ms (the one clock every lease and heartbeat is measured with)
 --
 -- Invariant: liveness is measured on Redis's clock, never a host's, so skewed hosts cannot fake or miss a beat.

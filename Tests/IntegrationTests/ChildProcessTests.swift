@@ -125,10 +125,12 @@ struct ChildProcessTests {
         defer { loop.cancel() }
         let done = Mutex<[String]>([])
 
-        let due = writes.schedule(after: .milliseconds(50)) { done.withLock { $0.append("due") } }
-        let calledOff = writes.schedule(after: .milliseconds(50)) { done.withLock { $0.append("called off") } }
-        #expect(await calledOff.cancelUnlessStarted(), "pending: the caller writes it instead")
         let clock = ContinuousClock()
+        let scheduledAt = clock.now
+        let due = writes.schedule(after: .milliseconds(50)) { done.withLock { $0.append("due") } }
+        // due in 1 s, called off at once: a busy machine may pause this test for a while, not for a second
+        let calledOff = writes.schedule(after: .seconds(1)) { done.withLock { $0.append("called off") } }
+        #expect(await calledOff.cancelUnlessStarted(), "pending: the caller writes it instead")
         let deadline = clock.now + .seconds(10)
         while !done.withLock({ $0.contains("due") }) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
         #expect(await due.cancelUnlessStarted() == false, "already written: nothing left for the caller")
@@ -139,6 +141,8 @@ struct ChildProcessTests {
         let later = writes.schedule(after: .milliseconds(10)) { done.withLock { $0.append("later") } }
         while !done.withLock({ $0.contains("later") }) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
         #expect(await later.cancelUnlessStarted() == false)
+        // past the called-off write's time: it never ran
+        try await Task.sleep(until: scheduledAt + .milliseconds(1300))
         #expect(done.withLock { $0 } == ["due", "later"])
     }
 }

@@ -60,8 +60,13 @@ struct WorkerProcessTests {
         try cluster.startWorker(dc: "west", name: "west-1", extra: ["--concurrency", "4"])
         var ok: [String] = []
         var failing: [String] = []
-        // let both workers heartbeat so the first batch is spread
-        try await Task.sleep(for: .seconds(2))
+        // both workers heartbeating, so the first batch is spread
+        let inspector = BrokerInspector(client: redis)
+        let bothUp = try await eventually(timeout: .seconds(30)) {
+            try await inspector.datacenters(lossAfterMs: 15000).filter { $0.status == .alive && $0.slots > 0 }.count == 2
+        }
+        #expect(bothUp, "\(cluster.logs())")
+        try await Task.sleep(for: .seconds(1))  // the dispatcher's own look at the heartbeats comes within a second
         for i in 0..<16 { ok.append(try await submit(task: "sleep-0.3", run: "r\(i)")) }
         for i in 0..<2 { failing.append(try await submit(task: "fail", run: "f\(i)")) }
         let s = try await waitForFinal(ok + failing)

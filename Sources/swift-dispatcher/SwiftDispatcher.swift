@@ -58,7 +58,8 @@ struct SwiftDispatcher: AsyncParsableCommand {
         guard dcLossAfter.isFinite, leaderLease.isFinite, prefetchWindow.isFinite else {
             throw ValidationError("--dc-loss-after, --leader-lease and --prefetch-window take a number of seconds")
         }
-        guard Duration.milliseconds(Int64(dcLossAfter * 1000)) >= shortest else {
+        let lossAfter = Duration.milliseconds(Int64(dcLossAfter * 1000))
+        guard lossAfter >= shortest else {
             throw ValidationError(
                 "--dc-loss-after \(String(format: "%g", dcLossAfter)) is too short: workers heartbeat every "
                     + "\(seconds(DatacenterHealth.heartbeatInterval)) s, so a live datacenter would look lost between "
@@ -71,7 +72,7 @@ struct SwiftDispatcher: AsyncParsableCommand {
         }
         var config = DispatcherConfiguration(
             policy: routing, queues: queues.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
-        config.dcLossAfter = .milliseconds(Int64(dcLossAfter * 1000))
+        config.dcLossAfter = lossAfter
         config.maxAttempts = maxAttempts
         config.prefetchWindow = .milliseconds(Int64(prefetchWindow * 1000))
         config.prefetchFactor = prefetchLimit

@@ -133,7 +133,8 @@ let package = Package(
         .testTarget(
             name: "ExecutorctlTests",
             dependencies: [
-                "CeleryWire", "Redis", "Postgres", "TandemRedis", "TestSupport", .product(name: "Logging", package: "swift-log"),
+                "CeleryWire", "Redis", "Postgres", "TandemCore", "TandemRedis", "TestSupport",
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(

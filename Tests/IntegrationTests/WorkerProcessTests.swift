@@ -463,6 +463,26 @@ struct WorkerProcessTests {
         return (w, hold, next)
     }
 
+    @Test("--claim-ahead: the heartbeat lists the job held ahead apart from the running one; --claim-ahead-hold 30 keeps it past the default 2 s")
+    func heartbeatListsHeldJobs() async throws {
+        let (_, held, next) = try await holdOneBehindALongTask(run: "hb", holdLimit: 30)
+        let inspector = BrokerInspector(client: redis)
+        let shown = try await eventually(timeout: .seconds(30)) {
+            let w = try await inspector.workers().first
+            return w?.aheadJobs.count == 1 && w?.runningJobs.count == 1
+        }
+        let w = try await inspector.workers().first
+        #expect(shown, "\(String(describing: w))\n\(cluster.logs())")
+        // past the default 2 s it is still held: the flag took effect
+        try await Task.sleep(for: .seconds(3))
+        #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 0,
+            "given back before --claim-ahead-hold")
+        #expect(!cluster.logs().contains("held ahead for"), "\(cluster.logs())")
+        try cluster.release(dag: "dag", run: "hb")
+        let s = try await waitForFinal([held, next])
+        #expect(s[held] == "SUCCESS" && s[next] == "SUCCESS", "\(s)\n\(cluster.logs())")
+    }
+
     @Test("--claim-ahead: a job held behind a task that turned out long goes back to its queue after 2 s, and another worker runs it while that task still runs")
     func claimAheadHoldLimit() async throws {
         let (w, long, next) = try await holdOneBehindALongTask(run: "hl")

@@ -52,47 +52,53 @@ public final class ChildProcess: Sendable {
     public static func spawn(
         argv: [String], environment: [String: String], output: String? = nil, reapedBySpawner: Bool = false
     ) async throws -> ChildProcess {
-        let job = try prepare(argv: argv, environment: environment, output: output)
+        try await spawn(argv: argv, environment: SpawnEnvironment(environment), output: output, reapedBySpawner: reapedBySpawner)
+    }
+
+    /// Spawns `argv` with a prepared environment plus `adding` (keys the environment was told to leave out).
+    public static func spawn(
+        argv: [String], environment: SpawnEnvironment, adding extra: [String: String] = [:], output: String? = nil,
+        reapedBySpawner: Bool = false
+    ) async throws -> ChildProcess {
+        precondition(!argv.isEmpty)
+        assert(extra.keys.allSatisfy(environment.leftOut.contains), "added keys must be left out of the base environment")
+        guard let path = environment.executable(argv[0]) else {
+            throw SpawnError(description: "cannot start \(argv[0]): not found on PATH — is it installed? (PATH=\(environment.searchPath ?? ""))")
+        }
+        let extraStrings = extra.map { "\($0.key)=\($0.value)" }
         let end = ProcessEnd()
         // The loop watches the child from the moment it exists, so its end is seen as soon as it comes rather than
         // once someone gets round to waiting (for a short task, that wait was most of its life). Called on the
         // loop (the worker's own path), the fork runs right here.
         let result = await WorkerLoop.shared.run { () -> (Int32, pid_t) in
-            let r = job.fork()
+            let r = environment.withEnvironment(adding: extraStrings) { cEnv in
+                withCStrings(argv) { cArgv in
+                    var pid: pid_t = 0
+                    let rc: Int32
+                    if let output {
+                        rc = tandem_spawn(path, cArgv, cEnv, output, SIGKILL, &pid)
+                    } else {
+                        rc = tandem_spawn(path, cArgv, cEnv, nil, SIGKILL, &pid)
+                    }
+                    return (rc, pid)
+                }
+            }
             if r.0 == 0 && !reapedBySpawner { WorkerLoop.shared.watch(r.1) { end.deliver($0) } }
             return r
         }
         guard result.0 == 0 else {
-            throw SpawnError(description: "cannot start \(job.path): \(String(cString: strerror(result.0))) — check that it is executable")
+            // found on PATH once, gone now: look it up afresh next time
+            if result.0 == ENOENT { environment.forget(argv[0]) }
+            throw SpawnError(description: "cannot start \(path): \(String(cString: strerror(result.0))) — check that it exists and is executable")
         }
         return ChildProcess(pid: result.1, end: end, watched: !reapedBySpawner)
     }
 
-    private static func prepare(argv: [String], environment: [String: String], output: String?) throws
-        -> (path: String, fork: @Sendable () -> (Int32, pid_t))
-    {
-        precondition(!argv.isEmpty)
-        guard let path = resolve(argv[0], path: environment["PATH"] ?? ProcessInfo.processInfo.environment["PATH"]) else {
-            throw SpawnError(description: "cannot start \(argv[0]): not found on PATH — is it installed? (PATH=\(environment["PATH"] ?? ""))")
-        }
-        let env = environment.map { "\($0.key)=\($0.value)" }
-        let fork: @Sendable () -> (Int32, pid_t) = {
-            let cArgv = argv.map { strdup($0) } + [nil]
-            let cEnv = env.map { strdup($0) } + [nil]
-            defer {
-                for p in cArgv { free(p) }
-                for p in cEnv { free(p) }
-            }
-            var pid: pid_t = 0
-            let rc: Int32
-            if let output {
-                rc = tandem_spawn(path, cArgv, cEnv, output, SIGKILL, &pid)
-            } else {
-                rc = tandem_spawn(path, cArgv, cEnv, nil, SIGKILL, &pid)
-            }
-            return (rc, pid)
-        }
-        return (path, fork)
+    /// A NULL-terminated array of C strings for `strings`, alive for `body`.
+    static func withCStrings<R>(_ strings: [String], _ body: ([UnsafeMutablePointer<CChar>?]) -> R) -> R {
+        let c = strings.map { strdup($0) } + [nil]
+        defer { for p in c { free(p) } }
+        return body(c)
     }
 
     /// PATH lookup done in the worker, so nothing but execve runs in the child.
@@ -127,6 +133,44 @@ public final class ChildProcess: Sendable {
     /// Sends `signal` to the task's whole process group, unless it has been reaped (its pid may be reused).
     public func signalGroup(_ signal: Int32) {
         end.ifRunning { _ = kill(-pid, signal) }
+    }
+}
+
+/// The environment and executable lookups every spawn of a launcher shares, prepared once: turning the whole
+/// environment into "KEY=value" C strings and searching PATH on every spawn cost about a tenth of the worker
+/// loop's time with no-op tasks.
+public final class SpawnEnvironment: @unchecked Sendable {
+    /// "KEY=value", allocated here once and never changed (a vfork'd child reads them until it execs).
+    private let strings: [UnsafeMutablePointer<CChar>]
+    /// Keys left out, for a spawn to add with its own values.
+    let leftOut: Set<String>
+    let searchPath: String?
+    private let found = Mutex<[String: String]>([:])
+
+    /// - Parameter leaving: keys not to pass on from `environment`; a spawn may add them (`adding:`).
+    public init(_ environment: [String: String], leaving: Set<String> = []) {
+        strings = environment.filter { !leaving.contains($0.key) }.map { strdup("\($0.key)=\($0.value)")! }
+        leftOut = leaving
+        searchPath = environment["PATH"] ?? ProcessInfo.processInfo.environment["PATH"]
+    }
+
+    deinit { for p in strings { free(p) } }
+
+    /// `name`'s path: as given when it has a slash, else the first executable match on PATH, remembered.
+    func executable(_ name: String) -> String? {
+        if let known = found.withLock({ $0[name] }) { return known }
+        guard let path = ChildProcess.resolve(name, path: searchPath) else { return nil }
+        found.withLock { $0[name] = path }
+        return path
+    }
+
+    func forget(_ name: String) { _ = found.withLock { $0.removeValue(forKey: name) } }
+
+    /// The NULL-terminated environment with `extra` ("KEY=value") appended, alive for `body`.
+    func withEnvironment<R>(adding extra: [String], _ body: ([UnsafeMutablePointer<CChar>?]) -> R) -> R {
+        let added = extra.map { strdup($0) }
+        defer { for p in added { free(p) } }
+        return withExtendedLifetime(self) { body(strings.map(Optional.some) + added + [nil]) }
     }
 }
 

@@ -45,12 +45,15 @@ public struct LaunchedTask: Sendable {
 /// - Airflow 3 (`execute_workload`): the workload JSON written to a 0600 file and run with
 ///   `python -m airflow.sdk.execution_time.execute_workload --json-path FILE`, so the JWT never shows in `ps`.
 public struct SpawnLauncher: TaskLauncher {
-    public var airflowExecutable: String
-    public var python: String
-    public var executionAPIServerURL: String?
-    public var workDirectory: String
-    public var environment: [String: String]
-    public var taskOutput: String?
+    public let airflowExecutable: String
+    public let python: String
+    public let executionAPIServerURL: String?
+    public let workDirectory: String
+    public let taskOutput: String?
+    /// The worker's environment (with the Execution API's URL for workloads), prepared once for every spawn.
+    private let commandEnvironment: SpawnEnvironment
+    private let workloadEnvironment: SpawnEnvironment
+    private static let executorIDKey = "external_executor_id"
 
     public init(
         airflowExecutable: String = "airflow", python: String = "python3", executionAPIServerURL: String?,
@@ -61,26 +64,27 @@ public struct SpawnLauncher: TaskLauncher {
         self.python = python
         self.executionAPIServerURL = executionAPIServerURL
         self.workDirectory = workDirectory
-        self.environment = environment
         self.taskOutput = taskOutput
+        commandEnvironment = SpawnEnvironment(environment, leaving: [Self.executorIDKey])
+        var workloadEnv = environment
+        if let url = executionAPIServerURL { workloadEnv["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }
+        workloadEnvironment = SpawnEnvironment(workloadEnv)
     }
 
     public func launch(_ payload: AirflowPayload, taskID: String) async throws -> LaunchedTask {
-        var env = environment
         switch payload {
         case .command(let argv):
-            env["external_executor_id"] = taskID
             var args = argv
             args[0] = airflowExecutable
-            return LaunchedTask(
-                process: try await ChildProcess.spawn(argv: args, environment: env, output: taskOutput), cleanup: [])
+            let p = try await ChildProcess.spawn(
+                argv: args, environment: commandEnvironment, adding: [Self.executorIDKey: taskID], output: taskOutput)
+            return LaunchedTask(process: p, cleanup: [])
         case .workload(let workload):
-            if let url = executionAPIServerURL { env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = url }
             let path = try writeWorkload(workload.json, taskID: taskID)
             do {
                 let p = try await ChildProcess.spawn(
                     argv: [python, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", path],
-                    environment: env, output: taskOutput)
+                    environment: workloadEnvironment, output: taskOutput)
                 return LaunchedTask(process: p, cleanup: [path])
             } catch {
                 unlink(path)

@@ -35,6 +35,59 @@ struct ChildProcessTests {
         #expect(ChildProcess.termination(status) == .exited(4))
     }
 
+    @Test("a launcher's prepared environment reaches every task, with a key it left out set once per spawn")
+    func preparedEnvironment() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-env-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // the worker's own environment carries a stale value for the key each spawn sets
+        let env = SpawnEnvironment(
+            ["PATH": "/usr/bin:/bin", "KEEP": "kept=with=equals", "external_executor_id": "stale"],
+            leaving: ["external_executor_id"])
+        for id in ["first", "second"] {
+            let out = "\(dir)/\(id).env"
+            let p = try await ChildProcess.spawn(argv: ["env"], environment: env, adding: ["external_executor_id": id], output: out)
+            #expect(await p.wait() == .exited(0))
+            let lines = try String(contentsOfFile: out, encoding: .utf8).split(separator: "\n").map(String.init)
+            #expect(lines.filter { $0.hasPrefix("external_executor_id=") } == ["external_executor_id=\(id)"], "\(lines)")
+            #expect(lines.contains("KEEP=kept=with=equals"))
+            #expect(lines.contains("PATH=/usr/bin:/bin"))
+            #expect(lines.count == 3, "exactly the environment given: \(lines)")
+        }
+    }
+
+    @Test("an executable found on PATH is remembered; once it is gone the next spawn looks again")
+    func executableLookupIsRemembered() async throws {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-path-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        let (early, late) = ("\(base)/early", "\(base)/late")
+        for d in [early, late] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        func install(_ dir: String, exiting code: Int) throws {
+            try "#!/bin/sh\nexit \(code)\n".write(toFile: "\(dir)/tool", atomically: true, encoding: .utf8)
+            chmod("\(dir)/tool", 0o755)
+        }
+        let env = SpawnEnvironment(["PATH": "\(early):\(late):/usr/bin:/bin"])
+        do {
+            _ = try await ChildProcess.spawn(argv: ["tool"], environment: env)
+            Issue.record("spawned a tool that is on no PATH directory")
+        } catch {
+            #expect("\(error)".contains("not found on PATH"), "\(error)")
+        }
+        try install(late, exiting: 7)
+        #expect(try await ChildProcess.spawn(argv: ["tool"], environment: env).wait() == .exited(7))
+        // an earlier directory gaining the tool changes nothing while the remembered one is still there
+        try install(early, exiting: 8)
+        #expect(try await ChildProcess.spawn(argv: ["tool"], environment: env).wait() == .exited(7))
+        try FileManager.default.removeItem(atPath: "\(late)/tool")
+        do {
+            _ = try await ChildProcess.spawn(argv: ["tool"], environment: env)
+            Issue.record("the remembered tool was removed, yet the spawn succeeded")
+        } catch {
+            #expect("\(error)".contains("\(late)/tool"), "the failure names the path it tried: \(error)")
+        }
+        #expect(try await ChildProcess.spawn(argv: ["tool"], environment: env).wait() == .exited(8), "looked up again")
+    }
+
     @Test("a job's path preferring the worker loop forks, waits and resumes on the loop's thread; the end is heard there")
     func pathStaysOnTheLoop() async throws {
         try await withTaskExecutorPreference(WorkerLoop.shared) {

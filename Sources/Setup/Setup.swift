@@ -111,63 +111,6 @@ extension String {
     }
 }
 
-/// Logging to stderr, plain or one JSON object per line.
-public func bootstrapLogging(level: String?, json: Bool) {
-    let lvl = Logger.Level(rawValue: (level ?? "info").lowercased()) ?? .info
-    LoggingSystem.bootstrap { label in
-        var h: any LogHandler = json ? JSONLogHandler(label: label) : StreamLogHandler.standardError(label: label)
-        h.logLevel = lvl
-        return h
-    }
-}
-
-/// One JSON object per line on stderr, metadata as fields (task_id, dc, queue, attempt …), keys sorted.
-/// Written without Foundation's formatters: an `ISO8601DateFormatter` and `JSONSerialization` per line doubled the
-/// worker's CPU per task (diag_switches, c=2: 0.5 → 1.0–1.2 ms) and cut throughput by a third.
-public struct JSONLogHandler: LogHandler {
-    public var metadata: Logger.Metadata = [:]
-    public var logLevel: Logger.Level = .info
-    let label: String
-    public init(label: String) { self.label = label }
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    public func log(event: LogEvent) {
-        var fields = metadata.merging(event.metadata ?? [:]) { $1 }
-        if let error = event.error { fields["error"] = .string("\(error)") }
-        FileHandle.standardError.write(Data(Self.line(
-            metadata: fields, level: event.level, label: label, message: event.message.description)))
-    }
-
-    /// One log line, newline included: `ts` (UTC, seconds, as ISO 8601: 2026-11-26T07:58:24Z), `level`,
-    /// `logger`, `msg` and every metadata field, as JSON strings.
-    static func line(metadata: Logger.Metadata, level: Logger.Level, label: String, message: String, at now: time_t = time(nil))
-        -> [UInt8]
-    {
-        var fields = metadata.mapValues { "\($0)" }
-        fields["ts"] = utcTimestamp(now)
-        fields["level"] = level.rawValue
-        fields["logger"] = label
-        fields["msg"] = message
-        var out: [UInt8] = []
-        out.reserveCapacity(256)
-        JSONValue.object(JSONObject(fields.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }))
-            .write(to: &out)
-        out.append(UInt8(ascii: "\n"))
-        return out
-    }
-
-    static func utcTimestamp(_ now: time_t) -> String {
-        var t = now
-        var parts = tm()
-        gmtime_r(&t, &parts)
-        func two(_ n: Int32) -> String { n < 10 ? "0\(n)" : "\(n)" }
-        return "\(parts.tm_year + 1900)-\(two(parts.tm_mon + 1))-\(two(parts.tm_mday))T"
-            + "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec))Z"
-    }
-}
-
 /// SIGTERM/SIGINT handling without touching the task processes: the first SIGTERM calls `graceful`; a second
 /// SIGTERM, or SIGINT, calls `immediate`.
 public final class SignalHandlers: @unchecked Sendable {

@@ -29,3 +29,46 @@ struct JSONLogLineTests {
         #expect(JSONLogHandler.utcTimestamp(1_704_070_861) == "2024-01-01T01:01:01Z")
     }
 }
+
+@Suite("plain log lines")
+struct TextLogLineTests {
+    /// Collects what a StreamLogHandler writes.
+    final class Captured: TextOutputStream, @unchecked Sendable {
+        var text = ""
+        func write(_ string: String) { text += string }
+    }
+
+    @Test("the plain handler writes the line swift-log's StreamLogHandler writes, metadata sorted, set and per line")
+    func sameLineAsStreamLogHandler() {
+        let captured = Captured()
+        var stream = StreamLogHandler(label: "tandem.worker", stream: captured, metadataProvider: nil)
+        stream[metadataKey: "task_id"] = "t-1"
+        stream[metadataKey: "attempt"] = .stringConvertible(2)
+        stream[metadataKey: "queue"] = "default"
+        let event = LogEvent(
+            level: .info, message: "task started", metadata: ["pid": .stringConvertible(4242), "queue": "other"],
+            source: "Worker", file: #fileID, function: #function, line: #line)
+        stream.log(event: event)
+        let theirs = captured.text
+        let ours = TextLogHandler.line(
+            timestamp: "STAMP", metadata: stream.metadata.merging(event.metadata!) { $1 }, level: .info,
+            label: "tandem.worker", source: "Worker", message: "task started")
+        // their timestamp is the wall clock's; compare what follows it
+        #expect(ours == "STAMP info tandem.worker: attempt=2 pid=4242 queue=other task_id=t-1 [Worker] task started\n")
+        #expect(theirs.drop { $0 != " " } == ours.drop { $0 != " " }, "swift-log wrote: \(theirs)")
+    }
+
+    @Test("the timestamp is local time to the second with its offset, as StreamLogHandler's strftime writes it")
+    func timestampFormat() {
+        let now = time(nil)
+        var t = now
+        var parts = tm()
+        localtime_r(&t, &parts)
+        var buffer = [CChar](repeating: 0, count: 64)
+        let n = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S%z", &parts)
+        #expect(TextLogHandler.timestamp(now) == String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        #expect(TextLogHandler.timestamp(now) == TextLogHandler.timestamp(now), "the cached second")
+        #expect(TextLogHandler.timestamp(0) != TextLogHandler.timestamp(now), "a new second is formatted afresh")
+        #expect(TextLogHandler.timestamp(0).hasPrefix("1970-01-01T") || TextLogHandler.timestamp(0).hasPrefix("1969-12-31T"))
+    }
+}

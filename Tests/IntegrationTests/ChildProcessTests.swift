@@ -88,6 +88,24 @@ struct ChildProcessTests {
         #expect(try await ChildProcess.spawn(argv: ["tool"], environment: env).wait() == .exited(8), "looked up again")
     }
 
+    @Test("a program the kernel cannot exec fails the spawn with the kernel's reason, not a task that exits 127")
+    func execFailureIsReported() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-noexec-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "no shebang, not a binary\n".write(toFile: "\(dir)/junk", atomically: true, encoding: .utf8)
+        chmod("\(dir)/junk", 0o755)
+        for _ in 0..<2 {  // twice: the first failure must leave the spawner as it was
+            do {
+                let p = try await ChildProcess.spawn(argv: ["\(dir)/junk"], environment: ["PATH": "/usr/bin:/bin"])
+                Issue.record("spawned an unexecutable file; it ended \(await p.wait())")
+            } catch {
+                #expect("\(error)".contains(String(cString: strerror(ENOEXEC))), "\(error)")
+            }
+        }
+        #expect(try await ChildProcess.spawn(argv: ["/bin/sh", "-c", "exit 6"], environment: ["PATH": "/usr/bin:/bin"]).wait() == .exited(6))
+    }
+
     @Test("a job's path preferring the worker loop forks, waits and resumes on the loop's thread; the end is heard there")
     func pathStaysOnTheLoop() async throws {
         try await withTaskExecutorPreference(WorkerLoop.shared) {

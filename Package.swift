@@ -151,3 +151,12 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// Release builds of Tandem's own Swift modules inline and specialise across module boundaries (the worker's path
+// crosses CeleryWire, TandemCore, Redis, Postgres and Worker). Measured with Benchmarks/diag_switches.py, 4
+// alternated pairs at c=2: worker loop busy 38.9–39.7% → 37.7–37.9%, worker CPU median 0.533 → 0.513 ms per task.
+// (Dependencies are left as they come; C targets take no Swift flags.)
+for target in package.targets where target.type == .regular || target.type == .executable {
+    guard !target.name.hasPrefix("C") || target.name == "CeleryWire" || target.name == "ClientSupport" else { continue }
+    target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
+}

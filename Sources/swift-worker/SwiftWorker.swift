@@ -53,7 +53,7 @@ struct SwiftWorker: AsyncParsableCommand {
     var maxFinishing: Int?
     @Option(
         name: .customLong("claim-ahead"),
-        help: "Jobs to claim and hold while every slot is busy, so the next task starts without a round trip to Redis — only while recent tasks are short (--claim-ahead-max-run); 0 turns it off (env TANDEM_CLAIM_AHEAD; default 1).")
+        help: "Jobs to claim and hold while every slot is busy, so the next task starts without a round trip to Redis — only while recent tasks are short (--claim-ahead-max-run); 0 turns it off (env TANDEM_CLAIM_AHEAD; default 2).")
     var claimAhead: Int?
     @Option(
         name: .customLong("claim-ahead-max-run"),
@@ -122,7 +122,7 @@ struct SwiftWorker: AsyncParsableCommand {
         let slots = concurrency
             ?? setting(nil, env: "AIRFLOW__CELERY__WORKER_CONCURRENCY").flatMap { Int($0) } ?? airflowCfg.workerConcurrency ?? 16
         guard slots > 0 else { throw ValidationError("--concurrency must be at least 1") }
-        let ahead = try Self.number(claimAhead, env: "TANDEM_CLAIM_AHEAD") ?? 1
+        let ahead = try Self.number(claimAhead, env: "TANDEM_CLAIM_AHEAD") ?? WorkerConfiguration.defaultClaimAhead
         guard ahead >= 0 else {
             throw ValidationError("--claim-ahead must be 0 or more (\(ahead) given); 0 claims only for free slots")
         }

@@ -125,6 +125,10 @@ int tandem_spawn(const char *path, char *const argv[], char *const envp[], const
     return 0;
 }
 
+int tandem_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+
 int tandem_pidfd_open(pid_t pid) {
     return (int)syscall(SYS_pidfd_open, pid, 0);
 }

@@ -7,31 +7,64 @@ import Synchronization
 public func bootstrapLogging(level: String?, json: Bool) {
     let lvl = Logger.Level(rawValue: (level ?? "info").lowercased()) ?? .info
     LoggingSystem.bootstrap { label in
-        var h: any LogHandler = json ? JSONLogHandler(label: label) : TextLogHandler(label: label)
+        var h = StderrLogHandler(label: label, format: json ? .json : .text)
         h.logLevel = lvl
         return h
     }
 }
 
-/// One JSON object per line on stderr, metadata as fields (task_id, dc, queue, attempt …), keys sorted.
-/// Written without Foundation's formatters: an `ISO8601DateFormatter` and `JSONSerialization` per line doubled the
-/// worker's CPU per task (diag_switches, c=2: 0.5 → 1.0–1.2 ms) and cut throughput by a third.
-public struct JSONLogHandler: LogHandler {
+/// One line per event on stderr, in one write(2), as plain text (`TextLogLine`) or JSON (`JSONLogLine`). Metadata
+/// (the logger's, then the call's) is formatted once, when a line is written: swift-log's `StreamLogHandler`
+/// re-formatted it on every change too (five per task in the worker), about 8% of the worker loop's time.
+public struct StderrLogHandler: LogHandler {
+    public enum Format: Sendable { case text, json }
     public var metadata: Logger.Metadata = [:]
     public var logLevel: Logger.Level = .info
     let label: String
-    public init(label: String) { self.label = label }
+    let format: Format
+
+    public init(label: String, format: Format) {
+        self.label = label
+        self.format = format
+    }
+
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
-    public func log(event: LogEvent) {
-        var fields = metadata.merging(event.metadata ?? [:]) { $1 }
-        if let error = event.error { fields["error"] = .string("\(error)") }
-        FileHandle.standardError.write(Data(Self.line(
-            metadata: fields, level: event.level, label: label, message: event.message.description)))
-    }
 
+    public func log(event: LogEvent) {
+        var fields = metadata
+        if let extra = event.metadata { fields.merge(extra) { $1 } }
+        let message = event.message.description
+        let bytes: [UInt8]
+        switch format {
+        case .json:
+            if let error = event.error { fields["error"] = .string("\(error)") }
+            bytes = JSONLogLine.line(metadata: fields, level: event.level, label: label, message: message)
+        case .text:
+            if let error = event.error {
+                fields["error.message"] = .string("\(error)")
+                fields["error.type"] = .string(String(reflecting: type(of: error)))
+            }
+            bytes = Array(TextLogLine.line(
+                timestamp: TextLogLine.timestamp(), metadata: fields, level: event.level, label: label,
+                source: event.source, message: message).utf8)
+        }
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }  // stderr closed or full: nothing better to do with a log line
+            off += n
+        }
+    }
+}
+
+/// `--log-json`: one JSON object per line, metadata as fields (task_id, dc, queue, attempt …), keys sorted.
+/// Written without Foundation's formatters: an `ISO8601DateFormatter` and `JSONSerialization` per line doubled the
+/// worker's CPU per task (diag_switches, c=2: 0.5 → 1.0–1.2 ms) and cut throughput by a third.
+enum JSONLogLine {
     /// One log line, newline included: `ts` (UTC, seconds, as ISO 8601: 2026-11-26T07:58:24Z), `level`,
     /// `logger`, `msg` and every metadata field, as JSON strings.
     static func line(metadata: Logger.Metadata, level: Logger.Level, label: String, message: String, at now: time_t = time(nil))
@@ -60,39 +93,10 @@ public struct JSONLogHandler: LogHandler {
     }
 }
 
-/// swift-log's `StreamLogHandler` format (`2026-12-05T19:29:34+0000 info tandem.worker: k=v … [Module] message`) at
-/// a fraction of its cost on a worker's path: it sorted and formatted the whole metadata on every metadata change
-/// (five per task) and every line, and its `localtime` checked /etc/localtime on every line. Here metadata is
-/// formatted once per line, the timestamp once per second, and the line goes out in one write(2).
-public struct TextLogHandler: LogHandler {
-    public var metadata: Logger.Metadata = [:]
-    public var logLevel: Logger.Level = .info
-    let label: String
-    public init(label: String) { self.label = label }
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    public func log(event: LogEvent) {
-        var fields = metadata
-        if let extra = event.metadata { fields.merge(extra) { $1 } }
-        if let error = event.error {
-            fields["error.message"] = .string("\(error)")
-            fields["error.type"] = .string(String(reflecting: type(of: error)))
-        }
-        let bytes = Array(Self.line(
-            timestamp: Self.timestamp(), metadata: fields, level: event.level, label: label, source: event.source,
-            message: event.message.description).utf8)
-        var off = 0
-        while off < bytes.count {
-            let n = bytes[off...].withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }  // stderr closed or full: nothing better to do with a log line
-            off += n
-        }
-    }
-
+/// The plain format, swift-log's `StreamLogHandler` line byte for byte
+/// (`2026-12-05T19:29:34+0000 info tandem.worker: k=v … [Module] message`), with the timestamp formatted once per
+/// second (StreamLogHandler's `localtime` stat'ed /etc/localtime on every line).
+enum TextLogLine {
     static func line(
         timestamp: String, metadata: Logger.Metadata, level: Logger.Level, label: String, source: String, message: String
     ) -> String {

@@ -284,6 +284,21 @@ struct RedisClientTests {
         #expect(try await eventually(.seconds(10)) { try await connections() == before })
     }
 
+    /// A descriptor this process has open, not close-on-exec, while the harness starts a server (a socket another
+    /// test opened a moment earlier): the server must not hold it — a dropped client's connection then stayed open
+    /// in CLIENT LIST for that server's whole life (droppedLoopClientClosesItsConnection failed that way once).
+    @Test func serversInheritNoDescriptors() async throws {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)  // plain pipe(): not close-on-exec
+        defer { close(fds[0]); close(fds[1]) }
+        let server = try await startRedis()
+        let inherited = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(server.pid)/fd").compactMap(Int32.init)
+            .filter { $0 > 2 }
+            .compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(server.pid)/fd/\($0)") }
+        let ours = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fds[0])")
+        #expect(!inherited.contains(ours), "redis-server holds the test's pipe \(ours): \(inherited)")
+    }
+
     @Test(arguments: Driver.allCases) func unixSocket(driver: Driver) async throws {
         let dir = NSTemporaryDirectory() + "tandem-sock-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

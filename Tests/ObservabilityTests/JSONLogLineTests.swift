@@ -8,7 +8,7 @@ struct JSONLogLineTests {
     @Test("one JSON object per line: every field a string, escaped, keys sorted, ts in UTC to the second")
     func lineIsValidSortedJSON() throws {
         let tricky = "quote \" backslash \\ newline \n tab \t bell \u{07} é 日本"
-        let bytes = JSONLogHandler.line(
+        let bytes = JSONLogLine.line(
             metadata: ["task_id": "t-1", "detail": .string(tricky), "attempt": .stringConvertible(2)],
             level: .warning, label: "tandem.worker", message: "line one\nline two", at: 1_795_674_443)
         #expect(bytes.last == UInt8(ascii: "\n"))
@@ -25,8 +25,8 @@ struct JSONLogLineTests {
 
     @Test("timestamps pad every field and start at the epoch")
     func timestamps() {
-        #expect(JSONLogHandler.utcTimestamp(0) == "1970-01-01T00:00:00Z")
-        #expect(JSONLogHandler.utcTimestamp(1_704_070_861) == "2024-01-01T01:01:01Z")
+        #expect(JSONLogLine.utcTimestamp(0) == "1970-01-01T00:00:00Z")
+        #expect(JSONLogLine.utcTimestamp(1_704_070_861) == "2024-01-01T01:01:01Z")
     }
 }
 
@@ -50,7 +50,7 @@ struct TextLogLineTests {
             source: "Worker", file: #fileID, function: #function, line: #line)
         stream.log(event: event)
         let theirs = captured.text
-        let ours = TextLogHandler.line(
+        let ours = TextLogLine.line(
             timestamp: "STAMP", metadata: stream.metadata.merging(event.metadata!) { $1 }, level: .info,
             label: "tandem.worker", source: "Worker", message: "task started")
         // their timestamp is the wall clock's; compare what follows it
@@ -66,9 +66,9 @@ struct TextLogLineTests {
         localtime_r(&t, &parts)
         var buffer = [CChar](repeating: 0, count: 64)
         let n = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S%z", &parts)
-        #expect(TextLogHandler.timestamp(now) == String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self))
-        #expect(TextLogHandler.timestamp(now) == TextLogHandler.timestamp(now), "the cached second")
-        #expect(TextLogHandler.timestamp(0) != TextLogHandler.timestamp(now), "a new second is formatted afresh")
-        #expect(TextLogHandler.timestamp(0).hasPrefix("1970-01-01T") || TextLogHandler.timestamp(0).hasPrefix("1969-12-31T"))
+        #expect(TextLogLine.timestamp(now) == String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        #expect(TextLogLine.timestamp(now) == TextLogLine.timestamp(now), "the cached second")
+        #expect(TextLogLine.timestamp(0) != TextLogLine.timestamp(now), "a new second is formatted afresh")
+        #expect(TextLogLine.timestamp(0).hasPrefix("1970-01-01T") || TextLogLine.timestamp(0).hasPrefix("1969-12-31T"))
     }
 }

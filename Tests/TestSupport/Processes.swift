@@ -1,4 +1,5 @@
 import ClientSupport
+import CSpawn
 import Foundation
 
 /// A failure to start or drive a throwaway server; the message says what to do.
@@ -153,6 +154,10 @@ enum Spawn {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // nothing else of the test process: a socket another test opened a moment ago (before it could mark it
+        // close-on-exec) would otherwise stay open in this server for its whole life — a Redis client that test
+        // dropped then still showed in CLIENT LIST (droppedLoopClientClosesItsConnection failed that way)
+        _ = tandem_spawn_actions_close_from(&actions, 3)
         _ = directory  // cwd is inherited; every path we pass is absolute
         // Threads of Dispatch and the test runner block signals, and a child inherits its spawner's mask:
         // unblock everything and reset handlers so SIGTERM/SIGINT really stop the server.

@@ -156,7 +156,7 @@ let package = Package(
 // crosses CeleryWire, TandemCore, Redis, Postgres and Worker). Measured with Benchmarks/diag_switches.py, 4
 // alternated pairs at c=2: worker loop busy 38.9–39.7% → 37.7–37.9%, worker CPU median 0.533 → 0.513 ms per task.
 // (Dependencies are left as they come; C targets take no Swift flags.)
-for target in package.targets where target.type == .regular || target.type == .executable {
-    guard !target.name.hasPrefix("C") || target.name == "CeleryWire" || target.name == "ClientSupport" else { continue }
+let cTargets: Set<String> = ["CHiredis", "CLibpq", "CSpawn"]
+for target in package.targets where (target.type == .regular || target.type == .executable) && !cTargets.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
 }

@@ -1,3 +1,4 @@
+import Foundation
 /// Datacenter health: which datacenters take new work, derived from worker heartbeats (on Redis's clock) and
 /// operator overrides. Pure: the inputs are read from the broker by the caller.
 public struct DatacenterState: Sendable, Hashable {
@@ -34,6 +35,24 @@ public enum DatacenterHealth {
     /// The shortest loss threshold the dispatcher accepts: one and a half beats. At one beat or less a live
     /// datacenter looks lost for a moment before each heartbeat, and its queued work would move away.
     public static let shortestLossAfter: Duration = heartbeatInterval * 3 / 2
+
+    /// Why `seconds` (a `--dc-loss-after` value) cannot be a loss threshold, or nil when it can: the dispatcher
+    /// refuses to start with it, and executorctl refuses to show datacenters judged by it (live ones would show as
+    /// lost between two beats).
+    public static func lossAfterProblem(_ seconds: Double) -> String? {
+        guard seconds.isFinite else { return "--dc-loss-after takes a number of seconds (\(seconds) given)" }
+        guard Duration.milliseconds(Int64(seconds * 1000)) >= shortestLossAfter else {
+            return "--dc-loss-after \(String(format: "%g", seconds)) is too short: workers heartbeat every "
+                + "\(wholeSeconds(heartbeatInterval)) s, so a live datacenter would look lost between two beats "
+                + "(and a dispatcher would move its queued work away). "
+                + "Use at least \(wholeSeconds(shortestLossAfter)) (the default 15 also rides out a stalled worker or a slow Redis)."
+        }
+        return nil
+    }
+
+    private static func wholeSeconds(_ d: Duration) -> String {
+        String(format: "%g", Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
+    }
 
     /// Computes each datacenter's state.
     /// - Parameters:

@@ -232,6 +232,9 @@ struct DC: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Each datacenter: alive, draining or lost, and why.")
         @OptionGroup var common: Common
         @Option(name: .customLong("dc-loss-after"), help: "Loss threshold in seconds (default 15).") var lossAfter: Double = 15
+        func validate() throws {
+            if let problem = DatacenterHealth.lossAfterProblem(lossAfter) { throw ValidationError(problem) }
+        }
         func run() async throws {
             try await common.withInspector { i in
             let s = try await i.datacenters(lossAfterMs: Int64(lossAfter * 1000))

@@ -29,6 +29,7 @@ struct Watch: AsyncParsableCommand {
     func validate() throws {
         guard interval >= 0.1 else { throw ValidationError("--interval must be at least 0.1 seconds") }
         if let count, count < 1 { throw ValidationError("--count must be at least 1") }
+        if let problem = DatacenterHealth.lossAfterProblem(lossAfter) { throw ValidationError(problem) }
     }
 
     func run() async throws {

@@ -53,19 +53,13 @@ struct SwiftDispatcher: AsyncParsableCommand {
             }
             do { routing = try RoutingPolicy.parse(yaml: text) } catch { throw ValidationError("\(policy): \(error)") }
         }
-        let seconds = { (d: Duration) in String(format: "%g", Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18) }
-        let shortest = DatacenterHealth.shortestLossAfter
         guard dcLossAfter.isFinite, leaderLease.isFinite, prefetchWindow.isFinite else {
             throw ValidationError("--dc-loss-after, --leader-lease and --prefetch-window take a number of seconds")
         }
-        let lossAfter = Duration.milliseconds(Int64(dcLossAfter * 1000))
-        guard lossAfter >= shortest else {
-            throw ValidationError(
-                "--dc-loss-after \(String(format: "%g", dcLossAfter)) is too short: workers heartbeat every "
-                    + "\(seconds(DatacenterHealth.heartbeatInterval)) s, so a live datacenter would look lost between "
-                    + "two beats and its queued work would move. Use at least \(seconds(shortest)) (the default 15 "
-                    + "also rides out a stalled worker or a slow Redis).")
+        if let problem = DatacenterHealth.lossAfterProblem(dcLossAfter) {
+            throw ValidationError(problem)
         }
+        let lossAfter = Duration.milliseconds(Int64(dcLossAfter * 1000))
         guard maxAttempts >= 1 else { throw ValidationError("--max-attempts must be at least 1") }
         guard prefetchWindow >= 0, prefetchLimit >= 0 else {
             throw ValidationError("--prefetch-window and --prefetch-limit cannot be negative (0 turns prefetch off)")

@@ -238,6 +238,14 @@ struct ExecutorctlTests {
         #expect(try await executorctl(["dlq", "purge", "1", "--all"]).code == 64)
         #expect(try await executorctl(["dc", "drain", "bad:name", "--broker", dead]).code == 64)
         #expect(try await executorctl(["watch", "--interval", "0"]).code == 64)
+        // a loss threshold under 1.5 heartbeats would show live datacenters as lost; nan used to trap converting it
+        for command in [["dc", "status"], ["watch", "--count", "1"]] {
+            let short = try await executorctl(command + ["--dc-loss-after", "2", "--broker", dead])
+            #expect(short.code == 64 && short.err.contains("--dc-loss-after 2 is too short") && short.err.contains("Use at least 3"), "\(short)")
+            let nan = try await executorctl(command + ["--dc-loss-after", "nan", "--broker", dead])
+            #expect(nan.code == 64 && nan.err.contains("--dc-loss-after takes a number of seconds"), "\(nan)")
+            #expect(try await executorctl(command + ["--dc-loss-after", "3", "--broker", dead]).code == 2, "3 s is accepted (then Redis is unreachable)")
+        }
         let noLedger = try await executorctl(["task", "x"])
         #expect(noLedger.code == 64 && noLedger.err.contains("TANDEM_LEDGER_URL"), "\(noLedger)")
     }

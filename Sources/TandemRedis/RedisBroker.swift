@@ -39,8 +39,7 @@ public final class RedisBroker: Broker {
         onLoop = loop.flatMap { replicaAcks > 0 ? nil : RedisClient(configuration: configuration, label: "broker-loop", logger: logger, loop: $0) }
         // an idle worker's wait for work ends on its loop too: the claim that follows goes out from there at once,
         // instead of a connection thread waking the loop first
-        waiter = loop.map { RedisClient(configuration: configuration, label: "broker-wait", logger: logger, loop: $0) }
-            ?? RedisClient(configuration: configuration, label: "broker-wait", logger: logger)
+        waiter = RedisClient(configuration: configuration, label: "broker-wait", logger: logger, loop: loop)
         movers = [client] + (1..<Self.moverConnections).map {
             RedisClient(configuration: configuration, label: "broker-\($0)", logger: logger)
         }

@@ -140,8 +140,9 @@ public final class ChildProcess: Sendable {
 /// environment into "KEY=value" C strings and searching PATH on every spawn cost about a tenth of the worker
 /// loop's time with no-op tasks.
 public final class SpawnEnvironment: @unchecked Sendable {
-    /// "KEY=value", allocated here once and never changed (a vfork'd child reads them until it execs).
-    private let strings: [UnsafeMutablePointer<CChar>]
+    /// "KEY=value", allocated here once and never changed (a vfork'd child reads them until it execs); optional
+    /// only because that is how an envp array holds them.
+    private let strings: [UnsafeMutablePointer<CChar>?]
     /// Keys left out, for a spawn to add with its own values.
     let leftOut: Set<String>
     let searchPath: String?
@@ -168,9 +169,7 @@ public final class SpawnEnvironment: @unchecked Sendable {
 
     /// The NULL-terminated environment with `extra` ("KEY=value") appended, alive for `body`.
     func withEnvironment<R>(adding extra: [String], _ body: ([UnsafeMutablePointer<CChar>?]) -> R) -> R {
-        let added = extra.map { strdup($0) }
-        defer { for p in added { free(p) } }
-        return withExtendedLifetime(self) { body(strings.map(Optional.some) + added + [nil]) }
+        ChildProcess.withCStrings(extra) { added in withExtendedLifetime(self) { body(strings + added) } }
     }
 }
 

@@ -43,15 +43,11 @@ public enum DatacenterHealth {
         guard seconds.isFinite else { return "--dc-loss-after takes a number of seconds (\(seconds) given)" }
         guard Duration.milliseconds(Int64(seconds * 1000)) >= shortestLossAfter else {
             return "--dc-loss-after \(String(format: "%g", seconds)) is too short: workers heartbeat every "
-                + "\(wholeSeconds(heartbeatInterval)) s, so a live datacenter would look lost between two beats "
+                + "\(String(format: "%g", heartbeatInterval.inSeconds)) s, so a live datacenter would look lost between two beats "
                 + "(and a dispatcher would move its queued work away). "
-                + "Use at least \(wholeSeconds(shortestLossAfter)) (the default 15 also rides out a stalled worker or a slow Redis)."
+                + "Use at least \(String(format: "%g", shortestLossAfter.inSeconds)) (the default 15 also rides out a stalled worker or a slow Redis)."
         }
         return nil
-    }
-
-    private static func wholeSeconds(_ d: Duration) -> String {
-        String(format: "%g", Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
     }
 
     /// Computes each datacenter's state.

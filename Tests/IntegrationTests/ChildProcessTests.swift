@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+import TestSupport
 
 @testable import Worker
 
@@ -37,8 +38,7 @@ struct ChildProcessTests {
 
     @Test("a launcher's prepared environment reaches every task, with a key it left out set once per spawn")
     func preparedEnvironment() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-env-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try TestEnvironment.freshDirectory("tandem-env")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         // the worker's own environment carries a stale value for the key each spawn sets
         let env = SpawnEnvironment(
@@ -58,7 +58,7 @@ struct ChildProcessTests {
 
     @Test("an executable found on PATH is remembered; once it is gone the next spawn looks again")
     func executableLookupIsRemembered() async throws {
-        let base = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-path-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        let base = try TestEnvironment.freshDirectory("tandem-path")
         let (early, late) = ("\(base)/early", "\(base)/late")
         for d in [early, late] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
         defer { try? FileManager.default.removeItem(atPath: base) }
@@ -90,8 +90,7 @@ struct ChildProcessTests {
 
     @Test("a program the kernel cannot exec fails the spawn with the kernel's reason, not a task that exits 127")
     func execFailureIsReported() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-noexec-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try TestEnvironment.freshDirectory("tandem-noexec")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try "no shebang, not a binary\n".write(toFile: "\(dir)/junk", atomically: true, encoding: .utf8)
         chmod("\(dir)/junk", 0o755)

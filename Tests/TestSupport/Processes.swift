@@ -15,6 +15,9 @@ public struct TestSupportError: Error, CustomStringConvertible {
 /// Finds the server binaries the integration tests need. A missing binary is a test failure that says
 /// "run scripts/bootstrap", never a silent skip.
 public enum TestEnvironment {
+    /// A fresh private directory under the system temp dir (mkdtemp), for a test's own files.
+    public static func freshDirectory(_ prefix: String) throws -> String { try Spawn.tempDirectory(prefix) }
+
     /// `redis-server`, from `TANDEM_REDIS_SERVER` or the PATH.
     public static var redisServerPath: String? {
         if let p = ProcessInfo.processInfo.environment["TANDEM_REDIS_SERVER"], isExecutable(p) { return p }

@@ -38,7 +38,8 @@ public struct WorkerConfiguration: Sendable {
     /// Claim ahead only while this worker's recent tasks ran shorter than this (a held job waits for a slot).
     public var claimAheadMaxRun: Duration = .milliseconds(50)
     /// A job held ahead longer than this (its slot's task turned out long) is given back to its queue.
-    public var claimAheadHoldLimit: Duration = .seconds(2)
+    public var claimAheadHoldLimit: Duration = Self.defaultClaimAheadHold
+    public static let defaultClaimAheadHold: Duration = .seconds(2)
     /// Attempts a job gets when its task could not be started for a reason outside it (the runner died before
     /// starting it): put back before this attempt, FAILURE at it — a workload that kills the runner must end.
     public var launchAttempts: Int = 3

@@ -130,7 +130,8 @@ struct SwiftWorker: AsyncParsableCommand {
         guard aheadMaxRun > 0 else {
             throw ValidationError("--claim-ahead-max-run must be more than 0 ms (\(aheadMaxRun) given); --claim-ahead 0 turns claiming ahead off")
         }
-        let aheadHold = try Self.number(claimAheadHold, env: "TANDEM_CLAIM_AHEAD_HOLD") ?? 2
+        let aheadHold = try Self.number(claimAheadHold, env: "TANDEM_CLAIM_AHEAD_HOLD")
+            ?? WorkerConfiguration.defaultClaimAheadHold.inSeconds
         guard aheadHold > 0 else {
             throw ValidationError("--claim-ahead-hold must be more than 0 seconds (\(aheadHold) given); --claim-ahead 0 turns claiming ahead off")
         }

@@ -20,8 +20,10 @@ let package = Package(
         .systemLibrary(name: "CHiredis", pkgConfig: "hiredis", providers: [.apt(["libhiredis-dev"])]),
         .systemLibrary(name: "CLibpq", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
 
-        // Clients: the only code that touches redisContext* / PGconn*; ClientSupport holds what both share.
-        .target(name: "ClientSupport"),
+        // Clients: the only code that touches redisContext* / PGconn*; ClientSupport holds what both share (and
+        // the event-loop thread that drives their sockets in the worker and the dispatcher).
+        .target(name: "CEventLoop"),
+        .target(name: "ClientSupport", dependencies: ["CEventLoop"]),
         .target(name: "Redis", dependencies: ["CHiredis", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
         .target(name: "Postgres", dependencies: ["CLibpq", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
 
@@ -98,7 +100,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "swift-dispatcher",
-            dependencies: ["Dispatcher", "Setup", "Observability", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Dispatcher", "ClientSupport", "Setup", "Observability", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "executorctl",
@@ -115,7 +117,9 @@ let package = Package(
         .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "ClientSupport", "TestSupport", "Worker"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "TestSupport"]
+            dependencies: [
+                "TandemCore", "TandemRedis", "TandemPostgres", "Worker", "Dispatcher", "CeleryWire", "ClientSupport", "TestSupport",
+            ]
         ),
         // Chaos: real processes killed, frozen and restarted; prints submitted/completed/lost/duplicates/drain time.
         .testTarget(
@@ -156,7 +160,7 @@ let package = Package(
 // crosses CeleryWire, TandemCore, Redis, Postgres and Worker). Measured with Benchmarks/diag_switches.py, 4
 // alternated pairs at c=2: worker loop busy 38.9–39.7% → 37.7–37.9%, worker CPU median 0.533 → 0.513 ms per task.
 // (Dependencies are left as they come; C targets take no Swift flags.)
-let cTargets: Set<String> = ["CHiredis", "CLibpq", "CSpawn"]
+let cTargets: Set<String> = ["CHiredis", "CLibpq", "CSpawn", "CEventLoop"]
 for target in package.targets where (target.type == .regular || target.type == .executable) && !cTargets.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
 }

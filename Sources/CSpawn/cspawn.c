@@ -12,8 +12,6 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/wait.h>
 #include <dirent.h>
 #include <sched.h>
@@ -51,8 +49,6 @@ int tandem_pin_threads(int cpu) {
     closedir(d);
     return rc;
 }
-
-void tandem_name_thread(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 
 int tandem_spawn(const char *path, char *const argv[], char *const envp[], const char *output_path,
                  int death_signal, pid_t *pid_out) {
@@ -132,41 +128,3 @@ int tandem_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int fro
 int tandem_pidfd_open(pid_t pid) {
     return (int)syscall(SYS_pidfd_open, pid, 0);
 }
-
-int tandem_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
-
-int tandem_epoll_add(int epfd, int fd) {
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
-}
-
-int tandem_epoll_del(int epfd, int fd) { return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL); }
-
-int tandem_epoll_want_write(int epfd, int fd, int on) {
-    struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.fd = fd};
-    return epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev);
-}
-
-int tandem_epoll_wait(int epfd, int *fds, int max, int timeout_ms) {
-    struct epoll_event evs[64];
-    if (max > 64) max = 64;
-    int n = epoll_wait(epfd, evs, max, timeout_ms);
-    for (int i = 0; i < n; i++) fds[i] = evs[i].data.fd;
-    return n;
-}
-
-int tandem_eventfd_create(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
-
-void tandem_eventfd_signal(int fd) {
-    uint64_t one = 1;
-    (void)!write(fd, &one, sizeof one);
-}
-
-void tandem_eventfd_drain(int fd) {
-    uint64_t n;
-    (void)!read(fd, &n, sizeof n);
-}
-
-static __thread int on_loop_thread = 0;
-void tandem_mark_loop_thread(void) { on_loop_thread = 1; }
-int tandem_on_loop_thread(void) { return on_loop_thread; }

@@ -1,7 +1,7 @@
 /// A thread that waits on sockets (epoll) and runs work queued on it. A client whose socket it drives writes its
 /// requests and reads its replies on that thread, and resumes its callers there: no thread of the client's own
 /// wakes for each call (a blocking client costs two thread switches per call, a third of a worker's switches).
-/// The worker's `WorkerLoop` is one; clients given none keep a thread of their own.
+/// `EventLoopThread` is the one (the worker's and the dispatcher's); clients given none keep a thread of their own.
 public protocol IOLoop: AnyObject, Sendable {
     /// True on the loop's thread.
     var inLoop: Bool { get }

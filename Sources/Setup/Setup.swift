@@ -29,12 +29,14 @@ public enum Defaults {
 
 /// Opens the broker from a Celery broker URL (`redis://`, `redis+socket://`, `sentinel://`).
 /// `loop`: the worker's loop, which then drives the claim and ack connection (RedisBroker).
-public func openBroker(url: String, masterName: String?, logger: Logger, loop: (any IOLoop)? = nil) async throws -> RedisBroker {
+public func openBroker(
+    url: String, masterName: String?, logger: Logger, loop: (any IOLoop)? = nil, allCallsOnLoop: Bool = false
+) async throws -> RedisBroker {
     let master = masterName ?? ProcessInfo.processInfo.environment["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME"]
     let config = try RedisConfiguration(url: url, masterName: master)
     // TANDEM_REPLICA_ACKS=1 with Sentinel: every move waits for a replica, so a failover cannot roll it back
     let acks = Int(ProcessInfo.processInfo.environment["TANDEM_REPLICA_ACKS"] ?? "") ?? 0
-    let broker = RedisBroker(configuration: config, logger: logger, replicaAcks: max(0, acks), loop: loop)
+    let broker = RedisBroker(configuration: config, logger: logger, replicaAcks: max(0, acks), loop: loop, allCallsOnLoop: allCallsOnLoop)
     try await broker.connect()
     return broker
 }

@@ -30,17 +30,27 @@ public final class RedisBroker: Broker {
     public let replicaTimeoutMs: Int
     let logger: Logger
 
+    /// - `loop`: the worker's loop. Claims, acks and the wait for work are written and answered on it; renewals,
+    ///   heartbeats and the rest keep connections with threads of their own, so they go on while the loop is held
+    ///   up (a worker's slots run on the loop).
+    /// - `allCallsOnLoop`: the dispatcher's. Every call goes over one connection `loop` drives (and the wait over
+    ///   a second): its cycle runs on that loop and makes one call at a time, so each reply resumes it right there
+    ///   instead of waking a connection thread and then a pool thread.
     public init(
         configuration: RedisConfiguration, logger: Logger, replicaAcks: Int = 0, replicaTimeoutMs: Int = 500,
-        loop: (any IOLoop)? = nil
+        loop: (any IOLoop)? = nil, allCallsOnLoop: Bool = false
     ) {
-        client = RedisClient(configuration: configuration, label: "broker", logger: logger)
-        // (with replica acks, WAIT would hold up every call pipelined behind it: those keep a connection each)
-        onLoop = loop.flatMap { replicaAcks > 0 ? nil : RedisClient(configuration: configuration, label: "broker-loop", logger: logger, loop: $0) }
+        precondition(!allCallsOnLoop || loop != nil, "allCallsOnLoop needs a loop")
+        client = RedisClient(configuration: configuration, label: "broker", logger: logger, loop: allCallsOnLoop ? loop : nil)
+        // (with replica acks, WAIT would hold up every call pipelined behind it: those keep a connection each —
+        // except where calls are made one at a time anyway)
+        onLoop = allCallsOnLoop ? nil : loop.flatMap {
+            replicaAcks > 0 ? nil : RedisClient(configuration: configuration, label: "broker-loop", logger: logger, loop: $0)
+        }
         // an idle worker's wait for work ends on its loop too: the claim that follows goes out from there at once,
         // instead of a connection thread waking the loop first
         waiter = RedisClient(configuration: configuration, label: "broker-wait", logger: logger, loop: loop)
-        movers = [client] + (1..<Self.moverConnections).map {
+        movers = allCallsOnLoop ? [client] : [client] + (1..<Self.moverConnections).map {
             RedisClient(configuration: configuration, label: "broker-\($0)", logger: logger)
         }
         self.replicaAcks = replicaAcks

@@ -83,7 +83,7 @@ public final class ChildProcess: Sendable {
                     return (rc, pid)
                 }
             }
-            if r.0 == 0 && !reapedBySpawner { WorkerLoop.shared.watch(r.1) { end.deliver($0) } }
+            if r.0 == 0 && !reapedBySpawner { WorkerLoop.watch(r.1) { end.deliver($0) } }
             return r
         }
         guard result.0 == 0 else {
@@ -118,7 +118,7 @@ public final class ChildProcess: Sendable {
             defer { w = true }
             return !w
         }
-        if watch { WorkerLoop.shared.watch(pid) { [end] in end.deliver($0) } }
+        if watch { WorkerLoop.watch(pid) { [end] in end.deliver($0) } }
         return await end.wait()
     }
 

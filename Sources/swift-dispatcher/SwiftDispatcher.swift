@@ -1,4 +1,5 @@
 import ArgumentParser
+import ClientSupport
 import Dispatcher
 import Foundation
 import Logging
@@ -77,7 +78,10 @@ struct SwiftDispatcher: AsyncParsableCommand {
             ?? "dispatcher\(site.map { "-" + $0 } ?? "")@\(ProcessInfo.processInfo.hostName):\(getpid())"
         let url = setting(broker, env: "AIRFLOW__CELERY__BROKER_URL", default: Defaults.broker)!
         do {
-            let b = try await openBroker(url: url, masterName: masterName, logger: logger)
+            // the whole cycle on one thread that also drives the Redis connections: a message's wake-up, the
+            // capacity read and the move cross no other thread (see EventLoopThread)
+            let loop = EventLoopThread(name: "tandem-dispatch")
+            let b = try await openBroker(url: url, masterName: masterName, logger: logger, loop: loop, allCallsOnLoop: true)
             let metrics = PrometheusDispatcherObserver()
             let runtime = DispatcherRuntime(configuration: config, broker: b, logger: logger, observer: metrics)
             let port = metricsPort ?? setting(nil, env: "TANDEM_METRICS_PORT").flatMap { Int($0) } ?? 9465
@@ -86,7 +90,7 @@ struct SwiftDispatcher: AsyncParsableCommand {
                 port: port, registry: metrics.registry, ready: { metrics.readiness() }, logger: logger)
             defer { server?.stop() }
             let handlers = SignalHandlers(graceful: { runtime.shutdown() }, immediate: { runtime.shutdown() })
-            await runtime.run()
+            await withTaskExecutorPreference(loop) { await runtime.run() }
             withExtendedLifetime(handlers) {}
             b.close()
         } catch {

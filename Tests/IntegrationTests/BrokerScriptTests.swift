@@ -1,7 +1,9 @@
 import CeleryWire
+import ClientSupport
 import Foundation
 import Logging
 import Redis
+import Synchronization
 import TandemCore
 import TandemRedis
 import Testing
@@ -60,6 +62,40 @@ struct BrokerScriptTests {
         #expect(try jobs.map(taskID) == [first, second])
         #expect(jobs.allSatisfy { $0.ingressList == "default" })  // replay goes back to kombu's list, not staging
         #expect(try await !broker.waitForIngress(queue: "default", timeout: .milliseconds(50)))
+    }
+
+    @Test("the dispatcher's broker (every call on its loop) waits, moves and reads on that loop: a held-up loop holds its calls")
+    func dispatcherBrokerOnItsLoop() async throws {
+        let loop = EventLoopThread(name: "test-dispatch")
+        let onLoop = RedisBroker(
+            configuration: try RedisConfiguration(url: server.url), logger: Logger(label: "test"), loop: loop, allCallsOnLoop: true)
+        try await onLoop.connect()
+        defer { onLoop.close() }
+        let id = try await publish()
+        try await withTaskExecutorPreference(loop) { () async throws -> Void in
+            #expect(try await onLoop.waitForIngress(queue: "default", timeout: .seconds(5)))
+            #expect(try await onLoop.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
+            #expect(loop.inLoop, "the cycle resumed on its loop")
+        }
+        // while the loop is held, a call made from elsewhere gets no answer: its reply is read on the loop
+        final class Flags: Sendable {
+            let holding = Mutex(false)
+            let released = Mutex(false)
+        }
+        let flags = Flags()
+        let hold = Task.detached {
+            await loop.run {
+                flags.holding.withLock { $0 = true }
+                usleep(300_000)
+                flags.released.withLock { $0 = true }
+            }
+        }
+        while !flags.holding.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(5)) }
+        _ = try await onLoop.now()
+        #expect(flags.released.withLock { $0 }, "the reply came before the loop was let go: not driven by the loop")
+        await hold.value
+        let jobs = try await broker.claim(workerID: "w", datacenter: "east", queues: ["default"], max: 10, leaseMs: 1000)
+        #expect(try jobs.map(taskID) == [id])
     }
 
     @Test("dispatch honours max and leaves the rest in the ingress list")

@@ -1,3 +1,4 @@
+import ClientSupport
 import Foundation
 import Synchronization
 import Testing
@@ -118,6 +119,19 @@ struct ChildProcessTests {
             #expect(heardOnLoop.withLock { $0 } == true, "the end is delivered by the loop that reaped it")
         }
         #expect(await WorkerLoop.shared.run { WorkerLoop.isCurrent }, "run hands its body to the loop")
+    }
+
+    @Test("another event loop (the dispatcher's) is a thread of its own: each loop knows only its own thread")
+    func loopsAreIndependent() async {
+        let other = EventLoopThread(name: "test-other")
+        #expect(!other.inLoop && !WorkerLoop.isCurrent)
+        #expect(await other.run { other.inLoop && !WorkerLoop.isCurrent })
+        #expect(await WorkerLoop.shared.run { WorkerLoop.isCurrent && !other.inLoop })
+        await withTaskExecutorPreference(other) {
+            #expect(other.inLoop, "a task preferring the other loop runs on its thread")
+            _ = await WorkerLoop.shared.run { 0 }
+            #expect(other.inLoop && !WorkerLoop.isCurrent, "and comes back to it after a call on the worker loop")
+        }
     }
 
     @Test("work handed to the loop from many threads at once all runs (no lost wake-up), between reaping children")

@@ -23,31 +23,7 @@ int tandem_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int fro
 /// should not go on.
 int tandem_pin_threads(int cpu);
 
-/// Names the calling thread for the kernel (/proc, perf, top -H); at most 15 characters are kept.
-void tandem_name_thread(const char *name);
-
 /// A pidfd for `pid` (readable once the process has ended), or -1 with errno set.
 int tandem_pidfd_open(pid_t pid);
-
-/// epoll without its packed struct (Swift cannot lay it out): create, watch `fd` for readability, forget `fd`,
-/// and wait for up to `max` ready fds (stored in `fds`; returns how many, or -1 on EINTR/error).
-int tandem_epoll_create(void);
-int tandem_epoll_add(int epfd, int fd);
-int tandem_epoll_del(int epfd, int fd);
-/// Watch an added `fd` for writability too (`on` = 1), or for readability alone again (0).
-int tandem_epoll_want_write(int epfd, int fd, int on);
-/// `timeout_ms` as epoll_wait's: -1 waits until an fd is ready, 0 only looks.
-int tandem_epoll_wait(int epfd, int *fds, int max, int timeout_ms);
-
-/// An eventfd (non-blocking, close-on-exec) that wakes an epoll loop from another thread; -1 with errno set.
-int tandem_eventfd_create(void);
-/// Makes `fd` readable (adds 1 to its counter) / makes it unreadable again (reads the counter).
-void tandem_eventfd_signal(int fd);
-void tandem_eventfd_drain(int fd);
-
-/// Marks the calling thread as the worker loop's thread; asks whether the calling thread is it (a thread-local
-/// flag: no lookup, so the loop can tell "run it here" from "hand it over" on every spawn).
-void tandem_mark_loop_thread(void);
-int tandem_on_loop_thread(void);
 
 #endif

@@ -55,7 +55,7 @@ let package = Package(
         ),
         .target(
             name: "Dispatcher",
-            dependencies: ["TandemCore", "TandemRedis", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["TandemCore", "TandemRedis", "ClientSupport", .product(name: "Logging", package: "swift-log")]
         ),
 
         // What the three executables share: flag/environment resolution, opening the stores, signals, logging.
@@ -131,7 +131,7 @@ let package = Package(
             name: "ObservabilityTests",
             dependencies: [
                 "Observability", "HTTPServer", "Setup", "Worker", "Dispatcher", "TandemCore", "CeleryWire", "Redis",
-                "TandemRedis", "TestSupport", .product(name: "Logging", package: "swift-log"),
+                "TandemRedis", "ClientSupport", "TestSupport", .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(

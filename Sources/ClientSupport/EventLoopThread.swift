@@ -135,6 +135,28 @@ public final class EventLoopThread: TaskExecutor, IOLoop, @unchecked Sendable {
         return probeQueuedAt.map { .now - $0 } ?? .zero
     }
 
+    /// Watches the loop until the calling task is cancelled; call it from the pool, never from this loop. Once a
+    /// second it probes the loop and passes `report` how long the waiting probe has waited; `stalledFor` hears
+    /// once when a stall reaches `warnAfter`, `runsAgain` once it is over (the probe waits under a fifth of that).
+    public func watchStalls(
+        warnAfter: Duration, report: (Duration) -> Void, stalledFor: (Duration) -> Void, runsAgain: () -> Void
+    ) async {
+        var warned = false
+        while !Task.isCancelled {
+            probe()
+            try? await Task.sleep(for: .seconds(1))
+            let stalled = self.stalled
+            report(stalled)
+            if stalled >= warnAfter, !warned {
+                warned = true
+                stalledFor(stalled)
+            } else if warned, stalled < warnAfter / 5 {
+                warned = false
+                runsAgain()
+            }
+        }
+    }
+
     // MARK: - The thread
 
     private func loop() {

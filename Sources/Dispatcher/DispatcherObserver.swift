@@ -14,6 +14,8 @@ public protocol DispatcherObserver: Sendable {
     /// Leadership changed: this dispatcher leads with `epoch`, or (nil) is a standby.
     func leadership(epoch: Int64?)
     func brokerError()
+    /// How long the dispatcher loop has left a probe waiting (about 0 while it keeps up; see `run(on:)`).
+    func loopStalled(seconds: Double)
 }
 
 extension DispatcherObserver {
@@ -25,6 +27,7 @@ extension DispatcherObserver {
     public func queues(_ stats: [QueueStats]) {}
     public func leadership(epoch: Int64?) {}
     public func brokerError() {}
+    public func loopStalled(seconds: Double) {}
 }
 
 public struct NoDispatcherObserver: DispatcherObserver {

@@ -1,3 +1,4 @@
+import ClientSupport
 import Foundation
 import Logging
 import Redis
@@ -34,6 +35,8 @@ public struct DispatcherConfiguration: Sendable {
     /// The leader lease; a standby takes over at most this long (plus one check) after the leader dies.
     public var leaderLease: Duration = .seconds(5)
     public var leaderCheck: Duration = .seconds(1)
+    /// A dispatcher loop (`run(on:)`) that has not run for this long is logged once and reported not ready.
+    public var loopStallWarning: Duration = .seconds(5)
 
     public init(policy: RoutingPolicy, queues: [String], dispatcherID: String? = nil) {
         self.policy = policy
@@ -86,6 +89,26 @@ public final class DispatcherRuntime: Sendable {
         var states: [String: DatacenterState] = [:]
         var workers: [WorkerStatus] = []
         var live: Set<String> { Set(states.values.filter(\.acceptsWork).map(\.name)) }
+    }
+
+    /// Runs the cycle on `loop` (the thread that drives the broker's connections, see `EventLoopThread`) until
+    /// `shutdown()`, while the pool watches that the loop keeps running: held up, nothing is dispatched,
+    /// reclaimed or drained.
+    public func run(on loop: EventLoopThread) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                await loop.watchStalls(
+                    warnAfter: self.configuration.loopStallWarning,
+                    report: { self.observer.loopStalled(seconds: $0.inSeconds) },
+                    stalledFor: { stalled in
+                        self.logger.error(
+                            "the dispatcher loop has not run for \(stalled): nothing is dispatched, reclaimed or drained meanwhile — is the dispatcher's log output blocked (a full pipe, a stopped reader)? A stack dump (gdb -p \(getpid()), thread '\(loop.name)') shows where it waits; a standby dispatcher takes over only if this one stops renewing its lease")
+                    },
+                    runsAgain: { self.logger.notice("the dispatcher loop runs again") })
+            }
+            await withTaskExecutorPreference(loop) { await self.run() }
+            group.cancelAll()
+        }
     }
 
     public func run() async {

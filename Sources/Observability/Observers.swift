@@ -193,7 +193,11 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     let epoch: Gauge
     let leader: Gauge
     let redisErrors: Counter
+    let loopStall: Gauge
+    /// Not ready while the dispatcher loop has left a probe waiting this long (its warning threshold).
+    public var loopStallLimit: Double = 5
     private let lock = NSLock()
+    private var stalledSeconds: Double = 0
     private var lastStatus: [String: DatacenterState.Status] = [:]
     private var sawHealth = false
 
@@ -216,6 +220,10 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         epoch = r.gauge("tandem_leader_epoch", help: "Leader epoch of this dispatcher (0 while standby).")
         leader = r.gauge("tandem_dispatcher_leader", help: "1 when this dispatcher leads, 0 when standby.")
         redisErrors = r.counter("tandem_redis_errors_total", help: "Failed dispatcher cycles (Redis operations).")
+        loopStall = r.gauge(
+            "tandem_dispatcher_loop_stall_seconds",
+            help: "How long the dispatcher loop (which dispatches, reclaims and drains) has left a probe waiting; about 0 while it keeps up.")
+        loopStall.set(0)
         // a standby is told only when it starts leading: it reports 0 until then
         epoch.set(0)
         leader.set(0)
@@ -294,8 +302,19 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         redisErrors.inc()
     }
 
-    /// Why the dispatcher is not ready (nil: ready).
-    public func readiness() -> String? { broker.problem() }
+    public func loopStalled(seconds: Double) {
+        loopStall.set(seconds)
+        lock.withLock { stalledSeconds = seconds }
+    }
+
+    /// Why the dispatcher is not ready (nil: ready): its loop must keep running and Redis must answer.
+    public func readiness() -> String? {
+        let stalled = lock.withLock { stalledSeconds }
+        if stalled >= loopStallLimit {
+            return "the dispatcher loop has not run for \(Int(stalled)) s: nothing is dispatched — see its log"
+        }
+        return broker.problem()
+    }
 }
 
 /// Connections opened to Redis and Postgres since start; a rise after start-up means the process reconnected.

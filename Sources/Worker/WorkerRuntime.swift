@@ -429,22 +429,15 @@ public final class WorkerRuntime: Sendable {
     /// finished tasks unreaped and unrecorded (their leases are still renewed, and self-fencing still acts, from
     /// the pool). Says so, once per stall, and reports it as a metric.
     private func loopWatch() async {
-        var warned = false
-        while !Task.isCancelled {
-            WorkerLoop.shared.probe()
-            try? await Task.sleep(for: .seconds(1))
-            let stalled = WorkerLoop.shared.stalled
-            observer.loopStalled(seconds: stalled.inSeconds)
-            if stalled >= configuration.loopStallWarning, !warned {
-                warned = true
+        await WorkerLoop.shared.watchStalls(
+            warnAfter: configuration.loopStallWarning,
+            report: { observer.loopStalled(seconds: $0.inSeconds) },
+            stalledFor: { stalled in
                 count("loop_stalled")
                 logger.error(
                     "the worker loop has not run for \(stalled): no task starts, ends or is recorded meanwhile — is the worker's log output blocked (a full pipe, a stopped reader)? A stack dump (gdb -p \(getpid()), thread 'tandem-loop') shows where it waits")
-            } else if warned, stalled < configuration.loopStallWarning / 5 {
-                warned = false
-                logger.notice("the worker loop runs again")
-            }
-        }
+            },
+            runsAgain: { logger.notice("the worker loop runs again") })
     }
 
     private func heartbeatLoop() async {

@@ -90,7 +90,7 @@ struct SwiftDispatcher: AsyncParsableCommand {
                 port: port, registry: metrics.registry, ready: { metrics.readiness() }, logger: logger)
             defer { server?.stop() }
             let handlers = SignalHandlers(graceful: { runtime.shutdown() }, immediate: { runtime.shutdown() })
-            await withTaskExecutorPreference(loop) { await runtime.run() }
+            await runtime.run(on: loop)
             withExtendedLifetime(handlers) {}
             b.close()
         } catch {

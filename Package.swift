@@ -111,7 +111,14 @@ let package = Package(
         ),
 
         // Tests: unit (no servers), clients and integration (real Redis/Postgres), interop (real Python).
-        .target(name: "TestSupport", dependencies: ["Redis", "Postgres", "ClientSupport", "CeleryWire", "CSpawn"], path: "Tests/TestSupport"),
+        .target(
+            name: "TestSupport",
+            dependencies: [
+                "Redis", "Postgres", "ClientSupport", "CeleryWire", "CSpawn", "TandemRedis",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Tests/TestSupport"
+        ),
         .testTarget(name: "CeleryWireTests", dependencies: ["CeleryWire"], resources: [.copy("vectors")]),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"]),
         .testTarget(name: "ClientTests", dependencies: ["Redis", "Postgres", "ClientSupport", "TestSupport", "Worker"]),

@@ -414,7 +414,7 @@ struct WorkerProcessTests {
     @Test("--claim-ahead 1: with its one slot busy the worker holds one more job, unstarted; at SIGTERM that job goes back to the front of its queue at once (not after its lease); each task runs once")
     func claimAheadGivesBackAtShutdown() async throws {
         // a long hold limit: what gives the job back here must be the SIGTERM, however slow the machine
-        let (w, held, next) = try await holdOneBehindALongTask(run: "ah", holdLimit: 60)
+        let (w, held, next) = try await cluster.holdOneBehindALongTask(redis: redis, run: "ah", extra: ["--claim-ahead-hold", "60"])
         let eastQueue = Keys.queue(datacenter: "east", queue: "default")
         #expect(try await redis.send(["LLEN", eastQueue]).int == 0)
         #expect(cluster.taskEvents().filter { $0.event == "start" && $0.key.hasSuffix(".ah") }.count == 1, "the job claimed ahead must not start while the slot is busy")
@@ -436,36 +436,9 @@ struct WorkerProcessTests {
         #expect(!cluster.taskEvents().contains { $0.event == "DUPLICATE" })
     }
 
-    /// A c=1 worker with `--claim-ahead 1` that has run one quick task (claiming ahead starts once the worker has
-    /// seen its tasks run shorter than --claim-ahead-max-run; the stand-in airflow takes ~0.1 s, hence 60 s), then
-    /// a `hold` task running and an `ok` task claimed ahead behind it. Jobs go straight into east's queue (no
-    /// dispatcher: a slow task gets no prefetch, so the dispatcher would keep the second in the ingress list).
-    /// Returns the worker and the two task ids.
-    func holdOneBehindALongTask(run: String, holdLimit: Int? = nil) async throws -> (TandemProcess, hold: String, next: String) {
-        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
-        defer { broker.close() }
-        let warm = try await submit(task: "ok", run: "warm")
-        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
-        let w = try cluster.startWorker(
-            dc: "east", name: "east-1",
-            extra: ["--concurrency", "1", "--claim-ahead", "1", "--claim-ahead-max-run", "60000"]
-                + (holdLimit.map { ["--claim-ahead-hold", String($0)] } ?? []))
-        #expect(try await waitForFinal([warm])[warm] == "SUCCESS", "\(cluster.logs())")
-        let hold = try await submit(task: "hold", run: run)
-        let next = try await submit(task: "ok", run: run)
-        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
-        // one running (the hold), one leased to the worker but not started
-        let holding = try await eventually(timeout: .seconds(30)) {
-            try await redis.send(["ZCARD", Keys.leases]).int == 2
-                && cluster.taskEvents().contains { $0.event == "start" && $0.key == "dag.hold.\(run)" }
-        }
-        #expect(holding, "\(cluster.logs())")
-        return (w, hold, next)
-    }
-
     @Test("--claim-ahead: the heartbeat lists the job held ahead apart from the running one; --claim-ahead-hold 30 keeps it past the default 2 s")
     func heartbeatListsHeldJobs() async throws {
-        let (_, held, next) = try await holdOneBehindALongTask(run: "hb", holdLimit: 30)
+        let (_, held, next) = try await cluster.holdOneBehindALongTask(redis: redis, run: "hb", extra: ["--claim-ahead-hold", "30"])
         let inspector = BrokerInspector(client: redis)
         let shown = try await eventually(timeout: .seconds(30)) {
             let w = try await inspector.workers().first
@@ -485,7 +458,7 @@ struct WorkerProcessTests {
 
     @Test("--claim-ahead: a job held behind a task that turned out long goes back to its queue after 2 s, and another worker runs it while that task still runs")
     func claimAheadHoldLimit() async throws {
-        let (w, long, next) = try await holdOneBehindALongTask(run: "hl")
+        let (w, long, next) = try await cluster.holdOneBehindALongTask(redis: redis, run: "hl")
         let eastQueue = Keys.queue(datacenter: "east", queue: "default")
         // the hold limit (2 s) puts it back for any worker …
         let givenBack = try await eventually(timeout: .seconds(30)) { try await redis.send(["LLEN", eastQueue]).int == 1 }

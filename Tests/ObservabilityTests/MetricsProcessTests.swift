@@ -123,31 +123,12 @@ struct MetricsProcessTests {
     @Test("--claim-ahead: a job held behind a long task shows in tandem_worker_jobs_claimed_ahead, and its give-back after the hold limit in tandem_worker_claimed_ahead_given_back_total")
     func claimedAheadGaugeAndGiveBacks() async throws {
         let wport = freeLoopbackPort()
-        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
-        defer { broker.close() }
-        // no dispatcher: it would not prefetch behind a slow task, so jobs go straight into east's queue
-        let warm = try await submit(task: "ok", run: "warm")
-        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
-        // claiming ahead starts once the worker has seen its tasks run shorter than --claim-ahead-max-run
-        try cluster.startWorker(
-            dc: "east", name: "east-1",
-            extra: ["--concurrency", "1", "--claim-ahead", "1", "--claim-ahead-max-run", "60000", "--metrics-port", String(wport)])
-        let warmed = try await eventually(timeout: .seconds(30)) {
-            guard let m = try? await get(port: wport, "/metrics").body else { return false }  // not listening yet
-            return total(m, "tandem_tasks_total", where: ["outcome": "SUCCESS"]) == 1
-        }
-        #expect(warmed, "\(cluster.logs()) \(warm)")
-        let before = try await scrape(wport)
-        #expect(sample(before, "tandem_worker_jobs_claimed_ahead") == 0)
-        #expect(sample(before, "tandem_worker_claimed_ahead_given_back_total") == 0)
-
-        try await submit(task: "hold", run: "ahead")
-        try await submit(task: "ok", run: "ahead")
-        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        _ = try await cluster.holdOneBehindALongTask(redis: redis, run: "ahead", extra: ["--metrics-port", String(wport)])
         // the hold runs and the ok waits, claimed ahead, until the 2 s hold limit gives it back
         let heldAhead = try await eventually(timeout: .seconds(30)) {
             let m = try await scrape(wport)
             return sample(m, "tandem_worker_slots_busy") == 1 && sample(m, "tandem_worker_jobs_claimed_ahead") == 1
+                && sample(m, "tandem_worker_claimed_ahead_given_back_total") == 0
         }
         #expect(heldAhead, "\(cluster.logs())")
         let givenBack = try await eventually(timeout: .seconds(30)) {

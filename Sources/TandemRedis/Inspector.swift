@@ -2,6 +2,19 @@ import Foundation
 import Redis
 import TandemCore
 
+/// The dispatcher leader lease (leader.lua's hash) as read at `nowMs` on Redis's clock.
+public struct LeaderLease: Sendable, Equatable {
+    public var owner: String
+    public var epoch: Int64
+    /// When this owner took the lead.
+    public var sinceMs: Int64
+    /// Until when the lease holds unless renewed; 0 once its owner stepped down.
+    public var deadlineMs: Int64
+    public var nowMs: Int64
+    /// Someone leads now: the lease has not run out (a leader renews it every fifth of its length).
+    public var isLive: Bool { deadlineMs >= nowMs }
+}
+
 /// Read-mostly views of the broker for the dispatcher's routing decisions and for `executorctl`.
 public struct BrokerInspector: Sendable {
     public let client: RedisClient
@@ -30,6 +43,16 @@ public struct BrokerInspector: Sendable {
                     state: WorkerStatus.State(rawValue: h["state"] ?? "") ?? .running, lastSeenMs: seen))
         }
         return out
+    }
+
+    /// The dispatcher leader lease as Redis holds it (nil: no dispatcher has ever led here), read with Redis's clock.
+    public func leaderLease() async throws -> LeaderLease? {
+        let now = try await client.time().milliseconds
+        let h = hash(try await client.send(["HGETALL", Keys.leader]))
+        guard let owner = h["owner"], !owner.isEmpty else { return nil }
+        return LeaderLease(
+            owner: owner, epoch: Int64(h["epoch"] ?? "") ?? 0, sinceMs: Int64(h["since_ms"] ?? "") ?? 0,
+            deadlineMs: Int64(h["deadline_ms"] ?? "") ?? 0, nowMs: now)
     }
 
     /// Removes workers not seen for `olderThanMs` from the heartbeat set (their hashes expire on their own).

@@ -21,8 +21,8 @@ struct Executorctl: AsyncParsableCommand {
             Exit codes: 0 ok, 1 not found / refused / declined, 2 cannot reach Redis or Postgres, 64 bad usage.
             """,
         subcommands: [
-            Queues.self, Workers.self, TaskCmd.self, Submit.self, DC.self, DLQ.self, Leases.self, Ingress.self,
-            Watch.self,
+            Queues.self, Workers.self, TaskCmd.self, Submit.self, DC.self, DispatcherCmd.self, DLQ.self, Leases.self,
+            Ingress.self, Watch.self,
         ])
 }
 
@@ -84,6 +84,49 @@ struct Queues: AsyncParsableCommand {
         }
         }
     }
+}
+
+struct DispatcherCmd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dispatcher",
+        abstract: "Which dispatcher leads, for how long, and the time left on its lease; exits 1 when none leads.")
+    @OptionGroup var common: Common
+    func run() async throws {
+        var read: LeaderLease?
+        try await common.withInspector { i in read = try await i.leaderLease() }
+        let lease = read
+        if common.json {
+            let live = lease?.isLive ?? false
+            var out: [String: Any] = ["leader": NSNull(), "last_owner": NSNull(), "epoch": 0, "live": live]
+            var leadingFor: Int64 = 0
+            var left: Int64 = 0
+            if let lease {
+                out["last_owner"] = lease.owner
+                out["epoch"] = lease.epoch
+                if live {
+                    out["leader"] = lease.owner
+                    leadingFor = lease.nowMs - lease.sinceMs
+                    left = lease.deadlineMs - lease.nowMs
+                }
+            }
+            out["leading_for_ms"] = leadingFor
+            out["lease_left_ms"] = left
+            printJSON(out)
+        } else if let lease, lease.isLive {
+            printTable(["LEADER", "EPOCH", "LEADING FOR", "LEASE LEFT"], [[
+                lease.owner, String(lease.epoch), seconds(lease.nowMs - lease.sinceMs), seconds(lease.deadlineMs - lease.nowMs),
+            ]])
+        }
+        if lease?.isLive != true {
+            fail(noLeaderProblem(lease), code: Exit.notFound)
+        }
+    }
+}
+
+/// Why nothing is being dispatched when no dispatcher holds the lease, and what to do.
+func noLeaderProblem(_ lease: LeaderLease?) -> String {
+    let last = lease.map { "; the last leader was \($0.owner) (epoch \($0.epoch)), which stepped down or stopped renewing its lease" } ?? ""
+    return "no dispatcher leads\(last): nothing moves from Airflow's lists into datacenter queues, no lease is reclaimed and no lost datacenter is drained — start swift-dispatcher (a standby in any datacenter takes the lead by itself within its lease) or check the running one's log"
 }
 
 struct Workers: AsyncParsableCommand {
@@ -244,6 +287,13 @@ struct DC: AsyncParsableCommand {
                 printTable(["DATACENTER", "STATUS", "WORKERS", "BUSY/SLOTS", "WHY"], s.map {
                     [$0.name, $0.status.rawValue, String($0.liveWorkers), "\($0.busy)/\($0.slots)", $0.reason]
                 }) { _, col, text in col == 1 ? Style.state(text) : nil }
+                // the dispatcher is what moves a lost datacenter's work: say whether one is there to do it
+                let lease = try await i.leaderLease()
+                if let lease, lease.isLive {
+                    print("dispatcher: \(lease.owner) leads (epoch \(lease.epoch))")
+                } else {
+                    print("dispatcher: " + noLeaderProblem(lease))
+                }
             }
             }
         }

@@ -198,6 +198,30 @@ struct ExecutorctlTests {
         try cluster.release(dag: "dag", run: "long")
     }
 
+    @Test("dispatcher: shows the leader and its lease; once none leads, exit 1 with what to do, and dc status says so too")
+    func dispatcherLeader() async throws {
+        let none = try await ctl("dispatcher")
+        #expect(none.code == 1 && none.err.contains("no dispatcher leads") && !none.err.contains("the last leader"), "\(none)")
+        let d = try cluster.startDispatcher(extra: ["--metrics-port", "0", "--id", "d-east"])
+        let leads = try await eventually(timeout: .seconds(20)) { try await ctl("dispatcher").code == 0 }
+        #expect(leads, "\(cluster.logs())")
+        let table = try await ctl("dispatcher")
+        #expect(table.out.contains("LEADER") && table.out.contains("d-east"), "\(table)")
+        let j = try #require(try await ctl("dispatcher", "--json").json() as? [String: Any])
+        #expect(j["leader"] as? String == "d-east" && j["live"] as? Bool == true && (j["epoch"] as? Int ?? 0) >= 1, "\(j)")
+        #expect((j["lease_left_ms"] as? Int ?? 0) > 0, "\(j)")
+        #expect(try await ctl("dc", "status").out.contains("dispatcher: d-east leads"))
+        // a clean stop hands the lease back at once: nobody leads now
+        d.signal(SIGTERM)
+        #expect(await d.waitForExit(timeout: .seconds(30)) == 0, "\(d.log())")
+        let gone = try await ctl("dispatcher")
+        #expect(gone.code == 1 && gone.err.contains("no dispatcher leads; the last leader was d-east"), "\(gone)")
+        #expect(gone.err.contains("start swift-dispatcher"), "says what to do: \(gone)")
+        let jg = try #require(try await ctl("dispatcher", "--json").json() as? [String: Any])
+        #expect(jg["leader"] is NSNull && jg["last_owner"] as? String == "d-east" && jg["live"] as? Bool == false, "\(jg)")
+        #expect(try await ctl("dc", "status").out.contains("dispatcher: no dispatcher leads"))
+    }
+
     @Test("workers: jobs claimed ahead show apart from running ones (AHEAD column, claimed_ahead_jobs in --json)")
     func claimedAheadPerWorker() async throws {
         // a heartbeat as a worker holding one job ahead sends it (WorkerProcessTests.heartbeatListsHeldJobs: a real

@@ -96,22 +96,7 @@ struct DispatcherCmd: AsyncParsableCommand {
         try await common.withInspector { i in read = try await i.leaderLease() }
         let lease = read
         if common.json {
-            let live = lease?.isLive ?? false
-            var out: [String: Any] = ["leader": NSNull(), "last_owner": NSNull(), "epoch": 0, "live": live]
-            var leadingFor: Int64 = 0
-            var left: Int64 = 0
-            if let lease {
-                out["last_owner"] = lease.owner
-                out["epoch"] = lease.epoch
-                if live {
-                    out["leader"] = lease.owner
-                    leadingFor = lease.nowMs - lease.sinceMs
-                    left = lease.deadlineMs - lease.nowMs
-                }
-            }
-            out["leading_for_ms"] = leadingFor
-            out["lease_left_ms"] = left
-            printJSON(out)
+            printJSON(leaderJSON(lease))
         } else if let lease, lease.isLive {
             printTable(["LEADER", "EPOCH", "LEADING FOR", "LEASE LEFT"], [[
                 lease.owner, String(lease.epoch), seconds(lease.nowMs - lease.sinceMs), seconds(lease.deadlineMs - lease.nowMs),
@@ -121,6 +106,26 @@ struct DispatcherCmd: AsyncParsableCommand {
             fail(noLeaderProblem(lease), code: Exit.notFound)
         }
     }
+}
+
+/// The leader lease for --json (`dispatcher`, and each `watch` frame).
+func leaderJSON(_ lease: LeaderLease?) -> [String: Any] {
+    let live = lease?.isLive ?? false
+    var out: [String: Any] = ["leader": NSNull(), "last_owner": NSNull(), "epoch": 0, "live": live]
+    var leadingFor: Int64 = 0
+    var left: Int64 = 0
+    if let lease {
+        out["last_owner"] = lease.owner
+        out["epoch"] = lease.epoch
+        if live {
+            out["leader"] = lease.owner
+            leadingFor = lease.nowMs - lease.sinceMs
+            left = lease.deadlineMs - lease.nowMs
+        }
+    }
+    out["leading_for_ms"] = leadingFor
+    out["lease_left_ms"] = left
+    return out
 }
 
 /// Why nothing is being dispatched when no dispatcher holds the lease, and what to do.

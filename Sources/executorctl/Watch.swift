@@ -131,6 +131,7 @@ struct Snapshot {
     var leases = 0
     var expiredLeases = 0
     var deadLetters = 0
+    var leader: LeaderLease?
 
     init(error: String) { self.error = error }
     private init() {}
@@ -146,6 +147,7 @@ struct Snapshot {
         s.leases = l.count
         s.expiredLeases = l.filter { $0.remainingMs < 0 }.count
         s.deadLetters = Int(try await i.client.send(["LLEN", "{tandem}:dlq"]).int ?? 0)
+        s.leader = try await i.leaderLease()
         return s
     }
 
@@ -163,6 +165,11 @@ struct Snapshot {
         out += table(["DATACENTER", "STATUS", "WORKERS", "BUSY/SLOTS", "WHY"], datacenters.map {
             [$0.name, $0.status.rawValue, String($0.liveWorkers), "\($0.busy)/\($0.slots)", $0.reason]
         }) { _, col, text in col == 1 ? Style.state(text) : nil }
+        if let leader, leader.isLive {
+            out.append("dispatcher: \(leader.owner) leads (epoch \(leader.epoch))")
+        } else {
+            out.append(Style.paint("dispatcher: none leads — nothing is dispatched, reclaimed or drained (executorctl dispatcher)", Style.red))
+        }
         out.append("")
         let pending = ingress.map(\.depth).reduce(0, +)
         out += table(["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"], queues.map {
@@ -194,6 +201,7 @@ struct Snapshot {
             "ingress": ingress.map { ["list": $0.list, "depth": $0.depth] as [String: Any] },
             "workers": workers.map { ["worker": $0.workerID, "datacenter": $0.datacenter, "busy": $0.busy, "slots": $0.slots, "state": $0.state.rawValue, "last_heartbeat_ms_ago": nowMs - $0.lastSeenMs] as [String: Any] },
             "leases": leases, "expired_leases": expiredLeases, "dead_letters": deadLetters,
+            "dispatcher": leaderJSON(leader),
         ]
     }
 }

@@ -191,10 +191,12 @@ struct ExecutorctlTests {
         #expect(watch.code == 0, "\(watch)")
         #expect(watch.out.components(separatedBy: "tandem watch").count == 3, "two frames:\n\(watch)")
         #expect(watch.out.contains("east-1") && watch.out.contains("leases 1") && watch.out.contains("dead letters 0"), "\(watch)")
+        #expect(watch.out.contains("dispatcher: ") && watch.out.contains(" leads (epoch "), "the leader shows: \(watch)")
         #expect(!watch.out.contains("\u{1B}["), "no escapes without a terminal")
         let wj = try #require(try await ctl("watch", "--json", "--count", "1").json() as? [String: Any])
         #expect((wj["datacenters"] as? [[String: Any]])?.count == 2)
         #expect(wj["leases"] as? Int == 1)
+        #expect((wj["dispatcher"] as? [String: Any])?["live"] as? Bool == true, "\(wj)")
         try cluster.release(dag: "dag", run: "long")
     }
 

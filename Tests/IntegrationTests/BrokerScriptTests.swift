@@ -3,7 +3,6 @@ import ClientSupport
 import Foundation
 import Logging
 import Redis
-import Synchronization
 import TandemCore
 import TandemRedis
 import Testing
@@ -78,22 +77,14 @@ struct BrokerScriptTests {
             #expect(loop.inLoop, "the cycle resumed on its loop")
         }
         // while the loop is held, a call made from elsewhere gets no answer: its reply is read on the loop
-        final class Flags: Sendable {
-            let holding = Mutex(false)
-            let released = Mutex(false)
+        let hold = try await LoopHold.start(loop)
+        let call = Task { () async throws -> Bool in
+            _ = try await onLoop.now()
+            return hold.isReleased
         }
-        let flags = Flags()
-        let hold = Task.detached {
-            await loop.run {
-                flags.holding.withLock { $0 = true }
-                usleep(300_000)
-                flags.released.withLock { $0 = true }
-            }
-        }
-        while !flags.holding.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(5)) }
-        _ = try await onLoop.now()
-        #expect(flags.released.withLock { $0 }, "the reply came before the loop was let go: not driven by the loop")
-        await hold.value
+        try await Task.sleep(for: .milliseconds(300))
+        await hold.release()
+        #expect(try await call.value, "the reply came before the loop was let go: not driven by the loop")
         let jobs = try await broker.claim(workerID: "w", datacenter: "east", queues: ["default"], max: 10, leaseMs: 1000)
         #expect(try jobs.map(taskID) == [id])
     }

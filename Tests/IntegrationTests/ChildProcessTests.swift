@@ -159,27 +159,14 @@ struct ChildProcessTests {
 
     @Test("a held-up worker loop shows in `stalled` for as long as it is held, and goes back to zero once it runs")
     func stallWatch() async throws {
-        final class Flags: Sendable {
-            let holding = Mutex(false)
-            let release = Mutex(false)
-        }
-        let flags = Flags()
-        // hold the loop the way a blocked log write would: a call that does not return until released
-        let hold = Task.detached {
-            await WorkerLoop.shared.run {
-                flags.holding.withLock { $0 = true }
-                while !flags.release.withLock({ $0 }) { usleep(1000) }
-            }
-        }
-        while !flags.holding.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(5)) }
+        let hold = try await LoopHold.start(WorkerLoop.shared)
         WorkerLoop.shared.probe()
         try await Task.sleep(for: .milliseconds(300))
         // the probe cannot have run: the loop is held
         #expect(WorkerLoop.shared.stalled >= .milliseconds(300))
         WorkerLoop.shared.probe()  // one probe at a time: this one does not restart the clock
         #expect(WorkerLoop.shared.stalled >= .milliseconds(300))
-        flags.release.withLock { $0 = true }
-        await hold.value
+        await hold.release()
         var answered = false
         for _ in 0..<1000 where !answered {
             answered = WorkerLoop.shared.stalled == .zero

@@ -4,7 +4,6 @@ import Foundation
 import Logging
 import Observability
 import Redis
-import Synchronization
 import TandemCore
 import TandemRedis
 import Testing
@@ -34,26 +33,13 @@ struct DispatcherLoopStallTests {
         #expect(try await eventually(timeout: .seconds(20)) { runtime.epoch != nil }, "the dispatcher never led")
         #expect(observer.readiness() == nil)
 
-        // hold the loop the way a blocked log write would
-        final class Gate: Sendable {
-            let holding = Mutex(false)
-            let release = Mutex(false)
-        }
-        let gate = Gate()
-        let hold = Task.detached {
-            await loop.run {
-                gate.holding.withLock { $0 = true }
-                while !gate.release.withLock({ $0 }) { usleep(1000) }
-            }
-        }
-        while !gate.holding.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(5)) }
+        let hold = try await LoopHold.start(loop)
         let reported = try await eventually(timeout: .seconds(20)) {
             (observer.readiness() ?? "").contains("the dispatcher loop has not run for")
         }
         #expect(reported, "readiness while held: \(observer.readiness() ?? "ready")")
         #expect((observer.registry.value("tandem_dispatcher_loop_stall_seconds") ?? 0) >= 1)
-        gate.release.withLock { $0 = true }
-        await hold.value
+        await hold.release()
         let cleared = try await eventually(timeout: .seconds(20)) {
             observer.readiness() == nil && observer.registry.value("tandem_dispatcher_loop_stall_seconds") == 0
         }

@@ -76,9 +76,11 @@ public final class Cluster: @unchecked Sendable {
     /// A Postgres of this cluster's own, for tests that stop it (nil: the process-wide shared one).
     public let ownPostgres: PostgresServer?
 
-    /// - Parameter dedicatedPostgres: start a Postgres for this cluster alone (for tests that stop it).
-    public init(dedicatedPostgres: Bool = false) throws {
-        redis = try RedisServer.start()
+    /// - Parameters:
+    ///   - dedicatedPostgres: start a Postgres for this cluster alone (for tests that stop it).
+    ///   - redisArguments: added to redis-server's command line (persistence, for tests that restart it).
+    public init(dedicatedPostgres: Bool = false, redisArguments: [String] = []) throws {
+        redis = try RedisServer.start(extraArguments: redisArguments)
         ownPostgres = dedicatedPostgres ? try PostgresServer.start() : nil
         postgresURL = try (ownPostgres ?? PostgresServer.shared()).createDatabase()
         dir = NSTemporaryDirectory() + "tandem-it-" + UUID().uuidString.prefix(8)

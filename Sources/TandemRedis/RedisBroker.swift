@@ -78,9 +78,29 @@ public final class RedisBroker: Broker {
     /// Connects now (the first connection must work; the others are opened too, so no move pays a connect later).
     public func connect() async throws {
         try await client.connect()
+        try await requireScriptFlags()
         for m in movers.dropFirst() { try? await m.connect() }
         try await onLoop?.connect()
         try? await waiter.connect()
+    }
+
+    /// Tandem's scripts declare Redis 7 script flags (`allow-oom`); Redis 6 would refuse every one of them as a
+    /// syntax error, so say so at start instead. (A server that refuses INFO, by ACL, is not checked.)
+    private func requireScriptFlags() async throws {
+        guard let info = try? await client.send(["INFO", "server"]).string, let problem = Self.versionProblem(info: info)
+        else { return }
+        throw RedisError(code: .server, message: problem)
+    }
+
+    /// What is wrong with the server `INFO server` describes, for Tandem's scripts; nil when it is Redis 7 or later
+    /// (or says no version).
+    public static func versionProblem(info: String) -> String? {
+        guard let line = info.split(whereSeparator: \.isNewline).first(where: { $0.hasPrefix("redis_version:") }) else {
+            return nil
+        }
+        let version = line.dropFirst("redis_version:".count).trimmingCharacters(in: .whitespaces)
+        guard let major = Int(version.split(separator: ".").first ?? ""), major < 7 else { return nil }
+        return "this Redis (\(version)) is too old: Tandem needs Redis 7.0 or later (its scripts declare Redis 7 script flags) — upgrade redis-server"
     }
 
     public func close() {

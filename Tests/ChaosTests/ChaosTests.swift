@@ -375,6 +375,49 @@ struct ChaosTests {
         #expect(try await h.redis.send(["ZCARD", Keys.leases]).int == 0, "leases left")
     }
 
+    @Test("Redis full (maxmemory reached) for 10 s under load: Airflow's publishes are refused, but leases, heartbeats and leadership go on — no running task killed, no datacenter lost — and claims drain what was queued")
+    func redisFull() async throws {
+        let h = try Harness(redisArguments: ["--maxmemory-policy", "noeviction"])
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "2"])
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: Self.workerFlags + ["--concurrency", "2"])
+        try await Task.sleep(for: .seconds(2))
+        // every slot busy for 6 s, four quick tasks queued behind them
+        var ids = try await h.submit(4, task: "sleep-6", prefix: "long")
+        let fourRunning = try await eventually(timeout: .seconds(30)) {
+            h.cluster.taskEvents().filter { $0.event == "start" && $0.key.hasPrefix("chaos.sleep-6.") }.count == 4
+        }
+        #expect(fourRunning, "\(h.cluster.logs())")
+        ids += try await h.submit(4, task: "ok", prefix: "queued")
+        // Redis is full from now on: any write that would add memory is refused (noeviction)
+        _ = try await h.redis.send(["CONFIG", "SET", "maxmemory", "1"])
+        let fullAt = Date().timeIntervalSince1970
+        await #expect(throws: RedisError.self, "Airflow's publish must be refused while Redis is full") {
+            _ = try await publishAirflowCommand(h.redis, dag: "chaos", task: "ok", run: "refused")
+        }
+        // longer than the lease (4 s) and the loss threshold (3 s)
+        try await Task.sleep(for: .seconds(10))
+        let inspector = BrokerInspector(client: h.redis)
+        let states = try await inspector.datacenters(lossAfterMs: 3000)
+        let endedWhileFull = h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > fullAt }.map(\.key)
+        _ = try await h.redis.send(["CONFIG", "SET", "maxmemory", "0"])
+        ids += try await h.submit(4, task: "ok", prefix: "after")
+        var report = ChaosReport(scenario: "redis-full-10s")
+        try await h.settle(ids, &report)
+        let terms = h.cluster.taskEvents().filter { $0.event == "term" }.count
+        let starts = h.cluster.taskEvents().filter { $0.event == "start" }
+        let startedTwice = Dictionary(grouping: starts, by: \.key).values.filter { $0.count > 1 }.count
+        report.notes += ["\(endedWhileFull.count) task(s) ended while Redis was full", "killed \(terms)",
+                         "started twice \(startedTwice)"]
+        report.publish()
+        #expect(states.allSatisfy { $0.status == .alive }, "datacenters while Redis was full: \(states)")
+        #expect(terms == 0 && startedTwice == 0, "a full Redis must not cost a running task its lease: \(h.cluster.logs())")
+        #expect(endedWhileFull.filter { $0.hasPrefix("chaos.ok.queued") }.count == 4,
+            "the queued tasks are claimed and run while Redis is full: \(endedWhileFull)")
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(report.ranTwiceConcurrently == 0)
+    }
+
     @Test("Postgres stopped for 60 s under load: workers keep running tasks, spool results, then flush them in order")
     func postgresOutage() async throws {
         let h = try Harness(dedicatedPostgres: true)

@@ -89,6 +89,37 @@ struct BrokerScriptTests {
         #expect(try jobs.map(taskID) == [id])
     }
 
+    @Test("INFO from a server older than Redis 7 reads as too old, with what to do (connect refuses it); this one (7.x) does not")
+    func redisVersionCheck() async throws {
+        let problem = RedisBroker.versionProblem(info: "# Server\r\nredis_version:6.2.14\r\nredis_mode:standalone\r\n")
+        #expect(problem?.contains("6.2.14") == true && problem?.contains("Redis 7.0 or later") == true, "\(String(describing: problem))")
+        #expect(RedisBroker.versionProblem(info: "# Server\r\nredis_version:7.0.15\r\n") == nil)
+        #expect(RedisBroker.versionProblem(info: "# Server\r\nredis_version:8.2.1\r\n") == nil)
+        #expect(RedisBroker.versionProblem(info: "") == nil, "no version said: not checked")
+        let info = try await broker.client.send(["INFO", "server"]).string ?? ""
+        #expect(info.contains("redis_version:") && RedisBroker.versionProblem(info: info) == nil, "the test server: \(info.prefix(120))")
+    }
+
+    @Test("a full Redis (maxmemory, noeviction) refuses a plain write but runs the scripts that keep work safe: renew, heartbeat, leadership, claim")
+    func scriptsRunWhenRedisIsFull() async throws {
+        _ = try await publish()
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
+        _ = try await broker.client.send(["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        _ = try await broker.client.send(["CONFIG", "SET", "maxmemory", "1"])
+        await #expect(throws: RedisError.self, "a plain write is refused") { _ = try await broker.client.send(["SET", "k", "v"]) }
+        let jobs = try await broker.claim(workerID: "w", datacenter: "east", queues: ["default"], max: 1, leaseMs: 5000)
+        #expect(jobs.count == 1, "claim runs while Redis is full")
+        let renewed = try await broker.renew(workerID: "w", jobs: jobs.map { ($0.jobID, $0.token) }, leaseMs: 5000)
+        #expect(renewed == [true], "renew runs while Redis is full")
+        let lead = try await broker.lead(candidate: "d1", leaseMs: 2000)
+        #expect(lead.isLeader, "leadership is taken while Redis is full")
+        _ = try await broker.heartbeat(
+            WorkerStatus(workerID: "w", datacenter: "east", slots: 1, busy: 1, queues: ["default"], hostname: "h", pid: 1,
+                runningJobs: [], aheadJobs: [], state: .running, lastSeenMs: 0), ttlSeconds: 60)
+        #expect(try await broker.ack(jobID: jobs[0].jobID, token: jobs[0].token) == .done, "ack frees memory: it runs too")
+        _ = try await broker.client.send(["CONFIG", "SET", "maxmemory", "0"])
+    }
+
     @Test("dispatch honours max and leaves the rest in the ingress list")
     func dispatchMax() async throws {
         for _ in 0..<5 { _ = try await publish() }

@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom, Redis 7: keeping leases, heartbeats, leadership and claims going when Redis is at its maxmemory, so a
+-- full broker does not kill running tasks, declare datacenters lost, or stop the draining that frees memory.
+-- Airflow's own publishes are still refused meanwhile: no new work enters.)
 -- heartbeat.lua — a worker says it is alive, with its datacenter, slots and running tasks.
 --
 -- KEYS[1]   {tandem}:workers   sorted set: worker id -> last heartbeat (ms, Redis TIME)

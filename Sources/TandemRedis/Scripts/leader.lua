@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom, Redis 7: keeping leases, heartbeats, leadership and claims going when Redis is at its maxmemory, so a
+-- full broker does not kill running tasks, declare datacenters lost, or stop the draining that frees memory.
+-- Airflow's own publishes are still refused meanwhile: no new work enters.)
 -- leader.lua — take or keep dispatcher leadership: a Redis lease with a fencing epoch.
 --
 -- KEYS[1]   {tandem}:leader   hash: owner, epoch, deadline_ms, since_ms

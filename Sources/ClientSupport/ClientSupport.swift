@@ -59,10 +59,13 @@ extension Duration {
     }
 
     public var shortDescription: String {
+        components.attoseconds == 0 ? "\(components.seconds)s" : "\(wholeMilliseconds)ms"
+    }
+
+    /// Whole milliseconds, rounded down (TandemCore's `inMilliseconds`; ClientSupport sits below it).
+    var wholeMilliseconds: Int64 {
         let (s, atto) = components
-        if atto == 0 { return "\(s)s" }
-        let ms = s * 1000 + atto / 1_000_000_000_000_000
-        return "\(ms)ms"
+        return s * 1000 + atto / 1_000_000_000_000_000
     }
 }
 

@@ -106,8 +106,7 @@ public final class EventLoopThread: TaskExecutor, IOLoop, @unchecked Sendable {
             if let d = source.deadline { next = next.map { min($0, d) } ?? d }
         }
         guard let next else { return -1 }
-        let (seconds, attoseconds) = (next - now).components
-        return Int32(clamping: max(1, seconds * 1000 + attoseconds / 1_000_000_000_000_000 + 1))
+        return Int32(clamping: max(1, (next - now).wholeMilliseconds + 1))
     }
 
     // MARK: - Stall watch

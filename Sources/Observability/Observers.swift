@@ -194,10 +194,10 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     let leader: Gauge
     let redisErrors: Counter
     let loopStall: Gauge
-    /// Not ready while the dispatcher loop has left a probe waiting this long (its warning threshold).
+    /// Not ready while the dispatcher loop has left a probe waiting this long (set to the dispatcher's
+    /// `loopStallWarning`).
     public var loopStallLimit: Double = 5
     private let lock = NSLock()
-    private var stalledSeconds: Double = 0
     private var lastStatus: [String: DatacenterState.Status] = [:]
     private var sawHealth = false
 
@@ -302,14 +302,11 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         redisErrors.inc()
     }
 
-    public func loopStalled(seconds: Double) {
-        loopStall.set(seconds)
-        lock.withLock { stalledSeconds = seconds }
-    }
+    public func loopStalled(seconds: Double) { loopStall.set(seconds) }
 
     /// Why the dispatcher is not ready (nil: ready): its loop must keep running and Redis must answer.
     public func readiness() -> String? {
-        let stalled = lock.withLock { stalledSeconds }
+        let stalled = registry.value("tandem_dispatcher_loop_stall_seconds") ?? 0
         if stalled >= loopStallLimit {
             return "the dispatcher loop has not run for \(Int(stalled)) s: nothing is dispatched — see its log"
         }

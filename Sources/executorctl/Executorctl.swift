@@ -128,6 +128,12 @@ func leaderJSON(_ lease: LeaderLease?) -> [String: Any] {
     return out
 }
 
+/// "dispatcher: OWNER leads (epoch N)" while someone holds the lease (`dc status`, `watch`); nil when none does.
+func leaderLine(_ lease: LeaderLease?) -> String? {
+    guard let lease, lease.isLive else { return nil }
+    return "dispatcher: \(lease.owner) leads (epoch \(lease.epoch))"
+}
+
 /// Why nothing is being dispatched when no dispatcher holds the lease, and what to do.
 func noLeaderProblem(_ lease: LeaderLease?) -> String {
     let last = lease.map { "; the last leader was \($0.owner) (epoch \($0.epoch)), which stepped down or stopped renewing its lease" } ?? ""
@@ -294,11 +300,7 @@ struct DC: AsyncParsableCommand {
                 }) { _, col, text in col == 1 ? Style.state(text) : nil }
                 // the dispatcher is what moves a lost datacenter's work: say whether one is there to do it
                 let lease = try await i.leaderLease()
-                if let lease, lease.isLive {
-                    print("dispatcher: \(lease.owner) leads (epoch \(lease.epoch))")
-                } else {
-                    print("dispatcher: " + noLeaderProblem(lease))
-                }
+                print(leaderLine(lease) ?? "dispatcher: " + noLeaderProblem(lease))
             }
             }
         }

@@ -165,11 +165,8 @@ struct Snapshot {
         out += table(["DATACENTER", "STATUS", "WORKERS", "BUSY/SLOTS", "WHY"], datacenters.map {
             [$0.name, $0.status.rawValue, String($0.liveWorkers), "\($0.busy)/\($0.slots)", $0.reason]
         }) { _, col, text in col == 1 ? Style.state(text) : nil }
-        if let leader, leader.isLive {
-            out.append("dispatcher: \(leader.owner) leads (epoch \(leader.epoch))")
-        } else {
-            out.append(Style.paint("dispatcher: none leads — nothing is dispatched, reclaimed or drained (executorctl dispatcher)", Style.red))
-        }
+        out.append(leaderLine(leader)
+            ?? Style.paint("dispatcher: none leads — nothing is dispatched, reclaimed or drained (executorctl dispatcher)", Style.red))
         out.append("")
         let pending = ingress.map(\.depth).reduce(0, +)
         out += table(["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"], queues.map {

@@ -83,6 +83,7 @@ struct SwiftDispatcher: AsyncParsableCommand {
             let loop = EventLoopThread(name: "tandem-dispatch")
             let b = try await openBroker(url: url, masterName: masterName, logger: logger, loop: loop, allCallsOnLoop: true)
             let metrics = PrometheusDispatcherObserver()
+            metrics.loopStallLimit = config.loopStallWarning.inSeconds
             let runtime = DispatcherRuntime(configuration: config, broker: b, logger: logger, observer: metrics)
             let port = metricsPort ?? setting(nil, env: "TANDEM_METRICS_PORT").flatMap { Int($0) } ?? 9465
             // metrics are secondary to running work: a port in use is logged, not fatal

@@ -113,6 +113,19 @@ struct ChaosTests {
             return out
         }
 
+        /// Tasks with more than one terminal ledger event (success or failure): a result written twice.
+        func resultsWrittenTwice() async throws -> Int64 {
+            let r = try await pg.query(
+                "SELECT count(*) AS n FROM (SELECT task_id FROM tandem_task_events WHERE event IN ('success','failure') GROUP BY task_id HAVING count(*) > 1) d")
+            return r.rows.first?.int("n") ?? -1
+        }
+
+        /// Tasks the fake airflow saw start more than once (at any time, not only at once).
+        func startedTwice() -> Int {
+            let starts = cluster.taskEvents().filter { $0.event == "start" }
+            return Dictionary(grouping: starts, by: \.key).values.filter { $0.count > 1 }.count
+        }
+
         /// Waits until every id has a final state (or the timeout), then fills in the report's counts.
         func settle(_ ids: [String], _ report: inout ChaosReport, timeout: Duration = .seconds(150)) async throws {
             _ = try await eventually(timeout: timeout, every: .milliseconds(250)) {
@@ -355,11 +368,8 @@ struct ChaosTests {
         ids += try await h.submit(16, task: "sleep-0.5", prefix: "post", via: publisher)
         var report = ChaosReport(scenario: "redis-killed-restarted")
         try await h.settle(ids, &report)
-        let dupes = try await h.pg.query(
-            "SELECT count(*) AS n FROM (SELECT task_id FROM tandem_task_events WHERE event IN ('success','failure') GROUP BY task_id HAVING count(*) > 1) d")
-        let doubled = dupes.rows.first?.int("n") ?? -1
-        let starts = h.cluster.taskEvents().filter { $0.event == "start" }
-        let startedTwice = Dictionary(grouping: starts, by: \.key).values.filter { $0.count > 1 }.count
+        let doubled = try await h.resultsWrittenTwice()
+        let startedTwice = h.startedTwice()
         let ranThrough = h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > downAt && $0.at < downAt + 3 }.count
         report.notes += ["results written twice: \(doubled)", "tasks started twice: \(startedTwice)",
                          "\(ranThrough) task(s) ended while Redis was down"]
@@ -405,8 +415,7 @@ struct ChaosTests {
         var report = ChaosReport(scenario: "redis-full-10s")
         try await h.settle(ids, &report)
         let terms = h.cluster.taskEvents().filter { $0.event == "term" }.count
-        let starts = h.cluster.taskEvents().filter { $0.event == "start" }
-        let startedTwice = Dictionary(grouping: starts, by: \.key).values.filter { $0.count > 1 }.count
+        let startedTwice = h.startedTwice()
         report.notes += ["\(endedWhileFull.count) task(s) ended while Redis was full", "killed \(terms)",
                          "started twice \(startedTwice)"]
         report.publish()
@@ -440,9 +449,7 @@ struct ChaosTests {
         try await h.settle(ids, &report)
         report.notes.append("\(ranWhileDown) task(s) finished while Postgres was down")
         // none written twice: one terminal ledger event per task, one celery_taskmeta row per task
-        let dupes = try await h.pg.query(
-            "SELECT count(*) AS n FROM (SELECT task_id FROM tandem_task_events WHERE event IN ('success','failure') GROUP BY task_id HAVING count(*) > 1) d")
-        let doubled = dupes.rows.first?.int("n") ?? -1
+        let doubled = try await h.resultsWrittenTwice()
         report.notes.append("results written twice: \(doubled)")
         report.publish()
         #expect(ranWhileDown >= 20, "tasks must keep running while Postgres is down: \(h.cluster.logs())")

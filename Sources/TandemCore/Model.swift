@@ -45,6 +45,10 @@ public struct ClaimedJob: Sendable, Hashable {
 public enum FencedOutcome: Sendable, Hashable {
     /// The request was carried out.
     case done
+    /// An ack carried out although the lease had expired: the job was back in its queue, not yet claimed again
+    /// (a worker cut off past its lease whose task had finished). Its queued copy is removed, so it does not run
+    /// a second time.
+    case doneLate
     /// Refused: the lease was reclaimed and a newer claim (or nobody) holds the job now.
     case fenced
 }

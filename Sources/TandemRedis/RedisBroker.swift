@@ -160,7 +160,13 @@ public final class RedisBroker: Broker {
                 let reply = try await move(
                     BrokerScripts.ack, keys: [Keys.leases], args: batch.flatMap { [$0.0, String($0.1)] }, on: onLoop)
                 let done = reply.array ?? []
-                return batch.indices.map { .success($0 < done.count && done[$0].int == 1 ? .done : .fenced) }
+                return batch.indices.map { i in
+                    switch i < done.count ? done[i].int : nil {
+                    case 1: .success(.done)
+                    case 2: .success(.doneLate)
+                    default: .success(.fenced)
+                    }
+                }
             } catch {
                 return batch.map { _ in .failure(error) }
             }

@@ -42,6 +42,8 @@ public final class WorkerRuntime: Sendable {
         /// When the last request that extended the lease was SENT (the claim, then each renewal). The lease on
         /// Redis runs at least until this + TTL, so a worker that cannot renew stops its task before then.
         var leaseConfirmedAt: ContinuousClock.Instant
+        /// Self-fencing found the lease about to lapse after the task had ended (said once; nothing to stop).
+        var lapseAfterEndNoted = false
     }
 
     struct State {
@@ -385,15 +387,27 @@ public final class WorkerRuntime: Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(250))
             let now = ContinuousClock.now
-            let expiring = state.withLock { s -> [(String, (any RunningTask)?)] in
-                var out: [(String, (any RunningTask)?)] = []
+            let expiring = state.withLock { s -> [(String, (any RunningTask)?, ended: Bool)] in
+                var out: [(String, (any RunningTask)?, ended: Bool)] = []
                 for (id, slot) in s.slots where !slot.leaseLost && now - slot.leaseConfirmedAt > ttl - margin {
+                    if slot.finishing {
+                        // nothing left to stop, and its result is true: it still goes out, and the fences (the
+                        // ledger's token, ack.lua) refuse it if another claim has taken the job meanwhile
+                        if !slot.lapseAfterEndNoted { out.append((id, nil, true)) }
+                        s.slots[id]?.lapseAfterEndNoted = true
+                        continue
+                    }
                     s.slots[id]?.leaseLost = true
-                    out.append((id, slot.process))
+                    out.append((id, slot.process, false))
                 }
                 return out
             }
-            for (jobID, proc) in expiring {
+            for (jobID, proc, ended) in expiring {
+                if ended {
+                    logger.warning(
+                        "could not renew the lease on job \(jobID) before it expires; its task has already ended — its result is written and acked once Redis and Postgres answer, unless another worker has taken the job by then")
+                    continue
+                }
                 count("self_fenced")
                 logger.error(
                     "could not renew the lease on job \(jobID) before it expires; stopping its task so it cannot run twice (another worker will retry it)")
@@ -681,7 +695,7 @@ public final class WorkerRuntime: Sendable {
                     datacenter: configuration.datacenter, token: job.token,
                     detail: "lease reclaimed while running; task stopped (\(termination)); no result written")
                 count("fenced")
-            observer.fenced(queue: job.queue, datacenter: job.datacenter)
+                observer.fenced(queue: job.queue, datacenter: job.datacenter)
                 return
             }
             if atExit?.stoppedForShutdown == true {
@@ -815,7 +829,17 @@ public final class WorkerRuntime: Sendable {
         if !ledgerDone {
             try await ledger.finished(job, taskID: task.id, outcome: s.rawValue, exitStatus: exit, detail: detail)
         }
-        if try await ackWithRetry(job, log: log) == .fenced {
+        let acked = try await ackWithRetry(job, log: log)
+        if acked == .doneLate {
+            // cut off past its lease (a partition, a pause), this worker's task still finished first: nobody else has
+            // started it, so its result stands and the copy waiting in the queue is dropped
+            log.notice("acked after the lease had expired; the job was waiting to be retried and is now removed — the task ran once")
+            try await ledger.event(
+                taskID: task.id, jobID: job.jobID, event: "acked-late", worker: configuration.workerID,
+                datacenter: configuration.datacenter, token: job.token,
+                detail: "acked after its lease expired, before any other claim; its queued retry was removed")
+        }
+        if acked == .fenced {
             try await ledger.event(
                 taskID: task.id, jobID: job.jobID, event: "fenced", worker: configuration.workerID,
                 datacenter: configuration.datacenter, token: job.token, detail: "ack refused: lease reclaimed")

@@ -80,8 +80,8 @@ struct ChaosTests {
         /// A dispatcher on the real Redis and one worker (c=2, long renewals) whose broker connections go through
         /// a proxy that drops replies starting with `replyPrefix`; then, until `rounds` replies were cut: arm, submit
         /// one quick task, wait for it to finish. Returns the proxy and the task ids.
-        func cutRedisReplies(_ replyPrefix: String, rounds: Int, prefix: String) async throws -> (ReplyCuttingProxy, [String]) {
-            let proxy = try ReplyCuttingProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: Array(replyPrefix.utf8)))
+        func cutRedisReplies(_ replyPrefix: String, rounds: Int, prefix: String) async throws -> (FaultProxy, [String]) {
+            let proxy = try FaultProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: Array(replyPrefix.utf8)))
             try cluster.startDispatcher(extra: ChaosTests.dispatcherFlags)
             cluster.extraEnvironment["AIRFLOW__CELERY__BROKER_URL"] =
                 cluster.redis.url.replacingOccurrences(of: ":\(cluster.redis.port)/", with: ":\(proxy.port)/")
@@ -296,6 +296,93 @@ struct ChaosTests {
         #expect(leasesGone, "\(h.cluster.logs())")
     }
 
+    @Test("network partition: east's worker cut off from Redis and Postgres mid-run stops its tasks before its leases expire; west runs them, never two at once; healed, east takes work again without a restart")
+    func partitionedWorkerFencesItself() async throws {
+        let h = try Harness()
+        let pgURL = try #require(URLComponents(string: h.cluster.postgresURL))
+        // east's links to both servers (the Redis link never has a reply armed to cut: no prefix needed)
+        let redisLink = try FaultProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(replyPrefix: []))
+        let pgLink = try FaultProxy(upstreamPort: try #require(pgURL.port))
+        defer {
+            redisLink.stop()
+            pgLink.stop()
+        }
+        // work goes to east while east is alive, to west while it is lost, and back to east once it heals
+        let policy = h.cluster.dir + "/pin-east.yaml"
+        try "queues:\n  default: {pin: east, fallback: west}\n".write(toFile: policy, atomically: true, encoding: .utf8)
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags + ["--policy", policy])
+        // leases of 10 s: self-fencing stops a task 1 s before its lease can expire (a tenth of it), room enough on
+        // a slow machine for the kill to land before another worker can claim the task
+        let flags = ["--lease-ttl", "10", "--renew-every", "2"]
+        h.cluster.extraEnvironment = [
+            "AIRFLOW__CELERY__BROKER_URL":
+                h.cluster.redis.url.replacingOccurrences(of: ":\(h.cluster.redis.port)/", with: ":\(redisLink.port)/"),
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+postgresql+psycopg2://postgres@127.0.0.1:\(pgLink.port)\(pgURL.path)",
+        ]
+        let east = try h.cluster.startWorker(dc: "east", name: "east-1", extra: flags + ["--concurrency", "4"])
+        h.cluster.extraEnvironment = [:]
+        // west has room for east's tasks the moment their leases can be reclaimed: were east's copies still
+        // running then (no self-fencing), both would run at once, and the fake airflow's lock records DUPLICATE
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags + ["--concurrency", "8"])
+        try await Task.sleep(for: .seconds(3))
+        // tasks that outlive the lease (10 s) by far: 4 running in east, 2 queued behind them
+        var ids = try await h.submit(6, task: "sleep-20", prefix: "cut")
+        let eastBusy = try await eventually(timeout: .seconds(30)) {
+            try await h.pg.query("SELECT count(*) AS n FROM tandem_tasks WHERE datacenter = 'east' AND started_at IS NOT NULL AND finished_at IS NULL").rows.first?.int("n") ?? 0 >= 4
+        }
+        #expect(eastBusy, "\(h.cluster.logs())")
+        redisLink.partition()
+        pgLink.partition()
+        let cutAt = Date().timeIntervalSince1970
+        // past the lease (10 s) and past the Redis client's command timeout (10 s): east's calls hang, then fail
+        let eastLost = try await eventually(timeout: .seconds(20)) {
+            try await BrokerInspector(client: h.redis).datacenters(lossAfterMs: 3000).first { $0.name == "east" }?.status == .lost
+        }
+        try await Task.sleep(for: .seconds(12))
+        let fencedItself = east.log().contains("stopping its task so it cannot run twice")
+        redisLink.heal()
+        pgLink.heal()
+        let healedAt = Date().timeIntervalSince1970
+        let eastBack = try await eventually(timeout: .seconds(60)) {
+            try await BrokerInspector(client: h.redis).datacenters(lossAfterMs: 3000).first { $0.name == "east" }?.status == .alive
+        }
+        let backAfter = Date().timeIntervalSince1970 - healedAt
+        // pinned to east again now that it is back (once the dispatcher's health view, refreshed every 0.5 s, agrees)
+        try await Task.sleep(for: .seconds(1))
+        let after = try await h.submit(8, task: "sleep-2", prefix: "healed")
+        ids += after
+        var report = ChaosReport(scenario: "partition-15s")
+        try await h.settle(ids, &report)
+        let moved = try await h.drained(from: "east")
+        report.firstDrained = moved.map(\.started).min().map { $0 - cutAt }
+        report.lastDrained = moved.map(\.finished).max().map { $0 - cutAt }
+        let ranInEastAfter = try await h.pg.query(
+            "SELECT count(*) AS n FROM tandem_tasks WHERE datacenter = 'east' AND task_id = ANY(string_to_array($1, ','))",
+            [.text(after.joined(separator: ","))]).rows.first?.int("n") ?? 0
+        // after the last ack (a result is written before its ack), so a second result would be on record by now
+        let leasesGone = try await eventually(timeout: .seconds(60)) { try await h.redis.send(["ZCARD", Keys.leases]).int == 0 }
+        let doubled = try await h.resultsWrittenTwice()
+        let stoppedInEast = try await h.pg.query(
+            "SELECT count(*) AS n FROM tandem_task_events WHERE event = 'fenced' AND worker = 'east-1' AND detail LIKE 'lease reclaimed while running%'"
+        ).rows.first?.int("n") ?? 0
+        report.notes += [
+            "\(moved.count) task(s) moved from east to west", "east stopped \(stoppedInEast) running task(s) itself",
+            String(format: "east alive again %.1fs after the heal", backAfter), "\(ranInEastAfter) of \(after.count) later tasks ran in east",
+            "results written twice \(doubled)",
+        ]
+        report.publish()
+        #expect(eastLost, "the dispatcher must judge the cut-off east lost: \(h.cluster.logs())")
+        #expect(fencedItself, "east's worker must stop the tasks whose leases it cannot renew: \(east.log().suffix(4000))")
+        #expect(report.ranTwiceConcurrently == 0, "a task ran in east and west at once: \(h.cluster.taskEvents())")
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(!moved.isEmpty, "east was running tasks when it was cut off; west must have run them")
+        #expect(eastBack, "east's worker must reconnect by itself once the partition heals: \(east.log().suffix(4000))")
+        #expect(ranInEastAfter == after.count, "healed, east takes its work again: \(h.cluster.logs())")
+        #expect(stoppedInEast >= 2, "east's stopped attempts are recorded as fenced once it reaches Postgres again: \(east.log().suffix(4000))")
+        #expect(doubled == 0)
+        #expect(leasesGone, "\(h.cluster.logs())")
+    }
+
     @Test("Redis master killed under Sentinel (3 sentinels, 1 replica): workers and dispatchers follow the new master")
     func sentinelFailover() async throws {
         let h = try Harness()
@@ -464,7 +551,7 @@ struct ChaosTests {
     func lostCommitReplies() async throws {
         let h = try Harness()
         let pgURL = try #require(URLComponents(string: h.cluster.postgresURL))
-        let proxy = try ReplyCuttingProxy(upstreamPort: try #require(pgURL.port))
+        let proxy = try FaultProxy(upstreamPort: try #require(pgURL.port))
         defer { proxy.stop() }
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
         // only the worker's results go through the proxy

@@ -312,6 +312,41 @@ struct BrokerScriptTests {
         #expect(try await broker.ack(jobID: j.jobID, token: again[0].token) == .done)
     }
 
+    @Test("a late ack (lease expired and reclaimed, nobody has claimed the job again) is accepted and takes the queued retry away — even after the queue moved to another datacenter; once claimed again it is refused")
+    func lateAckBeforeAnotherClaim() async throws {
+        let first = try await publish()
+        let behind = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        let j = try #require(try await broker.claim(workerID: "cut-off", datacenter: "east", queues: ["default"], max: 1, leaseMs: 60000).first)
+        #expect(try taskID(j) == first)
+        #expect(try await broker.renew(workerID: "cut-off", jobs: [(j.jobID, j.token)], leaseMs: 1) == [true])
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(try await broker.reclaimExpired(maxAttempts: 3, limit: 10).count == 1)
+        // east is lost meanwhile: its queue, the reclaimed job at the front, moves to west
+        #expect(try await broker.rebalance(queue: "default", from: "east", to: "west", max: 100, epoch: nil) == 2)
+        // the cut-off worker's task had finished; its ack arrives now
+        #expect(try await broker.ack(jobID: j.jobID, token: j.token) == .doneLate)
+        #expect(try await !broker.jobExists(jobID: j.jobID))
+        #expect(try await broker.client.send(["HGET", Keys.stats, "acked_late"]).string == "1")
+        // only the job behind it is left to run, nothing of the acked one
+        let next = try await broker.claim(workerID: "w", datacenter: "west", queues: ["default"], max: 10, leaseMs: 10000)
+        #expect(try next.map(taskID) == [behind])
+        #expect(try await broker.client.send(["LLEN", Keys.queue(datacenter: "west", queue: "default")]).int == 0)
+
+        // the other order: the reclaimed job is claimed again first; the late ack is refused and the new holder keeps it
+        let third = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "west", max: 10, epoch: nil)
+        let k = try #require(try await broker.claim(workerID: "cut-off", datacenter: "west", queues: ["default"], max: 1, leaseMs: 60000).first)
+        #expect(try taskID(k) == third)
+        #expect(try await broker.renew(workerID: "cut-off", jobs: [(k.jobID, k.token)], leaseMs: 1) == [true])
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(try await broker.reclaimExpired(maxAttempts: 3, limit: 10).count == 1)
+        let retry = try #require(try await broker.claim(workerID: "w", datacenter: "west", queues: ["default"], max: 1, leaseMs: 10000).first)
+        #expect(retry.jobID == k.jobID && retry.token > k.token)
+        #expect(try await broker.ack(jobID: k.jobID, token: k.token) == .fenced)
+        #expect(try await broker.ack(jobID: k.jobID, token: retry.token) == .done)
+    }
+
     @Test("a job whose lease expires max-attempts times goes to the dead-letter queue with its history")
     func reclaimToDeadLetter() async throws {
         _ = try await publish()
@@ -403,6 +438,17 @@ struct BrokerScriptTests {
         let jobs = try await broker.claim(workerID: "w", datacenter: "west", queues: ["default"], max: 10, leaseMs: 1000)
         #expect(try jobs.map(taskID) == eastIDs + [westOwn])
         #expect(jobs.allSatisfy { $0.datacenter == "west" })
+    }
+
+    @Test("rebalance drops a queue entry whose job is gone instead of giving it a bare record a worker would claim")
+    func rebalanceDropsGoneJobs() async throws {
+        let kept = try await publish()
+        _ = try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil)
+        _ = try await broker.client.send(["LPUSH", Keys.queue(datacenter: "east", queue: "default"), "gone-job"])
+        #expect(try await broker.rebalance(queue: "default", from: "east", to: "west", max: 100, epoch: nil) == 1)
+        #expect(try await broker.client.send(["EXISTS", Keys.job("gone-job")]).int == 0)
+        let jobs = try await broker.claim(workerID: "w", datacenter: "west", queues: ["default"], max: 10, leaseMs: 1000)
+        #expect(try jobs.map(taskID) == [kept])
     }
 
     @Test("heartbeat records the worker on Redis's clock and the inspector reads it back")

@@ -21,9 +21,12 @@ local batch = redis.call('RPOP', KEYS[1], max)
 if not batch then return 0 end
 for i = #batch, 1, -1 do
   local jid = batch[i]
-  redis.call('HSET', p .. ':job:' .. jid, 'dc', ARGV[1])
-  redis.call('RPUSH', KEYS[2], jid)
-  moved = moved + 1
+  -- an id whose job is gone (acked late, ack.lua, with its queue entry missed) is dropped, never given a bare hash
+  if redis.call('EXISTS', p .. ':job:' .. jid) == 1 then
+    redis.call('HSET', p .. ':job:' .. jid, 'dc', ARGV[1])
+    redis.call('RPUSH', KEYS[2], jid)
+    moved = moved + 1
+  end
 end
 if moved > 0 then
   redis.call('SADD', p .. ':queues', ARGV[1] .. '\t' .. string.match(KEYS[2], '^{tandem}:q:[^:]+:(.*)$'))

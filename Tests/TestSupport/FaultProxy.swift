@@ -5,13 +5,17 @@ import Foundation
     import Glibc
 #endif
 
-/// A TCP proxy on loopback in front of one Postgres or Redis that can lose a reply the way a cut connection does:
-/// once armed, it drops the next reply and closes both sides, so the client sees its connection die without an
-/// answer although its write landed. Postgres: the reply that ends with the next ReadyForQuery ('Z', the end of a
-/// query or pipeline: the server has committed). Redis: the next reply that starts with `replyPrefix` (e.g.
-/// `*1\r\n:1\r\n`, an ack of one job; `*10\r\n`, a claim of one job). One cut per `arm()`; otherwise bytes pass
-/// through untouched.
-public final class ReplyCuttingProxy: @unchecked Sendable {
+/// A TCP proxy on loopback in front of one Postgres or Redis that injects two network faults:
+/// - **a lost reply** (`arm()`): the next reply is dropped and both sides closed, so the client sees its connection
+///   die without an answer although its write landed. Postgres: the reply that ends with the next ReadyForQuery
+///   ('Z', the end of a query or pipeline: the server has committed). Redis: the next reply that starts with
+///   `replyPrefix` (e.g. `*1\r\n:1\r\n`, an ack of one job; `*10\r\n`, a claim of one job). One cut per `arm()`.
+/// - **a partition** (`partition()` … `heal()`): every byte either way is dropped and new connections are accepted
+///   but never answered, so calls hang until the client's own timeouts, as behind a dead link. On `heal()` every
+///   connection that lost bytes (or was opened meanwhile) is cut, as TCP would once its retries ran out; new
+///   connections go through again.
+/// Otherwise bytes pass through untouched.
+public final class FaultProxy: @unchecked Sendable {
     /// Which server is behind the proxy, and so which reply is cut.
     public enum Upstream: Sendable {
         case postgres
@@ -27,6 +31,9 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
     private var cutCount = 0
     private var stopped = false
     private var open: [Int32] = []
+    private var partitioned = false
+    /// Sockets whose streams lost bytes during a partition (or that were opened during one): cut on heal.
+    private var damaged: Set<Int32> = []
 
     /// Listens on 127.0.0.1 (a free port) and forwards each connection to 127.0.0.1:`upstreamPort`.
     public init(upstreamPort: Int, upstream: Upstream = .postgres) throws {
@@ -35,7 +42,7 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
         listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         let bound = withLoopbackAddress(port: 0) { bind(listener, $0, $1) }
         guard listener >= 0, bound == 0, listen(listener, 16) == 0 else {
-            throw TestSupportError("the reply-cutting proxy cannot listen on 127.0.0.1: \(String(cString: strerror(errno)))")
+            throw TestSupportError("the fault proxy cannot listen on 127.0.0.1: \(String(cString: strerror(errno)))")
         }
         port = boundPort(listener)
         Thread.detachNewThread { [self] in acceptLoop() }
@@ -46,6 +53,19 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
 
     /// How many replies were dropped so far.
     public var cuts: Int { lock.withLock { cutCount } }
+
+    /// From now on nothing gets through, either way, and new connections hang.
+    public func partition() { lock.withLock { partitioned = true } }
+
+    /// Bytes flow again; the connections that lost bytes meanwhile are cut (their clients reconnect).
+    public func heal() {
+        let cut = lock.withLock { () -> Set<Int32> in
+            partitioned = false
+            defer { damaged = [] }
+            return damaged
+        }
+        for fd in cut { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
 
     /// Stops listening and closes every connection.
     public func stop() {
@@ -66,6 +86,24 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
                 if lock.withLock({ stopped }) { return }
                 continue
             }
+            if lock.withLock({ () -> Bool in
+                guard partitioned else { return false }
+                open.append(client)
+                damaged.insert(client)
+                return true
+            }) {
+                // behind a partition: accepted by the kernel, never answered; drained and dropped until healed
+                Thread.detachNewThread { [self] in
+                    var sink = [UInt8](repeating: 0, count: 4096)
+                    while read(client, &sink, sink.count) > 0 {}
+                    lock.withLock {
+                        open.removeAll { $0 == client }
+                        damaged.remove(client)
+                    }
+                    close(client)
+                }
+                continue
+            }
             let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             let connected = withLoopbackAddress(port: upstreamPort) { connect(server, $0, $1) }
             let keep = lock.withLock { () -> Bool in
@@ -82,7 +120,10 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
             let ends = Locked(0)
             let finish: @Sendable () -> Void = { [self] in
                 guard ends.withLock({ $0 += 1; return $0 }) == 2 else { return }
-                lock.withLock { open.removeAll { $0 == client || $0 == server } }
+                lock.withLock {
+                    open.removeAll { $0 == client || $0 == server }
+                    damaged.subtract([client, server])
+                }
                 close(client)
                 close(server)
             }
@@ -115,6 +156,12 @@ public final class ReplyCuttingProxy: @unchecked Sendable {
             let n = read(from, &buffer, buffer.count)
             if n <= 0 { return }
             let chunk = Array(buffer[0..<n])
+            let dropped = lock.withLock { () -> Bool in
+                guard partitioned else { return false }
+                damaged.formUnion([from, to])
+                return true
+            }
+            if dropped { continue }
             if !serverSide {
                 if !writeAll(to, chunk) { return }
                 continue

@@ -105,6 +105,29 @@ struct ChaosTests {
             #expect(proxy.cuts == rounds, "the proxy cut \(proxy.cuts) of \(rounds) replies in \(round) round(s): \(cluster.logs())")
             return (proxy, ids)
         }
+        /// A worker that reaches Redis and Postgres only through two links (fault proxies) a test can partition;
+        /// stop the links when done.
+        func startWorkerBehindLinks(dc: String, name: String, extra: [String]) throws -> (TandemProcess, redis: FaultProxy, postgres: FaultProxy) {
+            let pgURL = try #require(URLComponents(string: cluster.postgresURL))
+            // the Redis link never has a reply armed to cut: no prefix needed
+            let redisLink = try FaultProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: []))
+            let pgLink = try FaultProxy(upstreamPort: try #require(pgURL.port))
+            cluster.extraEnvironment = [
+                "AIRFLOW__CELERY__BROKER_URL":
+                    cluster.redis.url.replacingOccurrences(of: ":\(cluster.redis.port)/", with: ":\(redisLink.port)/"),
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+postgresql+psycopg2://postgres@127.0.0.1:\(pgLink.port)\(pgURL.path)",
+            ]
+            defer { cluster.extraEnvironment = [:] }
+            return (try cluster.startWorker(dc: dc, name: name, extra: extra), redisLink, pgLink)
+        }
+
+        /// Writes a routing policy file (YAML) into the cluster's directory; returns its path.
+        func policy(_ yaml: String) throws -> String {
+            let path = cluster.dir + "/policy-\(UUID().uuidString.prefix(8)).yaml"
+            try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+            return path
+        }
+
         func finalStates(_ ids: [String]) async throws -> [String: String] {
             let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta WHERE status IN ('SUCCESS', 'FAILURE')")
             let wanted = Set(ids)
@@ -299,28 +322,17 @@ struct ChaosTests {
     @Test("network partition: east's worker cut off from Redis and Postgres mid-run stops its tasks before its leases expire; west runs them, never two at once; healed, east takes work again without a restart")
     func partitionedWorkerFencesItself() async throws {
         let h = try Harness()
-        let pgURL = try #require(URLComponents(string: h.cluster.postgresURL))
-        // east's links to both servers (the Redis link never has a reply armed to cut: no prefix needed)
-        let redisLink = try FaultProxy(upstreamPort: h.cluster.redis.port, upstream: .redis(replyPrefix: []))
-        let pgLink = try FaultProxy(upstreamPort: try #require(pgURL.port))
-        defer {
-            redisLink.stop()
-            pgLink.stop()
-        }
         // work goes to east while east is alive, to west while it is lost, and back to east once it heals
-        let policy = h.cluster.dir + "/pin-east.yaml"
-        try "queues:\n  default: {pin: east, fallback: west}\n".write(toFile: policy, atomically: true, encoding: .utf8)
+        let policy = try h.policy("queues:\n  default: {pin: east, fallback: west}\n")
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags + ["--policy", policy])
         // leases of 10 s: self-fencing stops a task 1 s before its lease can expire (a tenth of it), room enough on
         // a slow machine for the kill to land before another worker can claim the task
         let flags = ["--lease-ttl", "10", "--renew-every", "2"]
-        h.cluster.extraEnvironment = [
-            "AIRFLOW__CELERY__BROKER_URL":
-                h.cluster.redis.url.replacingOccurrences(of: ":\(h.cluster.redis.port)/", with: ":\(redisLink.port)/"),
-            "AIRFLOW__CELERY__RESULT_BACKEND": "db+postgresql+psycopg2://postgres@127.0.0.1:\(pgLink.port)\(pgURL.path)",
-        ]
-        let east = try h.cluster.startWorker(dc: "east", name: "east-1", extra: flags + ["--concurrency", "4"])
-        h.cluster.extraEnvironment = [:]
+        let (east, redisLink, pgLink) = try h.startWorkerBehindLinks(dc: "east", name: "east-1", extra: flags + ["--concurrency", "4"])
+        defer {
+            redisLink.stop()
+            pgLink.stop()
+        }
         // west has room for east's tasks the moment their leases can be reclaimed: were east's copies still
         // running then (no self-fencing), both would run at once, and the fake airflow's lock records DUPLICATE
         try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags + ["--concurrency", "8"])
@@ -381,6 +393,67 @@ struct ChaosTests {
         #expect(stoppedInEast >= 2, "east's stopped attempts are recorded as fenced once it reaches Postgres again: \(east.log().suffix(4000))")
         #expect(doubled == 0)
         #expect(leasesGone, "\(h.cluster.logs())")
+    }
+
+    @Test("network partition after the tasks ended: results written on heal stand, and the late acks take the reclaimed retries away — each task runs once")
+    func partitionedWorkerAcksLate() async throws {
+        let h = try Harness()
+        // default: east, west while east is lost; busy: west only, where held tasks keep every west slot taken so
+        // that nobody can claim east's reclaimed jobs before east comes back
+        let policy = try h.policy("queues:\n  default: {pin: east, fallback: west}\n  busy: {pin: west}\n")
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags + ["--policy", policy])
+        let flags = ["--lease-ttl", "10", "--renew-every", "2", "--concurrency", "4"]
+        let (_, redisLink, pgLink) = try h.startWorkerBehindLinks(dc: "east", name: "east-1", extra: flags)
+        defer {
+            redisLink.stop()
+            pgLink.stop()
+        }
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags + ["--queues", "default,busy"])
+        try await Task.sleep(for: .seconds(3))
+        var holds: [String] = []
+        for i in 0..<4 { holds.append(try await publishAirflowCommand(h.redis, dag: "chaos", task: "hold", run: "west\(i)", queue: "busy")) }
+        let westFull = try await eventually(timeout: .seconds(30)) {
+            h.cluster.taskEvents().filter { $0.event == "start" && $0.key.hasPrefix("chaos.hold.") }.count == 4
+        }
+        #expect(westFull, "\(h.cluster.logs())")
+        // shorter than the lease: they end while east is cut off, their results and acks held up
+        let ids = try await h.submit(4, task: "sleep-4", prefix: "late")
+        let eastBusy = try await eventually(timeout: .seconds(30)) {
+            h.cluster.taskEvents().filter { $0.event == "start" && $0.key.hasPrefix("chaos.sleep-4.") }.count == 4
+        }
+        #expect(eastBusy, "\(h.cluster.logs())")
+        redisLink.partition()
+        pgLink.partition()
+        // the leases lapse and are reclaimed, and east's queue moves to west, where every slot is held
+        let reclaimed = try await eventually(timeout: .seconds(40)) {
+            try await h.redis.send(["LLEN", Keys.queue(datacenter: "west", queue: "default")]).int == 4
+        }
+        redisLink.heal()
+        pgLink.heal()
+        var report = ChaosReport(scenario: "partition-late-ack")
+        try await h.settle(ids, &report, timeout: .seconds(60))
+        let lateAcks = try await eventually(timeout: .seconds(30)) {
+            (try await h.pg.query("SELECT count(*) AS n FROM tandem_task_events WHERE event = 'acked-late'").rows.first?.int("n") ?? 0) == 4
+        }
+        let queuedAfter = try await h.redis.send(["LLEN", Keys.queue(datacenter: "west", queue: "default")]).int
+        for i in 0..<4 { try h.cluster.release(dag: "chaos", run: "west\(i)") }
+        try await h.settle(ids + holds, &report, timeout: .seconds(60))
+        // past the point where a retry left behind would have been claimed and run
+        let leasesGone = try await eventually(timeout: .seconds(30)) { try await h.redis.send(["ZCARD", Keys.leases]).int == 0 }
+        try await Task.sleep(for: .seconds(2))
+        let startedTwice = h.startedTwice()
+        let doubled = try await h.resultsWrittenTwice()
+        report.notes += ["reclaimed while cut off: \(reclaimed)", "acked late: \(lateAcks)",
+                         "left queued after the late acks: \(queuedAfter ?? -1)", "started twice \(startedTwice)",
+                         "results written twice \(doubled)"]
+        report.publish()
+        #expect(reclaimed, "the cut-off leases must lapse and be reclaimed while east is cut off: \(h.cluster.logs())")
+        #expect(lateAcks, "each finished task's ack lands late and is taken: \(h.cluster.logs())")
+        #expect(queuedAfter == 0, "the late acks remove the reclaimed retries from west's queue")
+        #expect(startedTwice == 0, "a task that finished in east must not run again in west: \(h.cluster.taskEvents())")
+        #expect(doubled == 0)
+        #expect(report.lost == 0 && report.completed == ids.count + holds.count, "\(h.cluster.logs())")
+        #expect(leasesGone)
     }
 
     @Test("Redis master killed under Sentinel (3 sentinels, 1 replica): workers and dispatchers follow the new master")

@@ -63,7 +63,7 @@ extension Duration {
     }
 
     /// Whole milliseconds, rounded down (TandemCore's `inMilliseconds`; ClientSupport sits below it).
-    var wholeMilliseconds: Int64 {
+    package var wholeMilliseconds: Int64 {
         let (s, atto) = components
         return s * 1000 + atto / 1_000_000_000_000_000
     }

@@ -11,6 +11,18 @@ public struct PostgresConfiguration: Sendable {
     public var redacted: String
     /// What a person should check when Postgres cannot be reached; appended to connection errors.
     public var connectHint: String = "is postgres running? set --result-backend or AIRFLOW__CELERY__RESULT_BACKEND"
+    /// How long a statement's reply may take before the connection is given up as lost (nil: wait forever).
+    /// Tandem's statements are small; a reply this late means a hung server or a dead link, and a worker whose
+    /// writes wait on it can neither finish tasks nor spool their results. Env TANDEM_POSTGRES_REPLY_TIMEOUT
+    /// (seconds; 0: wait forever); default 30 s.
+    public var replyTimeout: Duration? = PostgresConfiguration.defaultReplyTimeout
+
+    static var defaultReplyTimeout: Duration? {
+        guard let text = ProcessInfo.processInfo.environment["TANDEM_POSTGRES_REPLY_TIMEOUT"], let s = Double(text), s >= 0 else {
+            return .seconds(30)
+        }
+        return s == 0 ? nil : .milliseconds(Int64(s * 1000))
+    }
 
     /// Parses a result-backend URL or a plain conninfo.
     ///
@@ -67,6 +79,13 @@ public struct PostgresConfiguration: Sendable {
         set("options", opts)
         if value("application_name") == nil { set("application_name", applicationName) }
         if value("connect_timeout") == nil { set("connect_timeout", "5") }
+        // a link that dies without a FIN or RST (a partition, a dead host) is noticed in seconds rather than after
+        // the kernel's ~15 minutes of retransmissions: unacknowledged data after 20 s, or an idle connection after
+        // 10 s + 3 × 5 s of unanswered keepalive probes
+        if value("tcp_user_timeout") == nil { set("tcp_user_timeout", "20000") }
+        if value("keepalives_idle") == nil { set("keepalives_idle", "10") }
+        if value("keepalives_interval") == nil { set("keepalives_interval", "5") }
+        if value("keepalives_count") == nil { set("keepalives_count", "3") }
 
         self.conninfo = options.map { "\($0.0)=\(Self.quote($0.1))" }.joined(separator: " ")
         self.redacted = Self.redact(options)

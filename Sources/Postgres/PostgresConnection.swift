@@ -1,5 +1,10 @@
 import CLibpq
+import ClientSupport
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Owns one `PGconn*`. Not thread-safe: used only on its owner's serial queue.
 final class PostgresConnection {
@@ -13,9 +18,15 @@ final class PostgresConnection {
     static let maxPrepared = 64
     static let preparing = ProcessInfo.processInfo.environment["TANDEM_PG_PREPARED_STATEMENTS"] != "off"
 
-    private init(conn: OpaquePointer, location: String) {
+    /// How long a reply may take (`PostgresConfiguration.replyTimeout`); nil waits as long as libpq does.
+    private let replyTimeout: Duration?
+    /// A reply did not come in time: the connection is mid-statement and must not be used again.
+    private var timedOut = false
+
+    private init(conn: OpaquePointer, location: String, replyTimeout: Duration?) {
         self.conn = conn
         self.location = location
+        self.replyTimeout = replyTimeout
     }
 
     deinit { PQfinish(conn) }
@@ -35,21 +46,71 @@ final class PostgresConnection {
                 isConnectionLoss: true
             )
         }
-        return PostgresConnection(conn: raw, location: config.redacted)
+        return PostgresConnection(conn: raw, location: config.redacted, replyTimeout: config.replyTimeout)
     }
 
-    var isHealthy: Bool { PQstatus(conn) == CONNECTION_OK }
+    var isHealthy: Bool { !timedOut && PQstatus(conn) == CONNECTION_OK }
+
+    /// Waits until libpq can hand out the next result without blocking, at most the reply timeout: libpq's own
+    /// reads wait forever, and a hung server or a dead link would hold every write behind this one.
+    private func awaitReply(_ what: String) throws(PostgresError) {
+        guard let replyTimeout else { return }
+        let deadline = ContinuousClock.now + replyTimeout
+        while PQisBusy(conn) == 1 {
+            let left = deadline - ContinuousClock.now
+            if left <= .zero {
+                timedOut = true
+                throw PostgresError(
+                    code: .query,
+                    message: "Postgres at \(location) did not answer \(what) within \(replyTimeout.shortDescription) (TANDEM_POSTGRES_REPLY_TIMEOUT): a hung server or a dead link — the connection was dropped and the next call reconnects",
+                    underlying: "reply timeout", isConnectionLoss: true)
+            }
+            var fds = pollfd(fd: PQsocket(conn), events: Int16(POLLIN), revents: 0)
+            let ready = poll(&fds, 1, Int32(clamping: left.wholeMilliseconds + 1))
+            if ready < 0 && errno == EINTR { continue }
+            if ready < 0 || (ready > 0 && PQconsumeInput(conn) == 0) {
+                let cause = Self.oneLine(PQerrorMessage(conn))
+                throw PostgresError(
+                    code: .query, message: "lost connection to Postgres at \(location) during \(what): \(cause) — the next call reconnects",
+                    underlying: cause, isConnectionLoss: true)
+            }
+        }
+    }
+
+    /// The next result of the statement(s) sent, within the reply timeout; nil once they have all been read.
+    private func nextResult(_ what: String) throws(PostgresError) -> OpaquePointer? {
+        try awaitReply(what)
+        return PQgetResult(conn)
+    }
+
+    /// Sends with `send` (a PQsend… call), then reads every result, keeping the last (what PQexec returns).
+    private func sendAndCollect(_ what: String, _ send: () -> Int32) throws(PostgresError) -> OpaquePointer? {
+        guard send() == 1 else { return nil }
+        var last: OpaquePointer?
+        do throws(PostgresError) {
+            while let r = try nextResult(what) {
+                if let last { PQclear(last) }
+                last = r
+            }
+        } catch {
+            if let last { PQclear(last) }
+            throw error
+        }
+        return last
+    }
 
     /// Runs one statement with parameters (PQexecParams; never string interpolation).
     func exec(_ sql: String, _ binds: [PostgresBind]) throws(PostgresError) -> PostgresResult {
         let params = Parameters(binds)
         defer { params.release() }
         let name = try preparedName(sql, params.types)
-        let result: OpaquePointer? = params.withPointers { n, types, values, lengths, formats in
-            if let name {
-                PQexecPrepared(conn, name, n, values, lengths, formats, 0)
-            } else {
-                PQexecParams(conn, sql, n, types, values, lengths, formats, 0)
+        let result = try sendAndCollect(Self.verb(sql)) {
+            params.withPointers { n, types, values, lengths, formats in
+                if let name {
+                    PQsendQueryPrepared(conn, name, n, values, lengths, formats, 0)
+                } else {
+                    PQsendQueryParams(conn, sql, n, types, values, lengths, formats, 0)
+                }
             }
         }
         guard let result else {
@@ -88,7 +149,7 @@ final class PostgresConnection {
         var results: [PostgresResult] = []
         var firstError: PostgresError?
         for st in statements {
-            guard let r = PQgetResult(conn) else { throw lostInPipeline() }
+            guard let r = try nextResult("a pipelined batch") else { throw lostInPipeline() }
             let status = PQresultStatus(r)
             if status == PGRES_PIPELINE_ABORTED {
                 results.append(PostgresResult(rows: [], columns: [], affectedRows: 0))
@@ -102,9 +163,9 @@ final class PostgresConnection {
             }
             PQclear(r)
             // each statement's results end with a NULL
-            while let extra = PQgetResult(conn) { PQclear(extra) }
+            while let extra = try nextResult("a pipelined batch") { PQclear(extra) }
         }
-        guard let sync = PQgetResult(conn) else { throw lostInPipeline() }
+        guard let sync = try nextResult("a pipelined batch") else { throw lostInPipeline() }
         let synced = PQresultStatus(sync) == PGRES_PIPELINE_SYNC
         PQclear(sync)
         if let firstError { throw firstError }
@@ -200,7 +261,7 @@ final class PostgresConnection {
         if let name = prepared[sql] { return name }
         guard prepared.count < Self.maxPrepared, Self.isPlannable(sql) else { return nil }
         let name = "tandem_\(prepared.count)"
-        guard let result = PQprepare(conn, name, sql, Int32(types.count), types) else {
+        guard let result = try sendAndCollect("PREPARE", { PQsendPrepare(conn, name, sql, Int32(types.count), types) }) else {
             let cause = Self.oneLine(PQerrorMessage(conn))
             throw PostgresError(code: .query, message: "Postgres at \(location) failed: \(cause)", underlying: cause,
                                 isConnectionLoss: !isHealthy)
@@ -223,7 +284,7 @@ final class PostgresConnection {
         let cause = Self.oneLine(PQresultErrorMessage(result))
         let lost = !isHealthy || (sqlState?.hasPrefix("08") ?? false) || sqlState == "57P01" || sqlState == "57P02"
             || sqlState == "57P03"
-        let what = sql.split(separator: " ", maxSplits: 1).first.map(String.init)?.uppercased() ?? "statement"
+        let what = Self.verb(sql)
         let message = lost
             ? "lost connection to Postgres at \(location) during \(what): \(cause) — the next call reconnects"
             : "Postgres at \(location) refused \(what): \(cause)"
@@ -232,7 +293,7 @@ final class PostgresConnection {
 
     /// The command tag of the last statement (e.g. `ROLLBACK` when a COMMIT could not commit).
     func execTag(_ sql: String) throws(PostgresError) -> String {
-        guard let result = PQexec(conn, sql) else {
+        guard let result = try sendAndCollect(sql, { PQsendQuery(conn, sql) }) else {
             let cause = Self.oneLine(PQerrorMessage(conn))
             throw PostgresError(code: .query, message: "Postgres at \(location) failed \(sql): \(cause)", underlying: cause,
                                 isConnectionLoss: !isHealthy)
@@ -250,6 +311,11 @@ final class PostgresConnection {
                 sqlState: sqlState, underlying: cause, isConnectionLoss: lost)
         }
         return PQcmdStatus(result).map { String(cString: $0) } ?? ""
+    }
+
+    /// The statement's first word, for messages ("INSERT", "SELECT").
+    static func verb(_ sql: String) -> String {
+        sql.split(whereSeparator: \.isWhitespace).first.map { $0.uppercased() } ?? "a statement"
     }
 
     static func oneLine(_ s: UnsafePointer<CChar>?) -> String {

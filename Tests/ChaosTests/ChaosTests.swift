@@ -107,7 +107,9 @@ struct ChaosTests {
         }
         /// A worker that reaches Redis and Postgres only through two links (fault proxies) a test can partition;
         /// stop the links when done.
-        func startWorkerBehindLinks(dc: String, name: String, extra: [String]) throws -> (TandemProcess, redis: FaultProxy, postgres: FaultProxy) {
+        func startWorkerBehindLinks(dc: String, name: String, extra: [String], environment: [String: String] = [:]) throws
+            -> (TandemProcess, redis: FaultProxy, postgres: FaultProxy)
+        {
             let pgURL = try #require(URLComponents(string: cluster.postgresURL))
             // the Redis link never has a reply armed to cut: no prefix needed
             let redisLink = try FaultProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: []))
@@ -116,7 +118,7 @@ struct ChaosTests {
                 "AIRFLOW__CELERY__BROKER_URL":
                     cluster.redis.url.replacingOccurrences(of: ":\(cluster.redis.port)/", with: ":\(redisLink.port)/"),
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+postgresql+psycopg2://postgres@127.0.0.1:\(pgLink.port)\(pgURL.path)",
-            ]
+            ].merging(environment) { $1 }
             defer { cluster.extraEnvironment = [:] }
             return (try cluster.startWorker(dc: dc, name: name, extra: extra), redisLink, pgLink)
         }
@@ -618,6 +620,51 @@ struct ChaosTests {
         #expect(report.ranTwiceConcurrently == 0)
         let spools = (try? FileManager.default.contentsOfDirectory(atPath: h.cluster.dir + "/spool")) ?? []
         #expect(spools.filter { $0.hasSuffix(".spool") }.isEmpty, "the spool must be flushed and removed: \(spools)")
+    }
+
+    @Test("Postgres cut off (every byte dropped, no error) for 20 s under load: after the reply timeout the worker spools results and acks, tasks keep running, and the spool flushes once the link heals")
+    func postgresPartition() async throws {
+        let h = try Harness()
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        let (_, redisLink, pgLink) = try h.startWorkerBehindLinks(
+            dc: "east", name: "east-1", extra: Self.workerFlags + ["--concurrency", "4"],
+            environment: ["TANDEM_POSTGRES_REPLY_TIMEOUT": "3"])
+        defer {
+            redisLink.stop()
+            pgLink.stop()
+        }
+        try await Task.sleep(for: .seconds(2))
+        var ids = try await h.submit(4, task: "ok", prefix: "before")
+        var report = ChaosReport(scenario: "postgres-partition-20s")
+        try await h.settle(ids, &report)
+        pgLink.partition()
+        let cutAt = Date().timeIntervalSince1970
+        for round in 0..<4 {
+            ids += try await h.submit(4, task: "sleep-0.5", prefix: "cut\(round)-")
+            try await Task.sleep(for: .seconds(4))
+        }
+        // every task that ended is acked, its result safe in the local spool, while Postgres still answers nothing
+        let ackedWhileCut = try await eventually(timeout: .seconds(20)) {
+            try await h.redis.send(["ZCARD", Keys.leases]).int == 0
+                && h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > cutAt }.count == 16
+        }
+        let spooled = ((try? FileManager.default.contentsOfDirectory(atPath: h.cluster.dir + "/spool")) ?? []).filter { $0.hasSuffix(".spool") }
+        let endedWhileCut = h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > cutAt }.count
+        pgLink.heal()
+        try await h.settle(ids, &report, timeout: .seconds(90))
+        let doubled = try await h.resultsWrittenTwice()
+        let spoolsLeft = try await eventually(timeout: .seconds(30)) {
+            ((try? FileManager.default.contentsOfDirectory(atPath: h.cluster.dir + "/spool")) ?? []).filter { $0.hasSuffix(".spool") }.isEmpty
+        }
+        report.notes += ["\(endedWhileCut) task(s) ended while cut off", "all acked while cut off: \(ackedWhileCut)",
+                         "spool files while cut off: \(spooled.count)", "results written twice \(doubled)"]
+        report.publish()
+        #expect(endedWhileCut == 16, "tasks keep running while Postgres does not answer: \(h.cluster.logs())")
+        #expect(ackedWhileCut, "after the reply timeout, results go to the spool and the jobs are acked: \(h.cluster.logs())")
+        #expect(!spooled.isEmpty)
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(doubled == 0 && h.startedTwice() == 0 && report.ranTwiceConcurrently == 0)
+        #expect(spoolsLeft, "the spool is flushed and removed once Postgres answers again")
     }
 
     @Test("Postgres replies lost after their commits landed (connection cut): each write is applied again as the same attempt — SUCCESS once, run once, no false fencing")

@@ -41,6 +41,17 @@ struct PostgresConfigurationTests {
         #expect(err?.code == .invalidURL)
     }
 
+    @Test("a dead link is noticed in seconds: tcp_user_timeout and keepalives are set unless the URL sets its own")
+    func deadLinkSettings() throws {
+        let c = try PostgresConfiguration(url: "postgresql://u@h/db")
+        for setting in ["tcp_user_timeout='20000'", "keepalives_idle='10'", "keepalives_interval='5'", "keepalives_count='3'"] {
+            #expect(c.conninfo.contains(setting), "\(c.conninfo)")
+        }
+        let own = try PostgresConfiguration(url: "postgresql://u@h/db?tcp_user_timeout=5000&keepalives_idle=60")
+        #expect(own.conninfo.contains("tcp_user_timeout='5000'") && !own.conninfo.contains("tcp_user_timeout='20000'"))
+        #expect(own.conninfo.contains("keepalives_idle='60'") && !own.conninfo.contains("keepalives_idle='10'"))
+    }
+
     @Test func badURLHidesPassword() {
         let err = #expect(throws: PostgresError.self) { try PostgresConfiguration(url: "mysql://u:hunter2@h/db") }
         #expect(err?.message.contains("hunter2") == false)
@@ -157,6 +168,41 @@ struct PostgresClientTests {
         #expect(err?.message.contains("AIRFLOW__CELERY__RESULT_BACKEND") == true)
         #expect(err?.message.contains("hunter2") == false)
         #expect(err?.message.contains("\n") == false)
+    }
+
+    @Test("a server that stops answering (every byte dropped) fails the call after the reply timeout, saying so — single statements, pipelines and transactions alike; the connection is dropped and, once answers flow again, the next call reconnects")
+    func replyTimeoutDropsTheConnection() async throws {
+        let url = try #require(URLComponents(string: try await freshDatabase()))
+        let link = try FaultProxy(upstreamPort: try #require(url.port))
+        defer { link.stop() }
+        var config = try PostgresConfiguration(url: "postgresql://postgres@127.0.0.1:\(link.port)\(url.path)")
+        config.replyTimeout = .seconds(1)
+        let client = PostgresClient(configuration: config, logger: quietLogger)
+        defer { client.close() }
+        _ = try await client.query("CREATE TABLE t (id int)")
+        _ = try await client.pipeline([("INSERT INTO t VALUES ($1)", [.int(1)]), ("INSERT INTO t VALUES ($1)", [.int(2)])])
+        link.partition()
+        let single = await #expect(throws: PostgresError.self) { try await client.query("SELECT count(*) FROM t") }
+        #expect(single?.isConnectionLoss == true)
+        // (the statement is new to the connection, so what went unanswered is its PREPARE)
+        #expect(single?.message.contains("did not answer PREPARE within 1s (TANDEM_POSTGRES_REPLY_TIMEOUT)") == true, "\(String(describing: single))")
+        link.heal()
+        #expect(try await client.query("SELECT count(*) AS n FROM t").rows[0].int("n") == 2)
+        link.partition()
+        let batch = await #expect(throws: PostgresError.self) {
+            try await client.pipeline([("INSERT INTO t VALUES ($1)", [.int(3)]), ("INSERT INTO t VALUES ($1)", [.int(4)])])
+        }
+        #expect(batch?.isConnectionLoss == true)
+        link.heal()
+        // a pipeline is one transaction: the lost batch either landed whole or not at all
+        let n = try await client.query("SELECT count(*) AS n FROM t").rows[0].int("n")
+        #expect(n == 2 || n == 4)
+        link.partition()
+        await #expect(throws: (any Error).self) {
+            try await client.transaction { tx in _ = try tx.query("INSERT INTO t VALUES ($1)", [.int(5)]) }
+        }
+        link.heal()
+        #expect(try await client.query("SELECT count(*) AS n FROM t WHERE id = 5").rows[0].int("n") == 0)
     }
 
     @Test(.timeLimit(.minutes(2)))

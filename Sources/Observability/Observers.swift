@@ -119,9 +119,13 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
     /// when a slot frees).
     public func collect(from runtime: WorkerRuntime) {
         let phaseGauge = registry.gauge("tandem_worker_phase", help: "1 for the worker's phase (running, draining, stopped).", labels: ["phase"])
+        let spooled = registry.gauge(
+            "tandem_worker_writes_spooled",
+            help: "Result and ledger writes waiting in the worker's local spool because Postgres is unreachable from it; Airflow sees those results once they are flushed.")
         registry.onCollect { [busy, claimedAhead] in
             busy.set(Double(runtime.busy))
             claimedAhead.set(Double(runtime.claimedAhead))
+            spooled.set(Double(runtime.spooledWrites))
             let p = runtime.phase
             phaseGauge.replace(Dictionary(uniqueKeysWithValues: [WorkerStatus.State.running, .draining, .stopped].map {
                 ([$0.rawValue], $0 == p ? 1.0 : 0.0)

@@ -83,6 +83,8 @@ public struct WorkerStatus: Sendable, Hashable {
     public var state: State
     /// Redis time of the last heartbeat (ms); filled in when read back.
     public var lastSeenMs: Int64
+    /// Results and ledger writes waiting in the worker's local spool for Postgres (0 while Postgres answers).
+    public var spooledWrites: Int = 0
 
     public init(
         workerID: String, datacenter: String, slots: Int, busy: Int, queues: [String], hostname: String,

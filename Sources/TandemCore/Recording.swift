@@ -117,6 +117,13 @@ public protocol TaskLedger: Sendable {
     func event(taskID: String, jobID: String, event: String, worker: String?, datacenter: String?, token: Int64?,
         detail: String?) async throws
     func entry(taskID: String) async throws -> LedgerEntry?
+    /// Writes (results, ledger events) waiting on this host for the store to be reachable again: the worker's
+    /// spool while Postgres is down. Shown in `executorctl workers` and exported as a metric.
+    var writesWaitingLocally: Int { get }
+}
+
+extension TaskLedger {
+    public var writesWaitingLocally: Int { 0 }
 }
 
 /// A store that can record the start of an attempt — the claim, the ledger's start and Celery's STARTED — in one

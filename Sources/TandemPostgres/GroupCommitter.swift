@@ -49,7 +49,9 @@ final class GroupCommitter: Sendable {
             return try await client.transaction { tx in try ops.map { try PostgresStore.apply($0, in: tx) } }
                 .map { .success($0) }
         } catch {
-            if ops.count == 1 { return [.failure(error)] }
+            // Postgres gone or not answering: every write of the batch fails the same way (and goes to the spool at
+            // once); retried one by one, each would wait out its own connect or reply timeout first
+            if ops.count == 1 || (error as? PostgresError)?.isOutage == true { return ops.map { _ in .failure(error) } }
             // one bad write must not fail its neighbours: retry each alone, so only it sees its error
             var out: [Result<StoreOutcome, any Error>] = []
             for op in ops {

@@ -26,6 +26,9 @@ public final class SpoolingStore: StoreOperationSink {
         /// `active != nil`, readable from any thread: while nothing is spooled (nearly always), a write goes
         /// straight to Postgres instead of first visiting the spool's thread to learn that.
         let spooling = Mutex(false)
+        /// Lines written to the active spool, and how many of them the flusher has applied to Postgres: readable
+        /// from any thread (the heartbeat reports the difference).
+        let lines = Mutex((written: 0, applied: 0))
     }
     /// Touched only on `disk`: a serial queue of its own, so the appends (each an fsync) never block a thread
     /// of the Swift concurrency pool and stay in order.
@@ -70,6 +73,8 @@ public final class SpoolingStore: StoreOperationSink {
 
     public var spooledOperations: Int { disk.sync { state.active?.count ?? 0 } }
 
+    public var writesWaitingLocally: Int { state.lines.withLock { max(0, $0.written - $0.applied) } }
+
     // MARK: The one path every write takes
 
     func run(_ op: StoreOperation) async throws -> StoreOutcome {
@@ -89,6 +94,7 @@ public final class SpoolingStore: StoreOperationSink {
         return try await onDisk { s in
             guard let active = s.active else { return nil }
             try active.append(op)
+            s.lines.withLock { $0.written += 1 }
             return .spooled
         }
     }
@@ -101,6 +107,7 @@ public final class SpoolingStore: StoreOperationSink {
                     path: "\(directory)/\(Int(Date().timeIntervalSince1970 * 1000))-\(UUID().uuidString).spool", create: true)
             }
             try s.active!.append(op)
+            s.lines.withLock { $0.written += 1 }
             let start = !s.flushing
             s.flushing = true
             return (s.active!, start)
@@ -130,6 +137,7 @@ public final class SpoolingStore: StoreOperationSink {
                         return outcome
                     }
                     applied = index
+                    if isActive { state.lines.withLock { $0.applied = index } }
                 }
                 // caught up: retire the spool unless a write arrived meanwhile
                 let appliedSoFar = applied
@@ -138,6 +146,7 @@ public final class SpoolingStore: StoreOperationSink {
                         guard spool.count == appliedSoFar else { return false }
                         s.active = nil
                         s.flushing = false
+                        s.lines.withLock { $0 = (0, 0) }
                     }
                     try spool.remove()
                     return true

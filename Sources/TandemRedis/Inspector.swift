@@ -33,14 +33,15 @@ public struct BrokerInspector: Sendable {
         for ((id, seen), reply) in zip(pairs, replies) {
             let h = hash(reply)
             guard let dc = h["dc"] else { continue }  // hash expired: the worker is long gone
-            out.append(
-                WorkerStatus(
-                    workerID: id, datacenter: dc, slots: Int(h["slots"] ?? "") ?? 0, busy: Int(h["busy"] ?? "") ?? 0,
-                    queues: (h["queues"] ?? "").split(separator: ",").map(String.init),
-                    hostname: h["hostname"] ?? "", pid: Int32(h["pid"] ?? "") ?? 0,
-                    runningJobs: (h["running"] ?? "").split(separator: ",").map(String.init),
-                    aheadJobs: (h["ahead"] ?? "").split(separator: ",").map(String.init),
-                    state: WorkerStatus.State(rawValue: h["state"] ?? "") ?? .running, lastSeenMs: seen))
+            var status = WorkerStatus(
+                workerID: id, datacenter: dc, slots: Int(h["slots"] ?? "") ?? 0, busy: Int(h["busy"] ?? "") ?? 0,
+                queues: (h["queues"] ?? "").split(separator: ",").map(String.init),
+                hostname: h["hostname"] ?? "", pid: Int32(h["pid"] ?? "") ?? 0,
+                runningJobs: (h["running"] ?? "").split(separator: ",").map(String.init),
+                aheadJobs: (h["ahead"] ?? "").split(separator: ",").map(String.init),
+                state: WorkerStatus.State(rawValue: h["state"] ?? "") ?? .running, lastSeenMs: seen)
+            status.spooledWrites = Int(h["spooled"] ?? "") ?? 0
+            out.append(status)
         }
         return out
     }

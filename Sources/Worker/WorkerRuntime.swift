@@ -177,7 +177,7 @@ public final class WorkerRuntime: Sendable {
     public var claimedAhead: Int { state.withLock { $0.slots.values.filter(\.waiting).count } }
 
     func status() -> WorkerStatus {
-        state.withLock { s in
+        var status = state.withLock { s in
             WorkerStatus(
                 workerID: configuration.workerID, datacenter: configuration.datacenter,
                 slots: configuration.concurrency, busy: s.running, queues: configuration.queues,
@@ -185,7 +185,12 @@ public final class WorkerRuntime: Sendable {
                 runningJobs: s.slots.filter { !$0.value.waiting }.map(\.key),
                 aheadJobs: s.slots.filter { $0.value.waiting }.map(\.key), state: s.phase)
         }
+        status.spooledWrites = ledger.writesWaitingLocally
+        return status
     }
+
+    /// Writes waiting in the local spool for Postgres (for the metrics endpoint).
+    public var spooledWrites: Int { ledger.writesWaitingLocally }
 
     func count(_ key: String) { counters.withLock { $0[key, default: 0] += 1 } }
 

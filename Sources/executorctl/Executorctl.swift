@@ -141,7 +141,7 @@ func noLeaderProblem(_ lease: LeaderLease?) -> String {
 }
 
 struct Workers: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, jobs claimed ahead (leased, not started), last heartbeat.")
+    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, jobs claimed ahead (leased, not started), result writes waiting in the local spool, last heartbeat.")
     @OptionGroup var common: Common
     func run() async throws {
         try await common.withInspector { i in
@@ -152,20 +152,25 @@ struct Workers: AsyncParsableCommand {
                 ["worker": $0.workerID, "datacenter": $0.datacenter, "slots": $0.slots, "busy": $0.busy,
                  "queues": $0.queues, "hostname": $0.hostname, "pid": Int($0.pid), "state": $0.state.rawValue,
                  "last_heartbeat_ms_ago": now - $0.lastSeenMs, "running_jobs": $0.runningJobs,
-                 "claimed_ahead_jobs": $0.aheadJobs] as [String: Any]
+                 "claimed_ahead_jobs": $0.aheadJobs, "spooled_writes": $0.spooledWrites] as [String: Any]
             })
         } else {
             printTable(
-                ["WORKER", "DATACENTER", "BUSY/SLOTS", "AHEAD", "QUEUES", "STATE", "LAST HEARTBEAT"],
+                ["WORKER", "DATACENTER", "BUSY/SLOTS", "AHEAD", "SPOOLED", "QUEUES", "STATE", "LAST HEARTBEAT"],
                 ws.map {
-                    [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", String($0.aheadJobs.count),
+                    [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", String($0.aheadJobs.count), String($0.spooledWrites),
                      $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"]
                 }
             ) { row, col, text in
-                if col == 5 { return Style.state(text) }
+                // results waiting on the worker's disk: Postgres is unreachable from it, Airflow cannot see them yet
+                if col == 4 && ws[row].spooledWrites > 0 { return Style.red }
+                if col == 6 { return Style.state(text) }
                 // silent past the default loss threshold: probably dead
-                if col == 6 && now - ws[row].lastSeenMs > 15_000 { return Style.red }
+                if col == 7 && now - ws[row].lastSeenMs > 15_000 { return Style.red }
                 return nil
+            }
+            for w in ws where w.spooledWrites > 0 {
+                print("\(w.workerID) has \(w.spooledWrites) write(s) in its local spool: it cannot reach Postgres (check its log and the result backend); Airflow sees those tasks' results once they are flushed")
             }
         }
         }

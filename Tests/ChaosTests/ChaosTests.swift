@@ -650,13 +650,24 @@ struct ChaosTests {
         }
         let spooled = ((try? FileManager.default.contentsOfDirectory(atPath: h.cluster.dir + "/spool")) ?? []).filter { $0.hasSuffix(".spool") }
         let endedWhileCut = h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > cutAt }.count
+        // what an operator sees meanwhile (executorctl workers, the heartbeat): the writes waiting on east-1's disk
+        func spooledWrites() async throws -> Int {
+            try await BrokerInspector(client: h.redis).workers().first { $0.workerID == "east-1" }?.spooledWrites ?? -1
+        }
+        var shownWhileCut = 0
+        _ = try await eventually(timeout: .seconds(10)) {
+            shownWhileCut = try await spooledWrites()
+            return shownWhileCut >= 16
+        }
         pgLink.heal()
         try await h.settle(ids, &report, timeout: .seconds(90))
         let doubled = try await h.resultsWrittenTwice()
         let spoolsLeft = try await eventually(timeout: .seconds(30)) {
             ((try? FileManager.default.contentsOfDirectory(atPath: h.cluster.dir + "/spool")) ?? []).filter { $0.hasSuffix(".spool") }.isEmpty
         }
+        let shownAfter = try await eventually(timeout: .seconds(10)) { try await spooledWrites() == 0 }
         report.notes += ["\(endedWhileCut) task(s) ended while cut off", "all acked while cut off: \(ackedWhileCut)",
+                         "writes shown spooled while cut off: \(shownWhileCut)",
                          "spool files while cut off: \(spooled.count)", "results written twice \(doubled)"]
         report.publish()
         #expect(endedWhileCut == 16, "tasks keep running while Postgres does not answer: \(h.cluster.logs())")
@@ -665,6 +676,9 @@ struct ChaosTests {
         #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
         #expect(doubled == 0 && h.startedTwice() == 0 && report.ranTwiceConcurrently == 0)
         #expect(spoolsLeft, "the spool is flushed and removed once Postgres answers again")
+        // each ended task has at least its end waiting (quick ones their start with it, longer ones also a start)
+        #expect(shownWhileCut >= 16, "the heartbeat shows the writes waiting in east-1's spool: \(shownWhileCut)")
+        #expect(shownAfter, "once flushed, the heartbeat shows none waiting")
     }
 
     @Test("Postgres replies lost after their commits landed (connection cut): each write is applied again as the same attempt — SUCCESS once, run once, no false fencing")

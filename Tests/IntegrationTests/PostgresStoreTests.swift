@@ -126,6 +126,38 @@ struct PostgresStoreTests {
         #expect(n.rows.first?.int("n") == 60)
     }
 
+    @Test("a batch that fails because Postgres stopped answering fails whole, at once: its writes are not retried one by one (each would wait out a connect timeout before the worker could spool it)")
+    func outageFailsTheBatchWhole() async throws {
+        let url = try #require(URLComponents(string: try PostgresServer.shared().createDatabase()))
+        let link = try FaultProxy(upstreamPort: try #require(url.port))
+        defer { link.stop() }
+        var config = try PostgresConfiguration(url: "postgresql://postgres@127.0.0.1:\(link.port)\(url.path)")
+        config.replyTimeout = .seconds(1)
+        let store = PostgresStore(configuration: config, logger: Logger(label: "t"))
+        defer { store.close() }
+        try await store.prepare()
+        #expect(try await store.store(.success(taskId: "before"), fence: nil) == .written)
+        link.partition()
+        let connectsBefore = link.connectionsAccepted
+        let failures = await withTaskGroup(of: (any Error)?.self) { group in
+            for i in 0..<12 {
+                group.addTask {
+                    do {
+                        _ = try await store.store(.success(taskId: "cut-\(i)"), fence: nil)
+                        return nil
+                    } catch { return error }
+                }
+            }
+            return await group.reduce(into: [any Error]()) { if let e = $1 { $0.append(e) } }
+        }
+        let reconnects = link.connectionsAccepted - connectsBefore
+        link.heal()
+        #expect(failures.count == 12)
+        #expect(failures.allSatisfy { ($0 as? PostgresError)?.isOutage == true }, "\(failures)")
+        // at most one new connection per committing connection (4), never one per write
+        #expect(reconnects <= PostgresStore.writeConnections, "\(reconnects) connection(s) opened for 12 writes during the outage")
+    }
+
     @Test("pipelined group commit: many attempts' starts and ends in one round trip each batch; one bad write fails alone")
     func pipelinedGroupCommit() async throws {
         let store = self.store

@@ -29,6 +29,7 @@ public final class FaultProxy: @unchecked Sendable {
     private let lock = NSLock()
     private var armed = false
     private var cutCount = 0
+    private var acceptCount = 0
     private var stopped = false
     private var open: [Int32] = []
     private var partitioned = false
@@ -53,6 +54,9 @@ public final class FaultProxy: @unchecked Sendable {
 
     /// How many replies were dropped so far.
     public var cuts: Int { lock.withLock { cutCount } }
+
+    /// How many connections clients have opened through the proxy so far (during a partition too).
+    public var connectionsAccepted: Int { lock.withLock { acceptCount } }
 
     /// From now on nothing gets through, either way, and new connections hang.
     public func partition() { lock.withLock { partitioned = true } }
@@ -86,6 +90,7 @@ public final class FaultProxy: @unchecked Sendable {
                 if lock.withLock({ stopped }) { return }
                 continue
             }
+            lock.withLock { acceptCount += 1 }
             if lock.withLock({ () -> Bool in
                 guard partitioned else { return false }
                 open.append(client)

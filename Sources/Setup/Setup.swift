@@ -120,6 +120,10 @@ public final class SignalHandlers: @unchecked Sendable {
     private var terms = 0
 
     public init(graceful: @escaping @Sendable () -> Void, immediate: @escaping @Sendable () -> Void) {
+        // hiredis sends without MSG_NOSIGNAL: a write to a connection Redis (or a proxy, or a dead peer) has reset
+        // must fail with EPIPE so the client reconnects, not kill the process. Task processes get every signal
+        // disposition back to the default before exec (cspawn.c), so they see SIGPIPE as usual.
+        signal(SIGPIPE, SIG_IGN)
         let queue = DispatchQueue(label: "tandem.signals")
         for sig in [SIGTERM, SIGINT] {
             signal(sig, SIG_IGN)

@@ -158,6 +158,22 @@ struct WorkerProcessTests {
         #expect(typo.log().contains("TANDEM_PIN_CPU=first is not a CPU number"), "\(typo.log())")
     }
 
+    @Test("worker and dispatcher ignore SIGPIPE, so a write to a connection the server reset fails with EPIPE (and the client reconnects) instead of killing the process")
+    func brokenPipesDoNotKill() async throws {
+        let d = try cluster.startDispatcher()
+        let w = try cluster.startWorker(dc: "east", name: "east-1")
+        func ignored(_ pid: Int32) -> Bool? {
+            guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                let line = text.split(separator: "\n").first(where: { $0.hasPrefix("SigIgn:") }),
+                let mask = UInt64(line.split(separator: "\t").last ?? "", radix: 16)
+            else { return nil }
+            return mask & (1 << UInt64(SIGPIPE - 1)) != 0
+        }
+        // (the handlers are installed once each process has parsed its flags and connected)
+        let both = try await eventually(timeout: .seconds(20)) { ignored(d.pid) == true && ignored(w.pid) == true }
+        #expect(both, "SigIgn of dispatcher \(String(describing: ignored(d.pid))), worker \(String(describing: ignored(w.pid)))")
+    }
+
     @Test("a negative prefetch is refused at start-up with the flag to fix")
     func negativePrefetchRefused() async throws {
         let d = try cluster.startDispatcher(extra: ["--prefetch-limit=-1"])

@@ -217,7 +217,8 @@ public final class FaultProxy: @unchecked Sendable {
     private func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
         var off = 0
         while off < bytes.count {
-            let w = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            // MSG_NOSIGNAL: a peer gone meanwhile must end this pump with EPIPE, not the test process with SIGPIPE
+            let w = bytes[off...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if w < 0 && errno == EINTR { continue }
             if w <= 0 { return false }
             off += w

@@ -23,6 +23,10 @@ public struct DispatcherConfiguration: Sendable {
     /// waits about this long, not a whole task, when another datacenter could run it. Slow tasks get no prefetch.
     public var prefetchWindow: Duration = .milliseconds(20)
     public var reclaimInterval: Duration = .seconds(1)
+    /// After this dispatcher could not reach Redis, how long it waits once Redis answers before taking back expired
+    /// leases: workers back from the same outage ack what finished meanwhile first (their acks retry every 2 s at
+    /// most), so those tasks do not run again. A lease whose worker died waits this much longer.
+    public var reclaimGraceAfterOutage: Duration = .seconds(5)
     public var healthInterval: Duration = .milliseconds(500)
     /// How long an idle dispatcher blocks waiting for Airflow to publish (per queue, rotating) before it looks at
     /// everything again (priority lists, health, reclaims).
@@ -117,6 +121,11 @@ public final class DispatcherRuntime: Sendable {
         var view = View()
         var lastHealth = clock.now - configuration.healthInterval
         var lastReclaim = clock.now
+        // after this dispatcher could not reach Redis, workers back from the same outage first get
+        // `reclaimGraceAfterOutage` to ack what finished meanwhile (a late ack is taken only while the lease is not
+        // yet claimed again) before their expired leases are taken back
+        var reclaimNotBefore = clock.now
+        var failing = false
         var lastLoss: Set<String> = []
         var backoff = Duration.milliseconds(100)
         var lastLeaderCheck = clock.now - configuration.leaderCheck
@@ -145,7 +154,12 @@ public final class DispatcherRuntime: Sendable {
                     lastLoss = lost
                     try await drainUnavailable(view)
                 }
-                if clock.now - lastReclaim >= configuration.reclaimInterval {
+                if failing {
+                    failing = false
+                    reclaimNotBefore = clock.now + configuration.reclaimGraceAfterOutage
+                    logger.notice("Redis answers again; reclaiming expired leases from \(configuration.reclaimGraceAfterOutage) on, so workers can ack what finished meanwhile")
+                }
+                if clock.now - lastReclaim >= configuration.reclaimInterval && clock.now >= reclaimNotBefore {
                     try await reclaim()
                     lastReclaim = clock.now
                 }
@@ -176,6 +190,7 @@ public final class DispatcherRuntime: Sendable {
                 observer.leadership(epoch: nil)
                 logger.warning("deposed: another dispatcher leads now (\(e.message)); standing by")
             } catch {
+                failing = true
                 observer.brokerError()
                 logger.error("dispatcher cycle failed: \(error) — retrying in \(backoff)")
                 try? await Task.sleep(for: backoff)

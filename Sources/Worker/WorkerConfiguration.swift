@@ -11,6 +11,10 @@ public struct WorkerConfiguration: Sendable {
     /// Lease length; a lease not renewed for this long may be reclaimed by another datacenter's dispatcher.
     public var leaseTTL: Duration = .seconds(30)
     public var renewInterval: Duration = .seconds(10)
+    /// How long a finished task's ack keeps retrying through a broker outage (its result is already written): it
+    /// is still taken after the lease expired as long as no other claim has the job, and then the task does not
+    /// run a second time.
+    public static let ackRetryLimit: Duration = .seconds(600)
     public var heartbeatInterval: Duration = DatacenterHealth.heartbeatInterval
     /// How long SIGTERM waits for running tasks before they are stopped and put back.
     public var shutdownGrace: Duration = .seconds(60)

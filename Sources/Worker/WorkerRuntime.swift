@@ -859,12 +859,15 @@ public final class WorkerRuntime: Sendable {
         log.info("task finished", metadata: ["state": .string(s.rawValue)])
     }
 
-    /// Acks, retrying through a broker outage for up to one lease period (after that the job is reclaimed anyway).
+    /// Acks, retrying through a broker outage. Past the lease the job may be reclaimed, but an ack that lands before
+    /// any other claim takes it is still accepted (ack.lua's late ack), and the finished task then does not run
+    /// again — so a running worker keeps trying for `ackRetryLimit`; one that is stopping, for one lease period.
     /// A retry refused because the job is gone, after an attempt whose reply was lost, is that attempt's ack having
     /// landed — not a reclaimed lease (which leaves the job on the broker under a newer claim).
     private func ackWithRetry(_ job: ClaimedJob, log: Logger) async throws -> FencedOutcome {
         let clock = ContinuousClock()
-        let deadline = clock.now + configuration.leaseTTL
+        let start = clock.now
+        let deadline = start + max(configuration.leaseTTL, WorkerConfiguration.ackRetryLimit)
         var wait = Duration.milliseconds(100)
         var uncertain = false
         while true {
@@ -877,7 +880,7 @@ public final class WorkerRuntime: Sendable {
                 return outcome
             } catch {
                 uncertain = true
-                if clock.now >= deadline { throw error }
+                if clock.now >= deadline || (phase != .running && clock.now >= start + configuration.leaseTTL) { throw error }
                 log.error("cannot ack: \(error) — retrying in \(wait)")
                 try? await Task.sleep(for: wait)
                 wait = min(wait * 2, .seconds(2))

@@ -547,6 +547,45 @@ struct ChaosTests {
         #expect(try await h.redis.send(["ZCARD", Keys.leases]).int == 0, "leases left")
     }
 
+    @Test("Redis down longer than the lease (15 s, lease 6 s): running tasks are stopped by self-fencing and run again afterwards, never twice at once; tasks that finished meanwhile keep their results and do not run again")
+    func redisDownLongerThanTheLease() async throws {
+        let h = try Harness(redisArguments: ["--appendonly", "yes", "--appendfsync", "always"])
+        let flags = ["--lease-ttl", "6", "--renew-every", "2", "--shutdown-grace", "30", "--concurrency", "4"]
+        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
+        try h.cluster.startWorker(dc: "east", name: "east-1", extra: flags)
+        try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags)
+        try await Task.sleep(for: .seconds(2))
+        let publisher = RedisClient(configuration: try RedisConfiguration(url: h.cluster.redis.url), logger: Logger(label: "pub"))
+        defer { publisher.close() }
+        // 4 that outlive the outage, 4 that end during it
+        var ids = try await h.submit(4, task: "sleep-25", prefix: "long", via: publisher)
+        ids += try await h.submit(4, task: "sleep-3", prefix: "short", via: publisher)
+        let allRunning = try await eventually(timeout: .seconds(30)) {
+            h.cluster.taskEvents().filter { $0.event == "start" }.count == 8
+        }
+        #expect(allRunning, "\(h.cluster.logs())")
+        h.cluster.redis.kill(signal: SIGKILL)
+        let downAt = Date().timeIntervalSince1970
+        try await Task.sleep(for: .seconds(15))
+        try h.cluster.redis.restart()
+        var report = ChaosReport(scenario: "redis-down-15s-lease-6s")
+        try await h.settle(ids, &report, timeout: .seconds(120))
+        let leasesGone = try await eventually(timeout: .seconds(30)) { try await h.redis.send(["ZCARD", Keys.leases]).int == 0 }
+        let starts = h.cluster.taskEvents().filter { $0.event == "start" }
+        let shortTwice = Dictionary(grouping: starts.filter { $0.key.contains(".sleep-3.") }, by: \.key).values.filter { $0.count > 1 }.count
+        let longTwice = Dictionary(grouping: starts.filter { $0.key.contains(".sleep-25.") }, by: \.key).values.filter { $0.count > 1 }.count
+        let endedWhileDown = h.cluster.timedTaskEvents().filter { $0.event == "end" && $0.at > downAt && $0.at < downAt + 15 }.count
+        report.notes += ["\(endedWhileDown) task(s) ended while Redis was down", "long tasks started again: \(longTwice)",
+                         "short tasks started again: \(shortTwice)"]
+        report.publish()
+        #expect(report.lost == 0 && report.completed == ids.count, "\(h.cluster.logs())")
+        #expect(report.ranTwiceConcurrently == 0, "\(h.cluster.taskEvents())")
+        #expect(endedWhileDown == 4)
+        #expect(longTwice == 4, "the running tasks are stopped when their leases cannot be renewed, and run again")
+        #expect(shortTwice == 0, "a task that finished while Redis was down keeps its result and does not run again: \(h.cluster.logs())")
+        #expect(leasesGone)
+    }
+
     @Test("Redis full (maxmemory reached) for 10 s under load: Airflow's publishes are refused, but leases, heartbeats and leadership go on — no running task killed, no datacenter lost — and claims drain what was queued")
     func redisFull() async throws {
         let h = try Harness(redisArguments: ["--maxmemory-policy", "noeviction"])

@@ -508,19 +508,24 @@ struct ChaosTests {
         replica.stop()
     }
 
-    @Test("Redis killed (-9) under load and restarted from its append-only file: dispatcher and workers reconnect by themselves; nothing lost, run twice at once, written twice or left queued")
-    func redisRestart() async throws {
-        // a broker that keeps what it acknowledged: AOF, fsync'd before each reply (with everysec, the last second
-        // of moves could be lost with the process; that is a Redis setting, not Tandem's)
+    /// A Redis that keeps what it acknowledged — AOF, fsync'd before each reply (with everysec the last second of
+    /// moves could be lost with the process; that is a Redis setting, not Tandem's) — a dispatcher, one worker
+    /// (c=4) in each datacenter with leases of `leaseSeconds`, and a publisher that retries each publish until Redis
+    /// acknowledges it, as Airflow's does (close it when done).
+    static func restartableRedis(leaseSeconds: Int) async throws -> (Harness, publisher: RedisClient) {
         let h = try Harness(redisArguments: ["--appendonly", "yes", "--appendfsync", "always"])
-        // leases (10 s) outlive the outage (3 s), so running tasks are neither reclaimed nor self-fenced meanwhile
-        let flags = ["--lease-ttl", "10", "--renew-every", "2", "--shutdown-grace", "30", "--concurrency", "4"]
+        let flags = ["--lease-ttl", "\(leaseSeconds)", "--renew-every", "2", "--shutdown-grace", "30", "--concurrency", "4"]
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
         try h.cluster.startWorker(dc: "east", name: "east-1", extra: flags)
         try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags)
         try await Task.sleep(for: .seconds(2))
-        // the publisher, as Airflow's: retries each publish until Redis acknowledges it
-        let publisher = RedisClient(configuration: try RedisConfiguration(url: h.cluster.redis.url), logger: Logger(label: "pub"))
+        return (h, RedisClient(configuration: try RedisConfiguration(url: h.cluster.redis.url), logger: Logger(label: "pub")))
+    }
+
+    @Test("Redis killed (-9) under load and restarted from its append-only file: dispatcher and workers reconnect by themselves; nothing lost, run twice at once, written twice or left queued")
+    func redisRestart() async throws {
+        // leases (10 s) outlive the outage (3 s), so running tasks are neither reclaimed nor self-fenced meanwhile
+        let (h, publisher) = try await Self.restartableRedis(leaseSeconds: 10)
         defer { publisher.close() }
         var ids = try await h.submit(16, task: "sleep-1", prefix: "pre", via: publisher)
         h.cluster.redis.kill(signal: SIGKILL)
@@ -549,13 +554,7 @@ struct ChaosTests {
 
     @Test("Redis down longer than the lease (15 s, lease 6 s): running tasks are stopped by self-fencing and run again afterwards, never twice at once; tasks that finished meanwhile keep their results and do not run again")
     func redisDownLongerThanTheLease() async throws {
-        let h = try Harness(redisArguments: ["--appendonly", "yes", "--appendfsync", "always"])
-        let flags = ["--lease-ttl", "6", "--renew-every", "2", "--shutdown-grace", "30", "--concurrency", "4"]
-        try h.cluster.startDispatcher(extra: Self.dispatcherFlags)
-        try h.cluster.startWorker(dc: "east", name: "east-1", extra: flags)
-        try h.cluster.startWorker(dc: "west", name: "west-1", extra: flags)
-        try await Task.sleep(for: .seconds(2))
-        let publisher = RedisClient(configuration: try RedisConfiguration(url: h.cluster.redis.url), logger: Logger(label: "pub"))
+        let (h, publisher) = try await Self.restartableRedis(leaseSeconds: 6)
         defer { publisher.close() }
         // 4 that outlive the outage, 4 that end during it
         var ids = try await h.submit(4, task: "sleep-25", prefix: "long", via: publisher)

@@ -176,11 +176,14 @@ struct Snapshot {
             .map { "\($0.list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) \($0.depth)" }
         out.append("waiting in Airflow's lists: \(pending)" + (nonEmpty.isEmpty ? "" : "  (" + nonEmpty.joined(separator: ", ") + ")"))
         out.append("")
-        out += table(["WORKER", "DC", "BUSY/SLOTS", "STATE", "LAST HEARTBEAT"], workers.map {
-            [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", $0.state.rawValue, seconds(nowMs - $0.lastSeenMs) + " ago"]
+        out += table(["WORKER", "DC", "BUSY/SLOTS", "SPOOLED", "STATE", "LAST HEARTBEAT"], workers.map {
+            [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", String($0.spooledWrites), $0.state.rawValue,
+             seconds(nowMs - $0.lastSeenMs) + " ago"]
         }) { row, col, text in
-            if col == 3 { return Style.state(text) }
-            return col == 4 && nowMs - workers[row].lastSeenMs > 15_000 ? Style.red : nil
+            // results waiting on the worker's disk: Postgres is unreachable from it
+            if col == 3 { return workers[row].spooledWrites > 0 ? Style.red : nil }
+            if col == 4 { return Style.state(text) }
+            return col == 5 && nowMs - workers[row].lastSeenMs > 15_000 ? Style.red : nil
         }
         out.append("")
         let leaseText = "leases \(leases)" + (expiredLeases > 0 ? " (\(expiredLeases) expired, awaiting reclaim)" : "")
@@ -196,7 +199,7 @@ struct Snapshot {
             "datacenters": datacenters.map { ["datacenter": $0.name, "status": $0.status.rawValue, "reason": $0.reason, "live_workers": $0.liveWorkers, "slots": $0.slots, "busy": $0.busy] as [String: Any] },
             "queues": queues.map { ["datacenter": $0.datacenter, "queue": $0.queue, "depth": $0.depth, "in_flight": $0.inFlight, "oldest_age_ms": $0.oldestAgeMs] as [String: Any] },
             "ingress": ingress.map { ["list": $0.list, "depth": $0.depth] as [String: Any] },
-            "workers": workers.map { ["worker": $0.workerID, "datacenter": $0.datacenter, "busy": $0.busy, "slots": $0.slots, "state": $0.state.rawValue, "last_heartbeat_ms_ago": nowMs - $0.lastSeenMs] as [String: Any] },
+            "workers": workers.map { ["worker": $0.workerID, "datacenter": $0.datacenter, "busy": $0.busy, "slots": $0.slots, "state": $0.state.rawValue, "last_heartbeat_ms_ago": nowMs - $0.lastSeenMs, "spooled_writes": $0.spooledWrites] as [String: Any] },
             "leases": leases, "expired_leases": expiredLeases, "dead_letters": deadLetters,
             "dispatcher": leaderJSON(leader),
         ]

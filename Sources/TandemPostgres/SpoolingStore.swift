@@ -71,8 +71,6 @@ public final class SpoolingStore: StoreOperationSink {
         }
     }
 
-    public var spooledOperations: Int { disk.sync { state.active?.count ?? 0 } }
-
     public var writesWaitingLocally: Int { state.lines.withLock { max(0, $0.written - $0.applied) } }
 
     // MARK: The one path every write takes

@@ -185,7 +185,7 @@ public final class WorkerRuntime: Sendable {
                 runningJobs: s.slots.filter { !$0.value.waiting }.map(\.key),
                 aheadJobs: s.slots.filter { $0.value.waiting }.map(\.key), state: s.phase)
         }
-        status.spooledWrites = ledger.writesWaitingLocally
+        status.spooledWrites = spooledWrites
         return status
     }
 
@@ -392,27 +392,27 @@ public final class WorkerRuntime: Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(250))
             let now = ContinuousClock.now
-            let expiring = state.withLock { s -> [(String, (any RunningTask)?, ended: Bool)] in
-                var out: [(String, (any RunningTask)?, ended: Bool)] = []
+            let (expiring, ended) = state.withLock { s -> ([(String, (any RunningTask)?)], [String]) in
+                var expiring: [(String, (any RunningTask)?)] = []
+                var ended: [String] = []
                 for (id, slot) in s.slots where !slot.leaseLost && now - slot.leaseConfirmedAt > ttl - margin {
                     if slot.finishing {
                         // nothing left to stop, and its result is true: it still goes out, and the fences (the
                         // ledger's token, ack.lua) refuse it if another claim has taken the job meanwhile
-                        if !slot.lapseAfterEndNoted { out.append((id, nil, true)) }
+                        if !slot.lapseAfterEndNoted { ended.append(id) }
                         s.slots[id]?.lapseAfterEndNoted = true
                         continue
                     }
                     s.slots[id]?.leaseLost = true
-                    out.append((id, slot.process, false))
+                    expiring.append((id, slot.process))
                 }
-                return out
+                return (expiring, ended)
             }
-            for (jobID, proc, ended) in expiring {
-                if ended {
-                    logger.warning(
-                        "could not renew the lease on job \(jobID) before it expires; its task has already ended — its result is written and acked once Redis and Postgres answer, unless another worker has taken the job by then")
-                    continue
-                }
+            for jobID in ended {
+                logger.warning(
+                    "could not renew the lease on job \(jobID) before it expires; its task has already ended — its result is written and acked once Redis and Postgres answer, unless another worker has taken the job by then")
+            }
+            for (jobID, proc) in expiring {
                 count("self_fenced")
                 logger.error(
                     "could not renew the lease on job \(jobID) before it expires; stopping its task so it cannot run twice (another worker will retry it)")

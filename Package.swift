@@ -23,8 +23,10 @@ let package = Package(
         // Clients: the only code that touches redisContext* / PGconn*; ClientSupport holds what both share (and
         // the event-loop thread that drives their sockets in the worker and the dispatcher).
         .target(name: "CEventLoop"),
+        // TLS for Redis (rediss://) on OpenSSL (libssl-dev): hiredis 0.14 has none (see redistls.h).
+        .target(name: "CRedisTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         .target(name: "ClientSupport", dependencies: ["CEventLoop"]),
-        .target(name: "Redis", dependencies: ["CHiredis", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "Redis", dependencies: ["CHiredis", "CRedisTLS", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
         .target(name: "Postgres", dependencies: ["CLibpq", "ClientSupport", .product(name: "Logging", package: "swift-log")]),
 
         // Pure code: wire format and domain. No C modules here.
@@ -62,7 +64,7 @@ let package = Package(
         .target(
             name: "Setup",
             dependencies: [
-                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres", "CeleryWire", "ClientSupport",
+                "TandemCore", "TandemRedis", "TandemPostgres", "Redis", "Postgres", "CeleryWire", "ClientSupport", "AirflowConfig",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -152,7 +154,7 @@ let package = Package(
             name: "AirflowTests",
             dependencies: [
                 "AirflowRunner", "LogServer", "Pidbox", "AirflowConfig", "HTTPServer", "Worker", "CeleryWire", "Redis",
-                "Postgres", "TestSupport", .product(name: "Logging", package: "swift-log"),
+                "Postgres", "Setup", "TestSupport", .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(
@@ -167,7 +169,7 @@ let package = Package(
 // crosses CeleryWire, TandemCore, Redis, Postgres and Worker). Measured with Benchmarks/diag_switches.py, 4
 // alternated pairs at c=2: worker loop busy 38.9–39.7% → 37.7–37.9%, worker CPU median 0.533 → 0.513 ms per task.
 // (Dependencies are left as they come; C targets take no Swift flags.)
-let cTargets: Set<String> = ["CHiredis", "CLibpq", "CSpawn", "CEventLoop"]
+let cTargets: Set<String> = ["CHiredis", "CLibpq", "CSpawn", "CEventLoop", "CRedisTLS"]
 for target in package.targets where (target.type == .regular || target.type == .executable) && !cTargets.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
 }

@@ -85,6 +85,38 @@ public struct AirflowConfig: Sendable {
 
     public var workerConcurrency: Int? { value("celery", "worker_concurrency").flatMap { Int($0) } }
 
+    /// The broker's TLS settings when `[celery] ssl_active` is on: what Airflow's CeleryExecutor hands Celery as
+    /// `broker_use_ssl` (certificate required; `ssl_cacert` as the CA file; `ssl_cert`/`ssl_key` as the client
+    /// certificate unless `ssl_mutual_tls` is off). Empty settings are left out. nil when `ssl_active` is off.
+    public var brokerSSL: BrokerSSL? {
+        guard Self.bool(value("celery", "ssl_active")) == true else { return nil }
+        let mutual = Self.bool(value("celery", "ssl_mutual_tls")) ?? true
+        return BrokerSSL(caFile: value("celery", "ssl_cacert"),
+                         certFile: mutual ? value("celery", "ssl_cert") : nil,
+                         keyFile: mutual ? value("celery", "ssl_key") : nil)
+    }
+
+    /// `[celery] ssl_*` as files.
+    public struct BrokerSSL: Sendable, Equatable {
+        public var caFile: String?
+        public var certFile: String?
+        public var keyFile: String?
+        public init(caFile: String?, certFile: String?, keyFile: String?) {
+            self.caFile = caFile
+            self.certFile = certFile
+            self.keyFile = keyFile
+        }
+    }
+
+    /// configparser's booleans (Airflow's `getboolean`): true/t/1/yes/on, false/f/0/no/off; nil for unset or other.
+    static func bool(_ v: String?) -> Bool? {
+        switch v?.lowercased() {
+        case "true", "t", "1", "yes", "on": return true
+        case "false", "f", "0", "no", "off": return false
+        default: return nil
+        }
+    }
+
     /// `[celery_broker_transport_options] master_name` (Sentinel).
     public var masterName: String? { value("celery_broker_transport_options", "master_name") }
 

@@ -27,8 +27,30 @@ public struct RedisConfiguration: Sendable {
         case sentinel(nodes: [HostPort], masterName: String, sentinelPassword: String?)
     }
 
+    /// TLS settings for `rediss://` (the names are redis-py's, as in kombu's URL query and Celery's
+    /// `broker_use_ssl`, which Airflow fills from `[celery] ssl_*`).
+    public struct TLS: Sendable, Hashable {
+        /// Check the server's certificate against `caFile` (else the system's CA store): `ssl_cert_reqs`
+        /// required or optional (the same thing for a client, as in Python's `ssl`); false for `none`.
+        public var verifyPeer: Bool = true
+        /// With `verifyPeer`: the certificate must name the host connected to (`ssl_check_hostname`, default on).
+        public var checkHostname: Bool = true
+        /// `ssl_ca_certs`: a PEM file of the CA certificates to trust.
+        public var caFile: String?
+        /// `ssl_certfile` / `ssl_keyfile`: a client certificate, for a Redis with `tls-auth-clients yes`.
+        public var certFile: String?
+        public var keyFile: String?
+        /// Set only by a bare `rediss://` (no `ssl_*` parameter): kombu then connects without checking the
+        /// certificate (and warns); so does Tandem, and Airflow's `[celery] ssl_active` settings may replace it.
+        public var schemeOnly = false
+        /// Checks the server's certificate and name against the system's CA store.
+        public init() {}
+    }
+
     /// How the connection is made.
     public var endpoint: Endpoint
+    /// TLS (`rediss://`), or nil for plain TCP.
+    public var tls: TLS?
     /// ACL user name for `AUTH user password`; nil means `AUTH password`.
     public var username: String?
     /// Password for AUTH; nil means no AUTH.
@@ -63,7 +85,10 @@ public struct RedisConfiguration: Sendable {
     ///
     /// Accepted: `redis://[user[:pass]@]host[:port][/db]`, `redis+socket:///path[?virtual_host=db]`,
     /// `unix:///path[?db=N]`, and `sentinel://[:pass@]h1:26379[/db];sentinel://h2:26379` (which needs
-    /// `masterName`). User and password are percent-decoded. `rediss://` is refused: TLS is not supported yet.
+    /// `masterName`). User and password are percent-decoded. TLS as kombu decides it: any `ssl_*` query
+    /// parameter (`ssl_cert_reqs` required, optional or none, `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`,
+    /// `ssl_check_hostname`) turns it on, with those settings; a bare `rediss://` is TLS without checking the
+    /// certificate (kombu's default). Other parameters are ignored, as kombu ignores them.
     public init(url: String, masterName: String? = nil, sentinelPassword: String? = nil) throws(RedisError) {
         let trimmed = url.trimmingCharacters(in: .whitespacesAndNewlines)
         func bad(_ why: String) -> RedisError {
@@ -78,15 +103,16 @@ public struct RedisConfiguration: Sendable {
         let scheme = trimmed[..<sep.lowerBound].lowercased()
         let rest = String(trimmed[sep.upperBound...])
         switch scheme {
-        case "redis":
+        case "redis", "rediss":
             let parts = try Self.parseNetloc(rest, defaultPort: 6379, bad: bad)
             self.init(endpoint: .tcp(host: parts.host, port: parts.port), username: parts.user,
                       password: parts.password, database: parts.db ?? 0)
-        case "rediss":
-            throw RedisError(
-                code: .invalidURL,
-                message: "rediss:// (TLS) is not supported yet in '\(Self.redactRaw(trimmed))' — use redis:// on a trusted network or a local TLS tunnel (stunnel)"
-            )
+            tls = try Self.tlsOptions(parts.query, bad: bad)
+            if tls == nil, scheme == "rediss" {
+                tls = TLS()
+                tls?.verifyPeer = false
+                tls?.schemeOnly = true
+            }
         case "unix", "redis+socket":
             var body = rest
             var user: String?
@@ -145,6 +171,34 @@ public struct RedisConfiguration: Sendable {
         var host: String
         var port: Int
         var db: Int?
+        /// The query's parameters, percent-decoded.
+        var query: [String: String]
+    }
+
+    /// TLS settings from a URL's `ssl_*` query parameters, as kombu and redis-py read them; nil when there are none.
+    static func tlsOptions(_ query: [String: String], bad: (String) -> RedisError) throws(RedisError) -> TLS? {
+        guard query.keys.contains(where: { $0.hasPrefix("ssl_") }) else { return nil }
+        var tls = TLS()
+        if let reqs = query["ssl_cert_reqs"] {
+            switch reqs.lowercased() {
+            case "required", "cert_required": tls.verifyPeer = true
+            case "optional", "cert_optional": tls.verifyPeer = true  // a client always gets a certificate to check
+            case "none", "cert_none": tls.verifyPeer = false
+            default: throw bad("ssl_cert_reqs must be required, optional or none, not '\(reqs)'")
+            }
+        }
+        if let check = query["ssl_check_hostname"] {
+            switch check.lowercased() {
+            case "true", "1", "yes", "on": tls.checkHostname = true
+            case "false", "0", "no", "off": tls.checkHostname = false
+            default: throw bad("ssl_check_hostname must be true or false, not '\(check)'")
+            }
+        }
+        // as Airflow 2 writes them, an empty setting means "none"
+        tls.caFile = query["ssl_ca_certs"].flatMap { $0.isEmpty ? nil : $0 }
+        tls.certFile = query["ssl_certfile"].flatMap { $0.isEmpty ? nil : $0 }
+        tls.keyFile = query["ssl_keyfile"].flatMap { $0.isEmpty ? nil : $0 }
+        return tls
     }
 
     private static func parseUserInfo(_ info: String, bad: (String) -> RedisError) throws(RedisError) -> (String?, String?) {
@@ -204,13 +258,16 @@ public struct RedisConfiguration: Sendable {
             guard let n = Int(path), n >= 0 else { throw bad("database '/\(path)' is not a non-negative integer") }
             db = n
         }
+        var parameters: [String: String] = [:]
         for item in query.split(separator: "&") {
             let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
-            guard kv.count == 2, kv[0] == "db" || kv[0] == "virtual_host" else { continue }
+            guard kv.count == 2 else { continue }
+            parameters[kv[0]] = kv[1].removingPercentEncoding ?? kv[1]
+            guard kv[0] == "db" || kv[0] == "virtual_host" else { continue }
             guard let n = Int(kv[1]), n >= 0 else { throw bad("database '\(kv[1])' is not a non-negative integer") }
             db = n
         }
-        return Netloc(user: user, password: password, host: host, port: port, db: db)
+        return Netloc(user: user, password: password, host: host, port: port, db: db, query: parameters)
     }
 
     /// Replaces the password in a URL the parser could not accept, so error messages never echo it.
@@ -236,7 +293,7 @@ public struct RedisConfiguration: Sendable {
     public var redacted: String {
         switch endpoint {
         case .tcp(let host, let port):
-            return "redis://\(userInfo)\(HostPort(host: host, port: port))/\(database)"
+            return "\(tls == nil ? "redis" : "rediss")://\(userInfo)\(HostPort(host: host, port: port))/\(database)"
         case .unix(let path):
             return "unix://\(userInfo)\(path)?db=\(database)"
         case .sentinel(let nodes, let master, _):
@@ -249,7 +306,7 @@ public struct RedisConfiguration: Sendable {
     /// Where this configuration connects, for one-line messages: `127.0.0.1:6390 (db 0)`.
     var location: String {
         switch endpoint {
-        case .tcp(let host, let port): return "\(HostPort(host: host, port: port)) (db \(database))"
+        case .tcp(let host, let port): return "\(HostPort(host: host, port: port)) (db \(database)\(tls == nil ? "" : ", TLS"))"
         case .unix(let path): return "unix:\(path) (db \(database))"
         case .sentinel(let nodes, let master, _):
             return "master '\(master)' via sentinel \(nodes.map(\.description).joined(separator: ",")) (db \(database))"

@@ -1,19 +1,32 @@
 import CHiredis
+import CRedisTLS
 import ClientSupport
 import Foundation
 
 /// Owns one `redisContext*`. Not thread-safe: used only by its owner's serial queue or thread.
+///
+/// Over TLS hiredis still formats commands and parses replies, but the bytes go through `tls` (CRedisTLS) instead
+/// of hiredis's own reads and writes; plain connections use hiredis unchanged.
 final class RedisConnection {
     private let ctx: UnsafeMutablePointer<redisContext>
+    /// The TLS session on hiredis's socket (`rediss://`), or nil.
+    private let tls: OpaquePointer?
     /// Where this connection goes, for messages: `127.0.0.1:6390 (db 0)`.
     let location: String
 
-    private init(ctx: UnsafeMutablePointer<redisContext>, location: String) {
+    private init(ctx: UnsafeMutablePointer<redisContext>, tls: OpaquePointer?, location: String) {
         self.ctx = ctx
+        self.tls = tls
         self.location = location
     }
 
-    deinit { redisFree(ctx) }
+    deinit {
+        tandem_tls_free(tls)
+        redisFree(ctx)
+    }
+
+    /// The negotiated TLS version ("TLSv1.3"), or nil for a plain connection.
+    var tlsVersion: String? { tls.map { String(cString: tandem_tls_version($0)) } }
 
     /// The socket, so another thread may `shutdown(2)` it to wake a blocked read; never closed through this.
     var fd: Int32 { tandem_redis_fd(ctx) }
@@ -23,6 +36,7 @@ final class RedisConnection {
         host: String? = nil,
         port: Int = 0,
         unixPath: String? = nil,
+        tls tlsOptions: RedisConfiguration.TLS? = nil,
         timeout: Duration,
         location: String,
         hint: String
@@ -49,7 +63,49 @@ final class RedisConnection {
         if unixPath == nil { _ = redisEnableKeepAlive(raw) }
         // hiredis opens its sockets without close-on-exec: no task process the worker starts may hold one
         _ = fcntl(tandem_redis_fd(raw), F_SETFD, FD_CLOEXEC)
-        return RedisConnection(ctx: raw, location: location)
+        guard let tlsOptions, let host else { return RedisConnection(ctx: raw, tls: nil, location: location) }
+        // the handshake is bounded by the connect timeout, as the TCP connect was
+        _ = redisSetTimeout(raw, timeout.timeval)
+        var error = [CChar](repeating: 0, count: 256)
+        let session = Self.withTLSOptions(tlsOptions) { options in
+            tandem_tls_connect(raw, host, options, &error, error.count)
+        }
+        guard let session else {
+            redisFree(raw)
+            let cause = String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            throw RedisError(code: .connectionFailed,
+                             message: "cannot connect to Redis at \(location) over TLS: \(cause) — \(Self.tlsHint(cause, tlsOptions))",
+                             underlying: cause)
+        }
+        return RedisConnection(ctx: raw, tls: session, location: location)
+    }
+
+    private static func withTLSOptions<R>(_ o: RedisConfiguration.TLS, _ body: (UnsafePointer<tandem_tls_options>) -> R) -> R {
+        func cString(_ s: String?) -> UnsafeMutablePointer<CChar>? { s.map { strdup($0) } }
+        let ca = cString(o.caFile), cert = cString(o.certFile), key = cString(o.keyFile)
+        defer { free(ca); free(cert); free(key) }
+        var options = tandem_tls_options(verify_peer: o.verifyPeer ? 1 : 0, check_hostname: o.checkHostname ? 1 : 0,
+                                         ca_file: ca, cert_file: cert, key_file: key)
+        return body(&options)
+    }
+
+    /// What to change, for the usual ways a TLS connection fails.
+    private static func tlsHint(_ cause: String, _ o: RedisConfiguration.TLS) -> String {
+        if cause.lowercased().contains("mismatch") {
+            return "connect by a name the server's certificate holds, or add ssl_check_hostname=false to the broker URL"
+        }
+        if cause.contains("not accepted") {
+            return o.caFile == nil
+                ? "set ssl_ca_certs=/path/to/ca.pem in the broker URL (or [celery] ssl_cacert) to the CA that signed Redis's certificate"
+                : "check that \(o.caFile!) holds the CA that signed Redis's certificate (ssl_ca_certs / [celery] ssl_cacert)"
+        }
+        if cause.contains("client certificate") || cause.contains("client key") {
+            return "check ssl_certfile / ssl_keyfile ([celery] ssl_cert / ssl_key)"
+        }
+        if cause.contains("certificate required") || cause.contains("alert") {
+            return "Redis may require a client certificate (tls-auth-clients): set ssl_certfile and ssl_keyfile ([celery] ssl_cert / ssl_key)"
+        }
+        return "is this Redis's tls-port? use redis:// for a plain port"
     }
 
     /// Sets the reply timeout; nil blocks forever.
@@ -59,6 +115,10 @@ final class RedisConnection {
 
     /// Sends one command and reads its reply; an error reply is returned as `.error`, not thrown.
     func command(_ args: [[UInt8]], timeout: Duration?) throws(RedisError) -> RedisValue {
+        if tls != nil {
+            try append(args)
+            return try readReply(during: args, timeout: timeout)
+        }
         let raw = Self.withArgv(args) { argc, argv, lens in redisCommandArgv(ctx, argc, argv, lens) }
         guard let raw else { throw failure(during: args, timeout: timeout) }
         defer { freeReplyObject(raw) }
@@ -98,13 +158,15 @@ final class RedisConnection {
     /// Writes what the socket takes of the output buffer (one write); true once it is all written.
     func flush(during args: [[UInt8]]) throws(RedisError) -> Bool {
         var done: Int32 = 0
-        if redisBufferWrite(ctx, &done) != REDIS_OK { throw failure(during: args, timeout: nil) }
+        let rc = tls.map { tandem_tls_buffer_write(ctx, $0, &done) } ?? redisBufferWrite(ctx, &done)
+        if rc != REDIS_OK { throw failure(during: args, timeout: nil) }
         return done != 0
     }
 
     /// Reads what has arrived (one read; the loop calls again while the socket stays readable).
     func readAvailable(during args: [[UInt8]]) throws(RedisError) {
-        if redisBufferRead(ctx) != REDIS_OK { throw failure(during: args, timeout: nil) }
+        let rc = tls.map { tandem_tls_buffer_read(ctx, $0) } ?? redisBufferRead(ctx)
+        if rc != REDIS_OK { throw failure(during: args, timeout: nil) }
     }
 
     /// The next complete reply read so far, or nil.
@@ -119,7 +181,8 @@ final class RedisConnection {
     /// Reads the next reply (for pub/sub or pipelines).
     func readReply(during args: [[UInt8]], timeout: Duration?) throws(RedisError) -> RedisValue {
         var out: UnsafeMutableRawPointer?
-        if redisGetReply(ctx, &out) != REDIS_OK || out == nil {
+        let rc = tls.map { tandem_tls_get_reply(ctx, $0, &out) } ?? redisGetReply(ctx, &out)
+        if rc != REDIS_OK || out == nil {
             throw failure(during: args, timeout: timeout)
         }
         defer { freeReplyObject(out) }
@@ -142,6 +205,16 @@ final class RedisConnection {
         if err == REDIS_ERR_PROTOCOL {
             return RedisError(code: .protocolError,
                               message: "Redis at \(location) sent a reply that could not be parsed during \(name): \(cause)",
+                              underlying: cause)
+        }
+        let certificateRequested = tls.map { tandem_tls_certificate_requested($0) != 0 } ?? false
+        if certificateRequested || (cause.hasPrefix("TLS:") && cause.contains("alert")) {
+            // TLS 1.3 refuses a client certificate after the handshake: an alert at the first read, or a reset
+            let fix = certificateRequested || cause.contains("certificate required")
+                ? "Redis asked for a client certificate and none is set (tls-auth-clients): set ssl_certfile and ssl_keyfile in the broker URL ([celery] ssl_cert / ssl_key)"
+                : "Redis refused the TLS session; if it checks client certificates, check ssl_certfile / ssl_keyfile ([celery] ssl_cert / ssl_key)"
+            return RedisError(code: .connectionFailed,
+                              message: "Redis at \(location) closed the TLS session during \(name): \(cause) — \(fix)",
                               underlying: cause)
         }
         return RedisError(

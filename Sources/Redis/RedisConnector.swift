@@ -14,15 +14,15 @@ enum RedisConnector {
         let conn: RedisConnection
         switch config.endpoint {
         case .tcp(let host, let port):
-            conn = try RedisConnection.open(host: host, port: port, timeout: config.connectTimeout,
+            conn = try RedisConnection.open(host: host, port: port, tls: config.tls, timeout: config.connectTimeout,
                                             location: config.location, hint: config.connectHint)
         case .unix(let path):
             conn = try RedisConnection.open(unixPath: path, timeout: config.connectTimeout,
                                             location: config.location, hint: config.connectHint)
         case .sentinel(let nodes, let master, let sentinelPassword):
             let addr = try resolveMaster(config, nodes: nodes, master: master, sentinelPassword: sentinelPassword, logger: logger)
-            let location = "\(addr) (db \(config.database), master '\(master)')"
-            conn = try RedisConnection.open(host: addr.host, port: addr.port, timeout: config.connectTimeout,
+            let location = "\(addr) (db \(config.database), master '\(master)'\(config.tls == nil ? "" : ", TLS"))"
+            conn = try RedisConnection.open(host: addr.host, port: addr.port, tls: config.tls, timeout: config.connectTimeout,
                                             location: location, hint: config.connectHint)
         }
         conn.setTimeout(config.commandTimeout ?? config.connectTimeout)

@@ -1,3 +1,4 @@
+import AirflowConfig
 import CeleryWire
 import ClientSupport
 import Dispatch
@@ -32,13 +33,37 @@ public enum Defaults {
 public func openBroker(
     url: String, masterName: String?, logger: Logger, loop: (any IOLoop)? = nil, allCallsOnLoop: Bool = false
 ) async throws -> RedisBroker {
-    let master = masterName ?? ProcessInfo.processInfo.environment["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME"]
-    let config = try RedisConfiguration(url: url, masterName: master)
+    let config = try brokerConfiguration(url: url, masterName: masterName, logger: logger)
     // TANDEM_REPLICA_ACKS=1 with Sentinel: every move waits for a replica, so a failover cannot roll it back
     let acks = Int(ProcessInfo.processInfo.environment["TANDEM_REPLICA_ACKS"] ?? "") ?? 0
     let broker = RedisBroker(configuration: config, logger: logger, replicaAcks: max(0, acks), loop: loop, allCallsOnLoop: allCallsOnLoop)
     try await broker.connect()
     return broker
+}
+
+/// The broker's Redis configuration as the Airflow scheduler's Celery reaches the same Redis: the URL (its `ssl_*`
+/// parameters win, as in kombu), else Airflow's `[celery] ssl_active` settings (TLS even for `redis://` and to a
+/// Sentinel's master, as there), else a bare `rediss://` connects without checking the certificate (kombu's
+/// default; warned about).
+public func brokerConfiguration(
+    url: String, masterName: String?, airflow: AirflowConfig = .load(), logger: Logger
+) throws -> RedisConfiguration {
+    let master = masterName ?? ProcessInfo.processInfo.environment["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__MASTER_NAME"]
+    var config = try RedisConfiguration(url: url, masterName: master)
+    if config.tls == nil || config.tls?.schemeOnly == true, let ssl = airflow.brokerSSL {
+        if case .unix = config.endpoint {
+            throw SetupError("[celery] ssl_active is on but the broker URL is a Unix socket — TLS needs a TCP broker URL (rediss://host:port) or ssl_active = False")
+        }
+        var tls = RedisConfiguration.TLS()
+        tls.caFile = ssl.caFile
+        tls.certFile = ssl.certFile
+        tls.keyFile = ssl.keyFile
+        config.tls = tls
+    }
+    if config.tls?.schemeOnly == true {
+        logger.warning("rediss:// without ssl_cert_reqs: Redis's certificate is not checked (kombu's default too) — add ?ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.pem to the broker URL or set [celery] ssl_active and ssl_cacert")
+    }
+    return config
 }
 
 /// The result backend and the ledger for a Celery `result_backend` URL.

@@ -198,7 +198,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.claimAheadMaxRun = .milliseconds(aheadMaxRun)
             config.claimAheadHoldLimit = .milliseconds(Int64(aheadHold * 1000))
             let pidbox = PidboxService(
-                configuration: try RedisConfiguration(url: brokerURL, masterName: master), nodeName: config.workerID,
+                configuration: try brokerConfiguration(url: brokerURL, masterName: master, airflow: airflowCfg, logger: logger), nodeName: config.workerID,
                 logger: logger)
             let metrics = PrometheusWorkerObserver(datacenter: dc, workerID: config.workerID, slots: slots)
             let runtime = WorkerRuntime(

@@ -1,4 +1,7 @@
 import AirflowConfig
+import Logging
+import Redis
+import Setup
 import Testing
 
 @Suite("airflow.cfg")
@@ -54,5 +57,50 @@ struct AirflowConfigTests {
         #expect(c.resultBackend == "db+postgresql+psycopg2://a@b/c")
         #expect(c.secretKey == "airflow2")
         #expect(c.executionAPIServerURL == "http://host:9090/execution/")
+    }
+
+    /// `[celery] ssl_*` as Airflow's CeleryExecutor turns them into `broker_use_ssl` (celery provider,
+    /// default_celery.py): certificate required, the CA file, the client pair unless `ssl_mutual_tls` is off.
+    @Test func brokerSSLSettings() {
+        var c = AirflowConfig.parse("""
+            [celery]
+            ssl_active = True
+            ssl_cacert = /etc/ca.pem
+            ssl_cert = /etc/client.pem
+            ssl_key = /etc/client.key
+            """)
+        #expect(c.brokerSSL == .init(caFile: "/etc/ca.pem", certFile: "/etc/client.pem", keyFile: "/etc/client.key"))
+        c.environment = ["AIRFLOW__CELERY__SSL_MUTUAL_TLS": "False"]
+        #expect(c.brokerSSL == .init(caFile: "/etc/ca.pem", certFile: nil, keyFile: nil))
+        c.environment = ["AIRFLOW__CELERY__SSL_ACTIVE": "false"]
+        #expect(c.brokerSSL == nil)
+        #expect(AirflowConfig.parse("[celery]\nssl_active = true\nssl_cacert =\n").brokerSSL == .init(caFile: nil, certFile: nil, keyFile: nil))
+    }
+
+    /// Which TLS settings the broker connection gets, in kombu's order: the URL's `ssl_*` parameters replace
+    /// Airflow's `broker_use_ssl` entirely; without them `ssl_active` applies (even to redis://); a bare
+    /// rediss:// alone checks nothing.
+    @Test func brokerTLSPrecedence() throws {
+        let logger = Logger(label: "t", factory: { _ in SwiftLogNoOpLogHandler() })
+        let airflow = AirflowConfig.parse("[celery]\nssl_active = True\nssl_cacert = /etc/ca.pem\n")
+        let none = AirflowConfig.parse("")
+
+        let fromURL = try brokerConfiguration(url: "rediss://h/0?ssl_ca_certs=/url-ca.pem", masterName: nil, airflow: airflow, logger: logger)
+        #expect(fromURL.tls?.caFile == "/url-ca.pem" && fromURL.tls?.verifyPeer == true)
+
+        let fromAirflow = try brokerConfiguration(url: "redis://h/0", masterName: nil, airflow: airflow, logger: logger)
+        #expect(fromAirflow.tls?.caFile == "/etc/ca.pem" && fromAirflow.tls?.verifyPeer == true)
+        let bareWithAirflow = try brokerConfiguration(url: "rediss://h/0", masterName: nil, airflow: airflow, logger: logger)
+        #expect(bareWithAirflow.tls?.caFile == "/etc/ca.pem" && bareWithAirflow.tls?.schemeOnly == false)
+
+        let bare = try brokerConfiguration(url: "rediss://h/0", masterName: nil, airflow: none, logger: logger)
+        #expect(bare.tls?.verifyPeer == false)
+        #expect(try brokerConfiguration(url: "redis://h/0", masterName: nil, airflow: none, logger: logger).tls == nil)
+
+        let sentinel = try brokerConfiguration(url: "sentinel://s:26379", masterName: "m", airflow: airflow, logger: logger)
+        #expect(sentinel.tls?.caFile == "/etc/ca.pem")
+        #expect(throws: SetupError.self) {
+            try brokerConfiguration(url: "unix:///run/redis.sock", masterName: nil, airflow: airflow, logger: logger)
+        }
     }
 }

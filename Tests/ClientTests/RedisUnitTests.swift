@@ -64,7 +64,7 @@ struct RedisUnitTests {
     }
 
     @Test(arguments: [
-        "rediss://h:6380/0", "amqp://guest@h//", "redis://h:notaport/0", "redis://h:6379/x", "localhost:6379",
+        "rediss://h:6380/0?ssl_cert_reqs=Sometimes", "rediss://h/0?ssl_check_hostname=maybe", "amqp://guest@h//", "redis://h:notaport/0", "redis://h:6379/x", "localhost:6379",
         "redis://h:70000", "unix://", "sentinel://a:1;redis://b:2",
     ])
     func rejectsBadURLs(url: String) {
@@ -72,10 +72,30 @@ struct RedisUnitTests {
         #expect(err?.code == .invalidURL)
     }
 
-    @Test func tlsIsNotSupportedYetAndPasswordIsHidden() {
-        let err = #expect(throws: RedisError.self) { try RedisConfiguration(url: "rediss://:hunter2@h:6380/0") }
-        #expect(err?.message.contains("TLS") == true)
-        #expect(err?.message.contains("not supported yet") == true)
+    /// TLS as kombu decides it (kombu/utils/url.py, kombu/connection.py): `ssl_*` parameters turn it on with
+    /// their settings, whatever the scheme; a bare `rediss://` is TLS that checks nothing (kombu's default).
+    @Test func tlsFromTheURL() throws {
+        let full = try RedisConfiguration(url: "rediss://:hunter2@h:6380/2?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs=/etc/ca%20file.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem&ssl_check_hostname=false")
+        #expect(full.endpoint == .tcp(host: "h", port: 6380) && full.database == 2 && full.password == "hunter2")
+        #expect(full.tls?.verifyPeer == true && full.tls?.checkHostname == false && full.tls?.schemeOnly == false)
+        #expect(full.tls?.caFile == "/etc/ca file.pem" && full.tls?.certFile == "/c.pem" && full.tls?.keyFile == "/k.pem")
+        #expect(full.redacted == "rediss://:***@h:6380/2")
+
+        let bare = try RedisConfiguration(url: "rediss://h")
+        #expect(bare.tls?.verifyPeer == false && bare.tls?.schemeOnly == true)
+        #expect(try RedisConfiguration(url: "rediss://h?ssl_cert_reqs=none").tls?.verifyPeer == false)
+        #expect(try RedisConfiguration(url: "rediss://h?ssl_cert_reqs=optional").tls?.verifyPeer == true)
+        // redis-py's default when only a CA is given: required, host name checked
+        let caOnly = try RedisConfiguration(url: "rediss://h?ssl_ca_certs=/ca.pem").tls
+        #expect(caOnly?.verifyPeer == true && caOnly?.checkHostname == true)
+        // kombu turns TLS on for ssl_* parameters on redis:// too; none means plain TCP
+        #expect(try RedisConfiguration(url: "redis://h?ssl_cert_reqs=required").tls?.verifyPeer == true)
+        #expect(try RedisConfiguration(url: "redis://h/0?other=1").tls == nil)
+        // Airflow 2 writes unset files as empty strings: no file
+        #expect(try RedisConfiguration(url: "rediss://h?ssl_ca_certs=&ssl_certfile=").tls?.caFile == nil)
+
+        let err = #expect(throws: RedisError.self) { try RedisConfiguration(url: "rediss://:hunter2@h/0?ssl_cert_reqs=2") }
+        #expect(err?.message.contains("required, optional or none") == true)
         #expect(err?.message.contains("hunter2") == false)
     }
 

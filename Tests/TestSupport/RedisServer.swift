@@ -10,6 +10,8 @@ public final class RedisServer: Sendable {
     public let directory: String
     /// The password set with `requirepass`, if any.
     public let password: String?
+    /// The TLS port, when started with `startTLS` (`port` then stays plain, for the readiness check).
+    public let tlsPort: Int?
     private let argv: [String]
     private let pidBox: Locked<pid_t?>
     /// Set once started, so an attempt that failed (port taken) does not delete the dir the retry uses.
@@ -27,8 +29,9 @@ public final class RedisServer: Sendable {
     /// The log file (stdout and stderr).
     public var logPath: String { directory + "/redis.log" }
 
-    private init(port: Int, directory: String, password: String?, argv: [String]) {
+    private init(port: Int, directory: String, password: String?, argv: [String], tlsPort: Int? = nil) {
         self.port = port
+        self.tlsPort = tlsPort
         self.directory = directory
         self.password = password
         self.argv = argv
@@ -51,6 +54,31 @@ public final class RedisServer: Sendable {
             if let password { argv += ["--requirepass", password] }
             argv += extraArguments
             let server = RedisServer(port: port, directory: dir, password: password, argv: argv)
+            try server.launch()
+            server.ownsDirectory.withLock { $0 = true }
+            return server
+        }
+    }
+
+    /// `rediss://127.0.0.1:TLSPORT/0` trusting `certificates`' CA, plus `query` (`&`-joined parameters).
+    public func tlsURL(_ certificates: TLSCertificates, query: String = "") -> String {
+        "rediss://127.0.0.1:\(tlsPort ?? 0)/0?ssl_cert_reqs=required&ssl_ca_certs=\(certificates.caFile)"
+            + (query.isEmpty ? "" : "&" + query)
+    }
+
+    /// Starts redis-server with a TLS port (`tlsPort`) beside its plain one, serving `certificates`' server
+    /// certificate; `requireClientCertificates` sets `tls-auth-clients yes` (else `no`).
+    public static func startTLS(_ certificates: TLSCertificates, requireClientCertificates: Bool = false) throws -> RedisServer {
+        let binary = try TestEnvironment.requireRedisServer()
+        let dir = try Spawn.tempDirectory("tandem-redis-tls")
+        return try withFreshPort { port in
+            let tlsPort = freeLoopbackPort()
+            let argv = [binary, "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--daemonize", "no",
+                        "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                        "--tls-port", String(tlsPort), "--tls-cert-file", certificates.serverCert,
+                        "--tls-key-file", certificates.serverKey, "--tls-ca-cert-file", certificates.caFile,
+                        "--tls-auth-clients", requireClientCertificates ? "yes" : "no"]
+            let server = RedisServer(port: port, directory: dir, password: nil, argv: argv, tlsPort: tlsPort)
             try server.launch()
             server.ownsDirectory.withLock { $0 = true }
             return server

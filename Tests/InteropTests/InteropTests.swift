@@ -148,6 +148,41 @@ struct InteropTests {
         #expect(fetch["running_left"].strings == [unknownID], "\(fetch)")
     }
 
+    /// TLS end to end, configured the two ways Airflow deployments configure it: the Airflow 3.3 scheduler's own
+    /// CeleryExecutor with `[celery] ssl_active` (+ CA, client certificate and key, Redis requiring client
+    /// certificates) and a bare rediss:// URL; the stock Celery client with kombu's URL form. Tandem's processes get
+    /// the same settings; every connection they hold is on the TLS port.
+    @Test("Airflow's ssl_active settings and kombu's rediss:// URL reach a TLS-only broker; Tandem runs the tasks over TLS",
+          arguments: [InteropCluster.BrokerTLS.airflowSettings, .url])
+    func brokerOverTLS(tls: InteropCluster.BrokerTLS) async throws {
+        let certificates = try await offPool { try TLSCertificates.make() }
+        let env = try await InteropCluster(backend: .database, tls: tls, certificates: certificates)
+        let token = fakeJWT("tls-\(tls)")
+        let ids: [String]
+        if tls == .airflowSettings {
+            let pub = try await Venv.airflow.run("airflow_executor.py", ["op": "publish", "token": token, "tasks": [
+                ["dag_id": "interop", "task_id": "ok", "run_id": "tls-ok", "via": "provider"],
+                ["dag_id": "interop", "task_id": "fail", "run_id": "tls-fail", "via": "provider"],
+            ]], dir: env.cluster.dir, environment: env.airflowEnvironment)
+            ids = pub["published"].array.compactMap { $0["celery_id"].string }
+            try #require(ids.count == 2, "\(pub)")
+        } else {
+            let out = try await Venv.celery56.run("celery_client.py", ["op": "publish", "broker": env.brokerURL,
+                "backend": env.backendURL, "tasks": [workload(task: "ok", run: "tls-ok", token: token),
+                                                     workload(task: "fail", run: "tls-fail", token: token)]],
+                dir: env.cluster.dir)
+            ids = out["ids"].strings
+            try #require(ids.count == 2, "\(out)")
+        }
+        let states = try await env.waitForFinal(ids)
+        #expect(states == [ids[0]: "SUCCESS", ids[1]: "FAILURE"], "\(states)\n\(env.cluster.logs())")
+        try await env.expectRecorded(ids: ids, states: states)
+        try await env.expectWorkloadsRan(["interop.ok.tls-ok", "interop.fail.tls-fail"], token: token)
+
+        let ports = try await env.clientPorts()
+        #expect(!ports.isEmpty && ports.allSatisfy { $0 == env.cluster.redis.tlsPort }, "client ports \(ports), TLS port \(env.cluster.redis.tlsPort ?? 0)")
+    }
+
     @Test(
         "another task name or a non-Airflow argv from the real Celery client is dead-lettered and never executed",
         arguments: [Venv.celery56, .celery57])
@@ -339,15 +374,37 @@ final class InteropCluster: @unchecked Sendable {
     let pg: PostgresClient
     let workDir: String
 
-    init(backend: Backend) async throws {
-        cluster = try Cluster()
+    /// How the broker connection is secured; the inspection clients below always use Redis's plain port.
+    enum BrokerTLS {
+        case none
+        /// `rediss://…?ssl_cert_reqs=required&ssl_ca_certs=…` in the broker URL (kombu's URL form).
+        case url
+        /// A bare `rediss://` plus Airflow's `[celery] ssl_active`, `ssl_cacert`, `ssl_cert`, `ssl_key`, against a
+        /// Redis that requires client certificates (the celery provider's `broker_use_ssl`).
+        case airflowSettings
+    }
+
+    init(backend: Backend, tls: BrokerTLS = .none, certificates: TLSCertificates? = nil) async throws {
+        cluster = try Cluster(tls: tls == .none ? nil : certificates, requireClientCertificates: tls == .airflowSettings)
         self.backend = backend
+        if let certificates, let tlsPort = cluster.redis.tlsPort {
+            switch tls {
+            case .none: break
+            case .url: cluster.brokerURLOverride = cluster.redis.tlsURL(certificates)
+            case .airflowSettings:
+                cluster.brokerURLOverride = "rediss://127.0.0.1:\(tlsPort)/0"
+                cluster.extraEnvironment["AIRFLOW__CELERY__SSL_ACTIVE"] = "True"
+                cluster.extraEnvironment["AIRFLOW__CELERY__SSL_CACERT"] = certificates.caFile
+                cluster.extraEnvironment["AIRFLOW__CELERY__SSL_CERT"] = certificates.clientCert
+                cluster.extraEnvironment["AIRFLOW__CELERY__SSL_KEY"] = certificates.clientKey
+            }
+        }
         workDir = cluster.dir + "/work"
         let redisResults = String(cluster.redis.url.dropLast(2)) + "/1"
-        cluster.extraEnvironment = [
+        cluster.extraEnvironment.merge([
             "TANDEM_PYTHON": Repo.root + "/Tests/Fixtures/bin/python-workload-check",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:9/execution/",
-        ]
+        ]) { $1 }
         if backend == .redis {
             cluster.extraEnvironment["AIRFLOW__CELERY__RESULT_BACKEND"] = redisResults
             cluster.extraEnvironment["TANDEM_LEDGER_URL"] = cluster.postgresURL
@@ -372,7 +429,7 @@ final class InteropCluster: @unchecked Sendable {
 
     /// What an Airflow 3 deployment sets for its scheduler (the provider builds its Celery app from these).
     var airflowEnvironment: [String: String] {
-        [
+        cluster.extraEnvironment.filter { $0.key.hasPrefix("AIRFLOW__CELERY__SSL") }.merging([
             "AIRFLOW_HOME": cluster.dir + "/airflow-home",
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -381,7 +438,22 @@ final class InteropCluster: @unchecked Sendable {
             "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
             "AIRFLOW__API_AUTH__JWT_SECRET": "interop-tests-only",
-        ]
+        ]) { $1 }
+    }
+
+    /// The local port of every client connected to Redis but this one (`CLIENT LIST`'s laddr), e.g. to see that
+    /// Tandem's connections all came in on the TLS port.
+    func clientPorts() async throws -> [Int] {
+        let me = try await redis.send(["CLIENT", "ID"]).int ?? -1
+        let list = try await redis.send(["CLIENT", "LIST"]).string ?? ""
+        return list.split(separator: "\n").compactMap { line -> Int? in
+            let fields = Dictionary(line.split(separator: " ").compactMap { f -> (String, String)? in
+                let kv = f.split(separator: "=", maxSplits: 1)
+                return kv.count == 2 ? (String(kv[0]), String(kv[1])) : nil
+            }, uniquingKeysWith: { a, _ in a })
+            guard fields["id"] != String(me), let laddr = fields["laddr"] else { return nil }
+            return laddr.split(separator: ":").last.flatMap { Int($0) }
+        }
     }
 
     func fakeLog() -> String { (try? String(contentsOfFile: cluster.fakeLog, encoding: .utf8)) ?? "" }

@@ -79,15 +79,21 @@ public final class Cluster: @unchecked Sendable {
     /// - Parameters:
     ///   - dedicatedPostgres: start a Postgres for this cluster alone (for tests that stop it).
     ///   - redisArguments: added to redis-server's command line (persistence, for tests that restart it).
-    public init(dedicatedPostgres: Bool = false, redisArguments: [String] = []) throws {
-        redis = try RedisServer.start(extraArguments: redisArguments)
+    ///   - tls: Redis also listens with TLS, serving these certificates (requiring client certificates with
+    ///     `requireClientCertificates`); `brokerURL` stays plain unless a test sets `brokerURLOverride`.
+    public init(dedicatedPostgres: Bool = false, redisArguments: [String] = [], tls: TLSCertificates? = nil,
+                requireClientCertificates: Bool = false) throws {
+        redis = try tls.map { try RedisServer.startTLS($0, requireClientCertificates: requireClientCertificates) }
+            ?? RedisServer.start(extraArguments: redisArguments)
         ownPostgres = dedicatedPostgres ? try PostgresServer.start() : nil
         postgresURL = try (ownPostgres ?? PostgresServer.shared()).createDatabase()
         dir = NSTemporaryDirectory() + "tandem-it-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: dir + "/locks", withIntermediateDirectories: true)
     }
 
-    public var brokerURL: String { redis.url }
+    /// The broker URL Tandem's processes get (set before starting them); nil: the plain `redis.url`.
+    public var brokerURLOverride: String?
+    public var brokerURL: String { brokerURLOverride ?? redis.url }
     public var resultBackend: String { "db+postgresql+psycopg2://" + postgresURL.dropFirst("postgresql://".count) }
     public var fakeLog: String { dir + "/tasks.log" }
 

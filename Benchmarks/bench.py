@@ -98,12 +98,29 @@ def netns_down():
 
 
 # ----------------------------------------------------------------------------------------------- servers
+def make_test_certificates(d):
+    """A throwaway CA and a server certificate for 127.0.0.1 it signs, in `d`; returns the CA file."""
+    def run(*argv):
+        subprocess.run(["openssl", *argv], check=True, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=tandem-bench-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=bench")
+    with open(os.path.join(d, "server.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.crt", "-days", "2", "-extfile", "server.ext")
+    return os.path.join(d, "ca.crt")
+
+
 class Servers:
     """redis-server (AOF on, appendfsync everysec) and Postgres 15 (defaults: fsync on, synchronous_commit on)
     on loopback under a temp dir; removed on exit."""
 
-    def __init__(self, redis_port, pg_port, extra_ip=None):
+    def __init__(self, redis_port, pg_port, extra_ip=None, tls=False):
         self.rport, self.pport, self.extra_ip = redis_port, pg_port, extra_ip
+        # tls: Redis also listens with TLS on rport + 1 (certificates made with openssl), and Tandem's processes
+        # connect there (rediss://); publishers and inspection keep the plain port
+        self.tls_port = redis_port + 1 if tls else None
         self.dir = tempfile.mkdtemp(prefix="tandem-bench-")
         os.chmod(self.dir, 0o755)
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -125,9 +142,14 @@ class Servers:
     def start(self):
         rd = os.path.join(self.dir, "redis")
         os.makedirs(rd)
+        tls_args = []
+        if self.tls_port:
+            self.ca_file = make_test_certificates(rd)
+            tls_args = ["--tls-port", str(self.tls_port), "--tls-cert-file", f"{rd}/server.crt",
+                        "--tls-key-file", f"{rd}/server.key", "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
         subprocess.run(["redis-server", "--port", str(self.rport), "--dir", rd,
                         "--daemonize", "yes", "--bind", "127.0.0.1" + (f" {self.extra_ip}" if self.extra_ip else ""), "--pidfile", f"{rd}/redis.pid", "--logfile", f"{rd}/redis.log",
-                        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"],
+                        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"] + tls_args,
                        check=True)
         pd = os.path.join(self.dir, "pg")
         os.makedirs(pd)
@@ -507,10 +529,15 @@ class Tandem(System):
     def start(self, concurrency, workers=1, host=None, netns=None, dispatcher=True, port_offset=0):
         h = host or "127.0.0.1"
         broker = f"redis://{h}:{self.srv.rport + port_offset}/0"
+        dispatcher_broker = self.srv.redis_url
+        if self.srv.tls_port:
+            query = f"?ssl_cert_reqs=required&ssl_ca_certs={self.srv.ca_file}" + ("" if h == "127.0.0.1" else "&ssl_check_hostname=false")
+            broker = f"rediss://{h}:{self.srv.tls_port + port_offset}/0" + query
+            dispatcher_broker = f"rediss://127.0.0.1:{self.srv.tls_port}/0" + query
         backend = f"db+postgresql://postgres@{h}:{self.srv.pport + port_offset}/{self.db}"
         roots = {}
         if dispatcher:
-            d = self.spawn([f"{self.args.bin}/swift-dispatcher", "--broker", self.srv.redis_url, "--queues", "default"]
+            d = self.spawn([f"{self.args.bin}/swift-dispatcher", "--broker", dispatcher_broker, "--queues", "default"]
                            + self.extra_flags("dispatcher", "d"), "dispatcher")
             roots["dispatcher"] = d.pid
         for w in range(workers):

@@ -2,7 +2,7 @@
 """Where a Tandem worker's context switches go, per thread kind, over the middle 60% of a run of no-op tasks.
 
     .venv/celery56/bin/python Benchmarks/diag_switches.py --bin .build-static/release [--conc 2] [--tasks 5000]
-        [--noop glibc|bare] [--dispatcher-flags "--prefetch-limit 16"] [--worker-flags "--max-finishing 2"]
+        [--noop glibc|bare] [--dispatcher-flags "--prefetch-limit 16"] [--worker-flags "--max-finishing 2"] [--tls]
 
 Starts its own Redis and Postgres (bench.py's Servers, ports 6491/5491), publishes with Celery, starts the
 dispatcher and one worker, and prints tasks/s, context switches per task by thread name, the worker's and the
@@ -20,6 +20,7 @@ ap.add_argument("--dispatcher-flags", default="")
 ap.add_argument("--worker-flags", default="")
 ap.add_argument("--far-ms", type=float, default=0,
                 help="put Redis and Postgres behind delayproxy.py, this many ms each way (RTT = 2x)")
+ap.add_argument("--tls", action="store_true", help="Tandem's dispatcher and worker reach Redis over TLS (rediss://)")
 ap.add_argument("--perf", default="", help="perf record the worker over the window into this file (perf report -i FILE)")
 a = ap.parse_args()
 args = bench.diag_args(a, "diag")
@@ -30,7 +31,7 @@ def tree_cpu(pid):
     return sum(bench.cpu_of(p) for p in bench.tree(pid)) if pid else 0.0
 
 
-srv = bench.Servers(6491, 5491)
+srv = bench.Servers(6491, 5491, tls=a.tls)
 srv.start()
 proxy = None
 if a.far_ms:
@@ -65,6 +66,10 @@ try:
     while t.success_count(c) < a.tasks * 0.2:
         time.sleep(0.01)
     r = srv.r()
+    # which port each client came in on (CLIENT LIST laddr): with --tls, Tandem's must all be on the TLS port
+    me = r.client_id()
+    ports = collections.Counter(int(cl["laddr"].rsplit(":", 1)[1]) for cl in r.client_list() if int(cl["id"]) != me)
+    connections = ", ".join(f"{n} on {'TLS ' if p == srv.tls_port else ''}port {p}" for p, n in sorted(ports.items()))
     stats0, cpu0, mach0, sw0 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
     pg0, pgcpu0 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))
     other0 = (bench.cpu_of(dpid), bench.cpu_of(srv.pids().get("redis", 0)))
@@ -86,7 +91,8 @@ try:
         prof.send_signal(signal.SIGINT)
         prof.wait()
     t.stop()
-    print(f"c={a.conc} {a.noop} no-op: {n} tasks in {el:.2f}s = {n / el:.0f}/s")
+    print(f"c={a.conc} {a.noop} no-op{' over TLS' if a.tls else ''}: {n} tasks in {el:.2f}s = {n / el:.0f}/s")
+    print(f"  Redis connections: {connections}")
     by, busy = collections.Counter(), collections.Counter()
     for key, (v, cpu) in sw1.items():
         v0, c0 = sw0.get(key, (0, 0.0))

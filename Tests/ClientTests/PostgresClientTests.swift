@@ -231,3 +231,49 @@ struct PostgresClientTests {
         #expect(try await client.query("SELECT 1 AS x").rows[0].int("x") == 1)
     }
 }
+
+/// The result backend over TLS (across datacenters it crosses a WAN): libpq's own TLS, with the certificate and
+/// host name checked (`sslmode=verify-full`), replies far larger than a TLS record read through the reply-deadline
+/// loop, and a server whose CA is not trusted refused with libpq's reason.
+@Suite("Postgres over TLS against a real server")
+struct PostgresTLSTests {
+    @Test(.timeLimit(.minutes(2)))
+    func verifiedTLSWithLargeReplies() async throws {
+        let certs = try await offPool { try TLSCertificates.make() }
+        let server = try await offPool { try PostgresServer.start(tls: certs) }
+        defer { server.stop() }
+        var config = try PostgresConfiguration(
+            url: "db+postgresql://postgres@127.0.0.1:\(server.port)/postgres?sslmode=verify-full&sslrootcert=\(certs.caFile)")
+        // a reply stuck behind bytes OpenSSL already decrypted would wait this out and fail
+        config.replyTimeout = .seconds(5)
+        let client = PostgresClient(configuration: config, logger: quietLogger)
+        defer { client.close() }
+        #expect(try await client.query("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").rows[0].string("ssl") == "t")
+        for size in [1_000, 16_000, 16_384, 40_000, 1_000_000] {
+            let started = ContinuousClock.now
+            let rows = try await client.query("SELECT repeat('x', $1::int) AS v FROM generate_series(1, 3)", [.int(Int64(size))]).rows
+            #expect(rows.count == 3 && rows.allSatisfy { $0.string("v")?.count == size }, "size \(size)")
+            #expect(ContinuousClock.now - started < .seconds(5), "size \(size) waited out the reply deadline")
+        }
+        // replies of every shape against libpq's buffer (8-16 KiB free per read) and TLS records (16 KiB)
+        var slowest: Duration = .zero
+        for size in stride(from: 500, through: 40_000, by: 1_300) {
+            for rows in [1, 2, 5] {
+                let started = ContinuousClock.now
+                let got = try await client.query("SELECT repeat('z', $1::int) AS v FROM generate_series(1, $2::int)",
+                                                 [.int(Int64(size)), .int(Int64(rows))]).rows
+                slowest = max(slowest, ContinuousClock.now - started)
+                #expect(got.count == rows && got.allSatisfy { $0.string("v")?.count == size })
+            }
+        }
+        #expect(slowest < .seconds(5), "a reply waited out the deadline: \(slowest)")
+        let results = try await client.pipeline((0..<20).map { _ in ("SELECT repeat('y', 20000) AS v", []) })
+        #expect(results.count == 20 && results.allSatisfy { $0.rows.first?.string("v")?.count == 20_000 })
+
+        let untrusted = try pgClient("postgresql://postgres@127.0.0.1:\(server.port)/postgres?sslmode=verify-full&sslrootcert=\(certs.otherCAFile)&connect_timeout=5")
+        defer { untrusted.close() }
+        let err = await #expect(throws: PostgresError.self) { try await untrusted.query("SELECT 1") }
+        #expect(err?.code == .connectionFailed)
+        #expect(err?.message.contains("certificate verify failed") == true, "\(String(describing: err))")
+    }
+}

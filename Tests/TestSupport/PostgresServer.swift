@@ -11,6 +11,8 @@ public final class PostgresServer: Sendable {
     public let directory: String
     private let binDir: String
     private let runAs: [String]
+    /// Added to the server's command line (`-c ssl=on …` for a TLS server).
+    private let settings: [String]
     private let pidBox: Locked<pid_t?>
     /// Set once started, so an attempt that failed (port taken) does not delete the cluster on its way out.
     private let ownsDirectory = Locked(false)
@@ -24,11 +26,12 @@ public final class PostgresServer: Sendable {
     /// `postgresql://postgres@127.0.0.1:PORT/postgres`.
     public var url: String { "postgresql://postgres@127.0.0.1:\(port)/postgres" }
 
-    private init(port: Int, directory: String, binDir: String, runAs: [String]) {
+    private init(port: Int, directory: String, binDir: String, runAs: [String], settings: [String]) {
         self.port = port
         self.directory = directory
         self.binDir = binDir
         self.runAs = runAs
+        self.settings = settings
         self.pidBox = Locked(nil)
     }
 
@@ -55,8 +58,8 @@ public final class PostgresServer: Sendable {
     }
 
     /// Runs initdb in a fresh temp dir and starts a server on a free loopback port; waits until it accepts
-    /// connections.
-    public static func start() throws -> PostgresServer {
+    /// connections. With `tls` it also accepts TLS (`ssl = on`, serving those certificates' server pair).
+    public static func start(tls: TLSCertificates? = nil) throws -> PostgresServer {
         let bin = try TestEnvironment.requirePostgresBinDir()
         let dir = try Spawn.tempDirectory("tandem-pg")
         var runAs: [String] = []
@@ -82,8 +85,19 @@ public final class PostgresServer: Sendable {
         try Spawn.run(runAs + ["\(bin)/initdb", "-D", dir + "/data", "-U", "postgres", "-A", "trust", "-E", "UTF8",
                                "--locale=C", "--no-sync"],
                       log: logPath, directory: dir)
+        var settings: [String] = []
+        if let tls {
+            // Postgres wants its key readable by its own user only
+            for (from, to) in [(tls.serverCert, "server.crt"), (tls.serverKey, "server.key")] {
+                let target = dir + "/data/" + to
+                try FileManager.default.copyItem(atPath: from, toPath: target)
+                chmod(target, 0o600)
+                if geteuid() == 0, let pw = getpwnam("postgres") { chown(target, pw.pointee.pw_uid, pw.pointee.pw_gid) }
+            }
+            settings = ["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key"]
+        }
         let server = try RedisServer.withFreshPort { port in
-            let started = PostgresServer(port: port, directory: dir, binDir: bin, runAs: runAs)
+            let started = PostgresServer(port: port, directory: dir, binDir: bin, runAs: runAs, settings: settings)
             try started.launch()
             return started
         }
@@ -97,7 +111,7 @@ public final class PostgresServer: Sendable {
             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=\(directory)",
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
             "-c", "max_connections=200", "-c", "shared_buffers=32MB",
-        ]
+        ] + settings
         let pid = try Spawn.start(argv, log: logPath, directory: directory)
         pidBox.withLock { $0 = pid }
         let config = try PostgresConfiguration(url: "host=127.0.0.1 port=\(port) user=postgres dbname=postgres connect_timeout=2")

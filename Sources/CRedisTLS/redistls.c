@@ -215,7 +215,7 @@ tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls
             snprintf(err, errlen, "the server's certificate was not accepted: %s", X509_verify_cert_error_string(verify));
         } else if ((e == SSL_ERROR_SYSCALL || e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) &&
                    (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            snprintf(err, errlen, "the TLS handshake timed out (is this port a TLS port? Redis's tls-port, not port)");
+            snprintf(err, errlen, "no answer to the TLS handshake within the connect timeout");
         } else {
             openssl_reason(reason, sizeof(reason));
             snprintf(err, errlen, "the TLS handshake failed: %s", reason);

@@ -105,6 +105,9 @@ final class RedisConnection {
         if cause.contains("certificate required") || cause.contains("alert") {
             return "Redis may require a client certificate (tls-auth-clients): set ssl_certfile and ssl_keyfile ([celery] ssl_cert / ssl_key)"
         }
+        if cause.contains("no answer") {
+            return "is Redis reachable, and is this its tls-port (a plain port does not answer a handshake)?"
+        }
         return "is this Redis's tls-port? use redis:// for a plain port"
     }
 

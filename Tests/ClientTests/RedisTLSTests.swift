@@ -123,7 +123,25 @@ struct RedisTLSTests {
         defer { client.close() }
         let err = await redisError { try await client.connect() }
         #expect(err?.code == .connectionFailed)
-        #expect(err?.message.contains("use redis:// for a plain port") == true, "\(err?.message ?? "no error")")
+        #expect(err?.message.contains("tls-port") == true, "\(err?.message ?? "no error")")
+    }
+
+    /// A link that accepts the connection and then drops every byte (a partition): the handshake gives up after
+    /// the connect timeout and says so, instead of hanging the connecting thread.
+    @Test func partitionedHandshakeGivesUp() async throws {
+        let (server, certs) = try await startTLSRedis()
+        let link = try FaultProxy(upstreamPort: server.tlsPort!)
+        defer { link.stop() }
+        link.partition()
+        var config = try RedisConfiguration(url: "rediss://127.0.0.1:\(link.port)/0?ssl_cert_reqs=required&ssl_ca_certs=\(certs.caFile)")
+        config.connectTimeout = .seconds(1)
+        let client = RedisClient(configuration: config, logger: quietLogger)
+        defer { client.close() }
+        let err = await redisError { try await client.connect() }
+        #expect(err?.code == .connectionFailed)
+        #expect(err?.message.contains("no answer to the TLS handshake") == true, "\(err?.message ?? "no error")")
+        link.heal()
+        #expect(try await eventually { try await client.send(["PING"]) == .simpleString("PONG") })
     }
 
     /// A frozen server times out over TLS as over TCP (the socket timeout surfaces through OpenSSL as a timeout,

@@ -5,6 +5,7 @@ Started by Benchmarks/run (which builds the no-op `airflow` and the release bina
 Every number printed is a median over --reps repetitions. Nothing here asserts on wall-clock time.
 """
 import argparse
+import collections
 import datetime as dt
 import json
 import os
@@ -125,6 +126,22 @@ class Servers:
         os.chmod(self.dir, 0o755)
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         self.pg_bin = self._pg_bin()
+
+    def client_ports(self):
+        """{local port: clients} of Redis's connected clients but the one asking (CLIENT LIST laddr)."""
+        r = self.r()
+        me = r.client_id()
+        return collections.Counter(int(cl["laddr"].rsplit(":", 1)[1]) for cl in r.client_list() if int(cl["id"]) != me)
+
+    def broker_url(self, host="127.0.0.1", port_offset=0, tls=False):
+        """The Redis URL a worker uses: plain, or (tls) rediss:// on the TLS port trusting the throwaway CA, in
+        kombu's URL form, which Celery and Tandem both read."""
+        if not tls:
+            return f"redis://{host}:{self.rport + port_offset}/0"
+        if not self.tls_port:
+            raise RuntimeError("a TLS run needs Servers(..., tls=True)")
+        query = f"?ssl_cert_reqs=required&ssl_ca_certs={self.ca_file}" + ("" if host == "127.0.0.1" else "&ssl_check_hostname=false")
+        return f"rediss://{host}:{self.tls_port + port_offset}/0" + query
 
     @staticmethod
     def _pg_bin():
@@ -480,9 +497,9 @@ class System:
 class Celery(System):
     name, db = "celery", "bench_celery"
 
-    def start(self, concurrency, workers=1, host=None, netns=None, port_offset=0):
+    def start(self, concurrency, workers=1, host=None, netns=None, port_offset=0, tls=False):
         h = host or "127.0.0.1"
-        env = dict(self.env, BENCH_BROKER=f"redis://{h}:{self.srv.rport + port_offset}/0",
+        env = dict(self.env, BENCH_BROKER=self.srv.broker_url(h, port_offset, tls),
                    BENCH_BACKEND=f"db+postgresql://postgres@{h}:{self.srv.pport + port_offset}/{self.db}",
                    BENCH_CONCURRENCY=str(concurrency))
         celery = os.path.join(os.path.dirname(sys.executable), "celery")
@@ -526,14 +543,10 @@ class Tandem(System):
                 out += ["--spool-dir", d]
         return out
 
-    def start(self, concurrency, workers=1, host=None, netns=None, dispatcher=True, port_offset=0):
+    def start(self, concurrency, workers=1, host=None, netns=None, dispatcher=True, port_offset=0, tls=False):
         h = host or "127.0.0.1"
-        broker = f"redis://{h}:{self.srv.rport + port_offset}/0"
-        dispatcher_broker = self.srv.redis_url
-        if self.srv.tls_port:
-            query = f"?ssl_cert_reqs=required&ssl_ca_certs={self.srv.ca_file}" + ("" if h == "127.0.0.1" else "&ssl_check_hostname=false")
-            broker = f"rediss://{h}:{self.srv.tls_port + port_offset}/0" + query
-            dispatcher_broker = f"rediss://127.0.0.1:{self.srv.tls_port}/0" + query
+        broker = self.srv.broker_url(h, port_offset, tls)
+        dispatcher_broker = self.srv.broker_url(tls=tls)
         backend = f"db+postgresql://postgres@{h}:{self.srv.pport + port_offset}/{self.db}"
         roots = {}
         if dispatcher:
@@ -588,7 +601,7 @@ def first_last_rate(c, k):
 
 
 # ------------------------------------------------------------------------------------------ scenarios
-def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, preload=False, port_offset=0):
+def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, preload=False, port_offset=0, tls=False):
     srv.reset(system.db)
     if preload:
         pub.preload(k)
@@ -598,18 +611,24 @@ def throughput(srv, pub, system, conc, k, workers=1, netns=None, host=None, prel
     time.sleep(0.6)  # pg stats are flushed at most every 500 ms
     pg0 = pg_counters(c, system.db)
     t0 = time.time()
-    roots = system.start(conc, workers=workers, netns=netns, host=host, port_offset=port_offset)
+    roots = system.start(conc, workers=workers, netns=netns, host=host, port_offset=port_offset, tls=tls)
     sampler = MemSampler(roots, servers=srv.pids())
     sampler.start()
     wall = wait_success(system, c, k, timeout=max(120, k / 20))
     peak = sampler.stop()
     wall = None if wall is None else time.time() - t0
     rate = first_last_rate(c, k) if wall else float("nan")
+    ports = srv.client_ports() if tls else None
     system.stop()
     time.sleep(0.6)
     pg1 = pg_counters(c, system.db)
     c.close()
     out = {"rate": rate, "wall_rate": k / wall if wall else float("nan")}
+    if ports is not None:
+        # the worker's connections must all be on the TLS port (the plain ones are the benchmark's own)
+        out["tls_connections"] = ports.get(srv.tls_port, 0)
+        out["plain_connections"] = sum(n for p, n in ports.items() if p != srv.tls_port)
+        log(f"  {system.name} over TLS: {out['tls_connections']} connections on the TLS port, {out['plain_connections']} plain (the benchmark's own)")
     for key in pg0:
         out[f"pg_{key}_per_task"] = (pg1[key] - pg0[key]) / k
     for name, (rss, pss) in peak.items():
@@ -932,7 +951,7 @@ def main():
             netns_down()  # leave no half-made namespace or veth behind
             sys.exit(f"cannot set up the network namespace for 'distance' ({e}); if tc said the qdisc kind is "
                      "unknown, this kernel has no sch_netem: run without --netns (a userspace delay proxy)")
-    srv = Servers(args.redis_port, args.pg_port, extra_ip=HOST_IP if distance and args.netns else None)
+    srv = Servers(args.redis_port, args.pg_port, extra_ip=HOST_IP if distance and args.netns else None, tls="tls" in only)
     srv.start()
     if args.sync_commit_off:
         c = srv.pg("postgres")
@@ -958,6 +977,14 @@ def main():
                 res[f"throughput/floor/c{conc}"] = {"rate": med(runs), "runs": runs}
                 runs = [floor_throughput(srv, pub, args, conc, args.tasks, safe=True) for _ in range(args.reps)]
                 res[f"throughput/safe-floor/c{conc}"] = {"rate": med(runs), "runs": runs}
+        if "tls" in only:
+            # both workers reach Redis over TLS (rediss://, kombu's URL form); publishing stays plain
+            for conc in concs:
+                by = interleaved(systems, args.reps, lambda s: throughput(srv, pub, s, conc, args.tasks, tls=True))
+                for s in systems:
+                    runs = by[s.name]
+                    res[f"tls/{s.name}/c{conc}"] = {k: med([r[k] for r in runs]) for k in runs[0]} | {"runs": runs}
+                res[f"tls/paired/c{conc}"] = {"ratio": med([t["rate"] / c["rate"] for c, t in zip(by["celery"], by["tandem"])])}
         if "latency" in only:
             for conc in concs:
                 by = interleaved(systems, args.reps, lambda s: paced_latency(srv, pub, s, conc, args.paced_rate, args.paced_n))
@@ -1085,6 +1112,15 @@ def print_table(res):
         if "p50" in res[k]:
             rows.append((f"workers {w} x c=4: paced latency p50 (ms)", g(k, "p50"), g(f"scaling/tandem/w{w}", "p50")))
             rows.append((f"workers {w} x c=4: paced latency p99 (ms)", g(k, "p99"), g(f"scaling/tandem/w{w}", "p99")))
+    for conc in (2, 16):
+        if f"tls/celery/c{conc}" in res:
+            rows.append((f"over TLS: throughput c={conc} (tasks/s)", g(f"tls/celery/c{conc}", "rate"), g(f"tls/tandem/c{conc}", "rate")))
+            rows.append((f"over TLS: machine CPU ms per task, c={conc}", g(f"tls/celery/c{conc}", "cpu_ms_per_task_machine"),
+                         g(f"tls/tandem/c{conc}", "cpu_ms_per_task_machine")))
+        if f"tls/celery/c{conc}" in res and f"throughput/celery/c{conc}" in res:
+            rows.append((f"over TLS: kept of plain throughput (%), c={conc}",
+                         100 * g(f"tls/celery/c{conc}", "rate") / g(f"throughput/celery/c{conc}", "rate"),
+                         100 * g(f"tls/tandem/c{conc}", "rate") / g(f"throughput/tandem/c{conc}", "rate")))
     for where in ("loopback", "rtt"):
         if f"distance/celery/{where}" in res:
             rows.append((f"distance: {where} c=16 (tasks/s)", g(f"distance/celery/{where}", "rate"),

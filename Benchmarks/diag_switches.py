@@ -45,7 +45,7 @@ try:
     srv.reset(t.db)
     pub.publish(a.tasks)
     c = srv.pg(t.db)
-    roots = t.start(a.conc, port_offset=bench.PROXY_PORT_OFFSET if proxy else 0)
+    roots = t.start(a.conc, port_offset=bench.PROXY_PORT_OFFSET if proxy else 0, tls=a.tls)
     wpid, dpid = roots["worker0"], roots["dispatcher"]
 
     def switches():
@@ -67,8 +67,7 @@ try:
         time.sleep(0.01)
     r = srv.r()
     # which port each client came in on (CLIENT LIST laddr): with --tls, Tandem's must all be on the TLS port
-    me = r.client_id()
-    ports = collections.Counter(int(cl["laddr"].rsplit(":", 1)[1]) for cl in r.client_list() if int(cl["id"]) != me)
+    ports = srv.client_ports()
     connections = ", ".join(f"{n} on {'TLS ' if p == srv.tls_port else ''}port {p}" for p, n in sorted(ports.items()))
     stats0, cpu0, mach0, sw0 = r.info("commandstats"), bench.cpu_of(wpid), bench.machine_cpu(), switches()
     pg0, pgcpu0 = bench.pg_counters(c, t.db), tree_cpu(srv.pids().get("postgres"))

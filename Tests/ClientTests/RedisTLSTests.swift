@@ -144,6 +144,24 @@ struct RedisTLSTests {
         #expect(try await eventually { try await client.send(["PING"]) == .simpleString("PONG") })
     }
 
+    /// Sentinel with a TLS master, as kombu does it with `broker_use_ssl`: the sentinels are asked in plain, the
+    /// master they name is reached over TLS (its TLS port is what they hand out).
+    @Test func sentinelNamesATLSMaster() async throws {
+        let (master, certs) = try await startTLSRedis()
+        let sentinel = try await offPool {
+            try RedisServer.startSentinel(masterPort: master.tlsPort!, masterName: "tlsmaster", quorum: 1, tls: certs)
+        }
+        var config = try RedisConfiguration(url: "sentinel://127.0.0.1:\(sentinel.port)/0", masterName: "tlsmaster")
+        var tls = RedisConfiguration.TLS()
+        tls.caFile = certs.caFile
+        config.tls = tls
+        let client = RedisClient(configuration: config, logger: quietLogger)
+        defer { client.close() }
+        #expect(try await client.send(["SET", "k", "v"]) == .simpleString("OK"))
+        let info = try await client.send(["CLIENT", "INFO"]).string ?? ""
+        #expect(info.contains("laddr=127.0.0.1:\(master.tlsPort!) "), "\(info)")
+    }
+
     /// A frozen server times out over TLS as over TCP (the socket timeout surfaces through OpenSSL as a timeout,
     /// not an I/O error), and after a restart the next call reconnects with a new handshake.
     @Test(arguments: Driver.allCases) func timeoutAndReconnect(driver: Driver) async throws {

@@ -101,18 +101,22 @@ public final class RedisServer: Sendable {
     /// 127.0.0.1:`masterPort` under `masterName`, with a 1 s down-after and failover timeouts fit for tests.
     /// `masterPassword` is what the master requires (`sentinel auth-pass`); `sentinelPassword` is the
     /// Sentinel's own `requirepass`.
+    /// With `tls` the sentinel reaches the master over TLS (`tls-replication yes`; `masterPort` is then the
+    /// master's TLS port, which is what it hands clients) while listening plain itself.
     public static func startSentinel(masterPort: Int, masterName: String, quorum: Int = 2,
-                                     masterPassword: String? = nil, sentinelPassword: String? = nil) throws -> RedisServer {
+                                     masterPassword: String? = nil, sentinelPassword: String? = nil,
+                                     tls: TLSCertificates? = nil) throws -> RedisServer {
         let binary = try TestEnvironment.requireRedisServer()
         let dir = try Spawn.tempDirectory("tandem-sentinel")
         return try withFreshPort { port in try sentinel(binary: binary, dir: dir, port: port, masterPort: masterPort,
                                                         masterName: masterName, quorum: quorum,
                                                         masterPassword: masterPassword,
-                                                        sentinelPassword: sentinelPassword) }
+                                                        sentinelPassword: sentinelPassword, tls: tls) }
     }
 
     private static func sentinel(binary: String, dir: String, port: Int, masterPort: Int, masterName: String,
-                                 quorum: Int, masterPassword: String?, sentinelPassword: String?) throws -> RedisServer {
+                                 quorum: Int, masterPassword: String?, sentinelPassword: String?,
+                                 tls: TLSCertificates?) throws -> RedisServer {
         var conf = """
             port \(port)
             bind 127.0.0.1
@@ -126,6 +130,10 @@ public final class RedisServer: Sendable {
             """
         if let masterPassword { conf += "sentinel auth-pass \(masterName) \(masterPassword)\n" }
         if let sentinelPassword { conf += "requirepass \(sentinelPassword)\n" }
+        if let tls {
+            conf += "tls-replication yes\ntls-cert-file \(tls.serverCert)\ntls-key-file \(tls.serverKey)\n"
+            conf += "tls-ca-cert-file \(tls.caFile)\n"
+        }
         let confPath = dir + "/sentinel.conf"
         try conf.write(toFile: confPath, atomically: true, encoding: .utf8)
         let server = RedisServer(port: port, directory: dir, password: nil, argv: [binary, confPath, "--sentinel"])

@@ -6,6 +6,7 @@ enum RedisLogKey {
     static let label = "redis.label"
     static let error = "redis.error"
     static let master = "redis.master"
+    static let tls = "redis.tls"
 }
 
 /// Opens a ready connection for a configuration: resolve (Sentinel), connect, AUTH, SELECT, set timeouts.
@@ -38,7 +39,9 @@ enum RedisConnector {
             }
         }
         conn.setTimeout(config.commandTimeout)
-        logger.debug("connected to Redis", metadata: [RedisLogKey.endpoint: "\(conn.location)"])
+        logger.debug("connected to Redis", metadata: [
+            RedisLogKey.endpoint: "\(conn.location)", RedisLogKey.tls: "\(conn.tlsVersion ?? "off")",
+        ])
         return conn
     }
 

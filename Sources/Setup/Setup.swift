@@ -28,12 +28,19 @@ public enum Defaults {
     public static let broker = "redis://127.0.0.1:6379/0"
 }
 
-/// Opens the broker from a Celery broker URL (`redis://`, `redis+socket://`, `sentinel://`).
+/// Opens the broker from a Celery broker URL (`redis://`, `rediss://`, `redis+socket://`, `sentinel://`).
 /// `loop`: the worker's loop, which then drives the claim and ack connection (RedisBroker).
 public func openBroker(
     url: String, masterName: String?, logger: Logger, loop: (any IOLoop)? = nil, allCallsOnLoop: Bool = false
 ) async throws -> RedisBroker {
-    let config = try brokerConfiguration(url: url, masterName: masterName, logger: logger)
+    try await openBroker(configuration: try brokerConfiguration(url: url, masterName: masterName, logger: logger),
+                         logger: logger, loop: loop, allCallsOnLoop: allCallsOnLoop)
+}
+
+/// Opens the broker from a configuration made by `brokerConfiguration` (when the caller also needs it).
+public func openBroker(
+    configuration config: RedisConfiguration, logger: Logger, loop: (any IOLoop)? = nil, allCallsOnLoop: Bool = false
+) async throws -> RedisBroker {
     // TANDEM_REPLICA_ACKS=1 with Sentinel: every move waits for a replica, so a failover cannot roll it back
     let acks = Int(ProcessInfo.processInfo.environment["TANDEM_REPLICA_ACKS"] ?? "") ?? 0
     let broker = RedisBroker(configuration: config, logger: logger, replicaAcks: max(0, acks), loop: loop, allCallsOnLoop: allCallsOnLoop)

@@ -160,8 +160,9 @@ struct SwiftWorker: AsyncParsableCommand {
             // claims and acks on the worker loop's own epoll (TANDEM_BROKER_ON_LOOP=0: a connection thread, as
             // before; kept for comparing the two in Benchmarks/diag_switches.py)
             let onLoop = setting(nil, env: "TANDEM_BROKER_ON_LOOP") != "0"
-            let b = try await openBroker(
-                url: brokerURL, masterName: master, logger: logger, loop: onLoop ? WorkerLoop.shared : nil)
+            // one configuration for the broker and Celery's remote control, so a TLS warning is given once
+            let brokerConfig = try brokerConfiguration(url: brokerURL, masterName: master, airflow: airflowCfg, logger: logger)
+            let b = try await openBroker(configuration: brokerConfig, logger: logger, loop: onLoop ? WorkerLoop.shared : nil)
             let stores = try await openStores(
                 resultBackend: setting(resultBackend, env: "AIRFLOW__CELERY__RESULT_BACKEND") ?? airflowCfg.resultBackend,
                 ledger: setting(ledger, env: "TANDEM_LEDGER_URL"), brokerURL: brokerURL,
@@ -198,7 +199,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.claimAheadMaxRun = .milliseconds(aheadMaxRun)
             config.claimAheadHoldLimit = .milliseconds(Int64(aheadHold * 1000))
             let pidbox = PidboxService(
-                configuration: try brokerConfiguration(url: brokerURL, masterName: master, airflow: airflowCfg, logger: logger), nodeName: config.workerID,
+                configuration: brokerConfig, nodeName: config.workerID,
                 logger: logger)
             let metrics = PrometheusWorkerObserver(datacenter: dc, workerID: config.workerID, slots: slots)
             let runtime = WorkerRuntime(

@@ -1,3 +1,4 @@
+import Foundation
 import AirflowConfig
 import Logging
 import Redis
@@ -93,8 +94,14 @@ struct AirflowConfigTests {
         let bareWithAirflow = try brokerConfiguration(url: "rediss://h/0", masterName: nil, airflow: airflow, logger: logger)
         #expect(bareWithAirflow.tls?.caFile == "/etc/ca.pem" && bareWithAirflow.tls?.schemeOnly == false)
 
-        let bare = try brokerConfiguration(url: "rediss://h/0", masterName: nil, airflow: none, logger: logger)
+        let warnings = CollectedLog()
+        let collecting = Logger(label: "t", factory: { _ in warnings })
+        let bare = try brokerConfiguration(url: "rediss://h/0", masterName: nil, airflow: none, logger: collecting)
         #expect(bare.tls?.verifyPeer == false)
+        // unchecked TLS is said once, with what to set
+        #expect(warnings.messages.count == 1 && warnings.messages[0].contains("ssl_cert_reqs=required&ssl_ca_certs="), "\(warnings.messages)")
+        _ = try brokerConfiguration(url: "rediss://h/0?ssl_cert_reqs=none", masterName: nil, airflow: none, logger: collecting)
+        #expect(warnings.messages.count == 1, "explicitly unchecked: no warning")
         #expect(try brokerConfiguration(url: "redis://h/0", masterName: nil, airflow: none, logger: logger).tls == nil)
 
         let sentinel = try brokerConfiguration(url: "sentinel://s:26379", masterName: "m", airflow: airflow, logger: logger)
@@ -102,5 +109,22 @@ struct AirflowConfigTests {
         #expect(throws: SetupError.self) {
             try brokerConfiguration(url: "unix:///run/redis.sock", masterName: nil, airflow: airflow, logger: logger)
         }
+    }
+}
+
+/// A log handler that keeps the messages of warnings and worse, for tests that check what an operator is told.
+final class CollectedLog: LogHandler, @unchecked Sendable {
+    private let lock = NSLock()
+    private var kept: [String] = []
+    var messages: [String] { lock.withLock { kept } }
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .warning
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
+             file: String, function: String, line: UInt) {
+        lock.withLock { kept.append(message.description) }
     }
 }

@@ -31,16 +31,21 @@ static int note_certificate_request(SSL *ssl, X509 **x509, EVP_PKEY **pkey) {
     return 0;
 }
 
-/* The last OpenSSL error queued on this thread, as text (and the queue cleared). */
+/* The OpenSSL errors queued on this thread, as text ("bad decrypt; PEM lib": the first says the most, the last
+   where it surfaced), and the queue cleared. */
 static void openssl_reason(char *out, size_t len) {
-    unsigned long e = ERR_get_error();
-    unsigned long next;
-    while ((next = ERR_get_error()) != 0) e = next;  /* the last one says the most specific thing */
-    if (e == 0) {
-        snprintf(out, len, "%s", errno ? strerror(errno) : "the connection was closed during the handshake");
-    } else {
+    out[0] = 0;
+    size_t used = 0;
+    unsigned long e;
+    while ((e = ERR_get_error()) != 0) {
         const char *reason = ERR_reason_error_string(e);
-        snprintf(out, len, "%s", reason ? reason : "unknown OpenSSL error");
+        if (!reason || strstr(out, reason)) continue;
+        int n = snprintf(out + used, len - used, "%s%s", used ? "; " : "", reason);
+        if (n < 0 || (size_t)n >= len - used) break;
+        used += (size_t)n;
+    }
+    if (used == 0) {
+        snprintf(out, len, "%s", errno ? strerror(errno) : "the connection was closed during the handshake");
     }
     ERR_clear_error();
 }
@@ -126,6 +131,17 @@ static BIO *socket_bio(int fd) {
     return bio;
 }
 
+/* The key's password from the options (userdata), or none: without this OpenSSL's default asks on the terminal. */
+static int key_password(char *buf, int size, int rwflag, void *userdata) {
+    (void)rwflag;
+    const char *password = userdata;
+    if (!password) return 0;
+    int n = (int)strlen(password);
+    if (n > size) n = size;
+    memcpy(buf, password, (size_t)n);
+    return n;
+}
+
 static int is_ip_address(const char *host) {
     unsigned char buf[16];
     return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
@@ -145,17 +161,20 @@ tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls
     SSL_CTX_set_mode(sctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_AUTO_RETRY);
     if (o->verify_peer) {
         SSL_CTX_set_verify(sctx, SSL_VERIFY_PEER, NULL);
-        int loaded = o->ca_file ? SSL_CTX_load_verify_locations(sctx, o->ca_file, NULL)
-                                : SSL_CTX_set_default_verify_paths(sctx);
+        int loaded = (o->ca_file || o->ca_path) ? SSL_CTX_load_verify_locations(sctx, o->ca_file, o->ca_path)
+                                                : SSL_CTX_set_default_verify_paths(sctx);
         if (loaded != 1) {
             openssl_reason(reason, sizeof(reason));
-            snprintf(err, errlen, "cannot load the CA certificates from %s: %s", o->ca_file ? o->ca_file : "the system store", reason);
+            snprintf(err, errlen, "cannot load the CA certificates from %s: %s",
+                     o->ca_file ? o->ca_file : o->ca_path ? o->ca_path : "the system store", reason);
             SSL_CTX_free(sctx);
             return NULL;
         }
     } else {
         SSL_CTX_set_verify(sctx, SSL_VERIFY_NONE, NULL);
     }
+    SSL_CTX_set_default_passwd_cb(sctx, key_password);
+    SSL_CTX_set_default_passwd_cb_userdata(sctx, (void *)o->key_password);
     if (o->cert_file) {
         const char *key = o->key_file ? o->key_file : o->cert_file;
         if (SSL_CTX_use_certificate_chain_file(sctx, o->cert_file) != 1) {

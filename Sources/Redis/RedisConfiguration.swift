@@ -37,9 +37,13 @@ public struct RedisConfiguration: Sendable {
         public var checkHostname: Bool = true
         /// `ssl_ca_certs`: a PEM file of the CA certificates to trust.
         public var caFile: String?
+        /// `ssl_ca_path`: a directory of CA certificates (hashed names, `openssl rehash`).
+        public var caPath: String?
         /// `ssl_certfile` / `ssl_keyfile`: a client certificate, for a Redis with `tls-auth-clients yes`.
         public var certFile: String?
         public var keyFile: String?
+        /// `ssl_password`: the client key's password, when it is encrypted.
+        public var keyPassword: String?
         /// Set only by a bare `rediss://` (no `ssl_*` parameter): kombu then connects without checking the
         /// certificate (and warns); so does Tandem, and Airflow's `[celery] ssl_active` settings may replace it.
         public var schemeOnly = false
@@ -178,6 +182,10 @@ public struct RedisConfiguration: Sendable {
     /// TLS settings from a URL's `ssl_*` query parameters, as kombu and redis-py read them; nil when there are none.
     static func tlsOptions(_ query: [String: String], bad: (String) -> RedisError) throws(RedisError) -> TLS? {
         guard query.keys.contains(where: { $0.hasPrefix("ssl_") }) else { return nil }
+        // a TLS setting silently ignored could weaken what the operator asked for: refuse what is not done here
+        if let unknown = query.keys.filter({ $0.hasPrefix("ssl_") && !supportedTLSParameters.contains($0) }).sorted().first {
+            throw bad("\(unknown) is not supported by Tandem (supported: \(supportedTLSParameters.sorted().joined(separator: ", "))) — remove it, or give Tandem its own --broker URL without it")
+        }
         var tls = TLS()
         if let reqs = query["ssl_cert_reqs"] {
             switch reqs.lowercased() {
@@ -198,8 +206,15 @@ public struct RedisConfiguration: Sendable {
         tls.caFile = query["ssl_ca_certs"].flatMap { $0.isEmpty ? nil : $0 }
         tls.certFile = query["ssl_certfile"].flatMap { $0.isEmpty ? nil : $0 }
         tls.keyFile = query["ssl_keyfile"].flatMap { $0.isEmpty ? nil : $0 }
+        tls.caPath = query["ssl_ca_path"].flatMap { $0.isEmpty ? nil : $0 }
+        tls.keyPassword = query["ssl_password"].flatMap { $0.isEmpty ? nil : $0 }
         return tls
     }
+
+    /// redis-py's `ssl_*` connection arguments that Tandem honours.
+    static let supportedTLSParameters: Set<String> = [
+        "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname",
+    ]
 
     private static func parseUserInfo(_ info: String, bad: (String) -> RedisError) throws(RedisError) -> (String?, String?) {
         func decode(_ s: Substring) throws(RedisError) -> String? {
@@ -270,9 +285,15 @@ public struct RedisConfiguration: Sendable {
         return Netloc(user: user, password: password, host: host, port: port, db: db, query: parameters)
     }
 
-    /// Replaces the password in a URL the parser could not accept, so error messages never echo it.
+    /// Replaces the password (and a TLS key's `ssl_password`) in a URL the parser could not accept, so error
+    /// messages never echo it.
     static func redactRaw(_ url: String) -> String {
-        url.split(separator: ";", omittingEmptySubsequences: false).map { piece -> String in
+        var url = url
+        while let r = url.range(of: "ssl_password="), !url[r.upperBound...].hasPrefix("***") {
+            let end = url[r.upperBound...].firstIndex(where: { $0 == "&" || $0 == ";" }) ?? url.endIndex
+            url.replaceSubrange(r.upperBound..<end, with: "***")
+        }
+        return url.split(separator: ";", omittingEmptySubsequences: false).map { piece -> String in
             let p = String(piece)
             guard let sep = p.range(of: "://"), let at = p[sep.upperBound...].lastIndex(of: "@") else { return p }
             let info = p[sep.upperBound..<at]

@@ -82,10 +82,12 @@ final class RedisConnection {
 
     private static func withTLSOptions<R>(_ o: RedisConfiguration.TLS, _ body: (UnsafePointer<tandem_tls_options>) -> R) -> R {
         func cString(_ s: String?) -> UnsafeMutablePointer<CChar>? { s.map { strdup($0) } }
-        let ca = cString(o.caFile), cert = cString(o.certFile), key = cString(o.keyFile)
-        defer { free(ca); free(cert); free(key) }
+        let ca = cString(o.caFile), caPath = cString(o.caPath), cert = cString(o.certFile), key = cString(o.keyFile)
+        let password = cString(o.keyPassword)
+        defer { free(ca); free(caPath); free(cert); free(key); free(password) }
         var options = tandem_tls_options(verify_peer: o.verifyPeer ? 1 : 0, check_hostname: o.checkHostname ? 1 : 0,
-                                         ca_file: ca, cert_file: cert, key_file: key)
+                                         ca_file: ca, ca_path: caPath, cert_file: cert, key_file: key,
+                                         key_password: password)
         return body(&options)
     }
 
@@ -98,6 +100,11 @@ final class RedisConnection {
             return o.caFile == nil
                 ? "set ssl_ca_certs=/path/to/ca.pem in the broker URL (or [celery] ssl_cacert) to the CA that signed Redis's certificate"
                 : "check that \(o.caFile!) holds the CA that signed Redis's certificate (ssl_ca_certs / [celery] ssl_cacert)"
+        }
+        if cause.contains("client key") && (cause.contains("bad decrypt") || cause.contains("password")) {
+            return o.keyPassword == nil
+                ? "the key is encrypted: set ssl_password in the broker URL"
+                : "check ssl_password: it does not decrypt the key"
         }
         if cause.contains("client certificate") || cause.contains("client key") {
             return "check ssl_certfile / ssl_keyfile ([celery] ssl_cert / ssl_key)"

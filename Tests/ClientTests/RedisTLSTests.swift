@@ -116,6 +116,23 @@ struct RedisTLSTests {
                 "\(fileErr?.message ?? "no error")")
     }
 
+    /// redis-py's other file settings: `ssl_ca_path` (a hashed CA directory) and `ssl_password` for an encrypted
+    /// client key — without the password the key is refused (never a prompt) with the setting to add.
+    @Test func caDirectoryAndEncryptedKey() async throws {
+        let (server, certs) = try await startTLSRedis(requireClientCertificates: true)
+        let base = "rediss://127.0.0.1:\(server.tlsPort!)/0?ssl_cert_reqs=required&ssl_ca_path=\(certs.caDirectory)"
+            + "&ssl_certfile=\(certs.clientCert)&ssl_keyfile=\(certs.encryptedClientKey)"
+        let noPassword = try redisClient(base, commandTimeout: .seconds(5))
+        defer { noPassword.close() }
+        let err = await redisError { try await noPassword.connect() }
+        #expect(err?.code == .connectionFailed)
+        #expect(err?.message.contains("set ssl_password") == true, "\(err?.message ?? "no error")")
+
+        let withPassword = try redisClient(base + "&ssl_password=\(certs.encryptedKeyPassword)")
+        defer { withPassword.close() }
+        #expect(try await withPassword.send(["PING"]) == .simpleString("PONG"))
+    }
+
     /// `rediss://` pointed at a plain port fails the handshake and says to use redis:// there.
     @Test func tlsToAPlainPortSaysWhatToDo() async throws {
         let (server, certs) = try await startTLSRedis()

@@ -94,6 +94,15 @@ struct RedisUnitTests {
         // Airflow 2 writes unset files as empty strings: no file
         #expect(try RedisConfiguration(url: "rediss://h?ssl_ca_certs=&ssl_certfile=").tls?.caFile == nil)
 
+        // a TLS setting Tandem does not implement is refused, not ignored; the key's password is never echoed
+        let unsupported = #expect(throws: RedisError.self) {
+            try RedisConfiguration(url: "rediss://h/0?ssl_password=s3cret&ssl_validate_ocsp=true")
+        }
+        #expect(unsupported?.message.contains("ssl_validate_ocsp is not supported") == true, "\(String(describing: unsupported))")
+        #expect(unsupported?.message.contains("s3cret") == false)
+        let withPath = try RedisConfiguration(url: "rediss://h/0?ssl_ca_path=/etc/ssl/certs&ssl_password=pw%26x").tls
+        #expect(withPath?.caPath == "/etc/ssl/certs" && withPath?.keyPassword == "pw&x")
+
         let err = #expect(throws: RedisError.self) { try RedisConfiguration(url: "rediss://:hunter2@h/0?ssl_cert_reqs=2") }
         #expect(err?.message.contains("required, optional or none") == true)
         #expect(err?.message.contains("hunter2") == false)

@@ -11,6 +11,11 @@ public final class TLSCertificates: Sendable {
     public var serverKey: String { directory + "/server.key" }
     public var clientCert: String { directory + "/client.crt" }
     public var clientKey: String { directory + "/client.key" }
+    /// The client key encrypted (AES-256) with `encryptedKeyPassword`.
+    public var encryptedClientKey: String { directory + "/client-encrypted.key" }
+    public let encryptedKeyPassword = "tandem-key-pw"
+    /// A directory holding the CA under its hashed name (`openssl rehash`), for `ssl_ca_path`.
+    public var caDirectory: String { directory + "/ca-dir" }
 
     private init(directory: String) { self.directory = directory }
     deinit { Spawn.removeDirectory(directory) }
@@ -35,6 +40,11 @@ public final class TLSCertificates: Sendable {
             try run(["x509", "-req", "-in", "\(base).csr", "-CA", "\(dir)/ca.crt", "-CAkey", "\(dir)/ca.key",
                      "-CAcreateserial", "-out", "\(base).crt", "-days", "2", "-extfile", "\(base).ext"])
         }
+        try run(["pkey", "-in", certs.clientKey, "-aes256", "-passout", "pass:\(certs.encryptedKeyPassword)",
+                 "-out", certs.encryptedClientKey])
+        try FileManager.default.createDirectory(atPath: certs.caDirectory, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: certs.caFile, toPath: certs.caDirectory + "/ca.pem")
+        try run(["rehash", certs.caDirectory])
         return certs
     }
 }

@@ -16,9 +16,11 @@ typedef struct tandem_tls tandem_tls;
 typedef struct {
     int verify_peer;        /* 0: accept any certificate (ssl_cert_reqs=none) */
     int check_hostname;     /* with verify_peer: the certificate must name `host` (DNS name or IP address) */
-    const char *ca_file;    /* NULL: the system's CA store */
+    const char *ca_file;    /* NULL (and no ca_path): the system's CA store */
+    const char *ca_path;    /* a directory of hashed CA certificates (`openssl rehash`), or NULL */
     const char *cert_file;  /* client certificate chain (PEM), for servers that set tls-auth-clients */
     const char *key_file;   /* its private key (PEM); NULL: in cert_file */
+    const char *key_password; /* for an encrypted key; NULL: never ask (OpenSSL would prompt on a terminal) */
 } tandem_tls_options;
 
 /* Runs the TLS handshake on the context's connected, blocking socket (its timeouts apply). NULL on failure, with

@@ -54,8 +54,12 @@ struct ChaosTests {
         let redis: RedisClient
         let pg: PostgresClient
 
-        init(dedicatedPostgres: Bool = false, redisArguments: [String] = []) throws {
-            cluster = try Cluster(dedicatedPostgres: dedicatedPostgres, redisArguments: redisArguments)
+        /// Redis's TLS certificates when it also listens with TLS (`tls: true`); workers behind links then use it.
+        let certificates: TLSCertificates?
+
+        init(dedicatedPostgres: Bool = false, redisArguments: [String] = [], tls: Bool = false) throws {
+            certificates = tls ? try TLSCertificates.make() : nil
+            cluster = try Cluster(dedicatedPostgres: dedicatedPostgres, redisArguments: redisArguments, tls: certificates)
             redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "chaos"))
             pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "chaos"))
         }
@@ -112,11 +116,14 @@ struct ChaosTests {
         {
             let pgURL = try #require(URLComponents(string: cluster.postgresURL))
             // the Redis link never has a reply armed to cut: no prefix needed
-            let redisLink = try FaultProxy(upstreamPort: cluster.redis.port, upstream: .redis(replyPrefix: []))
+            // with TLS the link carries the TLS port's bytes: a partition and its heal cut TLS sessions mid-record
+            let redisLink = try FaultProxy(upstreamPort: cluster.redis.tlsPort ?? cluster.redis.port, upstream: .redis(replyPrefix: []))
             let pgLink = try FaultProxy(upstreamPort: try #require(pgURL.port))
+            let brokerURL = certificates.map {
+                "rediss://127.0.0.1:\(redisLink.port)/0?ssl_cert_reqs=required&ssl_ca_certs=\($0.caFile)"
+            } ?? cluster.redis.url.replacingOccurrences(of: ":\(cluster.redis.port)/", with: ":\(redisLink.port)/")
             cluster.extraEnvironment = [
-                "AIRFLOW__CELERY__BROKER_URL":
-                    cluster.redis.url.replacingOccurrences(of: ":\(cluster.redis.port)/", with: ":\(redisLink.port)/"),
+                "AIRFLOW__CELERY__BROKER_URL": brokerURL,
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+postgresql+psycopg2://postgres@127.0.0.1:\(pgLink.port)\(pgURL.path)",
             ].merging(environment) { $1 }
             defer { cluster.extraEnvironment = [:] }
@@ -321,9 +328,10 @@ struct ChaosTests {
         #expect(leasesGone, "\(h.cluster.logs())")
     }
 
-    @Test("network partition: east's worker cut off from Redis and Postgres mid-run stops its tasks before its leases expire; west runs them, never two at once; healed, east takes work again without a restart")
-    func partitionedWorkerFencesItself() async throws {
-        let h = try Harness()
+    @Test("network partition: east's worker cut off from Redis and Postgres mid-run stops its tasks before its leases expire; west runs them, never two at once; healed, east takes work again without a restart (plain, and with east on TLS to Redis)",
+          arguments: [false, true])
+    func partitionedWorkerFencesItself(tls: Bool) async throws {
+        let h = try Harness(tls: tls)
         // work goes to east while east is alive, to west while it is lost, and back to east once it heals
         let policy = try h.policy("queues:\n  default: {pin: east, fallback: west}\n")
         try h.cluster.startDispatcher(extra: Self.dispatcherFlags + ["--policy", policy])
@@ -365,7 +373,7 @@ struct ChaosTests {
         try await Task.sleep(for: .seconds(1))
         let after = try await h.submit(8, task: "sleep-2", prefix: "healed")
         ids += after
-        var report = ChaosReport(scenario: "partition-15s")
+        var report = ChaosReport(scenario: tls ? "partition-15s-tls" : "partition-15s")
         try await h.settle(ids, &report)
         let moved = try await h.drained(from: "east")
         report.firstDrained = moved.map(\.started).min().map { $0 - cutAt }

@@ -91,6 +91,14 @@ final class RedisConnection {
         return body(&options)
     }
 
+    /// What to change when Redis ended the TLS session (an alert), during the handshake or, in TLS 1.3, at the first
+    /// read after it; `certificateRequested`: it had asked for a client certificate and none was set.
+    private static func refusalHint(_ cause: String, certificateRequested: Bool) -> String {
+        certificateRequested || cause.contains("certificate required")
+            ? "Redis asked for a client certificate and none is set (tls-auth-clients): set ssl_certfile and ssl_keyfile in the broker URL ([celery] ssl_cert / ssl_key)"
+            : "Redis refused the TLS session; if it checks client certificates, check ssl_certfile / ssl_keyfile ([celery] ssl_cert / ssl_key)"
+    }
+
     /// What to change, for the usual ways a TLS connection fails.
     private static func tlsHint(_ cause: String, _ o: RedisConfiguration.TLS) -> String {
         if cause.lowercased().contains("mismatch") {
@@ -101,16 +109,18 @@ final class RedisConnection {
                 ? "set ssl_ca_certs=/path/to/ca.pem in the broker URL (or [celery] ssl_cacert) to the CA that signed Redis's certificate"
                 : "check that \(o.caFile!) holds the CA that signed Redis's certificate (ssl_ca_certs / [celery] ssl_cacert)"
         }
-        if cause.contains("client key") && (cause.contains("bad decrypt") || cause.contains("password")) {
+        // our own files (matched by prefix: "the server asked for a client certificate", which CRedisTLS appends to
+        // a failed handshake, is not about them)
+        if cause.hasPrefix("cannot use the client key") && (cause.contains("bad decrypt") || cause.contains("password")) {
             return o.keyPassword == nil
                 ? "the key is encrypted: set ssl_password in the broker URL"
                 : "check ssl_password: it does not decrypt the key"
         }
-        if cause.contains("client certificate") || cause.contains("client key") {
+        if cause.hasPrefix("cannot load the client certificate") || cause.hasPrefix("cannot use the client key") {
             return "check ssl_certfile / ssl_keyfile ([celery] ssl_cert / ssl_key)"
         }
-        if cause.contains("certificate required") || cause.contains("alert") {
-            return "Redis may require a client certificate (tls-auth-clients): set ssl_certfile and ssl_keyfile ([celery] ssl_cert / ssl_key)"
+        if cause.contains("asked for a client certificate") || cause.contains("certificate required") || cause.contains("alert") {
+            return refusalHint(cause, certificateRequested: cause.contains("asked for a client certificate"))
         }
         if cause.contains("no answer") {
             return "is Redis reachable, and is this its tls-port (a plain port does not answer a handshake)?"
@@ -220,11 +230,8 @@ final class RedisConnection {
         let certificateRequested = tls.map { tandem_tls_certificate_requested($0) != 0 } ?? false
         if certificateRequested || (cause.hasPrefix("TLS:") && cause.contains("alert")) {
             // TLS 1.3 refuses a client certificate after the handshake: an alert at the first read, or a reset
-            let fix = certificateRequested || cause.contains("certificate required")
-                ? "Redis asked for a client certificate and none is set (tls-auth-clients): set ssl_certfile and ssl_keyfile in the broker URL ([celery] ssl_cert / ssl_key)"
-                : "Redis refused the TLS session; if it checks client certificates, check ssl_certfile / ssl_keyfile ([celery] ssl_cert / ssl_key)"
             return RedisError(code: .connectionFailed,
-                              message: "Redis at \(location) closed the TLS session during \(name): \(cause) — \(fix)",
+                              message: "Redis at \(location) closed the TLS session during \(name): \(cause) — \(Self.refusalHint(cause, certificateRequested: certificateRequested))",
                               underlying: cause)
         }
         return RedisError(

@@ -150,11 +150,13 @@ static int is_ip_address(const char *host) {
 tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls_options *o, char *err, size_t errlen) {
     redisContext *c = context;
     char reason[200];
+    tandem_tls *t = NULL;
+    SSL *ssl = NULL;
     SSL_CTX *sctx = SSL_CTX_new(TLS_client_method());
     if (!sctx) {
         openssl_reason(reason, sizeof(reason));
         snprintf(err, errlen, "cannot set up TLS: %s", reason);
-        return NULL;
+        goto fail;
     }
     SSL_CTX_set_min_proto_version(sctx, TLS1_2_VERSION);
     /* the output buffer grows and moves while a write waits on a full socket; partial writes let it drain */
@@ -167,8 +169,7 @@ tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls
             openssl_reason(reason, sizeof(reason));
             snprintf(err, errlen, "cannot load the CA certificates from %s: %s",
                      o->ca_file ? o->ca_file : o->ca_path ? o->ca_path : "the system store", reason);
-            SSL_CTX_free(sctx);
-            return NULL;
+            goto fail;
         }
     } else {
         SSL_CTX_set_verify(sctx, SSL_VERIFY_NONE, NULL);
@@ -180,25 +181,22 @@ tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls
         if (SSL_CTX_use_certificate_chain_file(sctx, o->cert_file) != 1) {
             openssl_reason(reason, sizeof(reason));
             snprintf(err, errlen, "cannot load the client certificate %s: %s", o->cert_file, reason);
-            SSL_CTX_free(sctx);
-            return NULL;
+            goto fail;
         }
         if (SSL_CTX_use_PrivateKey_file(sctx, key, SSL_FILETYPE_PEM) != 1 || SSL_CTX_check_private_key(sctx) != 1) {
             openssl_reason(reason, sizeof(reason));
             snprintf(err, errlen, "cannot use the client key %s: %s", key, reason);
-            SSL_CTX_free(sctx);
-            return NULL;
+            goto fail;
         }
+    } else {
+        SSL_CTX_set_client_cert_cb(sctx, note_certificate_request);
     }
-    if (!o->cert_file) SSL_CTX_set_client_cert_cb(sctx, note_certificate_request);
-    tandem_tls *t = calloc(1, sizeof(*t));
-    SSL *ssl = t ? SSL_new(sctx) : NULL;
+    t = calloc(1, sizeof(*t));
+    ssl = t ? SSL_new(sctx) : NULL;
     if (!ssl) {
         openssl_reason(reason, sizeof(reason));
         snprintf(err, errlen, "cannot set up TLS: %s", t ? reason : "out of memory");
-        free(t);
-        SSL_CTX_free(sctx);
-        return NULL;
+        goto fail;
     }
     SSL_set_app_data(ssl, t);
     int ip = is_ip_address(host);
@@ -209,19 +207,13 @@ tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls
         int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(param, host) : X509_VERIFY_PARAM_set1_host(param, host, 0);
         if (ok != 1) {
             snprintf(err, errlen, "cannot check the certificate against '%s'", host);
-            free(t);
-            SSL_free(ssl);
-            SSL_CTX_free(sctx);
-            return NULL;
+            goto fail;
         }
     }
     BIO *bio = socket_bio(c->fd);
     if (!bio) {
         snprintf(err, errlen, "cannot set up TLS: out of memory");
-        free(t);
-        SSL_free(ssl);
-        SSL_CTX_free(sctx);
-        return NULL;
+        goto fail;
     }
     SSL_set_bio(ssl, bio, bio);
     ERR_clear_error();
@@ -243,15 +235,18 @@ tandem_tls *tandem_tls_connect(void *context, const char *host, const tandem_tls
             size_t used = strlen(err);
             snprintf(err + used, errlen - used, " (the server asked for a client certificate and none is set)");
         }
-        ERR_clear_error();
-        free(t);
-        SSL_free(ssl);
-        SSL_CTX_free(sctx);
-        return NULL;
+        goto fail;
     }
     t->ctx = sctx;
     t->ssl = ssl;
     return t;
+
+fail:
+    ERR_clear_error();
+    SSL_free(ssl);  /* each takes NULL; the SSL owns the BIO once set */
+    SSL_CTX_free(sctx);
+    free(t);
+    return NULL;
 }
 
 const char *tandem_tls_version(const tandem_tls *t) { return SSL_get_version(t->ssl); }

@@ -195,4 +195,41 @@ struct RedisTLSTests {
         try await offPool { try server.restart() }
         #expect(try await eventually { try await client.send(["PING"]) == .simpleString("PONG") })
     }
+    /// Rotating certificates needs no restart of Tandem: the CA bundle is read again on every (re)connect. The
+    /// usual overlap rotation — the bundle gains the new CA, Redis switches to a certificate the new CA signed
+    /// (`CONFIG SET tls-cert-file`, which applies to new sessions), then the old CA leaves the bundle — with the
+    /// client's connections cut after each step, and the same client object carrying on throughout.
+    @Test(arguments: Driver.allCases) func rotatedCertificatesAreReadOnReconnect(driver: Driver) async throws {
+        let (server, certs) = try await startTLSRedis()
+        let bundle = certs.directory + "/rotating-\(driver)-ca.crt"
+        let oldCA = try String(contentsOfFile: certs.caFile, encoding: .utf8)
+        let newCA = try String(contentsOfFile: certs.otherCAFile, encoding: .utf8)
+        try oldCA.write(toFile: bundle, atomically: true, encoding: .utf8)
+        let url = "rediss://127.0.0.1:\(server.tlsPort!)/0?ssl_cert_reqs=required&ssl_ca_certs=\(bundle)"
+        let client = try redisClient(url, commandTimeout: .seconds(5), driver: driver)
+        defer { client.close() }
+        let admin = try redisClient(server.url)
+        defer { admin.close() }
+        #expect(try await client.send(["SET", "k", "before"]) == .simpleString("OK"))
+
+        /// Cuts every TLS client (the admin's own plain connection stays) and waits for `client` to work again.
+        func reconnected() async throws -> Bool {
+            _ = try await admin.send(["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+            return try await eventually { try await client.send(["GET", "k"]).string != nil }
+        }
+        try (oldCA + newCA).write(toFile: bundle, atomically: true, encoding: .utf8)
+        #expect(try await reconnected())
+        #expect(try await admin.send(["CONFIG", "SET", "tls-cert-file", certs.otherServerCert,
+                                      "tls-key-file", certs.otherServerKey]) == .simpleString("OK"))
+        #expect(try await reconnected())
+        try newCA.write(toFile: bundle, atomically: true, encoding: .utf8)
+        #expect(try await reconnected())
+        #expect(try await client.send(["GET", "k"]).string == "before")
+
+        // the server did switch: a client that trusts only the old CA is refused now
+        let stale = try redisClient(server.tlsURL(certs), commandTimeout: .seconds(5))
+        defer { stale.close() }
+        let err = await redisError { try await stale.connect() }
+        #expect(err?.message.contains("certificate was not accepted") == true, "\(err?.message ?? "no error")")
+    }
 }

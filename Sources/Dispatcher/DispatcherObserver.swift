@@ -11,6 +11,8 @@ public protocol DispatcherObserver: Sendable {
     func datacenters(_ states: [DatacenterState])
     /// Called periodically with every datacenter queue's depth and oldest age.
     func queues(_ stats: [QueueStats])
+    /// Called periodically with what waits in Airflow's lists per queue, and which of it nothing can take.
+    func ingress(waiting: [String: Int], stranded: [StrandedQueue])
     /// Leadership changed: this dispatcher leads with `epoch`, or (nil) is a standby.
     func leadership(epoch: Int64?)
     func brokerError()
@@ -25,6 +27,7 @@ extension DispatcherObserver {
     public func shared(queue: String, from: String, to: String, count: Int) {}
     public func datacenters(_ states: [DatacenterState]) {}
     public func queues(_ stats: [QueueStats]) {}
+    public func ingress(waiting: [String: Int], stranded: [StrandedQueue]) {}
     public func leadership(epoch: Int64?) {}
     public func brokerError() {}
     public func loopStalled(seconds: Double) {}

@@ -41,6 +41,11 @@ public struct DispatcherConfiguration: Sendable {
     public var leaderCheck: Duration = .seconds(1)
     /// A dispatcher loop (`run(on:)`) that has not run for this long is logged once and reported not ready.
     public var loopStallWarning: Duration = .seconds(5)
+    /// How often the leader looks for stranded work: messages in Airflow's lists of any declared queue that no live
+    /// worker (or no datacenter the policy allows) can take. Logged, and exported as `tandem_ingress_stranded`.
+    public var strandedCheckInterval: Duration = .seconds(10)
+    /// A queue still stranded is logged again this often (and once when it clears).
+    public var strandedRepeat: Duration = .seconds(300)
 
     public init(policy: RoutingPolicy, queues: [String], dispatcherID: String? = nil) {
         self.policy = policy
@@ -67,6 +72,16 @@ public final class DispatcherRuntime: Sendable {
     private let refillMarks = Mutex<[String: Int]>([:])
     /// Each datacenter's claim rate, measured from its workers' claim counts (for the prefetch).
     private let claimRates = Mutex<[String: ClaimRate]>([:])
+    /// What the stranded-work check remembers between looks.
+    private let strandedState = Mutex(StrandedState())
+
+    struct StrandedState {
+        /// Queues found stranded at the last look: a queue counts only when two looks in a row find it, so a
+        /// worker that is starting (not yet heartbeating) or a dispatcher that just took the lead raises nothing.
+        var seen: Set<String> = []
+        /// Queues logged as stranded: queue -> (reason, when), to log on change and then every `strandedRepeat`.
+        var logged: [String: (reason: String, at: ContinuousClock.Instant)] = [:]
+    }
 
     struct ClaimRate {
         var since: ContinuousClock.Instant
@@ -131,6 +146,7 @@ public final class DispatcherRuntime: Sendable {
         var lastLeaderCheck = clock.now - configuration.leaderCheck
         var idleRotation = 0
         var lastPrune = clock.now
+        var lastStrandedCheck = clock.now - configuration.strandedCheckInterval
         while !isStopping {
             do {
                 if clock.now - lastLeaderCheck >= configuration.leaderCheck {
@@ -153,6 +169,10 @@ public final class DispatcherRuntime: Sendable {
                     for dc in lastLoss.subtracting(lost) { logger.info("datacenter \(dc) is back") }
                     lastLoss = lost
                     try await drainUnavailable(view)
+                }
+                if clock.now - lastStrandedCheck >= configuration.strandedCheckInterval {
+                    try await reportStranded(view)
+                    lastStrandedCheck = clock.now
                 }
                 if failing {
                     failing = false
@@ -245,6 +265,36 @@ public final class DispatcherRuntime: Sendable {
         var qs = Set(configuration.queues).union(configuration.policy.namedQueues)
         for w in view.workers { qs.formUnion(w.queues) }
         return qs.sorted()
+    }
+
+    /// Finds work in Airflow's lists that nothing can take now (a queue no live worker serves, or one the policy
+    /// sends only where it cannot run), and says so: Celery would leave it there silently until Airflow's
+    /// `task_queued_timeout` fails the task. The messages stay where they are (safe) until a worker that serves
+    /// the queue appears.
+    func reportStranded(_ view: View) async throws {
+        let queues = Set(try await inspector.declaredQueues()).union(watchedQueues(view)).sorted()
+        let waiting = try await inspector.ingressWaiting(queues: queues)
+        let found = StrandedQueue.find(waiting: waiting, workers: view.workers, live: view.live, policy: configuration.policy)
+        let now = ContinuousClock.now
+        let (stranded, toLog, cleared) = strandedState.withLock { st -> ([StrandedQueue], [StrandedQueue], [String]) in
+            let stranded = found.filter { st.seen.contains($0.queue) }
+            st.seen = Set(found.map(\.queue))
+            var toLog: [StrandedQueue] = []
+            for s in stranded {
+                if let last = st.logged[s.queue], last.reason == s.reason, now - last.at < configuration.strandedRepeat { continue }
+                st.logged[s.queue] = (s.reason, now)
+                toLog.append(s)
+            }
+            let cleared = st.logged.keys.filter { q in !stranded.contains { $0.queue == q } }.sorted()
+            for q in cleared { st.logged[q] = nil }
+            return (stranded, toLog, cleared)
+        }
+        observer.ingress(waiting: waiting, stranded: stranded)
+        for s in toLog {
+            logger.warning("\(s.waiting) message(s) wait in Airflow's list for queue '\(s.queue)' and nothing can take them: \(s.reason)",
+                           metadata: ["queue": .string(s.queue), "waiting": .stringConvertible(s.waiting)])
+        }
+        for q in cleared { logger.info("queue '\(q)' is no longer stranded", metadata: ["queue": .string(q)]) }
     }
 
     /// One pass over the ingress lists. Returns how many messages moved, and how many could go to a live

@@ -189,6 +189,8 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     let depth: Gauge
     let inFlight: Gauge
     let oldest: Gauge
+    let ingressWaiting: Gauge
+    let stranded: Gauge
     let status: Gauge
     let dcWorkers: Gauge
     let dcSlots: Gauge
@@ -216,6 +218,11 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         depth = r.gauge("tandem_queue_depth", help: "Jobs queued in a datacenter queue.", labels: ["dc", "queue"])
         inFlight = r.gauge("tandem_queue_in_flight", help: "Leased (running) jobs of a datacenter queue.", labels: ["dc", "queue"])
         oldest = r.gauge("tandem_queue_oldest_age_seconds", help: "Age of the oldest queued job (0 when empty).", labels: ["dc", "queue"])
+        ingressWaiting = r.gauge("tandem_ingress_waiting", help: "Messages waiting in Airflow's lists of a queue (before dispatch).", labels: ["queue"])
+        stranded = r.gauge(
+            "tandem_ingress_stranded",
+            help: "Messages waiting in Airflow's lists of a queue that nothing can take now (no live worker serves the queue, or the policy sends it only where none does); the dispatcher's log says why.",
+            labels: ["queue"])
         status = r.gauge("tandem_datacenter_status", help: "1 for the datacenter's current status (alive, draining, lost), 0 for the others.", labels: ["dc", "status"])
         dcWorkers = r.gauge("tandem_datacenter_workers", help: "Workers heartbeating in the datacenter.", labels: ["dc"])
         dcSlots = r.gauge("tandem_datacenter_slots", help: "Slots of the datacenter's running workers.", labels: ["dc"])
@@ -292,12 +299,19 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         oldest.replace(o)
     }
 
+    public func ingress(waiting: [String: Int], stranded s: [StrandedQueue]) {
+        ingressWaiting.replace(Dictionary(uniqueKeysWithValues: waiting.map { ([$0.key], Double($0.value)) }))
+        var st: [[String]: Double] = Dictionary(uniqueKeysWithValues: waiting.keys.map { ([$0], 0) })
+        for q in s { st[[q.queue]] = Double(q.waiting) }
+        stranded.replace(st)
+    }
+
     public func leadership(epoch e: Int64?) {
         epoch.set(Double(e ?? 0))
         leader.set(e == nil ? 0 : 1)
         if e == nil {
             // a standby stops refreshing these: drop them so max() across dispatchers shows the leader's view
-            for g in [depth, inFlight, oldest, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
+            for g in [depth, inFlight, oldest, ingressWaiting, stranded, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
         }
     }
 

@@ -138,6 +138,48 @@ public struct BrokerInspector: Sendable {
         return zip(lists, r).map { ($0, Int($1.int ?? 0)) }
     }
 
+    /// The queues publishers declared: kombu `SADD`s a binding for each queue it publishes to
+    /// (`_kombu.binding.<exchange>` members `routing_key\x06\x16pattern\x06\x16queue`), so a queue appears here
+    /// with its first message even when no worker or policy names it. Celery's own control and event exchanges
+    /// (`*.pidbox`, `celeryev`) are left out. Found with `SCAN` (never `KEYS`), so a large keyspace costs round
+    /// trips, not a stalled server.
+    public func declaredQueues() async throws -> [String] {
+        var exchanges: [String] = []
+        var cursor = "0"
+        repeat {
+            let r = try await client.send(["SCAN", cursor, "MATCH", "_kombu.binding.*", "COUNT", "1000"]).array ?? []
+            guard r.count == 2 else { break }
+            cursor = r[0].string ?? "0"
+            for k in r[1].array ?? [] {
+                guard let key = k.string else { continue }
+                let exchange = String(key.dropFirst("_kombu.binding.".count))
+                if !exchange.hasSuffix("pidbox") && exchange != "celeryev" { exchanges.append(key) }
+            }
+        } while cursor != "0"
+        if exchanges.isEmpty { return [] }
+        var queues = Set<String>()
+        for reply in try await client.pipeline(exchanges.map { ["SMEMBERS", $0] }) {
+            for m in reply.array ?? [] {
+                guard let member = m.string, let queue = member.components(separatedBy: "\u{06}\u{16}").last, !queue.isEmpty else { continue }
+                queues.insert(queue)
+            }
+        }
+        return queues.sorted()
+    }
+
+    /// How many messages wait in each queue's lists before dispatch (staging, plain and priority siblings).
+    public func ingressWaiting(queues: [String]) async throws -> [String: Int] {
+        if queues.isEmpty { return [:] }
+        let lists = queues.map { Keys.dispatchSources(queue: $0) }
+        let replies = try await client.pipeline(lists.flatMap { $0.map { ["LLEN", $0] } })
+        var out: [String: Int] = [:]
+        var i = 0
+        for (q, ls) in zip(queues, lists) {
+            for _ in ls { out[q, default: 0] += Int(replies[i].int ?? 0); i += 1 }
+        }
+        return out
+    }
+
     /// The job hash (raw message, state, attempts, owner, reason...).
     public func job(_ id: String) async throws -> [String: String] {
         hash(try await client.send(["HGETALL", Keys.job(id)]))

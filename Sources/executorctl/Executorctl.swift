@@ -70,19 +70,60 @@ func quietLogging() {
 }
 
 struct Queues: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Per datacenter and queue: depth, in flight, oldest age.")
+    static let configuration = CommandConfiguration(
+        abstract: "Per datacenter and queue: depth, in flight, oldest age; then what waits in Airflow's lists, and why if nothing can take it.")
     @OptionGroup var common: Common
+    @Option(name: .customLong("dc-loss-after"), help: "Loss threshold in seconds, for which workers count as live (default 15).")
+    var lossAfter: Double = 15
+    func validate() throws {
+        if let problem = DatacenterHealth.lossAfterProblem(lossAfter) { throw ValidationError(problem) }
+    }
     func run() async throws {
         try await common.withInspector { i in
         let stats = try await i.queueStats()
         if common.json {
             printJSON(stats.map { ["datacenter": $0.datacenter, "queue": $0.queue, "depth": $0.depth, "in_flight": $0.inFlight, "oldest_age_ms": $0.oldestAgeMs] })
-        } else {
-            printTable(
-                ["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"],
-                stats.map { [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)] })
+            return
         }
+        printTable(
+            ["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"],
+            stats.map { [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)] })
+        let airflow = try await AirflowLists.read(i, lossAfterMs: Int64(lossAfter * 1000))
+        let waiting = airflow.waiting.filter { $0.value > 0 }.sorted { $0.key < $1.key }
+        if waiting.isEmpty { return }
+        print("")
+        print("waiting in Airflow's lists (not dispatched yet):")
+        printTable(["QUEUE", "WAITING", "SERVED IN", "STRANDED"], waiting.map { q, n in
+            let served = airflow.servedIn[q] ?? []
+            return [q, String(n), served.isEmpty ? "-" : served.joined(separator: ","), airflow.stranded[q] ?? ""]
+        }) { row, col, _ in col == 3 && airflow.stranded[waiting[row].key] != nil ? Style.red : nil }
         }
+    }
+}
+
+/// What waits in Airflow's lists, per queue, as `executorctl` can judge it (the routing policy lives with the
+/// dispatchers: its log and `tandem_ingress_stranded` also name work the policy sends where nothing serves it).
+struct AirflowLists {
+    var waiting: [String: Int] = [:]
+    /// Datacenters whose live, running workers serve the queue.
+    var servedIn: [String: [String]] = [:]
+    /// Queue -> why nothing can take its waiting messages.
+    var stranded: [String: String] = [:]
+
+    /// Every queue a publisher declared, 'default', the ones named in `extra` and those workers serve.
+    static func read(_ i: BrokerInspector, lossAfterMs: Int64, extra: [String] = []) async throws -> AirflowLists {
+        let workers = try await i.workers(withinMs: lossAfterMs)
+        let live = Set(try await i.datacenters(lossAfterMs: lossAfterMs).filter(\.acceptsWork).map(\.name))
+        var queues = Set(try await i.declaredQueues()).union(["default"]).union(extra)
+        for w in workers { queues.formUnion(w.queues) }
+        var out = AirflowLists()
+        out.waiting = try await i.ingressWaiting(queues: queues.sorted())
+        for q in queues {
+            out.servedIn[q] = Set(workers.filter { $0.state == .running && live.contains($0.datacenter) && $0.queues.contains(q) }
+                .map(\.datacenter)).sorted()
+        }
+        for s in StrandedQueue.find(waiting: out.waiting, workers: workers, live: live, policy: nil) { out.stranded[s.queue] = s.reason }
+        return out
     }
 }
 
@@ -472,11 +513,13 @@ struct Leases: AsyncParsableCommand {
 struct Ingress: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "The Celery lists as Airflow wrote them (queue and priority siblings).")
     @OptionGroup var common: Common
-    @Option(help: "Comma-separated queues (default 'default').") var queues = "default"
+    @Option(help: "Comma-separated queues (default: 'default' and every queue a publisher declared).") var queues: String?
     func run() async throws {
         try await common.withInspector { i in
             var rows: [(String, Int)] = []
-            for q in queues.split(separator: ",") { rows += try await i.ingressDepths(queue: String(q)) }
+            var names = queues.map { $0.split(separator: ",").map(String.init) } ?? []
+            if queues == nil { names = Set(try await i.declaredQueues()).union(["default"]).sorted() }
+            for q in names { rows += try await i.ingressDepths(queue: q) }
             let printable = rows.map { ($0.0.replacingOccurrences(of: "\u{06}\u{16}", with: "\\x06\\x16"), $0.1) }
             if common.json { printJSON(printable.map { ["list": $0.0, "depth": $0.1] as [String: Any] }) } else {
                 printTable(["LIST", "DEPTH"], printable.map { [$0.0, String($0.1)] })

@@ -23,7 +23,7 @@ struct Watch: AsyncParsableCommand {
     @Option(help: "Seconds between refreshes (default 2).") var interval: Double = 2
     @Option(name: .customLong("dc-loss-after"), help: "Loss threshold in seconds, as the dispatcher's (default 15).")
     var lossAfter: Double = 15
-    @Option(help: "Comma-separated Airflow queues whose ingress lists to show (default 'default').") var queues = "default"
+    @Option(help: "Comma-separated Airflow queues whose lists to show besides 'default', every declared queue and those workers serve.") var queues = ""
     @Option(help: "Stop after this many frames (default: until q or Ctrl-C).") var count: Int?
 
     func validate() throws {
@@ -126,6 +126,7 @@ struct Snapshot {
     var datacenters: [DatacenterState] = []
     var queues: [QueueStats] = []
     var ingress: [(list: String, depth: Int)] = []
+    var airflow = AirflowLists()
     var workers: [WorkerStatus] = []
     var nowMs: Int64 = 0
     var leases = 0
@@ -141,7 +142,8 @@ struct Snapshot {
         s.nowMs = try await i.client.time().milliseconds
         s.datacenters = try await i.datacenters(lossAfterMs: lossAfterMs)
         s.queues = try await i.queueStats()
-        for q in queues.split(separator: ",") { s.ingress += try await i.ingressDepths(queue: String(q)) }
+        s.airflow = try await AirflowLists.read(i, lossAfterMs: lossAfterMs, extra: queues.split(separator: ",").map(String.init))
+        for q in s.airflow.waiting.keys.sorted() { s.ingress += try await i.ingressDepths(queue: q) }
         s.workers = try await i.workers(withinMs: 3_600_000).sorted { ($0.datacenter, $0.workerID) < ($1.datacenter, $1.workerID) }
         let l = try await i.leases()
         s.leases = l.count
@@ -175,6 +177,9 @@ struct Snapshot {
         let nonEmpty = ingress.filter { $0.depth > 0 }
             .map { "\($0.list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) \($0.depth)" }
         out.append("waiting in Airflow's lists: \(pending)" + (nonEmpty.isEmpty ? "" : "  (" + nonEmpty.joined(separator: ", ") + ")"))
+        for (q, why) in airflow.stranded.sorted(by: { $0.key < $1.key }) {
+            out.append(Style.paint("stranded: \(airflow.waiting[q] ?? 0) in '\(q)' — \(why)", Style.red))
+        }
         out.append("")
         out += table(["WORKER", "DC", "BUSY/SLOTS", "SPOOLED", "STATE", "LAST HEARTBEAT"], workers.map {
             [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", String($0.spooledWrites), $0.state.rawValue,
@@ -199,6 +204,7 @@ struct Snapshot {
             "datacenters": datacenters.map { ["datacenter": $0.name, "status": $0.status.rawValue, "reason": $0.reason, "live_workers": $0.liveWorkers, "slots": $0.slots, "busy": $0.busy] as [String: Any] },
             "queues": queues.map { ["datacenter": $0.datacenter, "queue": $0.queue, "depth": $0.depth, "in_flight": $0.inFlight, "oldest_age_ms": $0.oldestAgeMs] as [String: Any] },
             "ingress": ingress.map { ["list": $0.list, "depth": $0.depth] as [String: Any] },
+            "stranded": airflow.stranded.sorted(by: { $0.key < $1.key }).map { ["queue": $0.key, "waiting": airflow.waiting[$0.key] ?? 0, "reason": $0.value] as [String: Any] },
             "workers": workers.map { ["worker": $0.workerID, "datacenter": $0.datacenter, "busy": $0.busy, "slots": $0.slots, "state": $0.state.rawValue, "last_heartbeat_ms_ago": nowMs - $0.lastSeenMs, "spooled_writes": $0.spooledWrites] as [String: Any] },
             "leases": leases, "expired_leases": expiredLeases, "dead_letters": deadLetters,
             "dispatcher": leaderJSON(leader),

@@ -247,6 +247,44 @@ struct ExecutorctlTests {
         #expect(row.contains("1/1") && row.split(separator: " ", omittingEmptySubsequences: true)[3] == "1", "\(table)")
     }
 
+    @Test("queues, watch and ingress show work waiting in Airflow's lists, and name a queue no live worker serves")
+    func strandedWork() async throws {
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        _ = try await broker.heartbeat(
+            WorkerStatus(workerID: "east-1", datacenter: "east", slots: 2, busy: 2, queues: ["default"], hostname: "h",
+                pid: 1, runningJobs: [], state: .running),
+            ttlSeconds: 60)
+        // published as the stock client does (binding, then LPUSH); no dispatcher runs, so both wait
+        for q in ["default", "gpu", "gpu"] {
+            let r = try await ctl("submit", "--queue", q, "--", "airflow", "tasks", "run", "d", "t", "r")
+            #expect(r.code == 0, "\(r)")
+        }
+        let table = try await ctl("queues")
+        #expect(table.code == 0, "\(table)")
+        let lines = table.out.split(separator: "\n").map(String.init)
+        let gpu = lines.first { $0.hasPrefix("gpu ") } ?? ""
+        let dflt = lines.first { $0.hasPrefix("default ") } ?? ""
+        #expect(table.out.contains("waiting in Airflow's lists"), "\(table)")
+        #expect(gpu.contains(" 2 ") && gpu.contains("no live worker serves queue 'gpu': start one with --queues gpu"), "\(table)")
+        #expect(dflt.contains(" 1 ") && dflt.contains("east") && !dflt.contains("no live worker"), "\(table)")
+
+        let frame = try #require(try await ctl("watch", "--json", "--count", "1").json() as? [String: Any])
+        let stranded = frame["stranded"] as? [[String: Any]] ?? []
+        #expect(stranded.map { $0["queue"] as? String } == ["gpu"] && stranded.first?["waiting"] as? Int == 2, "\(frame)")
+        let ingress = try #require(try await ctl("ingress", "--json").json() as? [[String: Any]])
+        #expect(ingress.first { $0["list"] as? String == "gpu" }?["depth"] as? Int == 2, "\(ingress)")
+
+        // a worker in west that serves gpu: nothing is stranded any more
+        _ = try await broker.heartbeat(
+            WorkerStatus(workerID: "west-1", datacenter: "west", slots: 2, busy: 0, queues: ["gpu"], hostname: "h",
+                pid: 2, runningJobs: [], state: .running),
+            ttlSeconds: 60)
+        let served = try await ctl("queues")
+        #expect(!served.out.contains("no live worker"), "\(served)")
+        #expect(served.out.split(separator: "\n").first { $0.hasPrefix("gpu ") }?.contains("west") == true, "\(served)")
+    }
+
     @Test("error paths: unreachable Redis or Postgres → exit 2 with one line; bad usage → 64")
     func errorPaths() async throws {
         let dead = "redis://127.0.0.1:\(freeLoopbackPort())/0"

@@ -145,6 +145,38 @@ struct MetricsProcessTests {
         try cluster.release(dag: "dag", run: "ahead")
     }
 
+    @Test("a task for a queue no worker serves is named (dispatcher log, tandem_ingress_stranded) and runs once a worker serves it")
+    func strandedWorkIsNamed() async throws {
+        let dport = freeLoopbackPort()
+        try cluster.startWorker(dc: "east", name: "east-1")
+        try await submit(task: "ok", run: "served")
+        try await publishAirflowCommand(redis, task: "ok", run: "gpu-run", queue: "gpu")
+        let dispatcher = try cluster.startDispatcher(extra: ["--metrics-port", String(dport)])
+        let named = try await eventually(timeout: .seconds(30)) {
+            guard let m = try? await scrape(dport) else { return false }  // not listening yet
+            return sample(m, "tandem_ingress_stranded", ["queue": "gpu"]) == 1
+                && sample(m, "tandem_ingress_waiting", ["queue": "gpu"]) == 1
+                && sample(m, "tandem_ingress_stranded", ["queue": "default"]) == 0
+                && dispatcher.log().contains("--queues gpu")
+        }
+        #expect(named, "\(cluster.logs())")
+        #expect(dispatcher.log().contains("1 message(s) wait in Airflow's list for queue 'gpu' and nothing can take them: no live worker serves queue 'gpu'"))
+        #expect(!dispatcher.log().contains("queue 'default' and nothing"))
+        // served: it runs, and the dispatcher says the queue is clear (its next look, within 10 s)
+        try cluster.startWorker(dc: "east", name: "east-gpu", extra: ["--queues", "gpu"])
+        let cleared = try await eventually(timeout: .seconds(40)) {
+            let m = try await scrape(dport)
+            return sample(m, "tandem_ingress_stranded", ["queue": "gpu"]) == 0
+                && dispatcher.log().contains("queue 'gpu' is no longer stranded")
+        }
+        #expect(cleared, "\(cluster.logs())")
+        let ran = try await eventually(timeout: .seconds(30)) {
+            let gpuLeft = try await redis.send(["LLEN", "gpu"]).int
+            return gpuLeft == 0 && cluster.taskEvents().filter { $0.event == "end" }.count == 2
+        }
+        #expect(ran, "\(cluster.logs())")
+    }
+
     @Test("/readyz answers 503 with a reason once Redis is gone; /healthz stays 200")
     func readinessFollowsRedis() async throws {
         let dport = freeLoopbackPort()

@@ -2,8 +2,8 @@ import CeleryWire
 import Foundation
 import Redis
 
-/// Publishes `airflow tasks run DAG TASK RUN --local` the way Airflow 2's stock CeleryExecutor does (kombu's LPUSH
-/// of an `execute_command` message onto the queue's list); returns the new task id. With `retrying`, each LPUSH is
+/// Publishes `airflow tasks run DAG TASK RUN --local` the way Airflow 2's stock CeleryExecutor does (kombu's binding
+/// SADD, then its LPUSH of an `execute_command` message onto the queue's list); returns the new task id. With `retrying`, each LPUSH is
 /// retried until the broker acknowledges it, as a publisher does through a failover.
 @discardableResult
 public func publishAirflowCommand(
@@ -17,6 +17,8 @@ public func publishAirflowCommand(
         queue: queue, timeLimit: (hard: hard, soft: soft))
     while true {
         do {
+            // kombu declares the queue's binding on every publish (what the dispatcher finds queues by), then LPUSHes
+            _ = try await redis.send(["SADD", CeleryPublisher.bindingKey(queue: queue), CeleryPublisher.bindingMember(queue: queue)])
             _ = try await redis.send(["LPUSH", m.list, m.element])
             return id
         } catch {

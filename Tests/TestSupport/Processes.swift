@@ -54,6 +54,14 @@ public enum TestEnvironment {
 
     static func isExecutable(_ path: String) -> Bool { access(path, X_OK) == 0 }
 
+    /// Prometheus's `promtool` (Debian package prometheus), for the alert rules' unit tests.
+    public static func requirePromtool() throws -> String {
+        guard let p = which("promtool") else {
+            throw TestSupportError("promtool not found on PATH — run scripts/bootstrap (Debian package prometheus)")
+        }
+        return p
+    }
+
     static func which(_ name: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
         for dir in (path + ":/usr/sbin:/sbin").split(separator: ":") where isExecutable("\(dir)/\(name)") {

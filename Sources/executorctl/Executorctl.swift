@@ -312,10 +312,17 @@ struct Submit: AsyncParsableCommand {
                 taskName: name, id: tid, args: args, queue: queue, priority: priority,
                 timeLimit: (hard: timeLimit, soft: softTimeLimit))
             // exactly what kombu does on publish: declare the binding, then LPUSH
-            _ = try await i.client.pipeline([
+            let replies = try await i.client.pipeline([
                 ["SADD", CeleryPublisher.bindingKey(queue: queue), CeleryPublisher.bindingMember(queue: queue)],
                 ["LPUSH", m.list, m.element],
             ])
+            // a pipeline answers a refused command (a full Redis: OOM) with an error reply, not a throw
+            if case .error(let message)? = replies.last {
+                let done = ids.isEmpty ? "nothing was published" : "\(ids.count) published before it: \(ids.joined(separator: ", "))"
+                fail("Redis refused the publish of \(tid): \(message) (\(done))"
+                    + (message.hasPrefix("OOM") ? " — Redis is at its maxmemory: let the workers drain it, or raise maxmemory" : ""),
+                    code: Exit.notFound)
+            }
             ids.append(tid)
         }
         if common.json { printJSON(["queue": queue, "task_ids": ids]) } else { ids.forEach { print($0) } }
@@ -355,21 +362,26 @@ struct DC: AsyncParsableCommand {
     struct Drain: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Maintenance: no new work to DC; running work finishes.")
         @OptionGroup var common: Common
+        @Flag(help: "Set it even for a datacenter no worker, queue or override has named yet.") var force = false
         @Argument var dc: String
-        func run() async throws { try await setOverride(common, dc, .drain, "draining") }
+        func run() async throws {
+            try await setOverride(common, dc, .drain, force: force,
+                "draining: no new work goes there and its running tasks finish; its workers' BUSY falls to 0 in `executorctl dc status`; `executorctl dc restore \(dc)` undoes it")
+        }
     }
 
     struct Fail: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Declare DC lost now: its queued work moves to survivors.")
         @OptionGroup var common: Common
         @Flag(help: "Do not ask for confirmation.") var yes = false
+        @Flag(help: "Set it even for a datacenter no worker, queue or override has named yet.") var force = false
         @Argument var dc: String
         func run() async throws {
             if let p = Names.problem(datacenter: dc) { fail(p, code: Exit.usage) }
             if !yes && !confirm("declare datacenter \(dc) lost? its queued work moves to the other datacenters") {
                 fail("not confirmed; nothing changed", code: Exit.notFound)
             }
-            try await setOverride(common, dc, .fail, "declared lost")
+            try await setOverride(common, dc, .fail, force: force, "declared lost")
         }
     }
 
@@ -377,14 +389,33 @@ struct DC: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Undo drain/fail: DC takes work again once its workers heartbeat.")
         @OptionGroup var common: Common
         @Argument var dc: String
-        func run() async throws { try await setOverride(common, dc, nil, "restored") }
+        func run() async throws { try await setOverride(common, dc, nil, force: false, "restored") }
     }
 }
 
-func setOverride(_ common: Common, _ dc: String, _ o: DatacenterOverride?, _ word: String) async throws {
+/// Sets or (nil) clears an operator override. A name nothing has used (no worker heartbeat, queue or override) is
+/// refused unless `force`: `dc drain esat` must not report success while east keeps taking work.
+func setOverride(_ common: Common, _ dc: String, _ o: DatacenterOverride?, force: Bool, _ word: String) async throws {
     if let p = Names.problem(datacenter: dc) { fail(p, code: Exit.usage) }
-    try await common.withInspector { i in try await i.setOverride(dc, o) }
-    if common.json { printJSON(["datacenter": dc, "override": o?.rawValue ?? NSNull()] as [String: Any]) } else { print("datacenter \(dc) \(word)") }
+    var had: DatacenterOverride?
+    try await common.withInspector { i in
+        let overrides = try await i.overrides()
+        had = overrides[dc]
+        let known = Set(try await i.datacenters(lossAfterMs: 3_600_000).map(\.name)).union(overrides.keys)
+        if !known.contains(dc) && !force {
+            let names = known.sorted().joined(separator: ", ")
+            fail("no datacenter named '\(dc)' is known here (\(names.isEmpty ? "none is: no worker has heartbeated" : "known: " + names)); check the spelling"
+                + (o == nil ? "" : ", or add --force to set it before its first worker starts"), code: Exit.notFound)
+        }
+        if o != nil || had != nil { try await i.setOverride(dc, o) }
+    }
+    if common.json {
+        printJSON(["datacenter": dc, "override": o?.rawValue ?? NSNull(), "previous": had?.rawValue ?? NSNull()] as [String: Any])
+    } else if o == nil && had == nil {
+        print("datacenter \(dc) had no override; nothing changed")
+    } else {
+        print("datacenter \(dc) \(word)")
+    }
 }
 
 struct DLQ: AsyncParsableCommand {

@@ -160,7 +160,18 @@ struct ExecutorctlTests {
         #expect(((try await ctl("dlq", "list", "--json").json() as? [[String: Any]]) ?? [["x": 1]]).isEmpty)
 
         // dc: drain / restore / fail (asks) / restore
-        #expect(try await ctl("dc", "drain", "west").out == "datacenter west draining\n")
+        let drained = try await ctl("dc", "drain", "west")
+        #expect(drained.code == 0 && drained.out.hasPrefix("datacenter west draining: no new work goes there"), "\(drained)")
+        // a name nothing has used: refused with the known names, changes nothing; --force sets it
+        let typo = try await ctl("dc", "drain", "wset")
+        #expect(typo.code == 1 && typo.err.contains("no datacenter named 'wset' is known here (known: east, west)"), "\(typo)")
+        #expect(typo.err.contains("--force"), "\(typo)")
+        #expect(try await ctl("dc", "fail", "wset", "--yes").code == 1)
+        #expect(try await ctl("dc", "status", "--json").out.contains("wset") == false)
+        #expect(try await ctl("dc", "drain", "north", "--force").code == 0)
+        #expect(try await ctl("dc", "restore", "north").out == "datacenter north restored\n")
+        #expect(try await ctl("dc", "restore", "north").code == 1, "forgotten once its override is gone")
+        #expect(try await ctl("dc", "restore", "east").out == "datacenter east had no override; nothing changed\n")
         func status(_ dc: String) async throws -> String? {
             let a = try await ctl("dc", "status", "--json").json() as? [[String: Any]] ?? []
             return a.first { $0["datacenter"] as? String == dc }?["status"] as? String
@@ -176,6 +187,14 @@ struct ExecutorctlTests {
         let dcPlain = try await ctl("dc", "status")
         #expect(dcPlain.out.contains("declared lost by an operator"), "\(dcPlain)")
         #expect(try await ctl("dc", "restore", "west", "--json").code == 0)
+
+        // submit into a Redis at its maxmemory: refused, said so, exit 1 (a pipeline answers OOM as a reply)
+        let memory = try await redis.send(["INFO", "memory"]).string ?? ""
+        let used = memory.split(separator: "\r\n").first { $0.hasPrefix("used_memory:") }.map { String($0.dropFirst("used_memory:".count)) } ?? "1"
+        _ = try await redis.send(["CONFIG", "SET", "maxmemory", used])
+        let full = try await ctl("submit", "--", "airflow", "tasks", "run", "dag", "ok", "oom", "--local")
+        _ = try await redis.send(["CONFIG", "SET", "maxmemory", "0"])
+        #expect(full.code == 1 && full.err.contains("Redis refused the publish") && full.err.contains("maxmemory") && full.out.isEmpty, "\(full)")
 
         // submit: the stock Celery message; it runs
         let sub = try await ctl("submit", "--json", "--", "airflow", "tasks", "run", "dag", "ok", "r2", "--local")

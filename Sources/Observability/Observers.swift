@@ -102,8 +102,8 @@ public final class PrometheusWorkerObserver: WorkerObserver, @unchecked Sendable
         aheadGivenBack = r.counter(
             "tandem_worker_claimed_ahead_given_back_total",
             help: "Jobs claimed ahead that waited past the hold limit (2 s) for a slot and went back to the front of their queue for any worker.")
-        let info = r.gauge("tandem_worker_info", help: "This worker's datacenter and id (always 1).", labels: ["dc", "worker"])
-        info.set([datacenter, workerID], 1)
+        let info = r.gauge("tandem_worker_info", help: "This worker's datacenter, id and Tandem version (always 1).", labels: ["dc", "worker", "version"])
+        info.set([datacenter, workerID, TandemVersion.current], 1)
         slots.set(Double(total))
         busy.set(0)
         loopStall.set(0)
@@ -238,6 +238,8 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         // a standby is told only when it starts leading: it reports 0 until then
         epoch.set(0)
         leader.set(0)
+        r.gauge("tandem_dispatcher_info", help: "This dispatcher's Tandem version (always 1).", labels: ["version"])
+            .set([TandemVersion.current], 1)
         reclaimedC.touch(["requeued"])
         reclaimedC.touch(["dead"])
         redisErrors.touch()

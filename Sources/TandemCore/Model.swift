@@ -85,6 +85,8 @@ public struct WorkerStatus: Sendable, Hashable {
     public var lastSeenMs: Int64
     /// Results and ledger writes waiting in the worker's local spool for Postgres (0 while Postgres answers).
     public var spooledWrites: Int = 0
+    /// The worker's Tandem version ("" from workers before 0.17).
+    public var version: String = TandemVersion.current
 
     public init(
         workerID: String, datacenter: String, slots: Int, busy: Int, queues: [String], hostname: String,

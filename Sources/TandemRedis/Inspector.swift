@@ -41,6 +41,7 @@ public struct BrokerInspector: Sendable {
                 aheadJobs: (h["ahead"] ?? "").split(separator: ",").map(String.init),
                 state: WorkerStatus.State(rawValue: h["state"] ?? "") ?? .running, lastSeenMs: seen)
             status.spooledWrites = Int(h["spooled"] ?? "") ?? 0
+            status.version = h["version"] ?? ""
             out.append(status)
         }
         return out

@@ -220,7 +220,7 @@ public final class RedisBroker: Broker {
             args: [
                 s.workerID, s.datacenter, String(s.slots), String(s.busy), s.queues.joined(separator: ","),
                 s.hostname, String(s.pid), s.runningJobs.joined(separator: ","), s.state.rawValue, String(ttlSeconds),
-                s.aheadJobs.joined(separator: ","), String(s.spooledWrites),
+                s.aheadJobs.joined(separator: ","), String(s.spooledWrites), s.version,
             ])
         return reply.int ?? 0
     }

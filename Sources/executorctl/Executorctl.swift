@@ -20,6 +20,7 @@ struct Executorctl: AsyncParsableCommand {
             on they refuse.
             Exit codes: 0 ok, 1 not found / refused / declined, 2 cannot reach Redis or Postgres, 64 bad usage.
             """,
+        version: TandemVersion.current,
         subcommands: [
             Queues.self, Workers.self, TaskCmd.self, Submit.self, DC.self, DispatcherCmd.self, DLQ.self, Leases.self,
             Ingress.self, Watch.self,
@@ -182,9 +183,15 @@ func noLeaderProblem(_ lease: LeaderLease?) -> String {
 }
 
 struct Workers: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, jobs claimed ahead (leased, not started), result writes waiting in the local spool, last heartbeat.")
+    static let configuration = CommandConfiguration(abstract: "Workers: datacenter, slots busy/total, jobs claimed ahead (leased, not started), result writes waiting in the local spool, last heartbeat, version; 'gone?' once silent past the loss threshold.")
     @OptionGroup var common: Common
+    @Option(name: .customLong("dc-loss-after"), help: "Seconds of silence after which a worker shows as gone? (default 15, as the dispatcher's).")
+    var lossAfter: Double = 15
+    func validate() throws {
+        if let problem = DatacenterHealth.lossAfterProblem(lossAfter) { throw ValidationError(problem) }
+    }
     func run() async throws {
+        let lossMs = Int64(lossAfter * 1000)
         try await common.withInspector { i in
         let now = try await i.client.time().milliseconds
         let ws = try await i.workers().sorted { ($0.datacenter, $0.workerID) < ($1.datacenter, $1.workerID) }
@@ -193,21 +200,23 @@ struct Workers: AsyncParsableCommand {
                 ["worker": $0.workerID, "datacenter": $0.datacenter, "slots": $0.slots, "busy": $0.busy,
                  "queues": $0.queues, "hostname": $0.hostname, "pid": Int($0.pid), "state": $0.state.rawValue,
                  "last_heartbeat_ms_ago": now - $0.lastSeenMs, "running_jobs": $0.runningJobs,
-                 "claimed_ahead_jobs": $0.aheadJobs, "spooled_writes": $0.spooledWrites] as [String: Any]
+                 "claimed_ahead_jobs": $0.aheadJobs, "spooled_writes": $0.spooledWrites, "version": $0.version,
+                 "silent": now - $0.lastSeenMs > lossMs] as [String: Any]
             })
         } else {
             printTable(
-                ["WORKER", "DATACENTER", "BUSY/SLOTS", "AHEAD", "SPOOLED", "QUEUES", "STATE", "LAST HEARTBEAT"],
+                ["WORKER", "DATACENTER", "BUSY/SLOTS", "AHEAD", "SPOOLED", "QUEUES", "STATE", "LAST HEARTBEAT", "VERSION"],
                 ws.map {
+                    // silent past the loss threshold: what it said last no longer holds; probably dead
                     [$0.workerID, $0.datacenter, "\($0.busy)/\($0.slots)", String($0.aheadJobs.count), String($0.spooledWrites),
-                     $0.queues.joined(separator: ","), $0.state.rawValue, seconds(now - $0.lastSeenMs) + " ago"]
+                     $0.queues.joined(separator: ","), now - $0.lastSeenMs > lossMs ? "gone?" : $0.state.rawValue,
+                     seconds(now - $0.lastSeenMs) + " ago", $0.version.isEmpty ? "-" : $0.version]
                 }
             ) { row, col, text in
                 // results waiting on the worker's disk: Postgres is unreachable from it, Airflow cannot see them yet
                 if col == 4 && ws[row].spooledWrites > 0 { return Style.red }
-                if col == 6 { return Style.state(text) }
-                // silent past the default loss threshold: probably dead
-                if col == 7 && now - ws[row].lastSeenMs > 15_000 { return Style.red }
+                if col == 6 { return text == "gone?" ? Style.red : Style.state(text) }
+                if col == 7 && now - ws[row].lastSeenMs > lossMs { return Style.red }
                 return nil
             }
             for w in ws where w.spooledWrites > 0 {

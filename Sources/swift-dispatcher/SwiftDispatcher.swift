@@ -11,7 +11,8 @@ import TandemCore
 struct SwiftDispatcher: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "swift-dispatcher",
-        abstract: "Moves Celery messages from Airflow's queues into datacenter queues, by routing policy and health.")
+        abstract: "Moves Celery messages from Airflow's queues into datacenter queues, by routing policy and health.",
+        version: TandemVersion.current)
 
     @Option(help: "Celery broker URL (env AIRFLOW__CELERY__BROKER_URL; default \(Defaults.broker)).")
     var broker: String?

@@ -21,7 +21,8 @@ struct SwiftWorker: AsyncParsableCommand {
             $AIRFLOW_HOME/airflow.cfg (or $AIRFLOW_CONFIG), then defaults.
             SIGTERM stops claiming and lets running tasks finish (--shutdown-grace); a second SIGTERM or SIGINT
             stops them and puts them back on the queue.
-            """)
+            """,
+        version: TandemVersion.current)
 
     @Option(help: "Celery broker URL (env AIRFLOW__CELERY__BROKER_URL; default \(Defaults.broker)).")
     var broker: String?
@@ -49,7 +50,7 @@ struct SwiftWorker: AsyncParsableCommand {
     var startRecordDelay: Double = 0.1
     @Option(
         name: .customLong("max-finishing"),
-        help: "Ended tasks whose result and ack may be in flight at once; past this the worker stops claiming until Postgres catches up (default: the larger of 16 and --concurrency).")
+        help: "Ended tasks whose result and ack may be in flight at once; past this the worker stops claiming until Postgres catches up (default: the larger of 64 and 4 × --concurrency).")
     var maxFinishing: Int?
     @Option(
         name: .customLong("claim-ahead"),

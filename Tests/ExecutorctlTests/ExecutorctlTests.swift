@@ -304,6 +304,41 @@ struct ExecutorctlTests {
         #expect(served.out.split(separator: "\n").first { $0.hasPrefix("gpu ") }?.contains("west") == true, "\(served)")
     }
 
+    @Test("workers: each one's version, and 'gone?' once silent past the loss threshold (not the state it last reported)")
+    func versionsAndSilentWorkers() async throws {
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        for (id, dc) in [("east-1", "east"), ("west-1", "west")] {
+            _ = try await broker.heartbeat(
+                WorkerStatus(workerID: id, datacenter: dc, slots: 1, busy: 0, queues: ["default"], hostname: "h", pid: 1,
+                    runningJobs: [], state: .running),
+                ttlSeconds: 600)
+        }
+        // west-1 last heard from ten minutes ago (its heartbeat's score is the time it was seen, on Redis's clock)
+        let now = try await redis.time().milliseconds
+        _ = try await redis.send(["ZADD", Keys.workers, String(now - 600_000), "west-1"])
+        let table = try await ctl("workers")
+        let row = { (id: String) in table.out.split(separator: "\n").first { $0.hasPrefix(id) }.map(String.init) ?? "" }
+        #expect(table.out.split(separator: "\n").first?.hasSuffix("VERSION") == true, "\(table)")
+        #expect(row("east-1").contains(" running ") && row("east-1").hasSuffix(TandemVersion.current), "\(table)")
+        #expect(row("west-1").contains(" gone? ") && !row("west-1").contains(" running "), "\(table)")
+        let j = try #require(try await ctl("workers", "--json").json() as? [[String: Any]])
+        #expect(j.map { $0["silent"] as? Bool } == [false, true] && j.allSatisfy { $0["version"] as? String == TandemVersion.current }, "\(j)")
+        for binary in ["executorctl", "swift-worker", "swift-dispatcher"] {
+            let v = try await offPool { () -> String in
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: try Repo.binary(binary))
+                p.arguments = ["--version"]
+                let pipe = Pipe()
+                p.standardOutput = pipe
+                try p.run()
+                p.waitUntilExit()
+                return String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            }
+            #expect(v == TandemVersion.current + "\n", "\(binary) --version: \(v)")
+        }
+    }
+
     @Test("error paths: unreachable Redis or Postgres → exit 2 with one line; bad usage → 64")
     func errorPaths() async throws {
         let dead = "redis://127.0.0.1:\(freeLoopbackPort())/0"

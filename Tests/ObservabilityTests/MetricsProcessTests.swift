@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Redis
+import TandemCore
 import TandemRedis
 import Testing
 import TestSupport
@@ -45,7 +46,8 @@ struct MetricsProcessTests {
         #expect(try await get(port: wport, "/healthz").status == 200)
         let before = try await scrape(wport)
         #expect(sample(before, "tandem_worker_slots") == 3)
-        #expect(sample(before, "tandem_worker_info", ["dc": "east", "worker": "east-1"]) == 1)
+        #expect(sample(before, "tandem_worker_info", ["dc": "east", "worker": "east-1", "version": TandemVersion.current]) == 1)
+        #expect(sample(try await scrape(dport), "tandem_dispatcher_info", ["version": TandemVersion.current]) == 1)
 
         let n = 5
         for i in 0..<n { try await submit(task: "sleep-0.2", run: "m\(i)") }

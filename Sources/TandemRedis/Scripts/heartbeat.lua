@@ -11,6 +11,7 @@
 -- ARGV[10]  TTL of the worker hash in seconds (a worker gone for that long disappears from listings)
 -- ARGV[11]  job ids claimed ahead, leased but not started (comma-separated; absent from workers before session 12)
 -- ARGV[12]  writes waiting in the worker's local spool for Postgres (absent from workers before session 15)
+-- ARGV[13]  the worker's Tandem version (absent before 0.17)
 -- Result    Redis TIME in ms (the one clock every lease and heartbeat is measured with)
 --
 -- Invariant: liveness is measured on Redis's clock, never a host's, so skewed hosts cannot fake or miss a beat.
@@ -19,7 +20,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], 'dc', ARGV[2], 'slots', ARGV[3], 'busy', ARGV[4], 'queues', ARGV[5],
   'hostname', ARGV[6], 'pid', ARGV[7], 'running', ARGV[8], 'state', ARGV[9], 'seen_ms', now,
-  'ahead', ARGV[11] or '', 'spooled', ARGV[12] or '0')
+  'ahead', ARGV[11] or '', 'spooled', ARGV[12] or '0', 'version', ARGV[13] or '')
 redis.call('HSETNX', KEYS[2], 'started_ms', now)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
 return now

@@ -17,7 +17,9 @@ public struct WorkerConfiguration: Sendable {
     public static let ackRetryLimit: Duration = .seconds(600)
     public var heartbeatInterval: Duration = DatacenterHealth.heartbeatInterval
     /// How long SIGTERM waits for running tasks before they are stopped and put back.
-    public var shutdownGrace: Duration = .seconds(60)
+    /// After SIGTERM, how long running tasks may finish before they are stopped and put back; nil waits for them
+    /// however long they take (a second SIGTERM still stops them now).
+    public var shutdownGrace: Duration? = .seconds(60)
     /// After SIGTERM to a task's process group, how long before SIGKILL.
     public var killTimeout: Duration = .seconds(10)
     /// Claim at most this many jobs per round trip (bounded by free slots).

@@ -146,7 +146,7 @@ public final class WorkerRuntime: Sendable {
         }
         if first {
             logger.info(
-                "shutting down: no new claims; running tasks have \(configuration.shutdownGrace) to finish (send SIGTERM again to stop now)")
+                "shutting down: no new claims; running tasks have \(configuration.shutdownGrace.map { "\($0)" } ?? "as long as they take") to finish (send SIGTERM again to stop them now and put them back)")
         }
         _ = state.withLock { $0.slotFreed?.yield() }
     }
@@ -316,14 +316,20 @@ public final class WorkerRuntime: Sendable {
 
     private func drainRunning() async {
         let clock = ContinuousClock()
-        let deadline = clock.now + configuration.shutdownGrace
+        let deadline = configuration.shutdownGrace.map { clock.now + $0 }
+        var lastReport = clock.now
         while held > 0 {
-            if clock.now >= deadline {
-                logger.warning("shutdown grace of \(configuration.shutdownGrace) passed with \(busy) task(s) running; stopping them and putting them back")
+            if let deadline, clock.now >= deadline {
+                logger.warning("shutdown grace of \(configuration.shutdownGrace!) passed with \(busy) task(s) running; stopping them and putting them back")
                 stopAllForShutdown()
                 // wait for the stopped tasks to be given back
                 while held > 0 { try? await Task.sleep(for: .milliseconds(50)) }
                 break
+            }
+            if clock.now - lastReport >= .seconds(60) {
+                // waiting without a limit (or a long one): say what it waits for, so a slow stop is not a mystery
+                lastReport = clock.now
+                logger.notice("shutting down: still waiting for \(busy) running task(s); SIGTERM again stops them now and puts them back")
             }
             try? await Task.sleep(for: .milliseconds(50))
         }

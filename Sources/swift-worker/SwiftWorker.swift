@@ -42,8 +42,10 @@ struct SwiftWorker: AsyncParsableCommand {
     var leaseTTL: Double = 30
     @Option(name: .customLong("renew-every"), help: "Lease renewal interval in seconds (default 10).")
     var renewEvery: Double = 10
-    @Option(name: .customLong("shutdown-grace"), help: "Seconds running tasks get after SIGTERM (default 60).")
-    var shutdownGrace: Double = 60
+    @Option(
+        name: .customLong("shutdown-grace"),
+        help: "Seconds running tasks get after SIGTERM before they are stopped and put back (env TANDEM_SHUTDOWN_GRACE; default 60); 'forever' waits for them, as Celery's warm shutdown does.")
+    var shutdownGrace: String?
     @Option(
         name: .customLong("start-record-delay"),
         help: "Seconds a task runs before its STARTED state is written on its own; a task that ends sooner has its start and end written in one commit (default 0.1).")
@@ -136,6 +138,7 @@ struct SwiftWorker: AsyncParsableCommand {
         guard aheadHold > 0 else {
             throw ValidationError("--claim-ahead-hold must be more than 0 seconds (\(aheadHold) given); --claim-ahead 0 turns claiming ahead off")
         }
+        let grace = try Self.parseShutdownGrace(setting(shutdownGrace, env: "TANDEM_SHUTDOWN_GRACE", default: "60")!)
         if let maxFinishing, maxFinishing < 1 {
             throw ValidationError("--max-finishing must be at least 1 (\(maxFinishing) would never claim); leave it out for the default")
         }
@@ -192,7 +195,7 @@ struct SwiftWorker: AsyncParsableCommand {
             var config = WorkerConfiguration(datacenter: dc, queues: queueList, concurrency: slots, workerID: workerID)
             config.leaseTTL = .milliseconds(Int64(leaseTTL * 1000))
             config.renewInterval = .milliseconds(Int64(renewEvery * 1000))
-            config.shutdownGrace = .milliseconds(Int64(shutdownGrace * 1000))
+            config.shutdownGrace = grace
             config.claimBatch = min(slots, 32)
             config.startRecordDelay = .milliseconds(Int64(max(0, startRecordDelay) * 1000))
             if let maxFinishing { config.maxFinishing = maxFinishing }
@@ -255,6 +258,15 @@ struct SwiftWorker: AsyncParsableCommand {
 
     /// A number from its flag, else from its environment variable; a variable set to something that is not a
     /// number is refused (it used to be ignored, leaving the default in force without a word).
+    /// `--shutdown-grace`: seconds, or `forever` (nil: running tasks are waited for however long they take).
+    static func parseShutdownGrace(_ text: String) throws -> Duration? {
+        if ["forever", "inf", "infinity"].contains(text.lowercased()) { return nil }
+        guard let seconds = Double(text), seconds.isFinite, seconds >= 0 else {
+            throw ValidationError("--shutdown-grace takes seconds or 'forever' ('\(text)' given)")
+        }
+        return .milliseconds(Int64(seconds * 1000))
+    }
+
     static func number<T: LosslessStringConvertible>(_ flag: T?, env: String) throws -> T? {
         if let flag { return flag }
         guard let raw = setting(nil, env: env) else { return nil }

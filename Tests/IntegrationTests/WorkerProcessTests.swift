@@ -555,6 +555,44 @@ struct WorkerProcessTests {
         #expect(w.log().contains(flag.message), "\(w.log())")
     }
 
+    @Test("--shutdown-grace forever waits for a running task past any fixed grace (as Celery's warm shutdown); TANDEM_SHUTDOWN_GRACE sets a fixed one; a bad value is refused")
+    func shutdownGraceForeverAndFromTheEnvironment() async throws {
+        cluster.extraEnvironment["TANDEM_SHUTDOWN_GRACE"] = "1"
+        try cluster.startDispatcher()
+        // the flag wins over the environment's 1 s
+        let patient = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1", "--shutdown-grace", "forever"])
+        let held = try await submit(task: "hold", run: "patient")
+        _ = try await eventually(timeout: .seconds(30)) { cluster.taskEvents().contains { $0.event == "start" } }
+        patient.signal(SIGTERM)
+        let stopping = try await eventually(timeout: .seconds(20)) { patient.log().contains("as long as they take") }
+        #expect(stopping, "\(patient.log())")
+        // well past the environment's 1 s grace: the worker still waits, and has stopped nothing
+        try await Task.sleep(for: .seconds(3))
+        #expect(patient.isRunning && !patient.log().contains("passed with"), "\(patient.log())")
+        try cluster.release(dag: "dag", run: "patient")
+        #expect(await patient.waitForExit(timeout: .seconds(30)) == 0, "\(patient.log())")
+        // the task ran to its end (a stopped `hold` records no end)
+        #expect(try await states([held])[held] == "SUCCESS")
+        #expect(cluster.taskEvents().filter { $0.event == "end" }.count == 1)
+
+        // the environment alone: 1 s, then the task is stopped and put back
+        let hasty = try cluster.startWorker(dc: "east", name: "east-2", extra: ["--concurrency", "1"])
+        let second = try await submit(task: "hold", run: "hasty")
+        _ = try await eventually(timeout: .seconds(30)) { cluster.taskEvents().filter { $0.event == "start" }.count == 2 }
+        hasty.signal(SIGTERM)
+        #expect(await hasty.waitForExit(timeout: .seconds(30)) == 0, "\(hasty.log())")
+        #expect(hasty.log().contains("shutdown grace of 1.0 seconds passed with 1 task(s) running"), "\(hasty.log())")
+        #expect(try await states([second])[second] != "SUCCESS")
+        #expect(cluster.taskEvents().filter { $0.event == "end" }.count == 1, "the stopped task did not end on its own")
+        #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int == 1, "put back")
+        try cluster.release(dag: "dag", run: "hasty")
+
+        cluster.extraEnvironment["TANDEM_SHUTDOWN_GRACE"] = "soon"
+        let refused = try cluster.startWorker(dc: "east", name: "east-3")
+        #expect(await refused.waitForExit(timeout: .seconds(30)) == 64, "\(refused.log())")
+        #expect(refused.log().contains("--shutdown-grace takes seconds or 'forever' ('soon' given)"), "\(refused.log())")
+    }
+
     @Test("a second SIGTERM stops running tasks and puts them back; another worker completes them")
     func secondSigtermPutsWorkBack() async throws {
         try cluster.startDispatcher()

@@ -82,6 +82,12 @@ public final class SpoolingStore: StoreOperationSink {
         } catch let e as PostgresError where e.isOutage {
             logger.error("Postgres is unreachable (\(e.message)); spooling results on local disk in \(directory) until it is back")
             return try await spool(op)
+        } catch let e as PostgresError where e.isPassingRefusal {
+            // the server answers but cannot write now (read-only after a failover, disk full, shutting down, a
+            // statement timeout): the same as an outage for this write. Not spooling it would leave the job's lease
+            // to expire, and the finished task would run again (and be dead-lettered after max attempts).
+            logger.error("Postgres refuses writes for now (SQLSTATE \(e.sqlState ?? "?"): \(e.message)); spooling results on local disk in \(directory) until it takes them — check the result backend (is it a read-only standby? is its disk full?)")
+            return try await spool(op)
         }
     }
 
@@ -182,6 +188,17 @@ public final class SpoolingStore: StoreOperationSink {
 extension PostgresError {
     /// The server cannot be reached (as opposed to a statement the server refused).
     public var isOutage: Bool { isConnectionLoss || code == .connectionFailed || code == .closed }
+
+    /// The server refused a statement for a reason that passes with time, not because of the statement: connection
+    /// exceptions (08), insufficient resources (53: disk full, out of memory, too many connections), operator
+    /// intervention (57: shutdown, cannot connect now, a statement timeout or cancel), system errors (58: I/O),
+    /// a read-only transaction (25006: a standby, or a primary demoted by a failover), serialization failures and
+    /// deadlocks (40001, 40P01) and a lock not available (55P03). A write refused so is spooled and replayed; a
+    /// write refused for anything else (a schema or data error) would fail the same way again.
+    public var isPassingRefusal: Bool {
+        guard let state = sqlState, state.count == 5 else { return false }
+        return ["08", "53", "57", "58"].contains(String(state.prefix(2))) || ["25006", "40001", "40P01", "55P03"].contains(state)
+    }
 }
 
 public struct SpoolError: Error, CustomStringConvertible {

@@ -110,9 +110,7 @@ public func openStores(
     }
     if isPostgresURL(resultBackend) {
         let pg = PostgresStore(configuration: try PostgresConfiguration(url: resultBackend), logger: logger)
-        try await pg.prepare()
-        let spooling = try SpoolingStore(postgres: pg, directory: spoolDirectory ?? defaultSpoolDirectory(), logger: logger)
-        spooling.recoverLeftovers()
+        let spooling = try await prepareOrSpool(pg, spoolDirectory: spoolDirectory, logger: logger)
         return Stores(results: spooling, ledger: spooling, postgres: pg, close: { pg.close() })
     }
     if resultBackend.hasPrefix("redis") || resultBackend.hasPrefix("sentinel") {
@@ -121,9 +119,7 @@ public func openStores(
                 "result backend \(resultBackend.redactingPassword) is Redis, so Tandem's ledger needs a Postgres URL: set --ledger or TANDEM_LEDGER_URL (postgresql://…)")
         }
         let pg = PostgresStore(configuration: try PostgresConfiguration(url: ledger), logger: logger)
-        try await pg.prepare()
-        let spooling = try SpoolingStore(postgres: pg, directory: spoolDirectory ?? defaultSpoolDirectory(), logger: logger)
-        spooling.recoverLeftovers()
+        let spooling = try await prepareOrSpool(pg, spoolDirectory: spoolDirectory, logger: logger)
         let rc = try RedisConfiguration(url: resultBackend)
         let sameServer = (try? RedisConfiguration(url: brokerURL)).map {
             $0.endpoint == rc.endpoint && $0.database == rc.database
@@ -133,6 +129,22 @@ public func openStores(
     }
     throw SetupError(
         "result backend \(resultBackend.redactingPassword) is not supported: use db+postgresql://… or redis://…")
+}
+
+/// Connects to Postgres and migrates its schema; when Postgres cannot be reached (down, a partition, refusing
+/// writes), starts anyway with every result going to the local spool until it answers. A configuration error
+/// (wrong password, unknown database, a certificate that does not verify) still fails the start, with its message.
+private func prepareOrSpool(_ pg: PostgresStore, spoolDirectory: String?, logger: Logger) async throws -> SpoolingStore {
+    let directory = spoolDirectory ?? defaultSpoolDirectory()
+    let spooling = try SpoolingStore(postgres: pg, directory: directory, logger: logger)
+    do {
+        try await pg.prepare()
+    } catch let e as PostgresError where (e.isOutage || e.isPassingRefusal) && !e.isMisconfiguration {
+        logger.warning("cannot reach Postgres at start (\(e.message)); starting anyway: results go to the local spool in \(directory) until it answers, then its schema is checked and they are flushed in order")
+        spooling.startWithoutPostgres { try await pg.prepare() }
+    }
+    spooling.recoverLeftovers()
+    return spooling
 }
 
 extension String {

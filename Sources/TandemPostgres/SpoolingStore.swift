@@ -34,6 +34,9 @@ public final class SpoolingStore: StoreOperationSink {
     /// of the Swift concurrency pool and stay in order.
     private let state = State()
     private let disk = DispatchQueue(label: "tandem.spool")
+    /// Set when the worker started without reaching Postgres: every write is spooled until this (connect and
+    /// migrate the schema) has succeeded, which the flusher does before replaying anything.
+    private let unprepared = Mutex<(@Sendable () async throws -> Void)?>(nil)
 
     /// Runs `body` on the spool's own thread and suspends the caller until it is done.
     private func onDisk<T: Sendable>(_ body: @escaping @Sendable (State) throws -> T) async throws -> T {
@@ -73,10 +76,18 @@ public final class SpoolingStore: StoreOperationSink {
 
     public var writesWaitingLocally: Int { state.lines.withLock { max(0, $0.written - $0.applied) } }
 
+    /// Postgres could not be reached when the worker started: from now on every write is spooled, and the flusher
+    /// first runs `prepare` (connect, migrate the schema), retrying until it succeeds, then replays the spool.
+    /// A worker restarted during a Postgres outage so keeps its datacenter alive instead of crash-looping.
+    public func startWithoutPostgres(prepare: @escaping @Sendable () async throws -> Void) {
+        unprepared.withLock { $0 = prepare }
+    }
+
     // MARK: The one path every write takes
 
     func run(_ op: StoreOperation) async throws -> StoreOutcome {
         if let outcome = try await appendIfSpooling(op) { return outcome }
+        if unprepared.withLock({ $0 }) != nil { return try await spool(op) }
         do {
             return try await postgres.apply(op)
         } catch let e as PostgresError where e.isOutage {
@@ -125,6 +136,12 @@ public final class SpoolingStore: StoreOperationSink {
         var wait = Duration.milliseconds(500)
         while true {
             do {
+                if let prepare = unprepared.withLock({ $0 }) {
+                    try await prepare()
+                    if unprepared.withLock({ p in defer { p = nil }; return p != nil }) {
+                        logger.notice("Postgres answers: its schema is ready; replaying the results spooled since the worker started")
+                    }
+                }
                 let ops = try await onDisk { _ in try spool.readAll() }
                 var applied = try await progress(of: spool)
                 while applied < ops.count {
@@ -195,6 +212,16 @@ extension PostgresError {
     /// a read-only transaction (25006: a standby, or a primary demoted by a failover), serialization failures and
     /// deadlocks (40001, 40P01) and a lock not available (55P03). A write refused so is spooled and replayed; a
     /// write refused for anything else (a schema or data error) would fail the same way again.
+    /// A connection refused for a reason that will not pass by itself (a wrong password, an unknown database or
+    /// role, a missing pg_hba entry, a certificate that does not verify): at start this fails the worker with the
+    /// message, rather than spooling results for a database it may never reach.
+    public var isMisconfiguration: Bool {
+        let text = (underlying ?? message).lowercased()
+        return ["password authentication failed", "no pg_hba.conf entry", "does not exist", "certificate verify failed",
+                "root certificate file", "authentication failed", "invalid sslmode", "invalid connection option"]
+            .contains { text.contains($0) }
+    }
+
     public var isPassingRefusal: Bool {
         guard let state = sqlState, state.count == 5 else { return false }
         return ["08", "53", "57", "58"].contains(String(state.prefix(2))) || ["25006", "40001", "40P01", "55P03"].contains(state)

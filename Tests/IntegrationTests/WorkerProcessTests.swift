@@ -31,21 +31,10 @@ struct WorkerProcessTests {
     }
 
     /// celery_taskmeta status by task id (absent: not written yet).
-    func states(_ ids: [String]) async throws -> [String: String] {
-        guard (try await pg.query("SELECT to_regclass('celery_taskmeta') IS NOT NULL AS ok")).rows.first?.string("ok") == "t"
-        else { return [:] }
-        let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta")
-        var out: [String: String] = [:]
-        for row in r.rows { if let id = row.string("task_id"), ids.contains(id) { out[id] = row.string("status") } }
-        return out
-    }
+    func states(_ ids: [String]) async throws -> [String: String] { try await celeryStates(pg, ids) }
 
     func waitForFinal(_ ids: [String], timeout: Duration = .seconds(90)) async throws -> [String: String] {
-        _ = try await eventually(timeout: timeout) {
-            let s = try await states(ids)
-            return ids.allSatisfy { ["SUCCESS", "FAILURE"].contains(s[$0] ?? "") }
-        }
-        return try await states(ids)
+        try await waitForCeleryFinal(pg, ids, timeout: timeout)
     }
 
     func ledger(_ id: String) async throws -> (dc: String, attempts: Int64, outcome: String?)? {
@@ -365,38 +354,45 @@ struct WorkerProcessTests {
         locker.close()
     }
 
-    @Test("Postgres refusing writes though it answers (read-only, as a demoted primary is): results spool on disk, jobs are acked, no finished task runs again; flushed once writable")
-    func readOnlyPostgresSpoolsInsteadOfRerunning() async throws {
+    @Test("a worker started while Postgres cannot be reached runs its tasks, spools their results and flushes them (schema created first) once Postgres answers; a wrong database name still fails the start")
+    func startsWhilePostgresIsUnreachable() async throws {
+        let pgURL = try #require(URLComponents(string: cluster.postgresURL))
+        let link = try FaultProxy(upstreamPort: try #require(pgURL.port))
+        defer { link.stop() }
+        link.partition()
+        cluster.extraEnvironment["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+postgresql+psycopg2://postgres@127.0.0.1:\(link.port)\(pgURL.path)"
+        cluster.extraEnvironment["TANDEM_POSTGRES_REPLY_TIMEOUT"] = "3"
         try cluster.startDispatcher()
-        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2", "--lease-ttl", "4", "--renew-every", "1"])
-        _ = try await eventually(timeout: .seconds(30)) {
-            (try? await pg.query("SELECT to_regclass('celery_taskmeta') IS NOT NULL AS ok"))?.rows.first?.string("ok") == "t"
-        }
-        // every session, the worker's open ones too (a reload applies to them), refuses writes with SQLSTATE 25006
-        let admin = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "admin"))
-        defer { admin.close() }
-        _ = try await admin.query("ALTER SYSTEM SET default_transaction_read_only = on")
-        _ = try await admin.query("SELECT pg_reload_conf()")
+        let w = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2"])
+        let started = try await eventually(timeout: .seconds(30)) { w.log().contains("cannot reach Postgres at start") }
+        #expect(started && w.isRunning, "\(w.log())")
         var ids: [String] = []
-        for i in 0..<6 { ids.append(try await submit(task: "ok", run: "ro\(i)")) }
-        let ended = try await eventually(timeout: .seconds(60)) { cluster.taskEvents().filter { $0.event == "end" }.count == 6 }
-        #expect(ended, "\(cluster.logs())")
-        let spooled = try await eventually(timeout: .seconds(20)) {
-            Int(try await redis.send(["HGET", Keys.worker("east-1"), "spooled"]).string ?? "") ?? 0 > 0
+        for i in 0..<4 { ids.append(try await submit(task: "ok", run: "nopg\(i)")) }
+        // run and acked while Postgres is still cut off; the results wait in the spool
+        let acked = try await eventually(timeout: .seconds(60)) {
+            let leases = try await redis.send(["ZCARD", Keys.leases]).int
+            let queued = try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int
+            return cluster.taskEvents().filter { $0.event == "end" }.count == 4 && leases == 0 && queued == 0
         }
-        #expect(spooled, "the refused writes went to the spool: \(cluster.logs())")
-        // longer than a lease: a job whose result could not be written is not reclaimed and run again
-        try await Task.sleep(for: .seconds(6))
-        #expect(cluster.taskEvents().filter { $0.event == "start" }.count == 6, "\(cluster.logs())")
-        #expect(try await states(ids).isEmpty)
+        #expect(acked, "\(cluster.logs())")
+        // (the heartbeat that reports it comes every few seconds)
+        let shown = try await eventually(timeout: .seconds(20)) {
+            Int(try await redis.send(["HGET", Keys.worker("east-1"), "spooled"]).string ?? "") ?? 0 >= 4
+        }
+        #expect(shown, "\(w.log())")
+        #expect((try? await states(ids))?.isEmpty ?? true)
 
-        _ = try await admin.query("SET default_transaction_read_only = off")
-        _ = try await admin.query("ALTER SYSTEM RESET default_transaction_read_only")
-        _ = try await admin.query("SELECT pg_reload_conf()")
+        link.heal()
         let s = try await waitForFinal(ids)
         #expect(ids.allSatisfy { s[$0] == "SUCCESS" }, "\(s)\n\(cluster.logs())")
-        let starts = cluster.taskEvents().filter { $0.event == "start" }
-        #expect(starts.count == 6 && Set(starts.map(\.key)).count == 6, "each task ran once: \(starts.count) starts")
+        #expect(w.log().contains("its schema is ready"), "\(w.log())")
+        #expect(cluster.taskEvents().filter { $0.event == "start" }.count == 4)
+
+        // a database that does not exist is a configuration error, not an outage: the start fails, saying so
+        cluster.extraEnvironment["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+postgresql+psycopg2://postgres@127.0.0.1:\(pgURL.port!)/no_such_db"
+        let wrong = try cluster.startWorker(dc: "east", name: "east-2")
+        #expect(await wrong.waitForExit(timeout: .seconds(30)) == 2, "\(wrong.log())")
+        #expect(wrong.log().contains("does not exist") && !wrong.log().contains("starting anyway"), "\(wrong.log())")
     }
 
     @Test("a task's exit wakes no thread of the worker but its loop: its SIGCHLD is discarded as it is sent, not queued for the main thread")

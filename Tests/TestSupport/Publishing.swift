@@ -1,5 +1,6 @@
 import CeleryWire
 import Foundation
+import Postgres
 import Redis
 
 /// Publishes `airflow tasks run DAG TASK RUN --local` the way Airflow 2's stock CeleryExecutor does (kombu's binding
@@ -27,4 +28,23 @@ public func publishAirflowCommand(
             try await Task.sleep(for: .milliseconds(100))
         }
     }
+}
+
+/// celery_taskmeta's status by task id, for `ids` (absent: not written yet; empty before the table exists).
+public func celeryStates(_ pg: PostgresClient, _ ids: [String]) async throws -> [String: String] {
+    guard (try await pg.query("SELECT to_regclass('celery_taskmeta') IS NOT NULL AS ok")).rows.first?.string("ok") == "t"
+    else { return [:] }
+    let r = try await pg.query("SELECT task_id, status FROM celery_taskmeta")
+    var out: [String: String] = [:]
+    for row in r.rows { if let id = row.string("task_id"), ids.contains(id) { out[id] = row.string("status") } }
+    return out
+}
+
+/// Waits until every one of `ids` has a final state (SUCCESS or FAILURE) in celery_taskmeta; returns the states.
+public func waitForCeleryFinal(_ pg: PostgresClient, _ ids: [String], timeout: Duration = .seconds(90)) async throws -> [String: String] {
+    _ = try await eventually(timeout: timeout) {
+        let s = try await celeryStates(pg, ids)
+        return ids.allSatisfy { ["SUCCESS", "FAILURE"].contains(s[$0] ?? "") }
+    }
+    return try await celeryStates(pg, ids)
 }

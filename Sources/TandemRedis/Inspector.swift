@@ -15,6 +15,14 @@ public struct LeaderLease: Sendable, Equatable {
     public var isLive: Bool { deadlineMs >= nowMs }
 }
 
+/// Where a task's message is in Redis (`BrokerInspector.locate`).
+public enum TaskLocation: Sendable, Equatable {
+    case waitingInAirflowList(queue: String, list: String, position: Int)
+    case queuedInDatacenter(datacenter: String, queue: String, jobID: String, position: Int)
+    case leased(jobID: String, owner: String, datacenter: String, remainingMs: Int64)
+    case deadLettered(jobID: String, reason: String)
+}
+
 /// Read-mostly views of the broker for the dispatcher's routing decisions and for `executorctl`.
 public struct BrokerInspector: Sendable {
     public let client: RedisClient
@@ -179,6 +187,51 @@ public struct BrokerInspector: Sendable {
             for _ in ls { out[q, default: 0] += Int(replies[i].int ?? 0); i += 1 }
         }
         return out
+    }
+
+    /// Where a task waits in Redis before any worker recorded it: in Airflow's list of a queue (not dispatched),
+    /// a datacenter queue (dispatched, not claimed), held under a lease, or dead-lettered. Found by its id in the
+    /// raw message (kombu's headers are plain JSON), looking at most `limit` entries of each list, oldest first.
+    public func locate(taskID: String, queues: [String], limit: Int = 10_000) async throws -> [TaskLocation] {
+        let needle = "\"id\": \"\(taskID)\""
+        func matches(_ raw: String?) -> Bool { raw?.contains(needle) == true || raw?.contains("\"id\":\"\(taskID)\"") == true }
+        var found: [TaskLocation] = []
+        // Airflow's lists are consumed from the right (RPOP): position 1 is next
+        for q in queues {
+            for list in Keys.dispatchSources(queue: q) {
+                let items = try await client.send(["LRANGE", list, String(-limit), "-1"]).array ?? []
+                for (i, v) in items.reversed().enumerated() where matches(v.string) {
+                    found.append(.waitingInAirflowList(queue: q, list: list, position: i + 1))
+                }
+            }
+        }
+        func jobsMatching(_ ids: [String]) async throws -> [String: Bool] {
+            var out: [String: Bool] = [:]
+            for chunk in stride(from: 0, to: ids.count, by: 500).map({ Array(ids[$0..<min($0 + 500, ids.count)]) }) {
+                let raws = try await client.pipeline(chunk.map { ["HGET", Keys.job($0), "raw"] })
+                for (id, r) in zip(chunk, raws) where matches(r.string) { out[id] = true }
+            }
+            return out
+        }
+        for q in try await knownQueues() {
+            let ids = (try await client.send(["LRANGE", Keys.queue(datacenter: q.datacenter, queue: q.queue), String(-limit), "-1"]).array ?? [])
+                .compactMap(\.string).reversed().map { $0 }
+            let hits = try await jobsMatching(ids)
+            for (i, id) in ids.enumerated() where hits[id] == true {
+                found.append(.queuedInDatacenter(datacenter: q.datacenter, queue: q.queue, jobID: id, position: i + 1))
+            }
+        }
+        let leased = try await leases()
+        let leasedHits = try await jobsMatching(leased.prefix(limit).map(\.jobID))
+        for l in leased where leasedHits[l.jobID] == true {
+            found.append(.leased(jobID: l.jobID, owner: l.owner, datacenter: l.datacenter, remainingMs: l.remainingMs))
+        }
+        let dead = try await deadLetters(limit: limit)
+        let deadHits = try await jobsMatching(dead)
+        for id in dead where deadHits[id] == true {
+            found.append(.deadLettered(jobID: id, reason: try await job(id)["reason"] ?? ""))
+        }
+        return found
     }
 
     /// The job hash (raw message, state, attempts, owner, reason...).

@@ -239,27 +239,49 @@ struct TaskCmd: AsyncParsableCommand {
         guard let url = setting(resultBackend, env: "TANDEM_LEDGER_URL", "AIRFLOW__CELERY__RESULT_BACKEND"), isPostgresURL(url) else {
             fail("the ledger is in Postgres: pass --result-backend db+postgresql://… or set TANDEM_LEDGER_URL", code: Exit.usage)
         }
-        let store: PostgresStore
-        let found: LedgerEntry?
-        let state: CeleryState
+        var found: LedgerEntry?
+        var state = CeleryState.pending
         do {
-            store = PostgresStore(configuration: try PostgresConfiguration(url: url), logger: Logger(label: "executorctl"))
-            // prepare() runs idempotent DDL whose NOTICEs libpq prints straight to stderr ("relation … already
-            // exists, skipping"); errors come back as thrown values, so stderr can be muted meanwhile
-            let saved = dup(2)
-            let null = open("/dev/null", O_WRONLY)
-            dup2(null, 2)
-            defer {
-                dup2(saved, 2)
-                close(saved)
-                close(null)
+            let store = PostgresStore(configuration: try PostgresConfiguration(url: url), logger: Logger(label: "executorctl"))
+            // read-only: no schema migration (a read-only database user can look), so a database no worker has
+            // written to has no ledger yet
+            let hasLedger = try await store.client.query("SELECT to_regclass('tandem_tasks') IS NOT NULL AS ok").rows.first?.string("ok") == "t"
+            if hasLedger {
+                found = try await store.entry(taskID: taskID)
+                state = try await store.state(taskID: taskID)
             }
-            try await store.prepare()
-            found = try await store.entry(taskID: taskID)
-            state = try await store.state(taskID: taskID)
         } catch { failForStore(error, server: "Postgres at \(url.redactingPassword)") }
         guard let e = found else {
-            fail("no task \(taskID) in the ledger (not claimed by any worker yet?); try executorctl queues / ingress", code: Exit.notFound)
+            // not recorded by any worker: look for its message in Redis, so "stuck in queued" says where it waits
+            var places: [TaskLocation] = []
+            var served: AirflowLists?
+            try await common.withInspector { i in
+                served = try await AirflowLists.read(i, lossAfterMs: 15_000)
+                places = try await i.locate(taskID: taskID, queues: (served?.waiting.keys).map { Array($0).sorted() } ?? ["default"])
+            }
+            if places.isEmpty {
+                fail("no task \(taskID) in the ledger or in Redis (Airflow's lists, datacenter queues, leases, dead letters): not published to this broker, or finished and acked before a ledger existed? Check the id and --broker / --result-backend", code: Exit.notFound)
+            }
+            let lines = places.map { place -> String in
+                switch place {
+                case .waitingInAirflowList(let q, let list, let position):
+                    let why = served?.stranded[q].map { " — stranded: \($0)" } ?? " — waiting for the dispatcher to move it (executorctl dispatcher, queues)"
+                    return "waiting in Airflow's list \(list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) (position \(position) of what comes next), not dispatched yet\(why)"
+                case .queuedInDatacenter(let dc, let q, let job, let position):
+                    return "queued in \(dc)/\(q) as job \(job) (position \(position)), not claimed yet — see executorctl queues / workers for \(dc)'s slots"
+                case .leased(let job, let owner, let dc, let remaining):
+                    return "job \(job) is leased to \(owner) in \(dc) (\(remaining < 0 ? "expired, awaiting reclaim" : "lease left \(seconds(remaining))")) but not yet recorded as started"
+                case .deadLettered(let job, let reason):
+                    return "dead-lettered as job \(job): \(reason) — executorctl dlq show \(job)"
+                }
+            }
+            if common.json {
+                printJSON(["task_id": taskID, "in_ledger": false, "celery_state": "PENDING", "where": lines] as [String: Any])
+            } else {
+                print("task \(taskID)  \(Style.paint("PENDING", Style.yellow))  (no worker has recorded it)")
+                for l in lines { print("  " + l) }
+            }
+            return
         }
         if common.json {
             printJSON([

@@ -275,9 +275,11 @@ struct ExecutorctlTests {
                 pid: 1, runningJobs: [], state: .running),
             ttlSeconds: 60)
         // published as the stock client does (binding, then LPUSH); no dispatcher runs, so both wait
+        var ids: [String] = []
         for q in ["default", "gpu", "gpu"] {
             let r = try await ctl("submit", "--queue", q, "--", "airflow", "tasks", "run", "d", "t", "r")
             #expect(r.code == 0, "\(r)")
+            ids.append(r.out.trimmingCharacters(in: .whitespacesAndNewlines))
         }
         let table = try await ctl("queues")
         #expect(table.code == 0, "\(table)")
@@ -293,6 +295,17 @@ struct ExecutorctlTests {
         #expect(stranded.map { $0["queue"] as? String } == ["gpu"] && stranded.first?["waiting"] as? Int == 2, "\(frame)")
         let ingress = try #require(try await ctl("ingress", "--json").json() as? [[String: Any]])
         #expect(ingress.first { $0["list"] as? String == "gpu" }?["depth"] as? Int == 2, "\(ingress)")
+
+        // task: not in the ledger (no worker recorded it), so where it waits in Redis, and why
+        let stuck = try await ctl("task", ids[2])
+        #expect(stuck.code == 0 && stuck.out.contains("PENDING"), "\(stuck)")
+        #expect(stuck.out.contains("waiting in Airflow's list gpu (position 2 of what comes next)")
+            && stuck.out.contains("stranded: no live worker serves queue 'gpu'"), "\(stuck)")
+        let moved = try await broker.dispatch(queue: "default", to: "east", max: 1, epoch: nil)
+        #expect(moved == 1)
+        let queued = try await ctl("task", ids[0], "--json")
+        let where_ = (try queued.json() as? [String: Any])?["where"] as? [String] ?? []
+        #expect(where_.count == 1 && where_[0].hasPrefix("queued in east/default as job "), "\(queued)")
 
         // a worker in west that serves gpu: nothing is stranded any more
         _ = try await broker.heartbeat(

@@ -13,6 +13,8 @@ public protocol DispatcherObserver: Sendable {
     func queues(_ stats: [QueueStats])
     /// Called periodically with what waits in Airflow's lists per queue, and which of it nothing can take.
     func ingress(waiting: [String: Int], stranded: [StrandedQueue])
+    /// Called periodically with Redis's memory use and its maxmemory (0: none).
+    func redisMemory(usedBytes: Int64, maxBytes: Int64)
     /// Leadership changed: this dispatcher leads with `epoch`, or (nil) is a standby.
     func leadership(epoch: Int64?)
     func brokerError()
@@ -28,6 +30,7 @@ extension DispatcherObserver {
     public func datacenters(_ states: [DatacenterState]) {}
     public func queues(_ stats: [QueueStats]) {}
     public func ingress(waiting: [String: Int], stranded: [StrandedQueue]) {}
+    public func redisMemory(usedBytes: Int64, maxBytes: Int64) {}
     public func leadership(epoch: Int64?) {}
     public func brokerError() {}
     public func loopStalled(seconds: Double) {}

@@ -81,6 +81,8 @@ public final class DispatcherRuntime: Sendable {
         var seen: Set<String> = []
         /// Queues logged as stranded: queue -> (reason, when), to log on change and then every `strandedRepeat`.
         var logged: [String: (reason: String, at: ContinuousClock.Instant)] = [:]
+        /// Redis was at or above 90% of its maxmemory at the last look (warned once per crossing).
+        var memoryHigh = false
     }
 
     struct ClaimRate {
@@ -290,6 +292,16 @@ public final class DispatcherRuntime: Sendable {
             return (stranded, toLog, cleared)
         }
         observer.ingress(waiting: waiting, stranded: stranded)
+        let memory = try await inspector.memory()
+        observer.redisMemory(usedBytes: memory.usedBytes, maxBytes: memory.maxBytes)
+        let high = (memory.fraction ?? 0) >= 0.9
+        if strandedState.withLock({ st in defer { st.memoryHigh = high }; return st.memoryHigh != high }) {
+            if high {
+                logger.warning("Redis is at \(memory.summary): at maxmemory it refuses Airflow's publishes and new tasks cannot be queued (work already in Tandem keeps running) — raise maxmemory, or find what fills it (executorctl queues, dlq list)")
+            } else {
+                logger.notice("Redis memory is below 90% of maxmemory again (\(memory.summary))")
+            }
+        }
         for s in toLog {
             logger.warning("\(s.waiting) message(s) wait in Airflow's list for queue '\(s.queue)' and nothing can take them: \(s.reason)",
                            metadata: ["queue": .string(s.queue), "waiting": .stringConvertible(s.waiting)])

@@ -191,6 +191,8 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     let oldest: Gauge
     let ingressWaiting: Gauge
     let stranded: Gauge
+    let redisUsed: Gauge
+    let redisMax: Gauge
     let status: Gauge
     let dcWorkers: Gauge
     let dcSlots: Gauge
@@ -223,6 +225,8 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
             "tandem_ingress_stranded",
             help: "Messages waiting in Airflow's lists of a queue that nothing can take now (no live worker serves the queue, or the policy sends it only where none does); the dispatcher's log says why.",
             labels: ["queue"])
+        redisUsed = r.gauge("tandem_redis_memory_used_bytes", help: "Redis's used_memory (INFO memory), read by the leading dispatcher.")
+        redisMax = r.gauge("tandem_redis_memory_max_bytes", help: "Redis's maxmemory (0: no limit); at it, Redis refuses Airflow's publishes.")
         status = r.gauge("tandem_datacenter_status", help: "1 for the datacenter's current status (alive, draining, lost), 0 for the others.", labels: ["dc", "status"])
         dcWorkers = r.gauge("tandem_datacenter_workers", help: "Workers heartbeating in the datacenter.", labels: ["dc"])
         dcSlots = r.gauge("tandem_datacenter_slots", help: "Slots of the datacenter's running workers.", labels: ["dc"])
@@ -308,12 +312,17 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         stranded.replace(st)
     }
 
+    public func redisMemory(usedBytes: Int64, maxBytes: Int64) {
+        redisUsed.set(Double(usedBytes))
+        redisMax.set(Double(maxBytes))
+    }
+
     public func leadership(epoch e: Int64?) {
         epoch.set(Double(e ?? 0))
         leader.set(e == nil ? 0 : 1)
         if e == nil {
             // a standby stops refreshing these: drop them so max() across dispatchers shows the leader's view
-            for g in [depth, inFlight, oldest, ingressWaiting, stranded, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
+            for g in [depth, inFlight, oldest, ingressWaiting, stranded, redisUsed, redisMax, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
         }
     }
 

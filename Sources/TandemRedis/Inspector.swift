@@ -15,6 +15,27 @@ public struct LeaderLease: Sendable, Equatable {
     public var isLive: Bool { deadlineMs >= nowMs }
 }
 
+/// Redis's memory against its `maxmemory`: at the limit (with `noeviction`) Redis refuses Airflow's publishes, so
+/// new tasks cannot be queued (Tandem's own scripts keep running work going, SPEC decision 20).
+public struct RedisMemory: Sendable, Equatable {
+    public var usedBytes: Int64
+    /// 0: no limit.
+    public var maxBytes: Int64
+    public var policy: String
+    /// used / max, nil without a limit.
+    public var fraction: Double? { maxBytes > 0 ? Double(usedBytes) / Double(maxBytes) : nil }
+
+    /// "812.0 MiB of 1.0 GiB maxmemory (79%, noeviction)", or "812.0 MiB (no maxmemory)".
+    public var summary: String {
+        func size(_ b: Int64) -> String {
+            let mib = Double(b) / 1_048_576
+            return mib >= 1024 ? String(format: "%.1f GiB", mib / 1024) : String(format: "%.1f MiB", mib)
+        }
+        guard let f = fraction else { return "\(size(usedBytes)) (no maxmemory)" }
+        return "\(size(usedBytes)) of \(size(maxBytes)) maxmemory (\(Int((f * 100).rounded()))%, \(policy))"
+    }
+}
+
 /// Where a task's message is in Redis (`BrokerInspector.locate`).
 public enum TaskLocation: Sendable, Equatable {
     case waitingInAirflowList(queue: String, list: String, position: Int)
@@ -232,6 +253,18 @@ public struct BrokerInspector: Sendable {
             found.append(.deadLettered(jobID: id, reason: try await job(id)["reason"] ?? ""))
         }
         return found
+    }
+
+    /// Redis's memory use and limit (`INFO memory`).
+    public func memory() async throws -> RedisMemory {
+        let text = try await client.send(["INFO", "memory"]).string ?? ""
+        var f: [String: String] = [:]
+        for line in text.split(whereSeparator: \.isNewline) {  // ("\r\n" is one Character in Swift)
+            if let colon = line.firstIndex(of: ":") { f[String(line[..<colon])] = String(line[line.index(after: colon)...]) }
+        }
+        return RedisMemory(
+            usedBytes: Int64(f["used_memory"] ?? "") ?? 0, maxBytes: Int64(f["maxmemory"] ?? "") ?? 0,
+            policy: f["maxmemory_policy"] ?? "?")
     }
 
     /// The job hash (raw message, state, attempts, owner, reason...).

@@ -176,6 +176,16 @@ func leaderLine(_ lease: LeaderLease?) -> String? {
     return "dispatcher: \(lease.owner) leads (epoch \(lease.epoch))"
 }
 
+/// "redis: … of … maxmemory (…)", yellow from 80%, red from 95% with what it means (`dc status`, `watch`).
+func memoryLine(_ m: RedisMemory) -> String {
+    let f = m.fraction ?? 0
+    let line = "redis: " + m.summary
+    if f >= 0.95 {
+        return Style.paint(line + " — at maxmemory Redis refuses Airflow's publishes (new tasks cannot be queued): raise maxmemory or find what fills it", Style.red)
+    }
+    return f >= 0.8 ? Style.paint(line, Style.yellow) : line
+}
+
 /// Why nothing is being dispatched when no dispatcher holds the lease, and what to do.
 func noLeaderProblem(_ lease: LeaderLease?) -> String {
     let last = lease.map { "; the last leader was \($0.owner) (epoch \($0.epoch)), which stepped down or stopped renewing its lease" } ?? ""
@@ -385,6 +395,7 @@ struct DC: AsyncParsableCommand {
                 // the dispatcher is what moves a lost datacenter's work: say whether one is there to do it
                 let lease = try await i.leaderLease()
                 print(leaderLine(lease) ?? "dispatcher: " + noLeaderProblem(lease))
+                print(memoryLine(try await i.memory()))
             }
             }
         }

@@ -133,6 +133,7 @@ struct Snapshot {
     var expiredLeases = 0
     var deadLetters = 0
     var leader: LeaderLease?
+    var memory: RedisMemory?
 
     init(error: String) { self.error = error }
     private init() {}
@@ -150,6 +151,7 @@ struct Snapshot {
         s.expiredLeases = l.filter { $0.remainingMs < 0 }.count
         s.deadLetters = Int(try await i.client.send(["LLEN", "{tandem}:dlq"]).int ?? 0)
         s.leader = try await i.leaderLease()
+        s.memory = try await i.memory()
         return s
     }
 
@@ -169,6 +171,7 @@ struct Snapshot {
         }) { _, col, text in col == 1 ? Style.state(text) : nil }
         out.append(leaderLine(leader)
             ?? Style.paint("dispatcher: none leads — nothing is dispatched, reclaimed or drained (executorctl dispatcher)", Style.red))
+        if let memory { out.append(memoryLine(memory)) }
         out.append("")
         let pending = ingress.map(\.depth).reduce(0, +)
         out += table(["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"], queues.map {
@@ -208,6 +211,7 @@ struct Snapshot {
             "workers": workers.map { ["worker": $0.workerID, "datacenter": $0.datacenter, "busy": $0.busy, "slots": $0.slots, "state": $0.state.rawValue, "last_heartbeat_ms_ago": nowMs - $0.lastSeenMs, "spooled_writes": $0.spooledWrites] as [String: Any] },
             "leases": leases, "expired_leases": expiredLeases, "dead_letters": deadLetters,
             "dispatcher": leaderJSON(leader),
+            "redis_memory": ["used_bytes": memory?.usedBytes ?? 0, "max_bytes": memory?.maxBytes ?? 0, "policy": memory?.policy ?? ""] as [String: Any],
         ]
     }
 }

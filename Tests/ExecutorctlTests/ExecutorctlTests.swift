@@ -193,7 +193,10 @@ struct ExecutorctlTests {
         let used = memory.split(separator: "\r\n").first { $0.hasPrefix("used_memory:") }.map { String($0.dropFirst("used_memory:".count)) } ?? "1"
         _ = try await redis.send(["CONFIG", "SET", "maxmemory", used])
         let full = try await ctl("submit", "--", "airflow", "tasks", "run", "dag", "ok", "oom", "--local")
+        let fullStatus = try await ctl("dc", "status")
         _ = try await redis.send(["CONFIG", "SET", "maxmemory", "0"])
+        #expect(fullStatus.out.contains("maxmemory (") && fullStatus.out.contains("refuses Airflow's publishes"), "\(fullStatus)")
+        #expect(try await ctl("dc", "status").out.contains("(no maxmemory)"))
         #expect(full.code == 1 && full.err.contains("Redis refused the publish") && full.err.contains("maxmemory") && full.out.isEmpty, "\(full)")
 
         // submit: the stock Celery message; it runs

@@ -159,6 +159,7 @@ struct MetricsProcessTests {
             return sample(m, "tandem_ingress_stranded", ["queue": "gpu"]) == 1
                 && sample(m, "tandem_ingress_waiting", ["queue": "gpu"]) == 1
                 && sample(m, "tandem_ingress_stranded", ["queue": "default"]) == 0
+                && (sample(m, "tandem_redis_memory_used_bytes") ?? 0) > 0 && sample(m, "tandem_redis_memory_max_bytes") == 0
                 && dispatcher.log().contains("--queues gpu")
         }
         #expect(named, "\(cluster.logs())")

@@ -159,6 +159,22 @@ public struct CeleryTask: Sendable {
         }
     }
 
+    /// The Airflow task this message runs, for people: "dag.task run" from an `airflow tasks run DAG TASK RUN`
+    /// command or from a workload's `ti`; nil for anything else.
+    public var airflowTarget: String? {
+        if AirflowTaskName.isCommand(name), let argv = args.first?.array?.compactMap(\.string),
+            let run = argv.firstIndex(of: "run"), run > 0, argv[run - 1] == "tasks", argv.count > run + 3
+        {
+            return "\(argv[run + 1]).\(argv[run + 2]) \(argv[run + 3])"
+        }
+        if name == AirflowTaskName.workload, let json = args.first?.string, let w = try? AirflowWorkload.parse(json),
+            let dag = w.dagID, let task = w.taskID
+        {
+            return "\(dag).\(task)" + (w.runID.map { " " + $0 } ?? "")
+        }
+        return nil
+    }
+
     /// True when `expires` is set and already past at `now`: such a task is REVOKED, not run.
     public func isExpired(at now: Date = Date()) -> Bool {
         guard let expires else { return false }

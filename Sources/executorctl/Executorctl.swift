@@ -572,11 +572,19 @@ struct Leases: AsyncParsableCommand {
     func run() async throws {
         try await common.withInspector { i in
             let l = try await i.leases()
+            // which task each job is: the Celery id and the Airflow dag.task run, from the message itself
+            let raws = l.isEmpty ? [] : try await i.client.pipeline(l.map { ["HGET", Keys.job($0.jobID), "raw"] })
+            let tasks = raws.map { r in r.bytes.flatMap { try? CeleryTask.decode(raw: $0) } }
             if common.json {
-                printJSON(l.map { ["job": $0.jobID, "owner": $0.owner, "token": $0.token, "datacenter": $0.datacenter, "queue": $0.queue, "expires_in_ms": $0.remainingMs, "expired": $0.remainingMs < 0] as [String: Any] })
+                printJSON(zip(l, tasks).map { l, t in
+                    ["job": l.jobID, "owner": l.owner, "token": l.token, "datacenter": l.datacenter, "queue": l.queue,
+                     "expires_in_ms": l.remainingMs, "expired": l.remainingMs < 0, "task_id": t?.id ?? "",
+                     "airflow": t?.airflowTarget ?? ""] as [String: Any]
+                })
             } else {
-                printTable(["JOB", "OWNER", "TOKEN", "DC", "QUEUE", "EXPIRES IN"], l.map {
-                    [$0.jobID, $0.owner, String($0.token), $0.datacenter, $0.queue, $0.remainingMs < 0 ? "expired \(seconds(-$0.remainingMs)) ago" : seconds($0.remainingMs)]
+                printTable(["JOB", "TASK ID", "AIRFLOW TASK", "OWNER", "TOKEN", "DC", "QUEUE", "EXPIRES IN"], zip(l, tasks).map { l, t in
+                    [l.jobID, t?.id ?? "-", t?.airflowTarget ?? "-", l.owner, String(l.token), l.datacenter, l.queue,
+                     l.remainingMs < 0 ? "expired \(seconds(-l.remainingMs)) ago" : seconds(l.remainingMs)]
                 }) { row, _, _ in l[row].remainingMs < 0 ? Style.red : nil }
             }
         }

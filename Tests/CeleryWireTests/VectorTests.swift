@@ -110,6 +110,18 @@ struct VectorTests {
         }
     }
 
+    @Test("the Airflow task a message runs, for executorctl: from a command's argv and from a workload's ti")
+    func airflowTarget() throws {
+        let byName = Dictionary(uniqueKeysWithValues: Vector.tasks.map { ($0.name, $0) })
+        for name in ["celery553-p2-execute-command", "celery553-p2-execute-workload-send-task"] {
+            let v = try #require(byName[name], "vector \(name)")
+            let t = try CeleryTask.decode(raw: Array(v.raw.utf8))
+            #expect(t.airflowTarget == "example_dag.extract manual__2024-01-01T00:00:00+00:00", "\(name)")
+        }
+        let basic = try #require(byName["celery553-p2-basic"])
+        #expect(try CeleryTask.decode(raw: Array(basic.raw.utf8)).airflowTarget == nil)
+    }
+
     @Test("pidbox vectors decode", arguments: Vector.pidbox)
     func pidboxDecodes(_ v: Vector) throws {
         let m = try PidboxMessage.decode(Array(v.raw.utf8))

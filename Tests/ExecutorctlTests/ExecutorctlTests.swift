@@ -79,7 +79,7 @@ struct ExecutorctlTests {
 
         let ok = try await submit(task: "ok", run: "r1")
         // runs until released at the end: a sleep ran out before `watch` in a loaded full-suite run
-        try await submit(task: "hold", run: "long")
+        let held = try await submit(task: "hold", run: "long")
         _ = try await redis.send(["LPUSH", "default", "not a kombu envelope"])
 
         // task: the ledger's view, plain and JSON; unknown → 1
@@ -105,6 +105,8 @@ struct ExecutorctlTests {
         let leases = try #require(try await ctl("leases", "--json").json() as? [[String: Any]])
         #expect(["east-1", "west-1"].contains(leases.first?["owner"] as? String ?? ""), "\(leases)")
         #expect(leases.first?["expired"] as? Bool == false)
+        // which task holds it: the Celery id and the Airflow task, read from the message
+        #expect(leases.first?["task_id"] as? String == held && leases.first?["airflow"] as? String == "dag.hold long", "\(leases)")
         let lp = try await ctl("leases")
         #expect(lp.code == 0 && lp.out.hasPrefix("JOB  ") && lp.out.contains("EXPIRES IN"), "\(lp)")
 

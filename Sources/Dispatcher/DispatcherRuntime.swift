@@ -41,9 +41,10 @@ public struct DispatcherConfiguration: Sendable {
     public var leaderCheck: Duration = .seconds(1)
     /// A dispatcher loop (`run(on:)`) that has not run for this long is logged once and reported not ready.
     public var loopStallWarning: Duration = .seconds(5)
-    /// How often the leader looks for stranded work: messages in Airflow's lists of any declared queue that no live
-    /// worker (or no datacenter the policy allows) can take. Logged, and exported as `tandem_ingress_stranded`.
-    public var strandedCheckInterval: Duration = .seconds(10)
+    /// How often the leader looks at what is slower to read than the dispatch cycle's own keys: every declared
+    /// queue, for stranded work (messages in Airflow's lists that no live worker, or no datacenter the policy
+    /// allows, can take; `tandem_ingress_stranded`), and Redis's memory against its maxmemory.
+    public var wideLookInterval: Duration = .seconds(10)
     /// A queue still stranded is logged again this often (and once when it clears).
     public var strandedRepeat: Duration = .seconds(300)
 
@@ -81,9 +82,9 @@ public final class DispatcherRuntime: Sendable {
         var seen: Set<String> = []
         /// Queues logged as stranded: queue -> (reason, when), to log on change and then every `strandedRepeat`.
         var logged: [String: (reason: String, at: ContinuousClock.Instant)] = [:]
-        /// Redis was at or above 90% of its maxmemory at the last look (warned once per crossing).
-        var memoryHigh = false
     }
+    /// Redis was at or above 90% of its maxmemory at the last look (warned once per crossing).
+    private let redisMemoryHigh = Mutex(false)
 
     struct ClaimRate {
         var since: ContinuousClock.Instant
@@ -148,7 +149,7 @@ public final class DispatcherRuntime: Sendable {
         var lastLeaderCheck = clock.now - configuration.leaderCheck
         var idleRotation = 0
         var lastPrune = clock.now
-        var lastStrandedCheck = clock.now - configuration.strandedCheckInterval
+        var lastWideLook = clock.now - configuration.wideLookInterval
         while !isStopping {
             do {
                 if clock.now - lastLeaderCheck >= configuration.leaderCheck {
@@ -172,9 +173,10 @@ public final class DispatcherRuntime: Sendable {
                     lastLoss = lost
                     try await drainUnavailable(view)
                 }
-                if clock.now - lastStrandedCheck >= configuration.strandedCheckInterval {
+                if clock.now - lastWideLook >= configuration.wideLookInterval {
                     try await reportStranded(view)
-                    lastStrandedCheck = clock.now
+                    try await reportRedisMemory()
+                    lastWideLook = clock.now
                 }
                 if failing {
                     failing = false
@@ -292,21 +294,25 @@ public final class DispatcherRuntime: Sendable {
             return (stranded, toLog, cleared)
         }
         observer.ingress(waiting: waiting, stranded: stranded)
-        let memory = try await inspector.memory()
-        observer.redisMemory(usedBytes: memory.usedBytes, maxBytes: memory.maxBytes)
-        let high = (memory.fraction ?? 0) >= 0.9
-        if strandedState.withLock({ st in defer { st.memoryHigh = high }; return st.memoryHigh != high }) {
-            if high {
-                logger.warning("Redis is at \(memory.summary): at maxmemory it refuses Airflow's publishes and new tasks cannot be queued (work already in Tandem keeps running) — raise maxmemory, or find what fills it (executorctl queues, dlq list)")
-            } else {
-                logger.notice("Redis memory is below 90% of maxmemory again (\(memory.summary))")
-            }
-        }
         for s in toLog {
             logger.warning("\(s.waiting) message(s) wait in Airflow's list for queue '\(s.queue)' and nothing can take them: \(s.reason)",
                            metadata: ["queue": .string(s.queue), "waiting": .stringConvertible(s.waiting)])
         }
         for q in cleared { logger.info("queue '\(q)' is no longer stranded", metadata: ["queue": .string(q)]) }
+    }
+
+    /// Reads Redis's memory against its maxmemory for the metrics, and says so once when it crosses 90% (either
+    /// way): at the limit Redis refuses Airflow's publishes, so new tasks cannot be queued.
+    func reportRedisMemory() async throws {
+        let memory = try await inspector.memory()
+        observer.redisMemory(usedBytes: memory.usedBytes, maxBytes: memory.maxBytes)
+        let high = (memory.fraction ?? 0) >= 0.9
+        guard redisMemoryHigh.withLock({ was in defer { was = high }; return was != high }) else { return }
+        if high {
+            logger.warning("Redis is at \(memory.summary): at maxmemory it refuses Airflow's publishes and new tasks cannot be queued (work already in Tandem keeps running) — raise maxmemory, or find what fills it (executorctl queues, dlq list)")
+        } else {
+            logger.notice("Redis memory is below 90% of maxmemory again (\(memory.summary))")
+        }
     }
 
     /// One pass over the ingress lists. Returns how many messages moved, and how many could go to a live

@@ -212,6 +212,11 @@ extension PostgresError {
     /// a read-only transaction (25006: a standby, or a primary demoted by a failover), serialization failures and
     /// deadlocks (40001, 40P01) and a lock not available (55P03). A write refused so is spooled and replayed; a
     /// write refused for anything else (a schema or data error) would fail the same way again.
+    public var isPassingRefusal: Bool {
+        guard let state = sqlState, state.count == 5 else { return false }
+        return ["08", "53", "57", "58"].contains(String(state.prefix(2))) || ["25006", "40001", "40P01", "55P03"].contains(state)
+    }
+
     /// A connection refused for a reason that will not pass by itself (a wrong password, an unknown database or
     /// role, a missing pg_hba entry, a certificate that does not verify): at start this fails the worker with the
     /// message, rather than spooling results for a database it may never reach.
@@ -220,11 +225,6 @@ extension PostgresError {
         return ["password authentication failed", "no pg_hba.conf entry", "does not exist", "certificate verify failed",
                 "root certificate file", "authentication failed", "invalid sslmode", "invalid connection option"]
             .contains { text.contains($0) }
-    }
-
-    public var isPassingRefusal: Bool {
-        guard let state = sqlState, state.count == 5 else { return false }
-        return ["08", "53", "57", "58"].contains(String(state.prefix(2))) || ["25006", "40001", "40P01", "55P03"].contains(state)
     }
 }
 

@@ -178,6 +178,17 @@ struct MetricsProcessTests {
             return gpuLeft == 0 && cluster.taskEvents().filter { $0.event == "end" }.count == 2
         }
         #expect(ran, "\(cluster.logs())")
+
+        // Redis near its maxmemory: the leader says so once (its next look, within 10 s), and once when it is not
+        let memory = try await redis.send(["INFO", "memory"]).string ?? ""
+        let used = Double(memory.split(whereSeparator: \.isNewline).first { $0.hasPrefix("used_memory:") }?.dropFirst(12) ?? "") ?? 0
+        _ = try await redis.send(["CONFIG", "SET", "maxmemory", String(Int(used * 1.06))])
+        let warned = try await eventually(timeout: .seconds(30)) { dispatcher.log().contains("Redis is at ") }
+        _ = try await redis.send(["CONFIG", "SET", "maxmemory", "0"])
+        #expect(warned, "\(dispatcher.log())")
+        #expect(dispatcher.log().contains("maxmemory (9") && dispatcher.log().contains("refuses Airflow's publishes"), "\(dispatcher.log())")
+        let eased = try await eventually(timeout: .seconds(30)) { dispatcher.log().contains("Redis memory is below 90% of maxmemory again") }
+        #expect(eased, "\(dispatcher.log())")
     }
 
     @Test("/readyz answers 503 with a reason once Redis is gone; /healthz stays 200")

@@ -60,6 +60,17 @@ struct ExecutorctlTests {
 
     func ctl(_ args: String...) async throws -> Run { try await executorctl(args, env: env) }
 
+    /// Writes a worker's heartbeat exactly as a running worker does (heartbeat.lua), for views that only read it.
+    func heartbeat(_ id: String, dc: String, queues: [String] = ["default"], slots: Int = 2, busy: Int = 0,
+                   running: [String] = [], ahead: [String] = [], ttlSeconds: Int = 60) async throws {
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        _ = try await broker.heartbeat(
+            WorkerStatus(workerID: id, datacenter: dc, slots: slots, busy: busy, queues: queues, hostname: "h", pid: 1,
+                runningJobs: running, aheadJobs: ahead, state: .running),
+            ttlSeconds: ttlSeconds)
+    }
+
     @discardableResult
     func submit(task: String, run: String) async throws -> String {
         try await publishAirflowCommand(redis, task: task, run: run)
@@ -256,12 +267,7 @@ struct ExecutorctlTests {
     func claimedAheadPerWorker() async throws {
         // a heartbeat as a worker holding one job ahead sends it (WorkerProcessTests.heartbeatListsHeldJobs: a real
         // worker's heartbeat says so)
-        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
-        defer { broker.close() }
-        _ = try await broker.heartbeat(
-            WorkerStatus(workerID: "east-1", datacenter: "east", slots: 1, busy: 1, queues: ["default"], hostname: "h",
-                pid: 1, runningJobs: ["7"], aheadJobs: ["8"], state: .running),
-            ttlSeconds: 60)
+        try await heartbeat("east-1", dc: "east", slots: 1, busy: 1, running: ["7"], ahead: ["8"])
         let w = (try await ctl("workers", "--json").json() as? [[String: Any]])?.first
         #expect(w?["claimed_ahead_jobs"] as? [String] == ["8"] && w?["running_jobs"] as? [String] == ["7"], "\(String(describing: w))")
         let table = try await ctl("workers")
@@ -275,10 +281,7 @@ struct ExecutorctlTests {
     func strandedWork() async throws {
         let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
         defer { broker.close() }
-        _ = try await broker.heartbeat(
-            WorkerStatus(workerID: "east-1", datacenter: "east", slots: 2, busy: 2, queues: ["default"], hostname: "h",
-                pid: 1, runningJobs: [], state: .running),
-            ttlSeconds: 60)
+        try await heartbeat("east-1", dc: "east", busy: 2)
         // published as the stock client does (binding, then LPUSH); no dispatcher runs, so both wait
         var ids: [String] = []
         for q in ["default", "gpu", "gpu"] {
@@ -313,10 +316,7 @@ struct ExecutorctlTests {
         #expect(where_.count == 1 && where_[0].hasPrefix("queued in east/default as job "), "\(queued)")
 
         // a worker in west that serves gpu: nothing is stranded any more
-        _ = try await broker.heartbeat(
-            WorkerStatus(workerID: "west-1", datacenter: "west", slots: 2, busy: 0, queues: ["gpu"], hostname: "h",
-                pid: 2, runningJobs: [], state: .running),
-            ttlSeconds: 60)
+        try await heartbeat("west-1", dc: "west", queues: ["gpu"])
         let served = try await ctl("queues")
         #expect(!served.out.contains("no live worker"), "\(served)")
         #expect(served.out.split(separator: "\n").first { $0.hasPrefix("gpu ") }?.contains("west") == true, "\(served)")
@@ -324,14 +324,7 @@ struct ExecutorctlTests {
 
     @Test("workers: each one's version, and 'gone?' once silent past the loss threshold (not the state it last reported)")
     func versionsAndSilentWorkers() async throws {
-        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
-        defer { broker.close() }
-        for (id, dc) in [("east-1", "east"), ("west-1", "west")] {
-            _ = try await broker.heartbeat(
-                WorkerStatus(workerID: id, datacenter: dc, slots: 1, busy: 0, queues: ["default"], hostname: "h", pid: 1,
-                    runningJobs: [], state: .running),
-                ttlSeconds: 600)
-        }
+        for (id, dc) in [("east-1", "east"), ("west-1", "west")] { try await heartbeat(id, dc: dc, ttlSeconds: 600) }
         // west-1 last heard from ten minutes ago (its heartbeat's score is the time it was seen, on Redis's clock)
         let now = try await redis.time().milliseconds
         _ = try await redis.send(["ZADD", Keys.workers, String(now - 600_000), "west-1"])

@@ -38,6 +38,8 @@ public protocol Broker: Sendable {
 
     /// Records a worker heartbeat; returns the broker's clock in ms.
     func heartbeat(_ status: WorkerStatus, ttlSeconds: Int) async throws -> Int64
+    /// Whether an operator asked this worker to drain (claim nothing new, stay up).
+    func drainRequested(workerID: String) async throws -> Bool
 
     /// Waits until work may be available for `datacenter` or `timeout` passes (whichever is first).
     func waitForWork(datacenter: String, timeout: Duration) async throws

@@ -149,6 +149,21 @@ public struct BrokerInspector: Sendable {
         }
     }
 
+    /// Asks a worker to drain (claim nothing new; its running tasks finish; it stays up), or (false) to take work
+    /// again. The worker sees it at its next heartbeat.
+    public func setWorkerDrain(_ workerID: String, _ drain: Bool) async throws {
+        if drain {
+            _ = try await client.send(["HSET", Keys.workerDrains, workerID, String(try await client.time().milliseconds)])
+        } else {
+            _ = try await client.send(["HDEL", Keys.workerDrains, workerID])
+        }
+    }
+
+    /// Workers an operator asked to drain.
+    public func drainedWorkers() async throws -> Set<String> {
+        Set((try await client.send(["HKEYS", Keys.workerDrains]).array ?? []).compactMap(\.string))
+    }
+
     /// Datacenter states from heartbeats and overrides.
     public func datacenters(lossAfterMs: Int64, known: Set<String> = []) async throws -> [DatacenterState] {
         let now = try await client.time().milliseconds

@@ -9,6 +9,8 @@ public enum Keys {
     public static let queues = "\(prefix):queues"
     public static let workers = "\(prefix):workers"
     public static let overrides = "\(prefix):dc-overrides"
+    /// Worker id -> when an operator asked it to drain (`executorctl worker drain`): it claims nothing new.
+    public static let workerDrains = "\(prefix):worker-drains"
     public static let leader = "\(prefix):leader"
     public static let stats = "\(prefix):stats"
     /// A token claim.lua leaves when it takes work: room has appeared in some datacenter queue.

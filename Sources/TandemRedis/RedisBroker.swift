@@ -225,6 +225,11 @@ public final class RedisBroker: Broker {
         return reply.int ?? 0
     }
 
+    /// Whether an operator asked this worker to drain (`executorctl worker drain`); read after each heartbeat.
+    public func drainRequested(workerID: String) async throws -> Bool {
+        try await client.send(["HEXISTS", Keys.workerDrains, workerID]).int == 1
+    }
+
     /// An idle dispatcher blocks here until Airflow publishes to `queue`'s plain list: BLMOVE parks the message in
     /// the staging list (a durable place; dispatch.lua drains it first), so waking costs no poll and loses nothing.
     /// Returns true when a message arrived.

@@ -52,6 +52,9 @@ public final class WorkerRuntime: Sendable {
         var waiting: Int { slots.values.count(where: \.waiting) }
         var finishingCount: Int { slots.values.count(where: \.finishing) }
         var phase: WorkerStatus.State = .running
+        /// An operator asked this worker to drain (`executorctl worker drain`): it claims nothing new and reports
+        /// itself draining (the dispatcher then counts none of its slots), but keeps running until told otherwise.
+        var drainRequested = false
         var slotFreed: AsyncStream<Void>.Continuation?
         /// Jobs this process has claimed; those no longer `running` have freed their slot (what claims report).
         var claimedTotal = 0
@@ -183,7 +186,8 @@ public final class WorkerRuntime: Sendable {
                 slots: configuration.concurrency, busy: s.running, queues: configuration.queues,
                 hostname: configuration.hostname, pid: getpid(),
                 runningJobs: s.slots.filter { !$0.value.waiting }.map(\.key),
-                aheadJobs: s.slots.filter { $0.value.waiting }.map(\.key), state: s.phase)
+                aheadJobs: s.slots.filter { $0.value.waiting }.map(\.key),
+                state: s.phase == .running && s.drainRequested ? .draining : s.phase)
         }
         status.spooledWrites = spooledWrites
         return status
@@ -205,7 +209,12 @@ public final class WorkerRuntime: Sendable {
         var claims = 0
         var unanswered: String?
         while phase == .running {
-            let (running, finishing) = state.withLock { ($0.running, $0.finishingCount) }
+            let (running, finishing, drained) = state.withLock { ($0.running, $0.finishingCount, $0.drainRequested) }
+            if drained {
+                // an operator's drain: wait (a freed slot or the drain being lifted wakes this) without claiming
+                _ = await freed.next()
+                continue
+            }
             var free = configuration.concurrency - running
             // back-pressure: when recording falls behind (a slow Postgres), stop taking work until it catches up
             if finishing >= configuration.maxFinishing {
@@ -470,12 +479,34 @@ public final class WorkerRuntime: Sendable {
             do {
                 _ = try await broker.heartbeat(status(), ttlSeconds: 3600)
                 observer.brokerOK()
+                if try await followDrainRequest() { continue }  // changed: say so in a heartbeat at once
             } catch {
                 observer.brokerError()
                 logger.error("cannot send heartbeat: \(error)")
             }
             try? await Task.sleep(for: configuration.heartbeatInterval)
         }
+    }
+
+    /// Follows an operator's `executorctl worker drain` / `restore`; returns true when the state changed. Draining
+    /// gives jobs claimed ahead (not started) back to their queue at once, for another worker.
+    private func followDrainRequest() async throws -> Bool {
+        let asked = try await broker.drainRequested(workerID: configuration.workerID)
+        let changed = state.withLock { s -> Bool in
+            guard s.drainRequested != asked else { return false }
+            s.drainRequested = asked
+            s.slotFreed?.yield()
+            return true
+        }
+        guard changed else { return false }
+        if asked {
+            logger.notice("drained by an operator (executorctl worker drain): claiming nothing new; \(busy) running task(s) finish; executorctl worker restore \(configuration.workerID) undoes it")
+            let held = state.withLock { s in s.takeHeld { _ in true } }
+            await giveBackHeld(held, why: "worker drained by an operator")
+        } else {
+            logger.notice("drain lifted (executorctl worker restore): claiming again")
+        }
+        return true
     }
 
     // MARK: - Running one job

@@ -22,8 +22,8 @@ struct Executorctl: AsyncParsableCommand {
             """,
         version: TandemVersion.current,
         subcommands: [
-            Queues.self, Workers.self, TaskCmd.self, Submit.self, DC.self, DispatcherCmd.self, DLQ.self, Leases.self,
-            Ingress.self, Watch.self,
+            Queues.self, Workers.self, WorkerCmd.self, TaskCmd.self, Submit.self, DC.self, DispatcherCmd.self, DLQ.self,
+            Leases.self, Ingress.self, Watch.self,
         ])
 }
 
@@ -233,6 +233,48 @@ struct Workers: AsyncParsableCommand {
                 print("\(w.workerID) has \(w.spooledWrites) write(s) in its local spool: it cannot reach Postgres (check its log and the result backend); Airflow sees those tasks' results once they are flushed")
             }
         }
+        }
+    }
+}
+
+struct WorkerCmd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "worker", abstract: "Drain one worker for maintenance (it stays up, claims nothing new), or restore it.",
+        subcommands: [Drain.self, Restore.self])
+
+    struct Drain: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "WORKER claims nothing new from its next heartbeat (within 2 s); its running tasks finish; jobs it claimed ahead go back at once. It stays up.")
+        @OptionGroup var common: Common
+        @Flag(help: "Set it even for a worker id no heartbeat has named (one about to start).") var force = false
+        @Argument var worker: String
+        func run() async throws {
+            try await common.withInspector { i in
+                let known = Set(try await i.workers().map(\.workerID))
+                if !known.contains(worker) && !force {
+                    fail("no worker '\(worker)' has heartbeated here (known: \(known.sorted().joined(separator: ", "))); check the id (executorctl workers), or add --force to drain it before it starts", code: Exit.notFound)
+                }
+                try await i.setWorkerDrain(worker, true)
+            }
+            if common.json { printJSON(["worker": worker, "drain": true] as [String: Any]) } else {
+                print("worker \(worker) draining: it claims nothing new from its next heartbeat and its running tasks finish; STATE shows draining and BUSY falls to 0 in `executorctl workers`; `executorctl worker restore \(worker)` undoes it")
+            }
+        }
+    }
+
+    struct Restore: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Undo a worker drain: it claims work again from its next heartbeat.")
+        @OptionGroup var common: Common
+        @Argument var worker: String
+        func run() async throws {
+            var had = false
+            try await common.withInspector { i in
+                had = try await i.drainedWorkers().contains(worker)
+                if had { try await i.setWorkerDrain(worker, false) }
+            }
+            if common.json { printJSON(["worker": worker, "drain": false, "was_drained": had] as [String: Any]) } else {
+                print(had ? "worker \(worker) restored: it claims work again from its next heartbeat" : "worker \(worker) was not drained; nothing changed")
+            }
         }
     }
 }

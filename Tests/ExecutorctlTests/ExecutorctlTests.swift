@@ -263,6 +263,47 @@ struct ExecutorctlTests {
         #expect(try await ctl("dc", "status").out.contains("dispatcher: no dispatcher leads"))
     }
 
+    @Test("worker drain: the drained worker claims nothing new, finishes what it runs and stays up; restore takes it back; an unknown id is refused")
+    func drainOneWorker() async throws {
+        try cluster.startDispatcher(extra: ["--metrics-port", "0"])
+        let first = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2", "--metrics-port", "0"])
+        let held = try await submit(task: "hold", run: "drain")
+        let holding = try await eventually(timeout: .seconds(30)) { cluster.taskEvents().contains { $0.event == "start" } }
+        #expect(holding, "\(cluster.logs())")
+        try cluster.startWorker(dc: "east", name: "east-2", extra: ["--concurrency", "2", "--metrics-port", "0"])
+        func state(_ id: String) async throws -> String? {
+            let ws = try await ctl("workers", "--json").json() as? [[String: Any]] ?? []
+            return ws.first { $0["worker"] as? String == id }?["state"] as? String
+        }
+        let both = try await eventually(timeout: .seconds(20)) { try await state("east-2") == "running" }
+        #expect(both, "\(cluster.logs())")
+
+        let typo = try await ctl("worker", "drain", "east-9")
+        #expect(typo.code == 1 && typo.err.contains("no worker 'east-9' has heartbeated here (known: east-1, east-2)"), "\(typo)")
+        let drained = try await ctl("worker", "drain", "east-1")
+        #expect(drained.code == 0 && drained.out.hasPrefix("worker east-1 draining"), "\(drained)")
+        let shown = try await eventually(timeout: .seconds(20)) { try await state("east-1") == "draining" }
+        #expect(shown && first.log().contains("drained by an operator"), "\(first.log())")
+        // new work goes to east-2 only; east-1 keeps its running task and stays up
+        var ids: [String] = []
+        for i in 0..<4 { ids.append(try await submit(task: "ok", run: "after-drain-\(i)")) }
+        for id in ids {
+            let done = try await eventually(timeout: .seconds(30)) { try await ctl("task", id).out.contains("SUCCESS") }
+            #expect(done, "\(cluster.logs())")
+            let j = try await ctl("task", id, "--json").json() as? [String: Any]
+            #expect(j?["claimed_by"] as? String == "east-2", "\(String(describing: j))")
+        }
+        try cluster.release(dag: "dag", run: "drain")
+        let finished = try await eventually(timeout: .seconds(30)) { try await ctl("task", held).out.contains("SUCCESS") }
+        #expect(finished && first.isRunning, "\(cluster.logs())")
+        #expect((try await ctl("task", held, "--json").json() as? [String: Any])?["claimed_by"] as? String == "east-1")
+
+        #expect(try await ctl("worker", "restore", "east-1").out.hasPrefix("worker east-1 restored"))
+        let back = try await eventually(timeout: .seconds(20)) { try await state("east-1") == "running" }
+        #expect(back && first.log().contains("drain lifted"), "\(first.log())")
+        #expect(try await ctl("worker", "restore", "east-1").out.contains("was not drained; nothing changed"))
+    }
+
     @Test("workers: jobs claimed ahead show apart from running ones (AHEAD column, claimed_ahead_jobs in --json)")
     func claimedAheadPerWorker() async throws {
         // a heartbeat as a worker holding one job ahead sends it (WorkerProcessTests.heartbeatListsHeldJobs: a real

@@ -87,7 +87,7 @@ public enum DatacenterHealth {
                         : "no heartbeat for \((nowMs - last) / 1000) s (loss threshold \(lossAfterMs / 1000) s)"
                 } else if live.allSatisfy({ $0.state == .draining }) {
                     state.status = .draining
-                    state.reason = "all workers are shutting down"
+                    state.reason = "all workers are draining (shutting down, or drained with executorctl worker drain)"
                 }
             }
             return state

@@ -219,7 +219,9 @@ struct ChildProcessTests {
 
         // the schedule went empty; a new write must still wake the loop
         let later = writes.schedule(after: .milliseconds(10)) { done.withLock { $0.append("later") } }
-        while !done.withLock({ $0.contains("later") }) && clock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        // a wait of its own: on a loaded machine the first one can use up most of its 10 s (a CI run saw 12 s in all)
+        let laterDeadline = clock.now + .seconds(10)
+        while !done.withLock({ $0.contains("later") }) && clock.now < laterDeadline { try await Task.sleep(for: .milliseconds(5)) }
         #expect(await later.cancelUnlessStarted() == false)
         // past the called-off write's time: it never ran
         try await Task.sleep(until: scheduledAt + .milliseconds(1300))

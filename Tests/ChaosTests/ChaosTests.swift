@@ -745,6 +745,15 @@ struct ChaosTests {
         var ids: [String] = []
         var cuts = 0
         for (i, task) in ["ok", "sleep-0.4", "ok", "sleep-0.4", "ok", "sleep-0.4"].enumerated() {
+            // each round's cuts must fall on its own writes: an earlier task still writing (or a spooled write of
+            // it still to be replayed) would take this round's first cut, and its second would find nothing
+            let quiet = try await eventually(timeout: .seconds(60)) { [ids] in
+                let states = try await celeryStates(h.pg, ids)
+                let leases = try await h.redis.send(["ZCARD", Keys.leases]).int ?? -1
+                let spooled = try await BrokerInspector(client: h.redis).workers().first { $0.workerID == "east-1" }?.spooledWrites ?? -1
+                return ids.allSatisfy { states[$0] == "SUCCESS" } && leases == 0 && spooled == 0
+            }
+            #expect(quiet, "round \(i - 1) did not finish before round \(i): \(h.cluster.logs())")
             for n in 0..<(task == "ok" ? 1 : 2) {
                 proxy.arm()
                 if n == 0 { ids += try await h.submit(1, task: task, prefix: "cut\(i)-") }

@@ -22,11 +22,10 @@ public struct StrandedQueue: Sendable, Hashable {
     ) -> [StrandedQueue] {
         var out: [StrandedQueue] = []
         for (queue, n) in waiting.sorted(by: { $0.key < $1.key }) where n > 0 {
-            let serving = workers.filter { $0.queues.contains(queue) }
-            let takers = Set(serving.filter { $0.state == .running && live.contains($0.datacenter) }.map(\.datacenter))
+            let takers = Self.takers(of: queue, workers: workers, live: live)
             let reason: String
             if takers.isEmpty {
-                let elsewhere = Set(serving.map(\.datacenter)).sorted()
+                let elsewhere = Set(workers.filter { $0.queues.contains(queue) }.map(\.datacenter)).sorted()
                 reason = elsewhere.isEmpty
                     ? "no live worker serves queue '\(queue)': start one with --queues \(queue) (TANDEM_QUEUES), or check the queue the tasks name in Airflow"
                     : "queue '\(queue)' is served only in \(elsewhere.joined(separator: ", ")), which takes no work now (lost, draining, or its workers are stopping): see executorctl dc status, or start a worker with --queues \(queue) in another datacenter"
@@ -42,6 +41,12 @@ public struct StrandedQueue: Sendable, Hashable {
             out.append(StrandedQueue(queue: queue, waiting: n, reason: reason))
         }
         return out
+    }
+
+    /// The datacenters that can take `queue`'s work now: those with a running worker serving it, among the
+    /// datacenters that accept work (`live`).
+    public static func takers(of queue: String, workers: [WorkerStatus], live: Set<String>) -> Set<String> {
+        Set(workers.filter { $0.state == .running && live.contains($0.datacenter) && $0.queues.contains(queue) }.map(\.datacenter))
     }
 }
 

@@ -175,12 +175,13 @@ public struct BrokerInspector: Sendable {
             known: names, workers: workers, overrides: overrides, nowMs: now, lossAfterMs: lossAfterMs)
     }
 
-    /// Lengths of the lists where `queue`'s messages wait before dispatch: the dispatcher's staging list, then
-    /// kombu's ingress lists (plain list first, then the priority siblings).
-    public func ingressDepths(queue: String) async throws -> [(list: String, depth: Int)] {
-        let lists = Keys.dispatchSources(queue: queue)
-        let r = try await client.pipeline(lists.map { ["LLEN", $0] })
-        return zip(lists, r).map { ($0, Int($1.int ?? 0)) }
+    /// Every list where each queue's messages wait before dispatch, with its length, in one pipeline: per queue
+    /// the dispatcher's staging list, then kombu's ingress lists (plain list first, then the priority siblings).
+    public func ingressLists(queues: [String]) async throws -> [(queue: String, list: String, depth: Int)] {
+        let lists = queues.flatMap { q in Keys.dispatchSources(queue: q).map { (queue: q, list: $0) } }
+        if lists.isEmpty { return [] }
+        let replies = try await client.pipeline(lists.map { ["LLEN", $0.list] })
+        return zip(lists, replies).map { ($0.queue, $0.list, Int($1.int ?? 0)) }
     }
 
     /// The queues publishers declared: kombu `SADD`s a binding for each queue it publishes to
@@ -212,16 +213,16 @@ public struct BrokerInspector: Sendable {
         return queues.sorted()
     }
 
+    /// The queues whose Airflow lists may hold work: 'default' (where Airflow publishes unless a task names a
+    /// queue) and every queue a publisher declared.
+    public func publishedQueues() async throws -> [String] {
+        Set(try await declaredQueues()).union(["default"]).sorted()
+    }
+
     /// How many messages wait in each queue's lists before dispatch (staging, plain and priority siblings).
     public func ingressWaiting(queues: [String]) async throws -> [String: Int] {
-        if queues.isEmpty { return [:] }
-        let lists = queues.map { Keys.dispatchSources(queue: $0) }
-        let replies = try await client.pipeline(lists.flatMap { $0.map { ["LLEN", $0] } })
         var out: [String: Int] = [:]
-        var i = 0
-        for (q, ls) in zip(queues, lists) {
-            for _ in ls { out[q, default: 0] += Int(replies[i].int ?? 0); i += 1 }
-        }
+        for l in try await ingressLists(queues: queues) { out[l.queue, default: 0] += l.depth }
         return out
     }
 

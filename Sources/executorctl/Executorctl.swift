@@ -105,24 +105,29 @@ struct Queues: AsyncParsableCommand {
 /// What waits in Airflow's lists, per queue, as `executorctl` can judge it (the routing policy lives with the
 /// dispatchers: its log and `tandem_ingress_stranded` also name work the policy sends where nothing serves it).
 struct AirflowLists {
+    /// Each list's length (staging, plain and priority siblings of every queue looked at).
+    var lists: [(queue: String, list: String, depth: Int)] = []
     var waiting: [String: Int] = [:]
     /// Datacenters whose live, running workers serve the queue.
     var servedIn: [String: [String]] = [:]
     /// Queue -> why nothing can take its waiting messages.
     var stranded: [String: String] = [:]
 
-    /// Every queue a publisher declared, 'default', the ones named in `extra` and those workers serve.
-    static func read(_ i: BrokerInspector, lossAfterMs: Int64, extra: [String] = []) async throws -> AirflowLists {
+    static func read(_ i: BrokerInspector, lossAfterMs: Int64) async throws -> AirflowLists {
         let workers = try await i.workers(withinMs: lossAfterMs)
         let live = Set(try await i.datacenters(lossAfterMs: lossAfterMs).filter(\.acceptsWork).map(\.name))
-        var queues = Set(try await i.declaredQueues()).union(["default"]).union(extra)
+        return try await read(i, workers: workers, live: live)
+    }
+
+    /// Looks at 'default', every queue a publisher declared, the ones named in `extra` and those `workers`
+    /// (heard from within the loss window) serve; `live`: the datacenters that accept work.
+    static func read(_ i: BrokerInspector, workers: [WorkerStatus], live: Set<String>, extra: [String] = []) async throws -> AirflowLists {
+        var queues = Set(try await i.publishedQueues()).union(extra)
         for w in workers { queues.formUnion(w.queues) }
         var out = AirflowLists()
-        out.waiting = try await i.ingressWaiting(queues: queues.sorted())
-        for q in queues {
-            out.servedIn[q] = Set(workers.filter { $0.state == .running && live.contains($0.datacenter) && $0.queues.contains(q) }
-                .map(\.datacenter)).sorted()
-        }
+        out.lists = try await i.ingressLists(queues: queues.sorted())
+        for l in out.lists { out.waiting[l.queue, default: 0] += l.depth }
+        for q in queues { out.servedIn[q] = StrandedQueue.takers(of: q, workers: workers, live: live).sorted() }
         for s in StrandedQueue.find(waiting: out.waiting, workers: workers, live: live, policy: nil) { out.stranded[s.queue] = s.reason }
         return out
     }
@@ -639,11 +644,10 @@ struct Ingress: AsyncParsableCommand {
     @Option(help: "Comma-separated queues (default: 'default' and every queue a publisher declared).") var queues: String?
     func run() async throws {
         try await common.withInspector { i in
-            var rows: [(String, Int)] = []
             var names = queues.map { $0.split(separator: ",").map(String.init) } ?? []
-            if queues == nil { names = Set(try await i.declaredQueues()).union(["default"]).sorted() }
-            for q in names { rows += try await i.ingressDepths(queue: q) }
-            let printable = rows.map { ($0.0.replacingOccurrences(of: "\u{06}\u{16}", with: "\\x06\\x16"), $0.1) }
+            if queues == nil { names = try await i.publishedQueues() }
+            let rows = try await i.ingressLists(queues: names)
+            let printable = rows.map { ($0.list.replacingOccurrences(of: "\u{06}\u{16}", with: "\\x06\\x16"), $0.depth) }
             if common.json { printJSON(printable.map { ["list": $0.0, "depth": $0.1] as [String: Any] }) } else {
                 printTable(["LIST", "DEPTH"], printable.map { [$0.0, String($0.1)] })
             }

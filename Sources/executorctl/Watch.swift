@@ -143,9 +143,12 @@ struct Snapshot {
         s.nowMs = try await i.client.time().milliseconds
         s.datacenters = try await i.datacenters(lossAfterMs: lossAfterMs)
         s.queues = try await i.queueStats()
-        s.airflow = try await AirflowLists.read(i, lossAfterMs: lossAfterMs, extra: queues.split(separator: ",").map(String.init))
-        for q in s.airflow.waiting.keys.sorted() { s.ingress += try await i.ingressDepths(queue: q) }
         s.workers = try await i.workers(withinMs: 3_600_000).sorted { ($0.datacenter, $0.workerID) < ($1.datacenter, $1.workerID) }
+        // what can take work is judged as the datacenters are: by workers heard from within the loss window
+        s.airflow = try await AirflowLists.read(
+            i, workers: s.workers.filter { s.nowMs - $0.lastSeenMs <= lossAfterMs },
+            live: Set(s.datacenters.filter(\.acceptsWork).map(\.name)), extra: queues.split(separator: ",").map(String.init))
+        s.ingress = s.airflow.lists.map { ($0.list, $0.depth) }
         let l = try await i.leases()
         s.leases = l.count
         s.expiredLeases = l.filter { $0.remainingMs < 0 }.count

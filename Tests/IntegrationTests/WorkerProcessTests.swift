@@ -752,7 +752,7 @@ struct WorkerProcessTests {
         #expect(try await dcs(r2) == ["west"])
         try await Task.sleep(for: .seconds(2))
         #expect(try await states(a2).isEmpty, "a pinned queue without fallback must wait for its datacenter")
-        let waitingAudit = try await BrokerInspector(client: redis).ingressDepths(queue: "audit").map(\.depth).reduce(0, +)
+        let waitingAudit = try await BrokerInspector(client: redis).ingressWaiting(queues: ["audit"])["audit"] ?? -1
         #expect(waitingAudit == 2, "both audit messages wait (kombu's list or the dispatcher's staging list)")
 
         // east back: the waiting audit work runs there, and reports returns to east

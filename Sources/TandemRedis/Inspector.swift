@@ -15,6 +15,37 @@ public struct LeaderLease: Sendable, Equatable {
     public var isLive: Bool { deadlineMs >= nowMs }
 }
 
+/// What `BrokerInspector.handBack` gave back to Airflow's lists, per Airflow queue, and what it left.
+public struct HandBack: Sendable, Equatable {
+    public struct Counts: Sendable, Equatable {
+        /// Queued in a datacenter queue, not claimed.
+        public var queued = 0
+        /// Parked by a dispatcher between Airflow's list and a datacenter queue.
+        public var staged = 0
+        /// Claimed by a worker that is gone (its lease ran out).
+        public var expiredLeases = 0
+        public var total: Int { queued + staged + expiredLeases }
+
+        public init(queued: Int = 0, staged: Int = 0, expiredLeases: Int = 0) {
+            self.queued = queued
+            self.staged = staged
+            self.expiredLeases = expiredLeases
+        }
+    }
+    /// A job still held under a live lease: its worker is running it (or holds it ahead).
+    public struct Held: Sendable, Equatable {
+        public var jobID: String
+        public var owner: String
+        public var datacenter: String
+        public var queue: String
+    }
+    public var moved: [String: Counts] = [:]
+    public var stillLeased: [Held] = []
+    /// Queue entries whose job was already gone (nothing to give back).
+    public var dropped = 0
+    public var total: Int { moved.values.map(\.total).reduce(0, +) }
+}
+
 /// Redis's memory against its `maxmemory`: at the limit (with `noeviction`) Redis refuses Airflow's publishes, so
 /// new tasks cannot be queued (Tandem's own scripts keep running work going, SPEC decision 20).
 public struct RedisMemory: Sendable, Equatable {
@@ -223,6 +254,47 @@ public struct BrokerInspector: Sendable {
     public func ingressWaiting(queues: [String]) async throws -> [String: Int] {
         var out: [String: Int] = [:]
         for l in try await ingressLists(queues: queues) { out[l.queue, default: 0] += l.depth }
+        return out
+    }
+
+    /// Gives the work Tandem holds back to Airflow's lists, each message unchanged, so stock Celery workers take
+    /// it (a rollback to `airflow celery worker`): queued jobs of every datacenter queue, the message a
+    /// dispatcher parked in its staging list, and jobs whose lease ran out (their worker is gone). Jobs a live
+    /// lease holds stay with the worker running them (`stillLeased`). `queues` nil: every queue. Next in line
+    /// afterwards: the jobs in dispatch order, then the parked message, then what Airflow published since.
+    /// Each message moves in one script step (handback.lua), so a crash midway leaves every message in one place.
+    public func handBack(queues only: Set<String>? = nil, batch: Int = 1_000) async throws -> HandBack {
+        var out = HandBack()
+        func wanted(_ q: String) -> Bool { only?.contains(q) ?? true }
+        // a parked message came after everything already dispatched: it goes back first, so the dispatched jobs
+        // (older) land on its consuming side
+        var names = Set(try await publishedQueues())
+        for q in try await knownQueues() { names.insert(q.queue) }
+        for q in names.sorted() where wanted(q) {
+            while try await client.send(["LMOVE", Keys.staging(queue: q), q, "LEFT", "RIGHT"]).string != nil {
+                out.moved[q, default: HandBack.Counts()].staged += 1
+            }
+        }
+        let queueKeys = try await knownQueues().filter { wanted($0.queue) }.map { Keys.queue(datacenter: $0.datacenter, queue: $0.queue) }
+        let expired = try await leases().filter { wanted($0.queue) && $0.remainingMs < 0 }.map(\.jobID)
+            .sorted { (Int64($0) ?? 0) > (Int64($1) ?? 0) }
+        while true {
+            let r = try await client.eval(BrokerScripts.handBack, keys: [Keys.leases] + queueKeys, args: [String(batch)] + expired).array ?? []
+            let dropped = Int(r.first?.int ?? 0)
+            out.dropped += dropped
+            var moved = 0
+            for i in stride(from: 1, to: r.count - 1, by: 2) {
+                let queue = r[i + 1].string ?? ""
+                if r[i].string == "lease" { out.moved[queue, default: HandBack.Counts()].expiredLeases += 1 } else {
+                    out.moved[queue, default: HandBack.Counts()].queued += 1
+                }
+                moved += 1
+            }
+            if moved + dropped < batch { break }
+        }
+        // what a live lease holds, as it stands after the moves (one may have run out meanwhile: run again)
+        out.stillLeased = try await leases().filter { wanted($0.queue) && $0.remainingMs >= 0 }
+            .map { HandBack.Held(jobID: $0.jobID, owner: $0.owner, datacenter: $0.datacenter, queue: $0.queue) }
         return out
     }
 

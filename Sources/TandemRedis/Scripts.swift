@@ -16,8 +16,9 @@ public enum BrokerScripts {
     public static let replay = load("replay")
     public static let purge = load("purge")
     public static let leader = load("leader")
+    public static let handBack = load("handback")
 
-    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader]
+    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader, handBack]
 
     private static func load(_ name: String) -> RedisScript {
         guard let url = Bundle.module.url(forResource: name, withExtension: "lua", subdirectory: "Scripts"),

@@ -455,6 +455,60 @@ struct BrokerScriptTests {
         #expect(try jobs.map(taskID) == [kept])
     }
 
+    @Test("handback gives every message no live worker holds back to its Airflow list, byte for byte, in dispatch order ahead of newer work; a live lease stays; an orphaned queue entry is dropped")
+    func handBackToCelery() async throws {
+        var raw: [String: String] = [:]  // task id -> the element exactly as published
+        func published(_ id: String, priority: Int? = nil) async throws {
+            _ = try await publish(priority: priority, id: id)
+            let list = priority == nil ? "default" : "default\u{06}\u{16}9"
+            raw[id] = try await broker.client.send(["LINDEX", list, "0"]).string
+        }
+        for id in ["m0", "m1", "m2", "m3"] { try await published(id) }
+        try await published("low", priority: 9)
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 2, epoch: nil) == 2)  // m0, m1
+        #expect(try await broker.dispatch(queue: "default", to: "west", max: 10, epoch: nil) == 3)  // m2, m3, low
+        try await published("m4")
+        #expect(try await broker.waitForIngress(queue: "default", timeout: .milliseconds(100)))  // m4 parked
+        try await published("m5")  // published since: stays where it is, behind the handed-back work
+        // east: m0 claimed and its worker gone (lease ran out); west: m2 claimed and running (live lease)
+        let gone = try #require(try await broker.claim(workerID: "east-1", datacenter: "east", queues: ["default"], max: 1, leaseMs: 60000).first)
+        #expect(try taskID(gone) == "m0")
+        #expect(try await broker.renew(workerID: "east-1", jobs: [(gone.jobID, gone.token)], leaseMs: 1) == [true])
+        let running = try #require(try await broker.claim(workerID: "west-1", datacenter: "west", queues: ["default"], max: 1, leaseMs: 60000).first)
+        #expect(try taskID(running) == "m2")
+        // an entry whose job hash is gone (nothing to hand back)
+        _ = try await broker.client.send(["LPUSH", Keys.queue(datacenter: "east", queue: "default"), "999999"])
+        try await Task.sleep(for: .milliseconds(20))
+
+        let done = try await BrokerInspector(client: broker.client).handBack(batch: 2)
+        #expect(done.moved["default"] == HandBack.Counts(queued: 3, staged: 1, expiredLeases: 1), "\(done)")
+        #expect(done.stillLeased.map(\.jobID) == [running.jobID] && done.stillLeased.first?.owner == "west-1")
+        #expect(done.dropped == 1)
+        // kombu consumes each list from the right: what a stock worker takes next, in order
+        let plain = (try await broker.client.send(["LRANGE", "default", "0", "-1"]).array ?? []).map { $0.string ?? "" }
+        #expect(try plain.reversed().map { try CeleryTask.decode(raw: Array($0.utf8)).id } == ["m0", "m1", "m3", "m4", "m5"])
+        let prio = (try await broker.client.send(["LRANGE", "default\u{06}\u{16}9", "0", "-1"]).array ?? []).map { $0.string ?? "" }
+        #expect(try prio.map { try CeleryTask.decode(raw: Array($0.utf8)).id } == ["low"])
+        for element in plain + prio {
+            let id = try CeleryTask.decode(raw: Array(element.utf8)).id
+            #expect(raw[id] == element, "\(id) goes back byte for byte")
+        }
+        // Tandem keeps only the job under the live lease
+        for dc in ["east", "west"] {
+            #expect(try await broker.client.send(["LLEN", Keys.queue(datacenter: dc, queue: "default")]).int == 0)
+        }
+        #expect(try await broker.client.send(["LLEN", Keys.staging(queue: "default")]).int == 0)
+        #expect(try await broker.client.send(["ZRANGE", Keys.leases, "0", "-1"]).array?.map { $0.string ?? "" } == [running.jobID])
+        #expect(try await broker.client.send(["EXISTS", Keys.job(gone.jobID)]).int == 0)
+        #expect(try await broker.client.send(["EXISTS", Keys.job(running.jobID)]).int == 1)
+        // the script checks each lease against Redis's clock itself: one renewed since it was read stays
+        let raced = try await broker.client.eval(BrokerScripts.handBack, keys: [Keys.leases], args: ["10", running.jobID]).array ?? []
+        #expect(raced.count == 1 && raced.first?.int == 0, "a live lease is never handed back: \(raced)")
+        // again: nothing more to give; the running job is still named
+        let again = try await BrokerInspector(client: broker.client).handBack()
+        #expect(again.total == 0 && again.stillLeased.count == 1)
+    }
+
     @Test("heartbeat records the worker on Redis's clock and the inspector reads it back")
     func heartbeat() async throws {
         let s = WorkerStatus(

@@ -6,44 +6,6 @@ import TandemRedis
 import Testing
 import TestSupport
 
-/// What one run of the executorctl binary did.
-struct Run: CustomStringConvertible {
-    var code: Int32
-    var out: String
-    var err: String
-    var description: String { "exit \(code)\n--- stdout\n\(out)\n--- stderr\n\(err)" }
-    func json() throws -> Any { try JSONSerialization.jsonObject(with: Data(out.utf8)) }
-    var errLines: [Substring] { err.split(separator: "\n") }
-}
-
-/// Runs the built executorctl with stdin from /dev/null (no terminal: confirmations refuse) and stdout to a file.
-func executorctl(_ args: [String], env: [String: String] = [:]) async throws -> Run {
-    let bin = try Repo.binary("executorctl")
-    return try await offPool {
-        let dir = NSTemporaryDirectory() + "ctl-" + UUID().uuidString.prefix(8)
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        FileManager.default.createFile(atPath: dir + "/out", contents: nil)
-        FileManager.default.createFile(atPath: dir + "/err", contents: nil)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: bin)
-        p.arguments = args
-        var e = ProcessInfo.processInfo.environment
-        for k in e.keys where k.hasPrefix("AIRFLOW__") || k.hasPrefix("TANDEM_") { e[k] = nil }
-        for (k, v) in env { e[k] = v }
-        p.environment = e
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = FileHandle(forWritingAtPath: dir + "/out")!
-        p.standardError = FileHandle(forWritingAtPath: dir + "/err")!
-        try p.run()
-        p.waitUntilExit()
-        return Run(
-            code: p.terminationStatus,
-            out: (try? String(contentsOfFile: dir + "/out", encoding: .utf8)) ?? "",
-            err: (try? String(contentsOfFile: dir + "/err", encoding: .utf8)) ?? "")
-    }
-}
-
 @Suite("executorctl against real servers", .serialized)
 struct ExecutorctlTests {
     let cluster: Cluster
@@ -361,6 +323,30 @@ struct ExecutorctlTests {
         let served = try await ctl("queues")
         #expect(!served.out.contains("no live worker"), "\(served)")
         #expect(served.out.split(separator: "\n").first { $0.hasPrefix("gpu ") }?.contains("west") == true, "\(served)")
+    }
+
+    @Test("handback: asks first (refuses without a terminal), gives back only the queues named, prints what moved and what to start; a second run has nothing to do")
+    func handBackTable() async throws {
+        let broker = RedisBroker(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "t"))
+        defer { broker.close() }
+        for q in ["default", "default", "gpu"] {
+            #expect(try await ctl("submit", "--queue", q, "--", "airflow", "tasks", "run", "d", "t", "r").code == 0)
+        }
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 2)
+        #expect(try await broker.dispatch(queue: "gpu", to: "west", max: 10, epoch: nil) == 1)
+        let asked = try await ctl("handback")
+        #expect(asked.code == 1 && asked.err.contains("pass --yes"), "\(asked)")
+        #expect(try await redis.send(["LLEN", "default"]).int == 0, "declined: nothing moved")
+        let one = try await ctl("handback", "--yes", "--queues", "default")
+        #expect(one.code == 0, "\(one)")
+        let row = one.out.split(separator: "\n").first { $0.hasPrefix("default ") }.map(String.init) ?? ""
+        #expect(row.split(separator: " ") == ["default", "2", "0", "0", "2"], "\(one)")
+        #expect(one.out.contains("2 message(s) are back in Airflow's lists, unchanged: start stock workers (airflow celery worker --queues default)"), "\(one)")
+        #expect(try await redis.send(["LLEN", "default"]).int == 2)
+        #expect(try await redis.send(["LLEN", "gpu"]).int == 0)
+        #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "west", queue: "gpu")]).int == 1, "gpu was not named: it stays")
+        let again = try await ctl("handback", "--yes", "--queues", "default")
+        #expect(again.code == 0 && again.out.contains("nothing to hand back"), "\(again)")
     }
 
     @Test("workers: each one's version, and 'gone?' once silent past the loss threshold (not the state it last reported)")

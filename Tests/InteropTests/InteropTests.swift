@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Postgres
 import Redis
+import CeleryWire
 import TandemRedis
 import Testing
 import TestSupport
@@ -229,6 +230,85 @@ struct InteropTests {
         // the publisher still learns the outcome: a FAILURE it can read, never a SUCCESS
         let f = try await env.finalStates(foreign)
         #expect(f.count == foreign.count && f.values.allSatisfy { $0 == "FAILURE" }, "\(f)")
+    }
+
+    @Test("rollback to stock Celery: executorctl handback refuses while Tandem runs, then gives its work back to Airflow's list; a real Celery worker runs every task, none twice at once (the one a killed worker held: again, once its lease ran out)")
+    func rollbackToStockCelery() async throws {
+        let cluster = try Cluster()
+        let redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "rollback"))
+        let pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "rollback"))
+        defer { redis.close(); pg.close() }
+        let ctlEnv = ["AIRFLOW__CELERY__BROKER_URL": cluster.brokerURL]
+        // a wide prefetch window: the dispatcher moves everything into east's queue, so there is queued work to give
+        let dispatcher = try cluster.startDispatcher(extra: ["--leader-lease", "2", "--prefetch-window", "100"])
+        let worker = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1", "--lease-ttl", "3", "--renew-every", "1"])
+        var ids = [try await publishAirflowCommand(redis, dag: "rollback", task: "hold", run: "r0")]
+        for i in 1...5 { ids.append(try await publishAirflowCommand(redis, dag: "rollback", task: "ok", run: "r\(i)")) }
+        let holding = try await eventually(timeout: .seconds(30)) {
+            let queued = try await redis.send(["LLEN", Keys.queue(datacenter: "east", queue: "default")]).int ?? 0
+            return queued == 5 && cluster.taskEvents().contains { $0.event == "start" && $0.key == "rollback.hold.r0" }
+        }
+        try #require(holding, "east-1 runs r0 with the other five queued behind it: \(cluster.logs())")
+
+        let whileLeading = try await executorctl(["handback", "--yes"], env: ctlEnv)
+        #expect(whileLeading.code == 1 && whileLeading.err.contains("leads") && whileLeading.err.contains("Stop every swift-dispatcher"), "\(whileLeading)")
+        // the rollback: the worker dies (its task with it), the dispatcher is stopped
+        worker.signal(SIGKILL)
+        dispatcher.signal(SIGTERM)
+        #expect(await dispatcher.waitForExit(timeout: .seconds(20)) == 0, "\(dispatcher.log())")
+        #expect(await worker.waitForExit(timeout: .seconds(10)) != nil)
+        let whileHeard = try await executorctl(["handback", "--yes"], env: ctlEnv)
+        #expect(whileHeard.code == 1 && whileHeard.err.contains("workers still run: east-1"), "\(whileHeard)")
+        #expect(try await redis.send(["LLEN", "default"]).int == 0, "a refusal changes nothing")
+        // once east-1 is silent past --dc-loss-after and its lease has run out
+        try await Task.sleep(for: .seconds(4))
+        let done = try await executorctl(["handback", "--yes", "--json", "--dc-loss-after", "3"], env: ctlEnv)
+        #expect(done.code == 0, "\(done)")
+        let report = try #require(try done.json() as? [String: Any], "\(done)")
+        let counts = (report["handed_back"] as? [String: [String: Int]])?["default"]
+        #expect(counts == ["queued": 5, "staged": 0, "expired_leases": 1], "\(done)")
+        #expect((report["still_leased"] as? [Any])?.isEmpty == true)
+        let waiting = (try await redis.send(["LRANGE", "default", "0", "-1"]).array ?? []).compactMap(\.string)
+        #expect(try waiting.reversed().map { try CeleryTask.decode(raw: Array($0.utf8)).id } == ids, "next in line: r0, then r1…r5")
+        #expect(try await redis.send(["ZCARD", Keys.leases]).int == 0)
+
+        // stock Celery takes over: a Celery 5.6 prefork worker configured as Airflow configures it
+        try cluster.release(dag: "rollback", run: "r0")
+        let celery = Process()
+        let bin = Repo.root + "/.venv/celery56/bin/"
+        guard FileManager.default.isExecutableFile(atPath: bin + "celery") else {
+            throw InteropError("the Python venv .venv/celery56 is missing: run scripts/pyenv before the interop tests")
+        }
+        // a process started from a test's thread inherits its blocked signals (a Dispatch worker blocks them):
+        // unblock them first, or Celery never sees the SIGTERM that ends it
+        celery.executableURL = URL(fileURLWithPath: bin + "python")
+        celery.arguments = ["-c", "import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); os.execv(sys.argv[1], sys.argv[1:])",
+                            bin + "celery", "-A", "benchapp", "worker", "--queues", "default", "--pool", "prefork",
+                            "--concurrency", "2", "--loglevel", "INFO", "--hostname", "rollback@%h"]
+        celery.environment = ProcessInfo.processInfo.environment.merging(cluster.environment) { $1 }.merging([
+            "BENCH_BROKER": cluster.brokerURL, "BENCH_BACKEND": cluster.resultBackend,
+            "PYTHONPATH": Repo.root + "/Benchmarks", "PYTHONDONTWRITEBYTECODE": "1",
+        ]) { $1 }
+        let celeryLog = cluster.dir + "/celery.log"
+        FileManager.default.createFile(atPath: celeryLog, contents: nil)
+        celery.standardOutput = FileHandle(forWritingAtPath: celeryLog)
+        celery.standardError = FileHandle(forWritingAtPath: celeryLog)
+        try celery.run()
+        defer { if celery.isRunning { kill(celery.processIdentifier, SIGKILL); celery.waitUntilExit() } }
+        let states = try await waitForCeleryFinal(pg, ids)
+        let log = (try? String(contentsOfFile: celeryLog, encoding: .utf8)) ?? ""
+        #expect(ids.allSatisfy { states[$0] == "SUCCESS" }, "\(states)\n\(log.suffix(3000))")
+        let events = cluster.taskEvents()
+        let starts = Dictionary(grouping: events.filter { $0.event == "start" }, by: \.key).mapValues(\.count)
+        #expect(starts["rollback.hold.r0"] == 2, "r0: killed under Tandem, run again by Celery: \(events)")
+        #expect((1...5).allSatisfy { starts["rollback.ok.r\($0)"] == 1 }, "\(events)")
+        #expect(!events.contains { $0.event == "DUPLICATE" }, "\(events)")
+        // Celery ran them under their own Celery ids (Airflow's external_executor_id), as it always would
+        #expect(Set(events.filter { $0.event == "start" && $0.key != "rollback.hold.r0" }.map(\.executorID)) == Set(ids.dropFirst()))
+        // a warm shutdown, as an operator stops it
+        kill(celery.processIdentifier, SIGTERM)
+        let stopped = await eventually(timeout: .seconds(30)) { !celery.isRunning }
+        #expect(stopped && celery.terminationStatus == 0, "\(log.suffix(2000))")
     }
 
     // MARK: - Message builders

@@ -17,8 +17,9 @@ public enum BrokerScripts {
     public static let purge = load("purge")
     public static let leader = load("leader")
     public static let handBack = load("handback")
+    public static let adopt = load("adopt")
 
-    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader, handBack]
+    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader, handBack, adopt]
 
     private static func load(_ name: String) -> RedisScript {
         guard let url = Bundle.module.url(forResource: name, withExtension: "lua", subdirectory: "Scripts"),

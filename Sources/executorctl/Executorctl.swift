@@ -16,14 +16,14 @@ struct Executorctl: AsyncParsableCommand {
         abstract: "Shows and steers Tandem: queues, workers, tasks, datacenters, dead letters.",
         discussion: """
             Tables are coloured on a terminal (NO_COLOR turns that off); every command takes --json for scripts.
-            Destructive commands (dc fail, dlq replay, dlq purge, handback) ask first unless --yes; without a terminal to ask
+            Destructive commands (dc fail, dlq replay, dlq purge, adopt, handback) ask first unless --yes; without a terminal to ask
             on they refuse.
             Exit codes: 0 ok, 1 not found / refused / declined, 2 cannot reach Redis or Postgres, 64 bad usage.
             """,
         version: TandemVersion.current,
         subcommands: [
             Queues.self, Workers.self, WorkerCmd.self, TaskCmd.self, Submit.self, DC.self, DispatcherCmd.self, DLQ.self,
-            Leases.self, Ingress.self, Watch.self, HandBackCmd.self,
+            Leases.self, Ingress.self, Watch.self, AdoptCmd.self, HandBackCmd.self,
         ])
 }
 

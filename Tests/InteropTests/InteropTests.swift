@@ -274,30 +274,9 @@ struct InteropTests {
 
         // stock Celery takes over: a Celery 5.6 prefork worker configured as Airflow configures it
         try cluster.release(dag: "rollback", run: "r0")
-        let celery = Process()
-        let bin = Repo.root + "/.venv/celery56/bin/"
-        guard FileManager.default.isExecutableFile(atPath: bin + "celery") else {
-            throw InteropError("the Python venv .venv/celery56 is missing: run scripts/pyenv before the interop tests")
-        }
-        // a process started from a test's thread inherits its blocked signals (a Dispatch worker blocks them):
-        // unblock them first, or Celery never sees the SIGTERM that ends it
-        celery.executableURL = URL(fileURLWithPath: bin + "python")
-        celery.arguments = ["-c", "import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); os.execv(sys.argv[1], sys.argv[1:])",
-                            bin + "celery", "-A", "benchapp", "worker", "--queues", "default", "--pool", "prefork",
-                            "--concurrency", "2", "--loglevel", "INFO", "--hostname", "rollback@%h"]
-        celery.environment = ProcessInfo.processInfo.environment.merging(cluster.environment) { $1 }.merging([
-            "BENCH_BROKER": cluster.brokerURL, "BENCH_BACKEND": cluster.resultBackend,
-            "PYTHONPATH": Repo.root + "/Benchmarks", "PYTHONDONTWRITEBYTECODE": "1",
-        ]) { $1 }
-        let celeryLog = cluster.dir + "/celery.log"
-        FileManager.default.createFile(atPath: celeryLog, contents: nil)
-        celery.standardOutput = FileHandle(forWritingAtPath: celeryLog)
-        celery.standardError = FileHandle(forWritingAtPath: celeryLog)
-        try celery.run()
-        defer { if celery.isRunning { kill(celery.processIdentifier, SIGKILL); celery.waitUntilExit() } }
+        let celery = try StockCeleryWorker(cluster: cluster, name: "rollback")
         let states = try await waitForCeleryFinal(pg, ids)
-        let log = (try? String(contentsOfFile: celeryLog, encoding: .utf8)) ?? ""
-        #expect(ids.allSatisfy { states[$0] == "SUCCESS" }, "\(states)\n\(log.suffix(3000))")
+        #expect(ids.allSatisfy { states[$0] == "SUCCESS" }, "\(states)\n\(celery.log().suffix(3000))")
         let events = cluster.taskEvents()
         let starts = Dictionary(grouping: events.filter { $0.event == "start" }, by: \.key).mapValues(\.count)
         #expect(starts["rollback.hold.r0"] == 2, "r0: killed under Tandem, run again by Celery: \(events)")
@@ -306,9 +285,74 @@ struct InteropTests {
         // Celery ran them under their own Celery ids (Airflow's external_executor_id), as it always would
         #expect(Set(events.filter { $0.event == "start" && $0.key != "rollback.hold.r0" }.map(\.executorID)) == Set(ids.dropFirst()))
         // a warm shutdown, as an operator stops it
-        kill(celery.processIdentifier, SIGTERM)
-        let stopped = await eventually(timeout: .seconds(30)) { !celery.isRunning }
-        #expect(stopped && celery.terminationStatus == 0, "\(log.suffix(2000))")
+        #expect(await celery.stop() == 0, "\(celery.log().suffix(2000))")
+    }
+
+    @Test("moving from stock Celery: what a killed Celery worker reserved (kombu's unacked hash) is shown, left while it may still be running, and restored by executorctl adopt as kombu would; Tandem then runs every task, none twice at once")
+    func adoptFromStockCelery() async throws {
+        let cluster = try Cluster()
+        let redis = RedisClient(configuration: try RedisConfiguration(url: cluster.redis.url), logger: Logger(label: "adopt"))
+        let pg = PostgresClient(configuration: try PostgresConfiguration(url: cluster.postgresURL), logger: Logger(label: "adopt"))
+        defer { redis.close(); pg.close() }
+        let ctlEnv = ["AIRFLOW__CELERY__BROKER_URL": cluster.brokerURL]
+        // a Celery worker (2 slots) takes two tasks that hold, and is killed with everything it started
+        let celery = try StockCeleryWorker(cluster: cluster, name: "adopt")
+        var ids: [String] = []
+        for i in 0..<2 { ids.append(try await publishAirflowCommand(redis, dag: "adopt", task: "hold", run: "r\(i)")) }
+        for i in 2..<4 { ids.append(try await publishAirflowCommand(redis, dag: "adopt", task: "ok", run: "r\(i)")) }
+        let holding = try await eventually(timeout: .seconds(60)) {
+            cluster.taskEvents().filter { $0.event == "start" && $0.key.hasPrefix("adopt.hold.") }.count == 2
+        }
+        try #require(holding, "\(celery.log().suffix(3000))")
+        celery.kill()
+        let reserved = try await redis.send(["HLEN", "unacked"]).int ?? 0
+        let waiting = try await redis.send(["LLEN", "default"]).int ?? 0
+        #expect(reserved >= 2 && reserved + waiting == 4, "unacked \(reserved), in the list \(waiting)")
+        for i in 0..<2 { try cluster.release(dag: "adopt", run: "r\(i)") }
+        // what kombu's own restore writes for the same reservations, in a copy on database 1
+        let copyURL = String(cluster.redis.url.dropLast(2)) + "/1"
+        let copy = RedisClient(configuration: try RedisConfiguration(url: copyURL), logger: Logger(label: "adopt"))
+        defer { copy.close() }
+        for (key, kind) in [("unacked", "hash"), ("unacked_index", "zset"), ("_kombu.binding.default", "set")] {
+            #expect(try await redis.send(["COPY", key, key, "DB", "1"]).int == 1, "the \(kind) \(key) is copied")
+        }
+        let kombu = try await Venv.celery56.run("celery_client.py", ["op": "kombu-restore", "broker": copyURL,
+            "backend": cluster.resultBackend, "lists": ["default"]], dir: cluster.dir)
+        let kombuElements = kombu["lists"]["default"].strings
+        let kombuRestored = (kombu["restored"].value as? Int) ?? -1
+        #expect(kombuRestored == Int(reserved) && kombuElements.count == Int(reserved), "\(kombu)")
+
+        // recent reservations are left (a live Celery worker may be running them); --dry-run shows what --all does
+        let cautious = try await executorctl(["adopt", "--yes"], env: ctlEnv)
+        #expect(cautious.code == 0 && cautious.out.contains("0 of \(reserved) restored") && cautious.out.contains("under --visibility-timeout"), "\(cautious)")
+        let dry = try await executorctl(["adopt", "--all", "--dry-run"], env: ctlEnv)
+        #expect(dry.code == 0 && dry.out.contains("would restore to default") && dry.out.contains("adopt.hold r0"), "\(dry)")
+        #expect(try await redis.send(["HLEN", "unacked"]).int == reserved, "neither changed anything")
+        let adopted = try await executorctl(["adopt", "--all", "--yes", "--json"], env: ctlEnv)
+        let rows = try #require(try adopted.json() as? [[String: Any]], "\(adopted)")
+        #expect(rows.count == reserved && rows.allSatisfy { $0["restored"] as? Bool == true }, "\(adopted)")
+        #expect(try await redis.send(["HLEN", "unacked"]).int == 0)
+        #expect(try await redis.send(["ZCARD", "unacked_index"]).int == 0)
+        // as kombu restores: marked redelivered, the rest of the envelope as published
+        let elements = (try await redis.send(["LRANGE", "default", "0", "-1"]).array ?? []).compactMap(\.string)
+        let decoded = try elements.map { try KombuEnvelope.decode(Array($0.utf8)) }
+        #expect(decoded.count == 4 && decoded.filter(\.redelivered).count == reserved, "\(elements)")
+        let ours = zip(elements, decoded).filter { $0.1.redelivered }.map(\.0)
+        #expect(ours.sorted() == kombuElements.sorted(), "byte for byte what kombu's own restore writes:\nours  \(ours)\nkombu \(kombuElements)")
+        #expect(try Set(elements.map { try CeleryTask.decode(raw: Array($0.utf8)).id }) == Set(ids))
+
+        // Tandem takes it from here
+        try cluster.startDispatcher()
+        try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2"])
+        let states = try await waitForCeleryFinal(pg, ids)
+        #expect(ids.allSatisfy { states[$0] == "SUCCESS" }, "\(states)\n\(cluster.logs())")
+        let events = cluster.taskEvents()
+        let starts = Dictionary(grouping: events.filter { $0.event == "start" }, by: \.key).mapValues(\.count)
+        #expect(starts["adopt.hold.r0"] == 2 && starts["adopt.hold.r1"] == 2, "killed under Celery, run again by Tandem: \(events)")
+        #expect(starts["adopt.ok.r2"] == 1 && starts["adopt.ok.r3"] == 1, "\(events)")
+        #expect(!events.contains { $0.event == "DUPLICATE" }, "\(events)")
+        let none = try await executorctl(["adopt"], env: ctlEnv)
+        #expect(none.code == 0 && none.out.contains("nothing to adopt"), "\(none)")
     }
 
     // MARK: - Message builders
@@ -625,4 +669,59 @@ final class InteropCluster: @unchecked Sendable {
         #expect(left.isEmpty, "workload files left behind: \(left)",
             sourceLocation: sourceLocation)
     }
+}
+
+/// A stock Celery 5.6 prefork worker configured as Airflow's CeleryExecutor configures it (Benchmarks/benchapp.py:
+/// `execute_command` runs the argv as the provider does), on the cluster's Redis and Postgres; the fake `airflow`
+/// records what it runs. In a session of its own, so `kill()` takes its pool and their tasks with it.
+final class StockCeleryWorker: @unchecked Sendable {
+    let process = Process()
+    let logPath: String
+
+    init(cluster: Cluster, name: String, concurrency: Int = 2) throws {
+        let bin = Repo.root + "/.venv/celery56/bin/"
+        guard FileManager.default.isExecutableFile(atPath: bin + "celery") else {
+            throw InteropError("the Python venv .venv/celery56 is missing: run scripts/pyenv before the interop tests")
+        }
+        // a process started from a test's thread inherits its blocked signals (a Dispatch worker blocks them):
+        // unblock them first, or Celery never sees the SIGTERM that ends it
+        process.executableURL = URL(fileURLWithPath: bin + "python")
+        process.arguments = [
+            "-c", """
+            import os, signal, sys
+            if os.getpgrp() != os.getpid():
+                os.setsid()
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execv(sys.argv[1], sys.argv[1:])
+            """,
+            bin + "celery", "-A", "benchapp", "worker", "--queues", "default", "--pool", "prefork",
+            "--concurrency", String(concurrency), "--loglevel", "INFO", "--hostname", "\(name)@%h",
+        ]
+        process.environment = ProcessInfo.processInfo.environment.merging(cluster.environment) { $1 }.merging([
+            "BENCH_BROKER": cluster.brokerURL, "BENCH_BACKEND": cluster.resultBackend,
+            "PYTHONPATH": Repo.root + "/Benchmarks", "PYTHONDONTWRITEBYTECODE": "1",
+        ]) { $1 }
+        logPath = cluster.dir + "/celery-\(name).log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.standardOutput = FileHandle(forWritingAtPath: logPath)
+        process.standardError = FileHandle(forWritingAtPath: logPath)
+        try process.run()
+    }
+
+    func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// SIGKILL to the whole session: the worker, its pool and the tasks they started.
+    func kill() {
+        Foundation.kill(-process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// A warm shutdown (SIGTERM), as an operator stops it; its exit status, or nil if it did not stop in 30 s.
+    func stop() async -> Int32? {
+        Foundation.kill(process.processIdentifier, SIGTERM)
+        let stopped = await eventually(timeout: .seconds(30)) { !self.process.isRunning }
+        return stopped ? process.terminationStatus : nil
+    }
+
+    deinit { if process.isRunning { kill() } }
 }

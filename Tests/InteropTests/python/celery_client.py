@@ -17,6 +17,11 @@ the answer on stdout as one line "TANDEM-RESULT <json>", which Swift asserts on.
        Publishes each task and blocks in .get() right away, while that task is still running. With the Redis backend
        .get() learns the outcome only from the PUBLISH on celery-task-meta-<id> (it reads the key once at the
        start and then only listens), so a result written without PUBLISH makes it time out.
+
+    {"op": "kombu-restore", "broker": URL, "backend": URL, "lists": [NAME, ...]}
+        -> {"restored": N, "lists": {NAME: [element, ...]}}
+       kombu's own restore (QoS.restore_by_tag, what a Celery worker does for a reservation past
+       visibility_timeout) of every entry in the broker's `unacked` hash; then each named list, as stored.
 """
 import json
 import platform
@@ -103,6 +108,15 @@ def main():
             out["ids"].append(r.id)
             out["results"][r.id] = {"state_before_get": before, "get": got, "seconds": seconds,
                                     "state": after.state, "status": after.status}
+    elif op == "kombu-restore":
+        with app.connection_for_write() as conn:
+            ch = conn.default_channel
+            client = ch.client
+            tags = client.hkeys(ch.unacked_key)
+            for tag in tags:
+                ch.qos.restore_by_tag(tag, client)
+            out["restored"] = len(tags)
+            out["lists"] = {n: [v.decode() for v in client.lrange(n, 0, -1)] for n in req["lists"]}
     elif op == "read":
         out["results"] = {i: read_one(app, i, req.get("get_timeout")) for i in req["ids"]}
     else:

@@ -15,6 +15,8 @@ public protocol DispatcherObserver: Sendable {
     func ingress(waiting: [String: Int], stranded: [StrandedQueue])
     /// Called periodically with Redis's memory use and its maxmemory (0: none).
     func redisMemory(usedBytes: Int64, maxBytes: Int64)
+    /// Called periodically with how many messages stock Celery workers reserved and never acked.
+    func celeryReserved(count: Int)
     /// Leadership changed: this dispatcher leads with `epoch`, or (nil) is a standby.
     func leadership(epoch: Int64?)
     func brokerError()
@@ -31,6 +33,7 @@ extension DispatcherObserver {
     public func queues(_ stats: [QueueStats]) {}
     public func ingress(waiting: [String: Int], stranded: [StrandedQueue]) {}
     public func redisMemory(usedBytes: Int64, maxBytes: Int64) {}
+    public func celeryReserved(count: Int) {}
     public func leadership(epoch: Int64?) {}
     public func brokerError() {}
     public func loopStalled(seconds: Double) {}

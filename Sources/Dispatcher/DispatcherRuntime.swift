@@ -85,6 +85,8 @@ public final class DispatcherRuntime: Sendable {
     }
     /// Redis was at or above 90% of its maxmemory at the last look (warned once per crossing).
     private let redisMemoryHigh = Mutex(false)
+    /// When Celery's reservations were last logged (nil: none are held), to repeat every `strandedRepeat`.
+    private let celeryReservedLogged = Mutex<ContinuousClock.Instant?>(nil)
 
     struct ClaimRate {
         var since: ContinuousClock.Instant
@@ -176,6 +178,7 @@ public final class DispatcherRuntime: Sendable {
                 if clock.now - lastWideLook >= configuration.wideLookInterval {
                     try await reportStranded(view)
                     try await reportRedisMemory()
+                    try await reportCeleryReserved()
                     lastWideLook = clock.now
                 }
                 if failing {
@@ -312,6 +315,26 @@ public final class DispatcherRuntime: Sendable {
             logger.warning("Redis is at \(memory.summary): at maxmemory it refuses Airflow's publishes and new tasks cannot be queued (work already in Tandem keeps running) — raise maxmemory, or find what fills it (executorctl queues, dlq list)")
         } else {
             logger.notice("Redis memory is below 90% of maxmemory again (\(memory.summary))")
+        }
+    }
+
+    /// Messages stock Celery workers reserved and never acked wait in kombu's `unacked` hash, which Tandem does
+    /// not read: after a move from Celery, what a killed Celery worker held would wait there unseen. Says so.
+    func reportCeleryReserved() async throws {
+        let (count, oldest) = try await inspector.celeryReservedCount()
+        observer.celeryReserved(count: count)
+        let now = ContinuousClock.now
+        let log = celeryReservedLogged.withLock { last -> Bool? in
+            if count == 0 { defer { last = nil }; return last == nil ? nil : false }
+            if let l = last, now - l < configuration.strandedRepeat { return nil }
+            last = now
+            return true
+        }
+        if log == true {
+            let age = oldest.map { " (oldest reserved \(Duration.milliseconds($0).inSeconds.rounded()) s ago)" } ?? ""
+            logger.warning("\(count) message(s) are reserved by stock Celery workers and never acked (kombu's unacked hash)\(age): Tandem does not run them. If no Celery worker runs any more, `executorctl adopt --all` restores them for Tandem (`executorctl adopt --dry-run` shows them)")
+        } else if log == false {
+            logger.notice("no message is reserved by a stock Celery worker any more")
         }
     }
 

@@ -193,6 +193,7 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
     let stranded: Gauge
     let redisUsed: Gauge
     let redisMax: Gauge
+    let celeryReservedG: Gauge
     let status: Gauge
     let dcWorkers: Gauge
     let dcSlots: Gauge
@@ -227,6 +228,7 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
             labels: ["queue"])
         redisUsed = r.gauge("tandem_redis_memory_used_bytes", help: "Redis's used_memory (INFO memory), read by the leading dispatcher.")
         redisMax = r.gauge("tandem_redis_memory_max_bytes", help: "Redis's maxmemory (0: no limit); at it, Redis refuses Airflow's publishes.")
+        celeryReservedG = r.gauge("tandem_celery_reserved", help: "Messages stock Celery workers reserved and never acked (kombu's unacked hash): Tandem does not run them until executorctl adopt restores them.")
         status = r.gauge("tandem_datacenter_status", help: "1 for the datacenter's current status (alive, draining, lost), 0 for the others.", labels: ["dc", "status"])
         dcWorkers = r.gauge("tandem_datacenter_workers", help: "Workers heartbeating in the datacenter.", labels: ["dc"])
         dcSlots = r.gauge("tandem_datacenter_slots", help: "Slots of the datacenter's running workers.", labels: ["dc"])
@@ -317,12 +319,14 @@ public final class PrometheusDispatcherObserver: DispatcherObserver, @unchecked 
         redisMax.set(Double(maxBytes))
     }
 
+    public func celeryReserved(count: Int) { celeryReservedG.set(Double(count)) }
+
     public func leadership(epoch e: Int64?) {
         epoch.set(Double(e ?? 0))
         leader.set(e == nil ? 0 : 1)
         if e == nil {
             // a standby stops refreshing these: drop them so max() across dispatchers shows the leader's view
-            for g in [depth, inFlight, oldest, ingressWaiting, stranded, redisUsed, redisMax, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
+            for g in [depth, inFlight, oldest, ingressWaiting, stranded, redisUsed, redisMax, celeryReservedG, status, dcWorkers, dcSlots, dcBusy] { g.replace([:]) }
         }
     }
 

@@ -37,6 +37,14 @@ public enum AdoptOutcome: Sendable, Equatable {
 extension BrokerInspector {
     static let unacked = "unacked", unackedIndex = "unacked_index", unackedMutex = "unacked_mutex"
 
+    /// How many messages kombu's `unacked` hash holds, and how long ago (Redis's clock) the oldest was reserved.
+    public func celeryReservedCount() async throws -> (count: Int, oldestAgeMs: Int64?) {
+        let now = Double(try await client.time().milliseconds) / 1000
+        let r = try await client.pipeline([["HLEN", Self.unacked], ["ZRANGE", Self.unackedIndex, "0", "0", "WITHSCORES"]])
+        let oldest = (r[1].array ?? []).dropFirst().first?.string.flatMap(Double.init)
+        return (Int(r[0].int ?? 0), oldest.map { Int64((now - $0) * 1000) })
+    }
+
     /// kombu's unacked messages, oldest first (at most `limit`).
     public func celeryReserved(limit: Int = 10_000) async throws -> [CeleryReserved] {
         let now = Double(try await client.time().milliseconds) / 1000

@@ -73,6 +73,8 @@ public enum TaskLocation: Sendable, Equatable {
     case queuedInDatacenter(datacenter: String, queue: String, jobID: String, position: Int)
     case leased(jobID: String, owner: String, datacenter: String, remainingMs: Int64)
     case deadLettered(jobID: String, reason: String)
+    /// Taken by a stock Celery worker and never acked (kombu's `unacked` hash), this long ago.
+    case reservedByCelery(ageMs: Int64?)
 }
 
 /// Read-mostly views of the broker for the dispatcher's routing decisions and for `executorctl`.
@@ -339,6 +341,9 @@ public struct BrokerInspector: Sendable {
         let deadHits = try await jobsMatching(dead)
         for id in dead where deadHits[id] == true {
             found.append(.deadLettered(jobID: id, reason: try await job(id)["reason"] ?? ""))
+        }
+        for r in try await celeryReserved(limit: limit) where r.taskID == taskID {
+            found.append(.reservedByCelery(ageMs: r.ageMs))
         }
         return found
     }

@@ -90,6 +90,8 @@ struct Queues: AsyncParsableCommand {
             ["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"],
             stats.map { [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)] })
         let airflow = try await AirflowLists.read(i, lossAfterMs: Int64(lossAfter * 1000))
+        let reserved = try await i.celeryReservedCount()
+        if let line = celeryReservedLine(reserved) { print(""); print(Style.paint(line, Style.yellow)) }
         let waiting = airflow.waiting.filter { $0.value > 0 }.sorted { $0.key < $1.key }
         if waiting.isEmpty { return }
         print("")
@@ -100,6 +102,13 @@ struct Queues: AsyncParsableCommand {
         }) { row, col, _ in col == 3 && airflow.stranded[waiting[row].key] != nil ? Style.red : nil }
         }
     }
+}
+
+/// One line on what stock Celery workers reserved and never acked (nil: nothing).
+func celeryReservedLine(_ r: (count: Int, oldestAgeMs: Int64?)) -> String? {
+    guard r.count > 0 else { return nil }
+    let age = r.oldestAgeMs.map { ", the oldest \(seconds($0)) ago" } ?? ""
+    return "\(r.count) message(s) reserved by stock Celery workers and never acked (kombu's unacked hash\(age)): Tandem does not run them — once no Celery worker runs, executorctl adopt --all"
 }
 
 /// What waits in Airflow's lists, per queue, as `executorctl` can judge it (the routing policy lives with the
@@ -330,6 +339,8 @@ struct TaskCmd: AsyncParsableCommand {
                     return "job \(job) is leased to \(owner) in \(dc) (\(remaining < 0 ? "expired, awaiting reclaim" : "lease left \(seconds(remaining))")) but not yet recorded as started"
                 case .deadLettered(let job, let reason):
                     return "dead-lettered as job \(job): \(reason) — executorctl dlq show \(job)"
+                case .reservedByCelery(let ageMs):
+                    return "reserved by a stock Celery worker \(ageMs.map { seconds($0) + " ago" } ?? "") and never acked (kombu's unacked hash): Tandem does not run it — if no Celery worker runs any more, executorctl adopt --all"
                 }
             }
             if common.json {

@@ -134,6 +134,7 @@ struct Snapshot {
     var deadLetters = 0
     var leader: LeaderLease?
     var memory: RedisMemory?
+    var celeryReserved: (count: Int, oldestAgeMs: Int64?) = (0, nil)
 
     init(error: String) { self.error = error }
     private init() {}
@@ -155,6 +156,7 @@ struct Snapshot {
         s.deadLetters = Int(try await i.client.send(["LLEN", "{tandem}:dlq"]).int ?? 0)
         s.leader = try await i.leaderLease()
         s.memory = try await i.memory()
+        s.celeryReserved = try await i.celeryReservedCount()
         return s
     }
 
@@ -175,6 +177,7 @@ struct Snapshot {
         out.append(leaderLine(leader)
             ?? Style.paint("dispatcher: none leads — nothing is dispatched, reclaimed or drained (executorctl dispatcher)", Style.red))
         if let memory { out.append(memoryLine(memory)) }
+        if let line = celeryReservedLine(celeryReserved) { out.append(Style.paint(line, Style.yellow)) }
         out.append("")
         let pending = ingress.map(\.depth).reduce(0, +)
         out += table(["DATACENTER", "QUEUE", "DEPTH", "IN FLIGHT", "OLDEST"], queues.map {
@@ -214,6 +217,7 @@ struct Snapshot {
             "workers": workers.map { ["worker": $0.workerID, "datacenter": $0.datacenter, "busy": $0.busy, "slots": $0.slots, "state": $0.state.rawValue, "last_heartbeat_ms_ago": nowMs - $0.lastSeenMs, "spooled_writes": $0.spooledWrites] as [String: Any] },
             "leases": leases, "expired_leases": expiredLeases, "dead_letters": deadLetters,
             "dispatcher": leaderJSON(leader),
+            "celery_reserved": celeryReserved.count,
             "redis_memory": ["used_bytes": memory?.usedBytes ?? 0, "max_bytes": memory?.maxBytes ?? 0, "policy": memory?.policy ?? ""] as [String: Any],
         ]
     }

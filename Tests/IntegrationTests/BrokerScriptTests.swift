@@ -509,6 +509,56 @@ struct BrokerScriptTests {
         #expect(again.total == 0 && again.stillLeased.count == 1)
     }
 
+    @Test("adopt restores a Celery reservation as kombu does: through the exchange's binding, to its priority sibling, marked redelivered; an age under the timeout is reported; kombu's mutex or a changed entry leaves it alone")
+    func adoptCeleryReservations() async throws {
+        let c = broker.client
+        let now = Double(try await c.time().milliseconds) / 1000
+        // kombu's shapes: a binding of exchange 'default' (routing key 'default' -> queue 'default'); each unacked
+        // value is [payload, exchange, routing_key], reserved at the index's score (the Celery host's time())
+        _ = try await c.send(["SADD", "_kombu.binding.default", "default\u{06}\u{16}\u{06}\u{16}default"])
+        func reserve(_ tag: String, priority: Int, exchange: String, routingKey: String, at: Double) async throws -> String {
+            let m = CeleryPublisher.message(taskName: "execute_command", id: tag + "-task",
+                args: [.array(["airflow", "tasks", "run", "d", "t", .string(tag)])], queue: "default", priority: priority)
+            let payload = try JSONValue.parse(m.element)
+            let stored = JSONValue.array([payload, .string(exchange), .string(routingKey)]).serialized(style: .python)
+            _ = try await c.send(["HSET", "unacked", tag, stored])
+            _ = try await c.send(["ZADD", "unacked_index", String(at), tag])
+            return stored
+        }
+        _ = try await reserve("old", priority: 7, exchange: "default", routingKey: "default", at: now - 90_000)
+        _ = try await reserve("anon", priority: 0, exchange: "", routingKey: "default", at: now - 10)
+        _ = try await reserve("lost", priority: 0, exchange: "nowhere", routingKey: "x", at: now - 100_000)
+        let i = BrokerInspector(client: c)
+        let found = Dictionary(uniqueKeysWithValues: try await i.celeryReserved().map { ($0.deliveryTag, $0) })
+        let old = try #require(found["old"]), anon = try #require(found["anon"]), lost = try #require(found["lost"])
+        #expect(try await i.celeryReserved().map(\.deliveryTag) == ["lost", "old", "anon"], "oldest first")
+        #expect(old.taskID == "old-task" && old.airflowTarget == "d.t old")
+        #expect(old.lists == ["default\u{06}\u{16}6"], "priority 7 goes to kombu's step 6 sibling")
+        #expect(anon.lists == ["default"], "the anonymous exchange routes by the routing key itself")
+        #expect(lost.lists.isEmpty)
+        #expect((old.ageMs ?? 0) >= 89_000_000 && (anon.ageMs ?? 0) < 60_000)
+        #expect(try await i.adopt(lost) == .unroutable)
+
+        // a Celery worker restoring right now holds kombu's mutex: nothing moves
+        _ = try await c.send(["SET", "unacked_mutex", "celery", "PX", "60000"])
+        #expect(try await i.adopt(old) == .mutexHeld)
+        _ = try await c.send(["DEL", "unacked_mutex"])
+        // the entry changed since it was read (acked and reused, or restored by Celery): left to Celery
+        var stale = anon
+        stale.stored += " "
+        #expect(try await i.adopt(stale) == .gone)
+        #expect(try await c.send(["HEXISTS", "unacked", "anon"]).int == 1)
+
+        #expect(try await i.adopt(old) == .restored(lists: ["default\u{06}\u{16}6"]))
+        let element = try #require(try await c.send(["LINDEX", "default\u{06}\u{16}6", "0"]).string)
+        let envelope = try KombuEnvelope.decode(Array(element.utf8))
+        #expect(envelope.redelivered && envelope.headers["redelivered"]?.bool == true)
+        #expect(try CeleryTask.decode(raw: Array(element.utf8)).id == "old-task")
+        #expect(try await c.send(["HEXISTS", "unacked", "old"]).int == 0)
+        #expect(try await c.send(["ZSCORE", "unacked_index", "old"]).string == nil)
+        #expect(try await i.adopt(old) == .gone, "twice: the second finds it gone")
+    }
+
     @Test("heartbeat records the worker on Redis's clock and the inspector reads it back")
     func heartbeat() async throws {
         let s = WorkerStatus(

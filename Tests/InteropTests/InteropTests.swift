@@ -322,6 +322,18 @@ struct InteropTests {
         let kombuRestored = (kombu["restored"].value as? Int) ?? -1
         #expect(kombuRestored == Int(reserved) && kombuElements.count == Int(reserved), "\(kombu)")
 
+        // what an operator sees: the reservations named by queues and task, and by the dispatcher's log
+        let queues = try await executorctl(["queues"], env: ctlEnv)
+        #expect(queues.out.contains("\(reserved) message(s) reserved by stock Celery workers and never acked"), "\(queues)")
+        let task = try await executorctl(["task", ids[0]], env: ["AIRFLOW__CELERY__RESULT_BACKEND": cluster.resultBackend].merging(ctlEnv) { $1 })
+        #expect(task.out.contains("reserved by a stock Celery worker") && task.out.contains("executorctl adopt --all"), "\(task)")
+        // (a dispatcher with no worker yet: it routes nothing, so what adopt restores can be read in the list)
+        let dispatcher = try cluster.startDispatcher()
+        let warned = try await eventually(timeout: .seconds(30)) {
+            dispatcher.log().contains("\(reserved) message(s) are reserved by stock Celery workers and never acked")
+        }
+        #expect(warned, "\(dispatcher.log())")
+
         // recent reservations are left (a live Celery worker may be running them); --dry-run shows what --all does
         let cautious = try await executorctl(["adopt", "--yes"], env: ctlEnv)
         #expect(cautious.code == 0 && cautious.out.contains("0 of \(reserved) restored") && cautious.out.contains("under --visibility-timeout"), "\(cautious)")
@@ -342,7 +354,6 @@ struct InteropTests {
         #expect(try Set(elements.map { try CeleryTask.decode(raw: Array($0.utf8)).id }) == Set(ids))
 
         // Tandem takes it from here
-        try cluster.startDispatcher()
         try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "2"])
         let states = try await waitForCeleryFinal(pg, ids)
         #expect(ids.allSatisfy { states[$0] == "SUCCESS" }, "\(states)\n\(cluster.logs())")

@@ -707,6 +707,12 @@ def cmd_stop():
     for d in dags:
         print(f"{d}: final {final[d]} after {final_at.get(d)} s", flush=True)
     check(len(final_at) == len(dags), f"both runs final within {ARGS.timeout} s of the stop ({final_at})")
+    # the task's own process must not outlive the worker that ran it (Airflow's supervisor forks it into a process
+    # group of its own: without a parent-death signal it ran on as an orphan, unsupervised, and beside the retry)
+    for d, o in orphans.items():
+        check(not o["ticks_after_worker_exit"],
+              f"{d} try 1's task process (pid {o['pid']}) did not run on after east's worker exited")
+    check(not overlaps, f"no two copies of a task's code ran at once ({overlaps})")
     result = {"case": ARGS.case, "label": ARGS.label, "signals": sent, "signal_gap_s": ARGS.signal_gap,
               "ti_before_stop": states_before, "timeline": timeline, "final": final, "final_after_s": final_at,
               "worker_exit_after_s": worker_exit, "try1_task_process": orphans, "task_processes": processes,

@@ -2,12 +2,15 @@
 
     python airflow_e2e.py check   --api URL --markers DIR    # runs every example DAG, checks states and logs
     python airflow_e2e.py latency --api URL --label NAME     # one tandem_parallel run; queued -> running stats
+    python airflow_e2e.py stop --api URL --case A --worker-pid PID --signals TERM,TERM --run-dir DIR
+                                                             # stops east's worker under a running task (stop phase)
 
 Prints one JSON line prefixed with RESULT for the script to collect; exits non-zero when a check fails.
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -423,13 +426,325 @@ def cmd_race():
     return 0 if st == "success" and len(done) == 200 else 1
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The stop phase: what Airflow records when the worker running a task is stopped under it
+
+
+def safe_run(run_id):
+    return "".join(c if c.isalnum() else "_" for c in run_id)  # as tandem_stop.py names its tick files
+
+
+def read_ticks(markers, runs):
+    """The tick lines the tandem_stop tasks of these runs ({dag: run id}) wrote:
+    {pid: {"dag", "try", "dc", "ppids", "first", "last", "n", "done"}}."""
+    wanted = {f"{d}.{safe_run(r)}." for d, r in runs.items()}
+    out = {}
+    d = os.path.join(markers, "stop")
+    if not os.path.isdir(d):
+        return out
+    for name in os.listdir(d):
+        if not name.endswith(".ticks") or not any(name.startswith(w) for w in wanted):
+            continue
+        dag_id = name.split(".", 1)[0]
+        for line in open(os.path.join(d, name)):
+            f = line.split()
+            if len(f) < 6:
+                continue
+            t, pid, ppid, dc, tr, what = float(f[0]), int(f[1]), int(f[2]), f[3], int(f[4]), f[5]
+            e = out.setdefault(pid, {"dag": dag_id, "try": tr, "dc": dc, "ppids": [], "first": t, "last": t, "n": 0,
+                                     "done": False})
+            e["first"], e["last"] = min(e["first"], t), max(e["last"], t)
+            if ppid not in e["ppids"]:
+                e["ppids"].append(ppid)
+            if what == "done":
+                e["done"] = True
+            else:
+                e["n"] += 1
+    return out
+
+
+def pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ppid_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def cmdline_of(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def ti_now(dag_id, run_id):
+    t = api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/long")
+    return {k: t.get(k) for k in ("state", "try_number", "hostname", "pid", "start_date", "end_date")}
+
+
+def stop_db_facts(runs):
+    """What Airflow's own tables hold for the stopped runs: every try (task_instance_history + task_instance), the
+    audit log, and for each try's Celery task id its celery_taskmeta status and Tandem's ledger events."""
+    import psycopg2
+
+    url = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2://", "postgresql://")
+    facts = {}
+    with psycopg2.connect(url) as c, c.cursor() as cur:
+        for dag_id, run_id in runs.items():
+            tries = []
+            for table in ("task_instance_history", "task_instance"):
+                cur.execute(f"""SELECT try_number, state, hostname, pid, queued_dttm, start_date, end_date,
+                                       external_executor_id, max_tries
+                                  FROM {table} WHERE dag_id = %s AND run_id = %s AND task_id = 'long'
+                                 ORDER BY try_number""", (dag_id, run_id))
+                for r in cur.fetchall():
+                    tries.append({"table": table, "try_number": r[0], "state": r[1], "hostname": r[2], "pid": r[3],
+                                  "queued": r[4].isoformat() if r[4] else None,
+                                  "start": r[5].isoformat() if r[5] else None,
+                                  "end": r[6].isoformat() if r[6] else None, "celery_task_id": r[7],
+                                  "max_tries": r[8]})
+            cur.execute("""SELECT dttm, event, try_number, extra FROM log
+                            WHERE dag_id = %s AND run_id = %s AND task_id = 'long' ORDER BY dttm""", (dag_id, run_id))
+            audit = [{"at": r[0].isoformat(), "event": r[1], "try": r[2], "extra": (r[3] or "")[:300]}
+                     for r in cur.fetchall()]
+            celery = {}
+            for t in tries:
+                tid = t["celery_task_id"]
+                if not tid or tid in celery:
+                    continue
+                entry = {}
+                cur.execute("SELECT status, date_done FROM celery_taskmeta WHERE task_id = %s", (tid,))
+                row = cur.fetchone()
+                entry["celery_taskmeta"] = {"status": row[0], "date_done": row[1].isoformat() if row[1] else None} if row else None
+                cur.execute("SELECT to_regclass('tandem_task_events') IS NOT NULL")
+                if cur.fetchone()[0]:
+                    cur.execute("""SELECT at, event, worker, datacenter, detail FROM tandem_task_events
+                                    WHERE task_id = %s ORDER BY id""", (tid,))
+                    entry["tandem_events"] = [{"at": r[0].isoformat(), "event": r[1], "worker": r[2], "dc": r[3],
+                                               "detail": (r[4] or "")[:200]} for r in cur.fetchall()]
+                    cur.execute("""SELECT outcome, attempts, datacenter, claimed_by FROM tandem_tasks
+                                    WHERE task_id = %s""", (tid,))
+                    row = cur.fetchone()
+                    entry["tandem_task"] = ({"outcome": row[0], "attempts": row[1], "dc": row[2], "claimed_by": row[3]}
+                                            if row else None)
+                celery[tid] = entry
+            facts[dag_id] = {"tries": tries, "audit_log": audit, "by_celery_task_id": celery}
+    return facts
+
+
+def grep_lines(path, needles, limit=40):
+    if not path or not os.path.exists(path):
+        return []
+    out = []
+    for line in open(path, errors="replace"):
+        if any(n in line for n in needles):
+            out.append(line.rstrip()[:400])
+    return out[-limit:]
+
+
+def task_log_excerpts(log_root, dag_id, run_id):
+    """The last lines of each attempt's Airflow task log (what the task runner and supervisor wrote)."""
+    out = {}
+    base = os.path.join(log_root, f"dag_id={dag_id}", f"run_id={run_id}", "task_id=long")
+    if not os.path.isdir(base):
+        return out
+    for name in sorted(os.listdir(base)):
+        lines = []
+        for line in open(os.path.join(base, name), errors="replace"):
+            try:
+                e = json.loads(line)
+                lines.append(f"{e.get('timestamp', '')} {e.get('level', '')} {e.get('event', '')}"[:300])
+            except ValueError:
+                lines.append(line.rstrip()[:300])
+        out[name] = lines[:4] + (["..."] if len(lines) > 12 else []) + lines[max(4, len(lines) - 8):]
+    return out
+
+
+def cmd_stop():
+    """Triggers tandem_stop_r0 and tandem_stop_r1 (one task each, pinned to east), waits until both tasks' user
+    code runs under east's worker, sends that worker --signals, then follows what Airflow records until both runs
+    are final: every TI change with its time from the first signal, every try, the audit log, the Celery results,
+    Tandem's ledger, and the task processes themselves (their tick files and /proc)."""
+    dags = ["tandem_stop_r0", "tandem_stop_r1"]
+    wait_dags(dags)
+    runs = {d: trigger(d) for d in dags}
+    print(f"case {ARGS.case}: triggered {runs}; east worker pid {ARGS.worker_pid}, signals {ARGS.signals}", flush=True)
+    # both tasks' user code running (a few ticks written) under east's worker
+    deadline = time.time() + 180
+    first = {}
+    while time.time() < deadline:
+        ticks = read_ticks(ARGS.markers, runs)
+        first = {}
+        for pid, e in ticks.items():
+            if e["dag"] in dags and e["try"] == 1 and e["n"] >= ARGS.ticks_before:
+                first[e["dag"]] = pid
+        if len(first) == len(dags):
+            break
+        time.sleep(0.3)
+    if len(first) != len(dags):
+        check(False, f"both stop tasks running (ticks seen for {sorted(first)})")
+        print("RESULT " + json.dumps({"case": ARGS.case, "check": "failed", "failures": FAILS}), flush=True)
+        return 1
+    ticks = read_ticks(ARGS.markers, runs)
+    for d, pid in first.items():
+        check(ticks[pid]["dc"] == "east", f"{d} try 1 runs in east (pid {pid}, dc {ticks[pid]['dc']})")
+    procs_before = {pid: {"ppid": ppid_of(pid), "cmd": cmdline_of(pid)} for pid in first.values()}
+    supervisors = {pid: {"pid": p["ppid"], "cmd": cmdline_of(p["ppid"]) if p["ppid"] else None}
+                   for pid, p in procs_before.items()}
+    print("task processes before the stop:", procs_before, "their parents:", supervisors, flush=True)
+    states_before = {d: ti_now(d, r) for d, r in runs.items()}
+    if ARGS.add_consumer:
+        # the stock Celery case: the other worker starts consuming the queue only now, so that both tasks ran on
+        # east's and only a message given back can reach it
+        from celery import Celery
+
+        replies = Celery(broker=ARGS.broker).control.add_consumer(
+            ARGS.add_consumer, destination=[ARGS.add_consumer_node], reply=True, timeout=5)
+        print(f"add_consumer({ARGS.add_consumer}) on {ARGS.add_consumer_node}: {replies}", flush=True)
+        check(bool(replies), f"{ARGS.add_consumer_node} now consumes {ARGS.add_consumer}")
+
+    # the signals, to the worker process alone (what systemd's KillMode=mixed does); KILLTASK is SIGKILL to the
+    # Airflow task processes themselves (the supervisors' children), their supervisors left alive
+    t0 = time.time()
+    sent = []
+    for i, name in enumerate(ARGS.signals.split(",")):
+        if i:
+            time.sleep(ARGS.signal_gap)
+        if name == "KILLTASK":
+            for pid in first.values():
+                os.kill(pid, signal.SIGKILL)
+            sent.append({"signal": "SIGKILL to the Airflow task processes", "pids": sorted(first.values()),
+                         "at_s": round(time.time() - t0, 2)})
+        else:
+            try:
+                os.kill(ARGS.worker_pid, getattr(signal, "SIG" + name))
+            except ProcessLookupError:
+                check(False, f"the east worker (pid {ARGS.worker_pid}) is there for SIG{name}")
+            sent.append({"signal": "SIG" + name, "at_s": round(time.time() - t0, 2)})
+        print(f"sent {sent[-1]} (east worker pid {ARGS.worker_pid}) at +{time.time() - t0:.1f}s", flush=True)
+
+    timeline = {d: [] for d in dags}
+    last = {d: None for d in dags}
+    final_at = {}
+    worker_exit = None
+    task_gone = {}
+    end = t0 + ARGS.timeout
+    while time.time() < end:
+        now = time.time()
+        for d, r in runs.items():
+            try:
+                cur = ti_now(d, r)
+                rs = run_state(d, r)
+            except Exception as e:  # the API server busy for a moment
+                print("poll:", e, flush=True)
+                continue
+            key = (cur["state"], cur["try_number"], cur["hostname"], cur["pid"], rs)
+            if key != last[d]:
+                last[d] = key
+                ev = {"t_s": round(now - t0, 1), "ti_state": cur["state"], "try_number": cur["try_number"],
+                      "hostname": cur["hostname"], "pid": cur["pid"], "run_state": rs}
+                timeline[d].append(ev)
+                print(f"+{now - t0:6.1f}s {d}: {ev}", flush=True)
+            if rs in ("success", "failed") and d not in final_at:
+                final_at[d] = round(now - t0, 1)
+        if worker_exit is None and not pid_alive(ARGS.worker_pid):
+            worker_exit = round(time.time() - t0, 1)
+            print(f"+{worker_exit:6.1f}s the east worker has exited", flush=True)
+        for d, pid in first.items():
+            if d not in task_gone and not pid_alive(pid):
+                task_gone[d] = round(time.time() - t0, 1)
+                print(f"+{task_gone[d]:6.1f}s {d} try 1's task process (pid {pid}) is gone", flush=True)
+        if len(final_at) == len(dags) and worker_exit is not None and len(task_gone) == len(dags):
+            break
+        time.sleep(0.5)
+
+    ticks = read_ticks(ARGS.markers, runs)
+    mine = ticks
+    # two copies of the same task's user code at once: tick intervals of two processes of the same DAG overlapping
+    overlaps = []
+    items = sorted(mine.items(), key=lambda kv: kv[1]["first"])
+    for i, (p1, a) in enumerate(items):
+        for p2, b in items[i + 1:]:
+            if a["dag"] == b["dag"] and b["first"] < a["last"]:
+                overlaps.append({"dag": a["dag"], "pids": [p1, p2], "tries": [a["try"], b["try"]],
+                                 "overlap_s": round(a["last"] - b["first"], 1)})
+    processes = {str(pid): {"dag": e["dag"], "try": e["try"], "dc": e["dc"], "ppids": e["ppids"], "ticks": e["n"],
+                            "ran_to_the_end": e["done"], "first_tick_s": round(e["first"] - t0, 1),
+                            "last_tick_s": round(e["last"] - t0, 1)} for pid, e in mine.items()}
+    # try 1's own process after the worker exited: an orphan still running the user's code?
+    orphans = {}
+    for d, pid in first.items():
+        e = ticks.get(pid, {})
+        orphans[d] = {"pid": pid, "ticks_after_worker_exit": (worker_exit is not None and e.get("last", 0) - t0 > worker_exit + 1),
+                      "ran_to_the_end": e.get("done", False), "gone_at_s": task_gone.get(d),
+                      "parents_seen": e.get("ppids")}
+    facts = stop_db_facts(runs)
+    final = {d: ti_now(d, r) | {"run_state": run_state(d, r)} for d, r in runs.items()}
+    logs = {d: task_log_excerpts(ARGS.task_logs, d, r) for d, r in runs.items()} if ARGS.task_logs else {}
+    pre = ARGS.log_prefix
+    ids = [t["celery_task_id"] for f in facts.values() for t in f["tries"] if t["celery_task_id"]]
+    worker_needles = ["shutting down", "stopping", "put back", "grace", "stopped", "409", "hutdown", "estor",
+                      "already running", "Terminat", "WorkerLost", "signal", "Ignore"]
+    worker_lines = {
+        "east": grep_lines(os.path.join(ARGS.run_dir, f"{pre}{ARGS.east_log}"), worker_needles + ids),
+        "west": grep_lines(os.path.join(ARGS.run_dir, f"{pre}{ARGS.west_log}"), worker_needles + ids),
+        "tasks-east": grep_lines(os.path.join(ARGS.run_dir, f"{pre}tasks-east.log"),
+                                 ["409", "already running", "Workload finished", "Traceback", "Error", "Killed"]),
+        "tasks-west": grep_lines(os.path.join(ARGS.run_dir, f"{pre}tasks-west.log"),
+                                 ["409", "already running", "Workload finished", "Traceback", "Error"]),
+        "scheduler": grep_lines(os.path.join(ARGS.run_dir, "scheduler.log"),
+                                ["heartbeat", "tandem_stop"], limit=20),
+    }
+    for d in dags:
+        print(f"{d}: final {final[d]} after {final_at.get(d)} s", flush=True)
+    check(len(final_at) == len(dags), f"both runs final within {ARGS.timeout} s of the stop ({final_at})")
+    # the task's own process must not outlive the worker that ran it (Airflow's supervisor forks it into a process
+    # group of its own: without a parent-death signal it ran on as an orphan, unsupervised, and beside the retry)
+    for d, o in orphans.items():
+        check(not o["ticks_after_worker_exit"],
+              f"{d} try 1's task process (pid {o['pid']}) did not run on after east's worker exited")
+    check(not overlaps, f"no two copies of a task's code ran at once ({overlaps})")
+    result = {"case": ARGS.case, "label": ARGS.label, "signals": sent, "signal_gap_s": ARGS.signal_gap,
+              "ti_before_stop": states_before, "timeline": timeline, "final": final, "final_after_s": final_at,
+              "worker_exit_after_s": worker_exit, "try1_task_process": orphans, "task_processes": processes,
+              "supervisors_before_stop": {str(k): v for k, v in supervisors.items()},
+              "ran_twice_at_once": overlaps, "airflow_db": facts, "task_logs": logs, "log_lines": worker_lines,
+              "check": "ok" if not FAILS else "failed", "failures": FAILS}
+    print("RESULT " + json.dumps(result, default=str), flush=True)
+    return 0 if not FAILS else 1
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["check", "latency", "race"])
+    ap.add_argument("cmd", choices=["check", "latency", "race", "stop"])
     ap.add_argument("--api", required=True)
     ap.add_argument("--markers", default="/tmp")
     ap.add_argument("--label", default="")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--broker", default=os.environ.get("AIRFLOW__CELERY__BROKER_URL"))
+    # stop
+    ap.add_argument("--case", default="A")
+    ap.add_argument("--worker-pid", type=int, default=0)
+    ap.add_argument("--signals", default="TERM,TERM", help="comma-separated signals for east's worker, e.g. TERM,TERM")
+    ap.add_argument("--signal-gap", type=float, default=2.0)
+    ap.add_argument("--ticks-before", type=int, default=5, help="the tasks' ticks seen before the first signal")
+    ap.add_argument("--timeout", type=float, default=420)
+    ap.add_argument("--run-dir", default=".")
+    ap.add_argument("--log-prefix", default="")
+    ap.add_argument("--task-logs", default=None)
+    ap.add_argument("--east-log", default="worker-east.log")
+    ap.add_argument("--west-log", default="worker-west.log")
+    ap.add_argument("--add-consumer", default=None, help="a queue for --add-consumer-node to start consuming "
+                    "(Celery remote control) once the tasks run, before the signals")
+    ap.add_argument("--add-consumer-node", default=None)
     ARGS = ap.parse_args()
-    sys.exit({"check": cmd_check, "latency": cmd_latency, "race": cmd_race}[ARGS.cmd]())
+    sys.exit({"check": cmd_check, "latency": cmd_latency, "race": cmd_race, "stop": cmd_stop}[ARGS.cmd]())

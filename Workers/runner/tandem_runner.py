@@ -127,6 +127,39 @@ class _ExitWatch:
             self.fd = -1
 
 
+_task_fork_parent = None  # this process's pid once it runs an Airflow 3 supervisor; its forks die with it
+
+
+def _task_fork_child() -> None:
+    """In a process the supervisor forked (Airflow's task process): die with the supervisor, then disarm, so the
+    task's own forks (multiprocessing and the like) keep Python's usual behaviour."""
+    global _task_fork_parent
+    parent, _task_fork_parent = _task_fork_parent, None
+    if parent is None:
+        return
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before the death signal was set
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def task_dies_with_supervisor() -> None:
+    """Makes Airflow 3's task process die with its supervisor (this process).
+
+    The supervisor forks the task's own process into a process group of its own, without a parent-death signal.
+    Whatever stops the supervisor — the worker's SIGKILL to its process group (shutdown past the grace, revoke with
+    terminate, a lost lease), the runner dying, the worker killed with -9 — left the task process running as an
+    orphan: the user's code went on unsupervised, untracked, its result reported nowhere, and once the scheduler's
+    heartbeat timeout retried the task, the retry ran beside it (scripts/e2e-airflow, E2E_ONLY_STOP=1, case L:
+    58 s of the same task twice at once). With PR_SET_PDEATHSIG=SIGKILL set in the task process right after the
+    fork, it dies with its supervisor, as the runner's own children die with the runner."""
+    global _task_fork_parent
+    if _task_fork_parent is None:
+        _task_fork_parent = os.getpid()
+        if not getattr(task_dies_with_supervisor, "_registered", False):
+            os.register_at_fork(after_in_child=_task_fork_child)
+            task_dies_with_supervisor._registered = True
+
+
 def watch_task_exit() -> bool:
     """Makes Airflow 3's supervisor notice at once that its task process has exited.
 
@@ -190,6 +223,7 @@ def run_workload_json(data: str) -> int:
     from pydantic import TypeAdapter
 
     watch_task_exit()
+    task_dies_with_supervisor()
 
     version = _version_tuple(_airflow_version())
     try:

@@ -149,6 +149,30 @@ struct RunnerTests {
         #expect(await fresh.wait() == .signalled(SIGKILL))
     }
 
+    @Test("Airflow 3's task process (forked by its supervisor into a group of its own) dies with the supervisor: no orphan runs on unsupervised")
+    func taskProcessDiesWithSupervisor() async throws {
+        let out = AF.tempDir("tandem-runner-out") + "/out.log"
+        let pidfile = AF.tempDir("tandem-runner-pid") + "/task.pid"
+        let l = try Self.launcher(output: out)
+        try await offPool { try l.start() }
+        defer { l.stop() }
+        let supervisor = try await l.launch(request: [
+            "kind": "test-pooled-sleep", "seconds": 3600, "exit": 0, "env": [:], "pidfile": .string(pidfile),
+        ])
+        let forked = try await eventually(timeout: .seconds(30)) { FileManager.default.fileExists(atPath: pidfile) }
+        try #require(forked, "\((try? String(contentsOfFile: out, encoding: .utf8)) ?? "")")
+        let task = try #require(Int32((try String(contentsOfFile: pidfile, encoding: .utf8)).trimmingCharacters(in: .whitespaces)))
+        #expect(getpgid(task) == task && task != supervisor.pid, "the task process leads a group of its own, as Airflow's does")
+        #expect(Self.alive(task))
+        // what the worker does to a task it stops (shutdown past the grace, revoke, a lost lease): SIGKILL to the
+        // supervisor's group, which the task process is not in
+        supervisor.signalGroup(SIGKILL)
+        #expect(await supervisor.wait() == .signalled(SIGKILL))
+        let gone = try await eventually(timeout: .seconds(10)) { !Self.alive(task) }
+        #expect(gone, "the task process outlived its supervisor (pid \(task) still runs): it would run the user's code unsupervised, and beside the retry")
+        if !gone { kill(task, SIGKILL) }
+    }
+
     @Test("a runner killed mid-task: the task dies with it, is reported failed, and the runner comes back")
     func runnerDeath() async throws {
         let out = AF.tempDir("tandem-runner-out") + "/out.log"

@@ -160,6 +160,23 @@ def task_dies_with_supervisor() -> None:
             task_dies_with_supervisor._registered = True
 
 
+def _test_supervise(req: dict) -> int:
+    """Stands in for Airflow 3's supervisor (Swift tests only): with the hook run_workload_json arms, forks the
+    "task process" into a process group of its own, as WatchedSubprocess.start does; it writes its pid to
+    req["pidfile"] and sleeps, while this process waits for it."""
+    task_dies_with_supervisor()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        with open(req["pidfile"] + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(req["pidfile"] + ".tmp", req["pidfile"])
+        time.sleep(float(req.get("seconds", 0)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return int(req.get("exit", 0))
+
+
 def watch_task_exit() -> bool:
     """Makes Airflow 3's supervisor notice at once that its task process has exited.
 
@@ -658,8 +675,11 @@ class Runner:
                         print(f"test-pooled-sleep pid={os.getpid()} env={sorted(k for k in req.get('env') or {})} "
                               f"X={os.environ.get('X')}", flush=True)
                         _test_title(req)
-                        time.sleep(float(req.get("seconds", 0)))
-                        code = int(req.get("exit", 0))
+                        if req.get("pidfile"):
+                            code = _test_supervise(req)
+                        else:
+                            time.sleep(float(req.get("seconds", 0)))
+                            code = int(req.get("exit", 0))
                     code = code if isinstance(code, int) and 0 <= code < 256 else EXIT_FAILURE
                     try:
                         sys.stdout.flush()

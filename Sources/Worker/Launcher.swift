@@ -42,8 +42,9 @@ public struct LaunchedTask: Sendable {
 
 /// Starts each task as its own process.
 /// - Airflow 2 (`execute_command`): the validated argv, exec'd directly, with `external_executor_id` set.
-/// - Airflow 3 (`execute_workload`): the workload JSON written to a 0600 file and run with
-///   `python -m airflow.sdk.execution_time.execute_workload --json-path FILE`, so the JWT never shows in `ps`.
+/// - Airflow 3 (`execute_workload`): the workload JSON written to a 0600 file and run as
+///   `python -m airflow.sdk.execution_time.execute_workload --json-path FILE` is (`workloadBootstrap`), so the JWT
+///   never shows in `ps`.
 public struct SpawnLauncher: TaskLauncher {
     public let airflowExecutable: String
     public let python: String
@@ -83,7 +84,7 @@ public struct SpawnLauncher: TaskLauncher {
             let path = try writeWorkload(workload.json, taskID: taskID)
             do {
                 let p = try await ChildProcess.spawn(
-                    argv: [python, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", path],
+                    argv: [python, "-c", Self.workloadBootstrap, "--json-path", path],
                     environment: workloadEnvironment, output: taskOutput)
                 return LaunchedTask(process: p, cleanup: [path])
             } catch {
@@ -92,6 +93,27 @@ public struct SpawnLauncher: TaskLauncher {
             }
         }
     }
+
+    /// `python -m airflow.sdk.execution_time.execute_workload`, with one thing added first: the process it forks
+    /// (Airflow's supervisor forks the task's own process into a process group of its own, with no parent-death
+    /// signal) dies with it. Without this, a supervisor stopped by the worker (shutdown, revoke, a lost lease) or
+    /// killed with it left the task process running the user's code unsupervised, and beside the retry once the
+    /// scheduler's heartbeat timeout failed the try (Protocol/SPEC.md, decision 29; the fork runner does the same).
+    /// The hook is disarmed in the forked process, so the task's own forks keep Python's usual behaviour.
+    static let workloadBootstrap = """
+        import ctypes, os, runpy, signal, sys
+        supervisor = os.getpid()
+        def task_process_dies_with_supervisor():
+            global supervisor
+            parent, supervisor = supervisor, None
+            if parent is None:
+                return
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.register_at_fork(after_in_child=task_process_dies_with_supervisor)
+        runpy.run_module("airflow.sdk.execution_time.execute_workload", run_name="__main__", alter_sys=True)
+        """
 
     /// Writes the workload to a file only the worker's user can read (it carries the task's JWT).
     private func writeWorkload(_ json: String, taskID: String) throws -> String {

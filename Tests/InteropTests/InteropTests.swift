@@ -232,6 +232,29 @@ struct InteropTests {
         #expect(f.count == foreign.count && f.values.allSatisfy { $0 == "FAILURE" }, "\(f)")
     }
 
+    @Test("spawn mode: an Airflow 3 task process (forked by its supervisor into a group of its own) dies with its worker, killed with -9 — no orphan runs on")
+    func spawnedTaskProcessDiesWithWorker() async throws {
+        let env = try await InteropCluster(backend: .database)
+        let out = try await Venv.celery56.run("celery_client.py", ["op": "publish", "broker": env.brokerURL,
+            "backend": env.backendURL, "tasks": [workload(task: "supervised-sleep", run: "orphan", token: fakeJWT("orphan"))]],
+            dir: env.cluster.dir)
+        try #require(out["ids"].strings.count == 1, "\(out)")
+        var taskProcess: Int32?
+        _ = try await eventually(timeout: .seconds(30)) {
+            taskProcess = env.cluster.taskEvents().first { $0.event == "taskproc" }.flatMap { Int32($0.executorID) }
+            return taskProcess != nil
+        }
+        let pid = try #require(taskProcess, "\(env.fakeLog())\n\(env.cluster.logs())")
+        #expect(kill(pid, 0) == 0 && getpgid(pid) == pid, "the task process runs, in a group of its own")
+        let worker = try #require(env.cluster.processes.first { $0.name == "east-1" })
+        worker.signal(SIGKILL)
+        #expect(await worker.waitForExit(timeout: .seconds(10)) != nil)
+        let gone = try await eventually(timeout: .seconds(10)) { kill(pid, 0) != 0 }
+        #expect(gone, "the task process outlived its worker and supervisor (pid \(pid)): it would run on unsupervised, and beside the retry")
+        if !gone { kill(pid, SIGKILL) }
+        #expect(!env.cluster.taskEvents().contains { $0.event == "BADCALL" }, "\(env.fakeLog())")
+    }
+
     @Test("rollback to stock Celery: executorctl handback refuses while Tandem runs, then gives its work back to Airflow's list; a real Celery worker runs every task, none twice at once (the one a killed worker held: again, once its lease ran out)")
     func rollbackToStockCelery() async throws {
         let cluster = try Cluster()

@@ -16,8 +16,7 @@ public struct WorkerConfiguration: Sendable {
     /// run a second time.
     public static let ackRetryLimit: Duration = .seconds(600)
     public var heartbeatInterval: Duration = DatacenterHealth.heartbeatInterval
-    /// How long SIGTERM waits for running tasks before they are stopped and put back.
-    /// After SIGTERM, how long running tasks may finish before they are stopped and put back; nil waits for them
+    /// After SIGTERM, how long running tasks may finish before they are stopped (and recorded as failed); nil waits for them
     /// however long they take (a second SIGTERM still stops them now).
     public var shutdownGrace: Duration? = .seconds(60)
     /// After SIGTERM to a task's process group, how long before SIGKILL.

@@ -149,15 +149,16 @@ public final class WorkerRuntime: Sendable {
         }
         if first {
             logger.info(
-                "shutting down: no new claims; running tasks have \(configuration.shutdownGrace.map { "\($0)" } ?? "as long as they take") to finish (send SIGTERM again to stop them now and put them back)")
+                "shutting down: no new claims; running tasks have \(configuration.shutdownGrace.map { "\($0)" } ?? "as long as they take") to finish (send SIGTERM again to stop them now; they are recorded as failed)")
         }
         _ = state.withLock { $0.slotFreed?.yield() }
     }
 
-    /// Second SIGTERM or SIGINT: stop running tasks now and give them back to the queue.
+    /// Second SIGTERM or SIGINT: stop running tasks now (each is recorded FAILURE, as Celery records a task whose
+    /// worker was lost); jobs not started yet go back to the queue.
     public func shutdownNow() {
         shutdown()
-        logger.warning("stopping now: running tasks are stopped and put back on the queue")
+        logger.warning("stopping now: running tasks are stopped and recorded as failed (Airflow retries those with retries left); jobs claimed but not started go back on the queue")
         stopAllForShutdown()
     }
 
@@ -329,16 +330,16 @@ public final class WorkerRuntime: Sendable {
         var lastReport = clock.now
         while held > 0 {
             if let deadline, clock.now >= deadline {
-                logger.warning("shutdown grace of \(configuration.shutdownGrace!) passed with \(busy) task(s) running; stopping them and putting them back")
+                logger.warning("shutdown grace of \(configuration.shutdownGrace!) passed with \(busy) task(s) running; stopping them (each is recorded as failed; Airflow retries those with retries left)")
                 stopAllForShutdown()
-                // wait for the stopped tasks to be given back
+                // wait for the stopped tasks to be recorded
                 while held > 0 { try? await Task.sleep(for: .milliseconds(50)) }
                 break
             }
             if clock.now - lastReport >= .seconds(60) {
                 // waiting without a limit (or a long one): say what it waits for, so a slow stop is not a mystery
                 lastReport = clock.now
-                logger.notice("shutting down: still waiting for \(busy) running task(s); SIGTERM again stops them now and puts them back")
+                logger.notice("shutting down: still waiting for \(busy) running task(s); SIGTERM again stops them now (recorded as failed)")
             }
             try? await Task.sleep(for: .milliseconds(50))
         }
@@ -721,9 +722,7 @@ public final class WorkerRuntime: Sendable {
             var startUnwritten = await startWrite.cancelUnlessStarted()
             let duplicate: Bool
             if case .workload = payload, termination == .exited(TaskExit.alreadyRunning) { duplicate = true } else { duplicate = false }
-            if startUnwritten,
-                duplicate || atExit?.stoppedForShutdown == true || state.withLock({ $0.slots[job.jobID]?.leaseLost }) == true
-            {
+            if startUnwritten, duplicate || state.withLock({ $0.slots[job.jobID]?.leaseLost }) == true {
                 // the rarer endings below record their own events; they need the start on record first
                 await recordWholeStart()
                 startUnwritten = false
@@ -740,10 +739,6 @@ public final class WorkerRuntime: Sendable {
                 observer.fenced(queue: job.queue, datacenter: job.datacenter)
                 return
             }
-            if atExit?.stoppedForShutdown == true {
-                try await giveBack(job, refund: false, log: log)
-                return
-            }
             if duplicate {
                 // Airflow 3 answered 409: this task instance is already running elsewhere (a duplicate delivery).
                 // Writing a FAILURE would make the scheduler fail the healthy run (apache/airflow#58441): ack only.
@@ -755,10 +750,19 @@ public final class WorkerRuntime: Sendable {
                 count("duplicate")
                 return
             }
+            // A task the worker's own stop ended (second SIGTERM, or the shutdown grace ran out) is recorded like
+            // any other ending, as Celery records a task whose worker was lost: its try has started, and Airflow
+            // runs a started try only once (a copy put back would be refused: Execution API 409, or "already
+            // running"), so only a result lets Airflow fail it or start its retry now instead of after its
+            // heartbeat timeout (Protocol/SPEC.md, decision 30). One that finished in time keeps its SUCCESS.
             let ok = termination == .exited(0)
+            let stopped = atExit?.stoppedForShutdown == true
+            if stopped { log.warning("task stopped by the worker's shutdown (\(termination)); recorded \(ok ? "SUCCESS: it finished" : "FAILURE"), not put back") }
             try await record(
                 job, task: task, state: ok ? .success : .failure, exit: termination.status,
-                detail: ok ? nil : "task \(termination)" + (timeLimitNote(termination, task) ?? ""), fence: fence,
+                detail: ok ? nil : stopped
+                    ? "stopped by the worker's shutdown before it finished (task \(termination)): Airflow retries it if it has retries left"
+                    : "task \(termination)" + (timeLimitNote(termination, task) ?? ""), fence: fence,
                 runSeconds: runSeconds, doneAt: doneAt,
                 unwrittenStart: startUnwritten ? (facts, pid, startedRecord) : nil, log: log)
         } catch {

@@ -20,7 +20,8 @@ struct SwiftWorker: AsyncParsableCommand {
             Settings come from flags, then the environment (Airflow's own names where they exist), then
             $AIRFLOW_HOME/airflow.cfg (or $AIRFLOW_CONFIG), then defaults.
             SIGTERM stops claiming and lets running tasks finish (--shutdown-grace); a second SIGTERM or SIGINT
-            stops them and puts them back on the queue.
+            stops them, each recorded as failed (Airflow retries those with retries left); jobs claimed but not
+            started go back on the queue.
             """,
         version: TandemVersion.current)
 
@@ -44,7 +45,7 @@ struct SwiftWorker: AsyncParsableCommand {
     var renewEvery: Double = 10
     @Option(
         name: .customLong("shutdown-grace"),
-        help: "Seconds running tasks get after SIGTERM before they are stopped and put back (env TANDEM_SHUTDOWN_GRACE; default 60); 'forever' waits for them, as Celery's warm shutdown does.")
+        help: "Seconds running tasks get after SIGTERM before they are stopped and recorded as failed (env TANDEM_SHUTDOWN_GRACE; default 60); 'forever' waits for them, as Celery's warm shutdown does.")
     var shutdownGrace: String?
     @Option(
         name: .customLong("start-record-delay"),

@@ -2,6 +2,10 @@
 /// The kombu ingress lists keep the names kombu gives them (the queue name and its priority siblings).
 public enum Keys {
     public static let prefix = "{tandem}"
+    /// The version of this layout, kept in `layout`: bumped when a change would make an older process misread what
+    /// a newer one writes. A process refuses to run against a layout newer than its own (`RedisBroker.connect`).
+    public static let layoutVersion = 1
+    public static let layout = "\(prefix):layout"
     public static let sequence = "\(prefix):seq"
     public static let fence = "\(prefix):fence"
     public static let leases = "\(prefix):leases"

@@ -79,6 +79,7 @@ public final class RedisBroker: Broker {
     public func connect() async throws {
         try await client.connect()
         try await requireScriptFlags()
+        try await requireKnownLayout()
         for m in movers.dropFirst() { try? await m.connect() }
         try await onLoop?.connect()
         try? await waiter.connect()
@@ -90,6 +91,25 @@ public final class RedisBroker: Broker {
         guard let info = try? await client.send(["INFO", "server"]).string, let problem = Self.versionProblem(info: info)
         else { return }
         throw RedisError(code: .server, message: problem)
+    }
+
+    /// Records this build's key layout on a Redis that has none, and refuses one a newer Tandem has moved on from:
+    /// during a rolling upgrade an old worker must stop, not misread keys it no longer understands. (A Redis at its
+    /// maxmemory refuses the SET; only the check matters then.)
+    private func requireKnownLayout() async throws {
+        _ = try? await client.send(["SET", Keys.layout, String(Keys.layoutVersion), "NX"])
+        guard let stored = try await client.send(["GET", Keys.layout]).string, let problem = Self.layoutProblem(stored: stored)
+        else { return }
+        throw RedisError(code: .server, message: problem)
+    }
+
+    /// What is wrong with the key layout a Redis holds (`{tandem}:layout`), for this build; nil when it knows it.
+    public static func layoutProblem(stored: String) -> String? {
+        guard let v = Int(stored) else {
+            return "\(Keys.layout) holds '\(stored)', not a layout version: something other than Tandem wrote it — check what else uses this Redis database"
+        }
+        guard v > Keys.layoutVersion else { return nil }
+        return "this Redis holds Tandem key layout \(v), written by a newer Tandem; this build (\(TandemVersion.current)) knows layout \(Keys.layoutVersion) and could misread it — upgrade this host's Tandem (executorctl workers shows the version each worker runs)"
     }
 
     /// What is wrong with the server `INFO server` describes, for Tandem's scripts; nil when it is Redis 7 or later

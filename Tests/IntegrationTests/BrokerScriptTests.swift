@@ -559,6 +559,25 @@ struct BrokerScriptTests {
         #expect(try await i.adopt(old) == .gone, "twice: the second finds it gone")
     }
 
+    @Test("the key layout: recorded by the first process to connect, kept by later ones; a layout newer than this build's is refused at connect with what to do")
+    func keyLayoutGuard() async throws {
+        #expect(try await broker.client.send(["GET", Keys.layout]).string == String(Keys.layoutVersion))
+        #expect(RedisBroker.layoutProblem(stored: String(Keys.layoutVersion)) == nil)
+        #expect(RedisBroker.layoutProblem(stored: "0") == nil, "an older layout is a newer build's to migrate")
+        #expect(RedisBroker.layoutProblem(stored: "banana")?.contains("not a layout version") == true)
+        // a newer Tandem moved the layout on: this build must not run against it
+        _ = try await broker.client.send(["SET", Keys.layout, String(Keys.layoutVersion + 1)])
+        let old = RedisBroker(configuration: try RedisConfiguration(url: server.url), logger: Logger(label: "test"))
+        defer { old.close() }
+        do {
+            try await old.connect()
+            Issue.record("connect accepted a newer key layout")
+        } catch {
+            #expect("\(error)".contains("key layout \(Keys.layoutVersion + 1), written by a newer Tandem") && "\(error)".contains("upgrade"), "\(error)")
+        }
+        #expect(try await broker.client.send(["GET", Keys.layout]).string == String(Keys.layoutVersion + 1), "left as it was")
+    }
+
     @Test("heartbeat records the worker on Redis's clock and the inspector reads it back")
     func heartbeat() async throws {
         let s = WorkerStatus(

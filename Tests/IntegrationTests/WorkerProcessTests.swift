@@ -655,6 +655,20 @@ struct WorkerProcessTests {
         #expect(!cluster.taskEvents().contains { $0.event == "DUPLICATE" })
     }
 
+    @Test("a worker and a dispatcher refuse to start against a key layout a newer Tandem wrote, saying to upgrade (a rolling upgrade's old binaries stop instead of misreading)")
+    func newerKeyLayoutIsRefused() async throws {
+        _ = try await redis.send(["SET", Keys.layout, "99"])
+        let w = try cluster.startWorker(dc: "east", name: "east-old")
+        let d = try cluster.startDispatcher(name: "dispatcher-old")
+        let wCode = await w.waitForExit(timeout: .seconds(30))
+        let dCode = await d.waitForExit(timeout: .seconds(30))
+        #expect(wCode != nil && wCode != 0, "\(w.log())")
+        #expect(dCode != nil && dCode != 0, "\(d.log())")
+        for p in [w, d] {
+            #expect(p.log().contains("this Redis holds Tandem key layout 99, written by a newer Tandem") && p.log().contains("upgrade this host's Tandem"), "\(p.log())")
+        }
+    }
+
     @Test("malformed and foreign messages are dead-lettered with a reason, never executed; the worker keeps serving")
     func malformedCorpus() async throws {
         let marker = cluster.dir + "/pwned"

@@ -99,7 +99,9 @@ public struct SpawnLauncher: TaskLauncher {
     /// signal) dies with it. Without this, a supervisor stopped by the worker (shutdown, revoke, a lost lease) or
     /// killed with it left the task process running the user's code unsupervised, and beside the retry once the
     /// scheduler's heartbeat timeout failed the try (Protocol/SPEC.md, decision 29; the fork runner does the same).
-    /// The hook is disarmed in the forked process, so the task's own forks keep Python's usual behaviour.
+    /// The hook is disarmed in the forked process, so the task's own forks keep Python's usual behaviour. A
+    /// duplicate delivery (the Execution API answers 409: the try runs elsewhere) exits 75 as the fork runner's
+    /// does, so it is acked with no result instead of failing the healthy try (Protocol/RUNNER.md's exit codes).
     static let workloadBootstrap = """
         import ctypes, os, runpy, signal, sys
         supervisor = os.getpid()
@@ -112,7 +114,21 @@ public struct SpawnLauncher: TaskLauncher {
             if os.getppid() != parent:
                 os.kill(os.getpid(), signal.SIGKILL)
         os.register_at_fork(after_in_child=task_process_dies_with_supervisor)
-        runpy.run_module("airflow.sdk.execution_time.execute_workload", run_name="__main__", alter_sys=True)
+        try:
+            runpy.run_module("airflow.sdk.execution_time.execute_workload", run_name="__main__", alter_sys=True)
+        except Exception as e:
+            cur = e
+            for _ in range(8):
+                detail = getattr(cur, "detail", None)
+                if type(cur).__name__ == "TaskAlreadyRunningError" or (
+                    getattr(getattr(cur, "response", None), "status_code", None) == 409
+                    and isinstance(detail, dict) and detail.get("previous_state") == "running"):
+                    print("task instance is already running elsewhere (409); this delivery is a duplicate", file=sys.stderr)
+                    sys.exit(75)
+                cur = cur.__cause__ or cur.__context__
+                if cur is None:
+                    break
+            raise
         """
 
     /// Writes the workload to a file only the worker's user can read (it carries the task's JWT).

@@ -47,6 +47,9 @@ public struct DispatcherConfiguration: Sendable {
     public var wideLookInterval: Duration = .seconds(10)
     /// A queue still stranded is logged again this often (and once when it clears).
     public var strandedRepeat: Duration = .seconds(300)
+    /// `SCAN` pages (1,000 keys each) per look for declared queues: a look costs at most this many round trips
+    /// however large the keyspace; a million keys take ~60 looks (10 minutes) for a full pass.
+    public var declaredScanPages = 16
 
     public init(policy: RoutingPolicy, queues: [String], dispatcherID: String? = nil) {
         self.policy = policy
@@ -85,6 +88,8 @@ public final class DispatcherRuntime: Sendable {
     }
     /// Redis was at or above 90% of its maxmemory at the last look (warned once per crossing).
     private let redisMemoryHigh = Mutex(false)
+    /// The pass over the keyspace that finds declared queues, a few pages per look (`declaredScanPages`).
+    private let declaredScan = Mutex(DeclaredQueueScan())
     /// When Celery's reservations were last logged (nil: none are held), to repeat every `strandedRepeat`.
     private let celeryReservedLogged = Mutex<ContinuousClock.Instant?>(nil)
 
@@ -279,7 +284,10 @@ public final class DispatcherRuntime: Sendable {
     /// `task_queued_timeout` fails the task. The messages stay where they are (safe) until a worker that serves
     /// the queue appears.
     func reportStranded(_ view: View) async throws {
-        let queues = Set(try await inspector.declaredQueues()).union(watchedQueues(view)).sorted()
+        var scan = declaredScan.withLock { $0 }
+        let declared = try await inspector.declaredQueues(continuing: &scan, pages: configuration.declaredScanPages)
+        declaredScan.withLock { $0 = scan }
+        let queues = Set(declared).union(watchedQueues(view)).sorted()
         let waiting = try await inspector.ingressWaiting(queues: queues)
         let found = StrandedQueue.find(waiting: waiting, workers: view.workers, live: view.live, policy: configuration.policy)
         let now = ContinuousClock.now

@@ -578,6 +578,41 @@ struct BrokerScriptTests {
         #expect(try await broker.client.send(["GET", Keys.layout]).string == String(Keys.layoutVersion + 1), "left as it was")
     }
 
+    @Test("declared queues are found a few SCAN pages per call over a large keyspace: each call bounded, a full pass finds them all, a removed binding leaves with the next pass")
+    func declaredQueuesIncrementally() async throws {
+        let c = broker.client
+        // 5,000 other keys (as the Redis result backend's celery-task-meta-* would be), and kombu's bindings
+        for chunk in stride(from: 0, to: 5_000, by: 500) {
+            _ = try await c.pipeline((chunk..<chunk + 500).map { ["SET", "celery-task-meta-\($0)", "x"] })
+        }
+        _ = try await c.send(["SADD", "_kombu.binding.default", "default\u{06}\u{16}\u{06}\u{16}default"])
+        _ = try await c.send(["SADD", "_kombu.binding.gpu", "gpu\u{06}\u{16}\u{06}\u{16}gpu"])
+        _ = try await c.send(["SADD", "_kombu.binding.reply.celery.pidbox", "x\u{06}\u{16}\u{06}\u{16}y"])
+        func scans() async throws -> Int {
+            let info = try await c.send(["INFO", "commandstats"]).string ?? ""
+            let line = info.split(whereSeparator: \.isNewline).first { $0.hasPrefix("cmdstat_scan:") } ?? ""
+            return Int(line.split(separator: ",").first?.split(separator: "=").last ?? "0") ?? 0
+        }
+        let i = BrokerInspector(client: c)
+        var scan = DeclaredQueueScan()
+        var calls = 0
+        var found: [String] = []
+        while scan.passes == 0 && calls < 100 {
+            let before = try await scans()
+            found = try await i.declaredQueues(continuing: &scan, pages: 2, count: 100)
+            #expect(try await scans() - before <= 2, "a call issues at most `pages` SCANs")
+            calls += 1
+        }
+        #expect(found == ["default", "gpu"], "the whole pass: every binding but Celery's pidbox")
+        #expect(calls > 10, "5,000 keys at 200 per call take many calls (\(calls)), none of them long")
+        #expect(try await i.declaredQueues() == ["default", "gpu"], "the one-shot form agrees")
+        // a binding gone (its queue deleted) stays until the next pass completes without it
+        _ = try await c.send(["DEL", "_kombu.binding.gpu"])
+        let passes = scan.passes
+        while scan.passes == passes { found = try await i.declaredQueues(continuing: &scan, pages: 2, count: 100) }
+        #expect(found == ["default"])
+    }
+
     @Test("heartbeat records the worker on Redis's clock and the inspector reads it back")
     func heartbeat() async throws {
         let s = WorkerStatus(

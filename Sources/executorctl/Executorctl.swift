@@ -128,10 +128,12 @@ struct AirflowLists {
         return try await read(i, workers: workers, live: live)
     }
 
-    /// Looks at 'default', every queue a publisher declared, the ones named in `extra` and those `workers`
-    /// (heard from within the loss window) serve; `live`: the datacenters that accept work.
-    static func read(_ i: BrokerInspector, workers: [WorkerStatus], live: Set<String>, extra: [String] = []) async throws -> AirflowLists {
-        var queues = Set(try await i.publishedQueues()).union(extra)
+    /// Looks at 'default', the ones named in `extra`, those `workers` (heard from within the loss window) serve
+    /// and — unless `extra` already holds them (`watch` finds them a few pages per frame) — every queue a
+    /// publisher declared; `live`: the datacenters that accept work.
+    static func read(_ i: BrokerInspector, workers: [WorkerStatus], live: Set<String>, extra: [String]? = nil) async throws -> AirflowLists {
+        var queues = Set(extra ?? []).union(["default"])
+        if extra == nil { queues.formUnion(try await i.publishedQueues()) }
         for w in workers { queues.formUnion(w.queues) }
         var out = AirflowLists()
         out.lists = try await i.ingressLists(queues: queues.sorted())

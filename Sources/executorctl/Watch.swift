@@ -55,10 +55,12 @@ struct Watch: AsyncParsableCommand {
         }
         if tty { print("\u{1B}[?25l\u{1B}[2J", terminator: "") }
         var frames = 0
+        // declared queues a few SCAN pages per frame (a large keyspace must not cost every frame a full pass)
+        var scan = DeclaredQueueScan()
         while true {
             let snapshot: Snapshot
             do {
-                snapshot = try await Snapshot.take(i, lossAfterMs: Int64(lossAfter * 1000), queues: queues)
+                snapshot = try await Snapshot.take(i, lossAfterMs: Int64(lossAfter * 1000), queues: queues, scan: &scan)
             } catch {
                 snapshot = Snapshot(error: "\(error)")
             }
@@ -139,7 +141,7 @@ struct Snapshot {
     init(error: String) { self.error = error }
     private init() {}
 
-    static func take(_ i: BrokerInspector, lossAfterMs: Int64, queues: String) async throws -> Snapshot {
+    static func take(_ i: BrokerInspector, lossAfterMs: Int64, queues: String, scan: inout DeclaredQueueScan) async throws -> Snapshot {
         var s = Snapshot()
         s.nowMs = try await i.client.time().milliseconds
         s.datacenters = try await i.datacenters(lossAfterMs: lossAfterMs)
@@ -148,7 +150,8 @@ struct Snapshot {
         // what can take work is judged as the datacenters are: by workers heard from within the loss window
         s.airflow = try await AirflowLists.read(
             i, workers: s.workers.filter { s.nowMs - $0.lastSeenMs <= lossAfterMs },
-            live: Set(s.datacenters.filter(\.acceptsWork).map(\.name)), extra: queues.split(separator: ",").map(String.init))
+            live: Set(s.datacenters.filter(\.acceptsWork).map(\.name)),
+            extra: queues.split(separator: ",").map(String.init) + i.declaredQueues(continuing: &scan, pages: 16))
         s.ingress = s.airflow.lists.map { ($0.list, $0.depth) }
         let l = try await i.leases()
         s.leases = l.count

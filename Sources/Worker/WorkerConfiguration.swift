@@ -20,7 +20,9 @@ public struct WorkerConfiguration: Sendable {
     /// however long they take (a second SIGTERM still stops them now).
     public var shutdownGrace: Duration? = .seconds(60)
     /// After SIGTERM to a task's process group, how long before SIGKILL.
-    public var killTimeout: Duration = .seconds(10)
+    public var killTimeout: Duration = defaultKillTimeout
+    /// SIGTERM → SIGKILL for a task the worker's stop ends: the time Airflow's on_kill gets (`--kill-timeout`).
+    public static let defaultKillTimeout: Duration = .seconds(10)
     /// Claim at most this many jobs per round trip (bounded by free slots).
     public var claimBatch: Int = 16
     /// How long a task runs before its start is written on its own (STARTED, the ledger's start). A task that ends

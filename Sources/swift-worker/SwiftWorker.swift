@@ -48,6 +48,10 @@ struct SwiftWorker: AsyncParsableCommand {
         help: "Seconds running tasks get after SIGTERM before they are stopped and recorded as failed (env TANDEM_SHUTDOWN_GRACE; default 60); 'forever' waits for them, as Celery's warm shutdown does.")
     var shutdownGrace: String?
     @Option(
+        name: .customLong("kill-timeout"),
+        help: "Seconds a task gets between the SIGTERM that stops it (second SIGTERM, or the grace ran out) and SIGKILL: Airflow runs the operator's on_kill meanwhile (cancelling a remote job, deleting a pod) and an Airflow 3 task does not end on SIGTERM (env TANDEM_KILL_TIMEOUT; default 10).")
+    var killTimeout: Double?
+    @Option(
         name: .customLong("start-record-delay"),
         help: "Seconds a task runs before its STARTED state is written on its own; a task that ends sooner has its start and end written in one commit (default 0.1).")
     var startRecordDelay: Double = 0.1
@@ -140,6 +144,10 @@ struct SwiftWorker: AsyncParsableCommand {
             throw ValidationError("--claim-ahead-hold must be more than 0 seconds (\(aheadHold) given); --claim-ahead 0 turns claiming ahead off")
         }
         let grace = try Self.parseShutdownGrace(setting(shutdownGrace, env: "TANDEM_SHUTDOWN_GRACE", default: "60")!)
+        let kill = try Self.number(killTimeout, env: "TANDEM_KILL_TIMEOUT") ?? WorkerConfiguration.defaultKillTimeout.inSeconds
+        guard kill.isFinite, kill >= 0 else {
+            throw ValidationError("--kill-timeout takes seconds, 0 or more (\(kill) given): the time a stopped task gets for Airflow's on_kill before SIGKILL")
+        }
         if let maxFinishing, maxFinishing < 1 {
             throw ValidationError("--max-finishing must be at least 1 (\(maxFinishing) would never claim); leave it out for the default")
         }
@@ -197,6 +205,7 @@ struct SwiftWorker: AsyncParsableCommand {
             config.leaseTTL = .milliseconds(Int64(leaseTTL * 1000))
             config.renewInterval = .milliseconds(Int64(renewEvery * 1000))
             config.shutdownGrace = grace
+            config.killTimeout = .milliseconds(Int64(kill * 1000))
             config.claimBatch = min(slots, 32)
             config.startRecordDelay = .milliseconds(Int64(max(0, startRecordDelay) * 1000))
             if let maxFinishing { config.maxFinishing = maxFinishing }

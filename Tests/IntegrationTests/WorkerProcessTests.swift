@@ -669,6 +669,38 @@ struct WorkerProcessTests {
         }
     }
 
+    @Test("--kill-timeout: a stopped task that ignores SIGTERM (as an Airflow 3 task does, running on_kill) gets that long before SIGKILL; 0 kills at once; a bad value is refused")
+    func killTimeoutGivesOnKillItsTime() async throws {
+        try cluster.startDispatcher()
+        let patient = try cluster.startWorker(dc: "east", name: "east-1", extra: ["--concurrency", "1", "--kill-timeout", "30"])
+        let first = try await submit(task: "ignore-term", run: "k30")
+        _ = try await eventually(timeout: .seconds(30)) { cluster.taskEvents().contains { $0.event == "start" } }
+        patient.signal(SIGTERM)
+        _ = try await eventually(timeout: .seconds(20)) { patient.log().contains("shutting down: no new claims") }
+        patient.signal(SIGTERM)
+        _ = try await eventually(timeout: .seconds(20)) { patient.log().contains("stopping now") }
+        // the task got its SIGTERM (and ignores it); well short of 30 s, it is not killed yet
+        try await Task.sleep(for: .seconds(3))
+        #expect(patient.isRunning && !cluster.taskEvents().contains { $0.event == "end" }, "\(patient.log())")
+        #expect(try await states([first])[first] == "STARTED")
+        patient.signal(SIGKILL)  // (its task dies with it: parent-death signal)
+        _ = await patient.waitForExit(timeout: .seconds(10))
+
+        let hasty = try cluster.startWorker(dc: "east", name: "east-2", extra: ["--concurrency", "1", "--kill-timeout", "0"])
+        let second = try await submit(task: "ignore-term", run: "k0")
+        _ = try await eventually(timeout: .seconds(60)) { cluster.taskEvents().contains { $0.event == "start" && $0.key.hasSuffix(".k0") } }
+        hasty.signal(SIGTERM)
+        _ = try await eventually(timeout: .seconds(20)) { hasty.log().contains("shutting down: no new claims") }
+        hasty.signal(SIGTERM)
+        #expect(await hasty.waitForExit(timeout: .seconds(30)) == 0, "\(hasty.log())")
+        #expect(try await states([second])[second] == "FAILURE", "killed at once, recorded")
+
+        cluster.extraEnvironment["TANDEM_KILL_TIMEOUT"] = "soon"
+        let refused = try cluster.startWorker(dc: "east", name: "east-3")
+        #expect(await refused.waitForExit(timeout: .seconds(30)) == 64, "\(refused.log())")
+        #expect(refused.log().contains("TANDEM_KILL_TIMEOUT=soon is not a number"), "\(refused.log())")
+    }
+
     @Test("malformed and foreign messages are dead-lettered with a reason, never executed; the worker keeps serving")
     func malformedCorpus() async throws {
         let marker = cluster.dir + "/pwned"

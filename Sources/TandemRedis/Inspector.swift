@@ -38,6 +38,8 @@ public struct HandBack: Sendable, Equatable {
         public var owner: String
         public var datacenter: String
         public var queue: String
+        /// Time left on the lease when looked at.
+        public var remainingMs: Int64
     }
     public var moved: [String: Counts] = [:]
     public var stillLeased: [Held] = []
@@ -301,9 +303,8 @@ public struct BrokerInspector: Sendable {
         var names = Set(try await publishedQueues())
         for q in try await knownQueues() { names.insert(q.queue) }
         for q in names.sorted() where wanted(q) {
-            while try await client.send(["LMOVE", Keys.staging(queue: q), q, "LEFT", "RIGHT"]).string != nil {
-                out.moved[q, default: HandBack.Counts()].staged += 1
-            }
+            let n = Int(try await client.eval(BrokerScripts.unpark, keys: [Keys.staging(queue: q), q], args: []).int ?? 0)
+            if n > 0 { out.moved[q, default: HandBack.Counts()].staged += n }
         }
         let queueKeys = try await knownQueues().filter { wanted($0.queue) }.map { Keys.queue(datacenter: $0.datacenter, queue: $0.queue) }
         let expired = try await leases().filter { wanted($0.queue) && $0.remainingMs < 0 }.map(\.jobID)
@@ -324,7 +325,7 @@ public struct BrokerInspector: Sendable {
         }
         // what a live lease holds, as it stands after the moves (one may have run out meanwhile: run again)
         out.stillLeased = try await leases().filter { wanted($0.queue) && $0.remainingMs >= 0 }
-            .map { HandBack.Held(jobID: $0.jobID, owner: $0.owner, datacenter: $0.datacenter, queue: $0.queue) }
+            .map { HandBack.Held(jobID: $0.jobID, owner: $0.owner, datacenter: $0.datacenter, queue: $0.queue, remainingMs: $0.remainingMs) }
         return out
     }
 

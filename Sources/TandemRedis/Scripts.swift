@@ -17,9 +17,10 @@ public enum BrokerScripts {
     public static let purge = load("purge")
     public static let leader = load("leader")
     public static let handBack = load("handback")
+    public static let unpark = load("unpark")
     public static let adopt = load("adopt")
 
-    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader, handBack, adopt]
+    public static let all = [dispatch, claim, renew, ack, requeue, deadLetter, reclaim, rebalance, heartbeat, storeResult, replay, purge, leader, handBack, unpark, adopt]
 
     private static func load(_ name: String) -> RedisScript {
         guard let url = Bundle.module.url(forResource: name, withExtension: "lua", subdirectory: "Scripts"),

@@ -350,6 +350,11 @@ public final class WorkerRuntime: Sendable {
             for k in s.slots.keys { s.slots[k]?.stoppedForShutdown = true }
             return s.slots.values.compactMap(\.process)
         }
+        stopForShutdown(procs)
+    }
+
+    /// SIGTERM to each task's group now (Airflow runs the operator's on_kill), SIGKILL after `killTimeout`.
+    private func stopForShutdown(_ procs: [any RunningTask]) {
         for p in procs { p.signalGroup(SIGTERM) }
         let kill = configuration.killTimeout
         if !procs.isEmpty {
@@ -673,7 +678,12 @@ public final class WorkerRuntime: Sendable {
                 return
             }
             defer { for f in launched.cleanup { unlink(f) } }
-            state.withLock { $0.slots[job.jobID]?.process = launched.process }
+            // a stop that came while the launch was under way found no process to signal: signal it now
+            let stopping = state.withLock { s -> Bool in
+                s.slots[job.jobID]?.process = launched.process
+                return s.slots[job.jobID]?.stoppedForShutdown ?? false
+            }
+            if stopping { stopForShutdown([launched.process]) }
             launched.process.onEnd { [self] _ in _ = processEnded(job.jobID) }
             log.info("task started", metadata: ["pid": .stringConvertible(launched.process.pid)])
             let startedRecord = ResultRecord(

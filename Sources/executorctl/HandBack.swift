@@ -52,7 +52,7 @@ struct HandBackCmd: AsyncParsableCommand {
                 printJSON([
                     "handed_back": done.moved.mapValues { ["queued": $0.queued, "staged": $0.staged, "expired_leases": $0.expiredLeases] },
                     "total": done.total,
-                    "still_leased": done.stillLeased.map { ["job": $0.jobID, "owner": $0.owner, "datacenter": $0.datacenter, "queue": $0.queue] },
+                    "still_leased": done.stillLeased.map { ["job": $0.jobID, "owner": $0.owner, "datacenter": $0.datacenter, "queue": $0.queue, "remaining_ms": $0.remainingMs] as [String: Any] },
                     "dropped": done.dropped, "dead_letters": deadLetters,
                 ] as [String: Any])
                 return
@@ -67,8 +67,17 @@ struct HandBackCmd: AsyncParsableCommand {
                 print("\(done.total) message(s) are back in Airflow's lists, unchanged: start stock workers (airflow celery worker --queues \(rows.map(\.key).joined(separator: ","))) to run them")
             }
             if !done.stillLeased.isEmpty {
-                let owners = Set(done.stillLeased.map(\.owner)).sorted().joined(separator: ", ")
-                print("\(done.stillLeased.count) job(s) stay leased to \(owners): they finish under Tandem and write their results as usual; if such a worker dies first, its lease runs out — run executorctl handback again then")
+                // a worker killed with -9 still holds its leases until they run out, and no dispatcher reclaims them
+                let heard = Set(try await i.workers(withinMs: Int64(lossAfter * 1000)).filter { $0.state != .stopped }.map(\.workerID))
+                let running = done.stillLeased.filter { heard.contains($0.owner) }
+                let orphaned = done.stillLeased.filter { !heard.contains($0.owner) }
+                if !running.isEmpty {
+                    print("\(running.count) job(s) stay leased to \(Set(running.map(\.owner)).sorted().joined(separator: ", ")), which still run: they finish under Tandem and write their results as usual; if such a worker dies first, run executorctl handback again once its lease runs out")
+                }
+                if !orphaned.isEmpty {
+                    let wait = seconds(orphaned.map(\.remainingMs).max() ?? 0)
+                    print("\(orphaned.count) job(s) are leased to \(Set(orphaned.map(\.owner)).sorted().joined(separator: ", ")), which no longer heartbeat(s): nothing runs them now; their leases run out within \(wait) — run executorctl handback again then")
+                }
             }
             if done.dropped > 0 { print("\(done.dropped) queue entr(ies) had no job left (already gone); removed") }
             if deadLetters > 0 {

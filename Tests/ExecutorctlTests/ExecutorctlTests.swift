@@ -347,6 +347,15 @@ struct ExecutorctlTests {
         #expect(try await redis.send(["LLEN", Keys.queue(datacenter: "west", queue: "gpu")]).int == 1, "gpu was not named: it stays")
         let again = try await ctl("handback", "--yes", "--queues", "default")
         #expect(again.code == 0 && again.out.contains("nothing to hand back"), "\(again)")
+        // a job leased to a worker that no longer heartbeats (killed with -9): nothing runs it; it is named as such
+        #expect(try await ctl("submit", "--", "airflow", "tasks", "run", "d", "t", "ghost").code == 0)
+        _ = try await redis.send(["RPOP", "default"])  // (the job handed back above, out of the way)
+        _ = try await redis.send(["RPOP", "default"])
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 10, epoch: nil) == 1)
+        #expect(try await broker.claim(workerID: "ghost-1", datacenter: "east", queues: ["default"], max: 1, leaseMs: 60_000).count == 1)
+        let ghost = try await ctl("handback", "--yes", "--queues", "default")
+        #expect(ghost.code == 0 && ghost.out.contains("1 job(s) are leased to ghost-1, which no longer heartbeat(s): nothing runs them now"), "\(ghost)")
+        #expect(!ghost.out.contains("finish under Tandem"), "\(ghost)")
     }
 
     @Test("workers: each one's version, and 'gone?' once silent past the loss threshold (not the state it last reported)")

@@ -509,6 +509,22 @@ struct BrokerScriptTests {
         #expect(again.total == 0 && again.stillLeased.count == 1)
     }
 
+    @Test("handback runs while Redis is full (maxmemory, noeviction: Airflow's publishes refused), when a rollback is most likely")
+    func handBackWhenRedisIsFull() async throws {
+        for id in ["a", "b"] { _ = try await publish(id: id) }
+        #expect(try await broker.dispatch(queue: "default", to: "east", max: 1, epoch: nil) == 1)  // a
+        #expect(try await broker.waitForIngress(queue: "default", timeout: .milliseconds(100)))  // b parked
+        _ = try await broker.client.send(["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        _ = try await broker.client.send(["CONFIG", "SET", "maxmemory", "1"])
+        defer { Task { _ = try? await broker.client.send(["CONFIG", "SET", "maxmemory", "0"]) } }
+        await #expect(throws: RedisError.self, "a plain write is refused") { _ = try await broker.client.send(["SET", "k", "v"]) }
+        let done = try await BrokerInspector(client: broker.client).handBack()
+        #expect(done.moved["default"] == HandBack.Counts(queued: 1, staged: 1, expiredLeases: 0), "\(done)")
+        let plain = (try await broker.client.send(["LRANGE", "default", "0", "-1"]).array ?? []).map { $0.string ?? "" }
+        #expect(try plain.reversed().map { try CeleryTask.decode(raw: Array($0.utf8)).id } == ["a", "b"])
+        _ = try await broker.client.send(["CONFIG", "SET", "maxmemory", "0"])
+    }
+
     @Test("adopt restores a Celery reservation as kombu does: through the exchange's binding, to its priority sibling, marked redelivered; an age under the timeout is reported; kombu's mutex or a changed entry leaves it alone")
     func adoptCeleryReservations() async throws {
         let c = broker.client

@@ -49,7 +49,7 @@ public struct DispatcherConfiguration: Sendable {
     public var strandedRepeat: Duration = .seconds(300)
     /// `SCAN` pages (1,000 keys each) per look for declared queues: a look costs at most this many round trips
     /// however large the keyspace; a million keys take ~60 looks (10 minutes) for a full pass.
-    public var declaredScanPages = 16
+    public var declaredScanPages = DeclaredQueueScan.pagesPerLook
 
     public init(policy: RoutingPolicy, queues: [String], dispatcherID: String? = nil) {
         self.policy = policy

@@ -56,6 +56,9 @@ public struct DeclaredQueueScan: Sendable {
     var lastPass: Set<String> = []
     /// Complete passes so far.
     public internal(set) var passes = 0
+    /// Pages (1,000 keys each) a periodic caller goes per call — the dispatcher's look, `executorctl watch`'s
+    /// frame: at most this many round trips however large the keyspace; a million keys take ~60 calls a pass.
+    public static let pagesPerLook = 16
     public init() {}
 }
 
@@ -300,13 +303,13 @@ public struct BrokerInspector: Sendable {
         func wanted(_ q: String) -> Bool { only?.contains(q) ?? true }
         // a parked message came after everything already dispatched: it goes back first, so the dispatched jobs
         // (older) land on its consuming side
-        var names = Set(try await publishedQueues())
-        for q in try await knownQueues() { names.insert(q.queue) }
+        let known = try await knownQueues()
+        let names = Set(try await publishedQueues()).union(known.map(\.queue))
         for q in names.sorted() where wanted(q) {
             let n = Int(try await client.eval(BrokerScripts.unpark, keys: [Keys.staging(queue: q), q], args: []).int ?? 0)
             if n > 0 { out.moved[q, default: HandBack.Counts()].staged += n }
         }
-        let queueKeys = try await knownQueues().filter { wanted($0.queue) }.map { Keys.queue(datacenter: $0.datacenter, queue: $0.queue) }
+        let queueKeys = known.filter { wanted($0.queue) }.map { Keys.queue(datacenter: $0.datacenter, queue: $0.queue) }
         let expired = try await leases().filter { wanted($0.queue) && $0.remainingMs < 0 }.map(\.jobID)
             .sorted { (Int64($0) ?? 0) > (Int64($1) ?? 0) }
         while true {

@@ -43,12 +43,12 @@ struct AdoptCmd: AsyncParsableCommand {
             func what(_ r: CeleryReserved) -> String {
                 if r.lists.isEmpty { return "left: no binding routes it to a queue (not kombu's shape, or its queue was deleted)" }
                 switch outcomes[r.deliveryTag] {
-                case .restored(let lists)?: return "restored to " + lists.map(printable).joined(separator: ", ")
+                case .restored(let lists)?: return "restored to " + lists.map(printableList).joined(separator: ", ")
                 case .gone?: return "left: a Celery worker acked or restored it meanwhile"
                 case .mutexHeld?: return "left: a Celery worker is restoring now (kombu's unacked_mutex): run again in a minute"
                 case .unroutable?: return "left: no binding routes it"
                 case nil:
-                    if dryRun && due(r) { return "would restore to " + r.lists.map(printable).joined(separator: ", ") }
+                    if dryRun && due(r) { return "would restore to " + r.lists.map(printableList).joined(separator: ", ") }
                     return "left: reserved \(seconds(r.ageMs ?? 0)) ago, under --visibility-timeout; a Celery worker may still run it (--all once none does)"
                 }
             }
@@ -77,6 +77,4 @@ struct AdoptCmd: AsyncParsableCommand {
             }
         }
     }
-
-    func printable(_ list: String) -> String { list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio") }
 }

@@ -125,15 +125,16 @@ struct AirflowLists {
     static func read(_ i: BrokerInspector, lossAfterMs: Int64) async throws -> AirflowLists {
         let workers = try await i.workers(withinMs: lossAfterMs)
         let live = Set(try await i.datacenters(lossAfterMs: lossAfterMs).filter(\.acceptsWork).map(\.name))
-        return try await read(i, workers: workers, live: live)
+        return try await read(i, workers: workers, live: live, declared: try await i.declaredQueues())
     }
 
-    /// Looks at 'default', the ones named in `extra`, those `workers` (heard from within the loss window) serve
-    /// and — unless `extra` already holds them (`watch` finds them a few pages per frame) — every queue a
-    /// publisher declared; `live`: the datacenters that accept work.
-    static func read(_ i: BrokerInspector, workers: [WorkerStatus], live: Set<String>, extra: [String]? = nil) async throws -> AirflowLists {
-        var queues = Set(extra ?? []).union(["default"])
-        if extra == nil { queues.formUnion(try await i.publishedQueues()) }
+    /// Looks at 'default', the `declared` queues (every queue a publisher declared: `watch` finds them a few
+    /// SCAN pages per frame), the ones `named` and those `workers` (heard from within the loss window) serve;
+    /// `live`: the datacenters that accept work.
+    static func read(
+        _ i: BrokerInspector, workers: [WorkerStatus], live: Set<String>, declared: [String], named: [String] = []
+    ) async throws -> AirflowLists {
+        var queues = Set(declared).union(named).union(["default"])
         for w in workers { queues.formUnion(w.queues) }
         var out = AirflowLists()
         out.lists = try await i.ingressLists(queues: queues.sorted())
@@ -334,7 +335,7 @@ struct TaskCmd: AsyncParsableCommand {
                 switch place {
                 case .waitingInAirflowList(let q, let list, let position):
                     let why = served?.stranded[q].map { " — stranded: \($0)" } ?? " — waiting for the dispatcher to move it (executorctl dispatcher, queues)"
-                    return "waiting in Airflow's list \(list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) (position \(position) of what comes next), not dispatched yet\(why)"
+                    return "waiting in Airflow's list \(printableList(list)) (position \(position) of what comes next), not dispatched yet\(why)"
                 case .queuedInDatacenter(let dc, let q, let job, let position):
                     return "queued in \(dc)/\(q) as job \(job) (position \(position)), not claimed yet — see executorctl queues / workers for \(dc)'s slots"
                 case .leased(let job, let owner, let dc, let remaining):
@@ -365,7 +366,7 @@ struct TaskCmd: AsyncParsableCommand {
         } else {
             let c: String? = state.rawValue == "SUCCESS" ? Style.green : state.rawValue == "FAILURE" ? Style.red : Style.yellow
             print("task \(e.taskID)  \(Style.paint(state.rawValue, c))")
-            print("  name \(e.taskName)  queue \(e.ingressQueue.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio"))  datacenter \(e.datacenter)  job \(e.jobID)")
+            print("  name \(e.taskName)  queue \(printableList(e.ingressQueue))  datacenter \(e.datacenter)  job \(e.jobID)")
             print("  attempts \(e.attempts)  claimed by \(e.claimedBy ?? "-")  token \(e.token)  exit \(e.exitStatus.map(String.init) ?? "-")")
             print("  dispatched \(e.dispatchedAt ?? "-")  started \(e.startedAt ?? "-")  finished \(e.finishedAt ?? "-")")
             printTable(["AT", "EVENT", "WORKER", "DC", "TOKEN", "DETAIL"], e.events.map {

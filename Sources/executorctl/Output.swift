@@ -99,6 +99,9 @@ func printTable(_ header: [String], _ rows: [[String]], color: (Int, Int, String
 
 func seconds(_ ms: Int64) -> String { String(format: "%.1fs", Double(ms) / 1000) }
 
+/// A kombu list name as a person reads it: a priority sibling `q\x06\x166` as `q/prio6`.
+func printableList(_ list: String) -> String { list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio") }
+
 /// Asks on the terminal; without one (a script, CI) refuses with exit 1 and says to pass --yes.
 func confirm(_ question: String) -> Bool {
     guard isatty(0) != 0 else {

@@ -151,7 +151,8 @@ struct Snapshot {
         s.airflow = try await AirflowLists.read(
             i, workers: s.workers.filter { s.nowMs - $0.lastSeenMs <= lossAfterMs },
             live: Set(s.datacenters.filter(\.acceptsWork).map(\.name)),
-            extra: queues.split(separator: ",").map(String.init) + i.declaredQueues(continuing: &scan, pages: 16))
+            declared: i.declaredQueues(continuing: &scan, pages: DeclaredQueueScan.pagesPerLook),
+            named: queues.split(separator: ",").map(String.init))
         s.ingress = s.airflow.lists.map { ($0.list, $0.depth) }
         let l = try await i.leases()
         s.leases = l.count
@@ -187,7 +188,7 @@ struct Snapshot {
             [$0.datacenter, $0.queue, String($0.depth), String($0.inFlight), seconds($0.oldestAgeMs)]
         }) { row, col, _ in col == 4 && queues[row].oldestAgeMs > 60_000 ? Style.yellow : nil }
         let nonEmpty = ingress.filter { $0.depth > 0 }
-            .map { "\($0.list.replacingOccurrences(of: "\u{06}\u{16}", with: "/prio")) \($0.depth)" }
+            .map { "\(printableList($0.list)) \($0.depth)" }
         out.append("waiting in Airflow's lists: \(pending)" + (nonEmpty.isEmpty ? "" : "  (" + nonEmpty.joined(separator: ", ") + ")"))
         for (q, why) in airflow.stranded.sorted(by: { $0.key < $1.key }) {
             out.append(Style.paint("stranded: \(airflow.waiting[q] ?? 0) in '\(q)' — \(why)", Style.red))
